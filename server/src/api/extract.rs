@@ -1,0 +1,105 @@
+//! Extractors that answer refusals with *our* error body: credentials,
+//! JSON bodies and query strings.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts, Request};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+use crate::auth::{bearer, AuthError, UserToken};
+use crate::AppState;
+
+fn authorization(parts: &Parts) -> Option<&str> {
+    parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer)
+}
+
+/// A backend service holding a valid API key.
+pub struct ApiKey;
+
+impl FromRequestParts<AppState> for ApiKey {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = authorization(parts)
+            .ok_or_else(|| ApiError::unauthorized("missing_api_key", "send Authorization: Bearer <api key>"))?;
+        if state.api_keys.check(key) {
+            Ok(ApiKey)
+        } else {
+            Err(ApiError::unauthorized("invalid_api_key", "the API key is not valid"))
+        }
+    }
+}
+
+/// A user holding a valid token (`Authorization: Bearer <jwt>`).
+pub struct User(pub UserToken);
+
+impl FromRequestParts<AppState> for User {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = authorization(parts).ok_or(AuthError::Missing)?;
+        Ok(User(state.verifier.verify(token)?))
+    }
+}
+
+/// A JSON body; malformed → 400, well-formed but wrong → 422, too big → 413.
+pub struct JsonBody<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(value)) => Ok(JsonBody(value)),
+            Err(rejection) => Err(json_error(rejection)),
+        }
+    }
+}
+
+fn json_error(rejection: JsonRejection) -> ApiError {
+    match rejection {
+        JsonRejection::JsonDataError(e) => ApiError::unprocessable("invalid_request", e.body_text()),
+        JsonRejection::JsonSyntaxError(e) => ApiError::bad_request("bad_request", e.body_text()),
+        JsonRejection::MissingJsonContentType(_) => {
+            ApiError::bad_request("bad_request", "send Content-Type: application/json")
+        }
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            ApiError::too_large("the request body is too large")
+        }
+        other => ApiError::bad_request("bad_request", other.body_text()),
+    }
+}
+
+/// A query string; anything unparsable → 400 `invalid_query`.
+pub struct QueryParams<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(value)) => Ok(QueryParams(value)),
+            Err(QueryRejection::FailedToDeserializeQueryString(e)) => {
+                Err(ApiError::bad_request("invalid_query", e.body_text()))
+            }
+            Err(other) => Err(ApiError::bad_request("invalid_query", other.body_text())),
+        }
+    }
+}
+
+/// A `{user_id}` path segment, 1 to 256 bytes.
+pub struct UserPath(pub String);
+
+impl<S: Send + Sync> FromRequestParts<S> for UserPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path(user) = axum::extract::Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::bad_request("invalid_user_id", e.body_text()))?;
+        crate::api::publish::check_user_id(&user).map_err(|m| ApiError::bad_request("invalid_user_id", m))?;
+        Ok(UserPath(user))
+    }
+}

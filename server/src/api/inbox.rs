@@ -1,0 +1,109 @@
+//! The user's inbox (user JWT) and a user's history for backend services
+//! (API key). A user only ever reaches their own data: `/v1/me/*` takes the
+//! user from the verified token, never from the request.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::Json;
+use herald_protocol::http::{NotificationPage, UnreadCounts};
+use herald_protocol::Seq;
+use serde::{Deserialize, Serialize};
+
+use super::error::ApiError;
+use super::extract::{ApiKey, JsonBody, QueryParams, User, UserPath};
+use crate::store::ListQuery;
+use crate::ws::protocol::read_mark;
+use crate::AppState;
+
+const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 500;
+
+fn limit(raw: Option<u32>) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(DEFAULT_LIMIT),
+        Some(n) if (1..=MAX_LIMIT).contains(&n) => Ok(n),
+        Some(_) => Err(ApiError::bad_request("invalid_query", format!("`limit` is 1 to {MAX_LIMIT}"))),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    before_seq: Option<Seq>,
+    after_seq: Option<Seq>,
+    limit: Option<u32>,
+    unread: Option<bool>,
+}
+
+/// `GET /v1/me/notifications`: newest first.
+pub async fn list(
+    State(state): State<AppState>,
+    User(user): User,
+    QueryParams(p): QueryParams<ListParams>,
+) -> Result<Json<NotificationPage>, ApiError> {
+    let query = ListQuery {
+        before_seq: p.before_seq,
+        after_seq: p.after_seq,
+        limit: limit(p.limit)?,
+        unread_only: p.unread.unwrap_or(false),
+    };
+    let found = state.store.list(&user.user_id, &query).await?;
+    let head = state.store.head(&user.user_id).await?;
+    Ok(Json(NotificationPage { notifications: found.iter().map(|n| n.to_api()).collect(), last_seq: head.last_seq }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HistoryParams {
+    after_seq: Option<Seq>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/users/{user_id}/notifications`: oldest first, after `after_seq`.
+pub async fn user_history(
+    State(state): State<AppState>,
+    _: ApiKey,
+    UserPath(user): UserPath,
+    QueryParams(p): QueryParams<HistoryParams>,
+) -> Result<Json<NotificationPage>, ApiError> {
+    let found = state.store.after(&user, p.after_seq.unwrap_or(0), None, limit(p.limit)?).await?;
+    let head = state.store.head(&user).await?;
+    Ok(Json(NotificationPage { notifications: found.iter().map(|n| n.to_api()).collect(), last_seq: head.last_seq }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadBody {
+    seqs: Option<Vec<Seq>>,
+    up_to_seq: Option<Seq>,
+}
+
+/// `POST /v1/me/notifications/read`: 204; every session of the user gets a `read` frame.
+pub async fn mark_read(
+    State(state): State<AppState>,
+    User(user): User,
+    JsonBody(body): JsonBody<ReadBody>,
+) -> Result<StatusCode, ApiError> {
+    let mark = read_mark(body.seqs, body.up_to_seq).map_err(|m| ApiError::unprocessable("invalid_request", m))?;
+    crate::ws::session::mark_read(&state, &user.user_id, mark).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `GET /v1/me/unread`.
+pub async fn unread(State(state): State<AppState>, User(user): User) -> Result<Json<UnreadCounts>, ApiError> {
+    let counts = state.store.unread(&user.user_id).await?;
+    Ok(Json(UnreadCounts { total: counts.total, by_topic: counts.by_topic.into_iter().collect() }))
+}
+
+#[derive(Serialize)]
+pub struct Presence {
+    user_id: String,
+    sessions: usize,
+}
+
+/// `GET /v1/users/{user_id}/presence`: sessions open on this node (one node
+/// is the whole cluster until the Redis broker lands).
+pub async fn presence(State(state): State<AppState>, _: ApiKey, UserPath(user): UserPath) -> Json<Presence> {
+    let sessions = state.hub.local_sessions(&user);
+    Json(Presence { user_id: user, sessions })
+}

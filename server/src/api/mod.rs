@@ -1,0 +1,48 @@
+//! The HTTP API (spec §3): publishing for backend services, the inbox for
+//! users, and operations endpoints. Handlers are thin: they check
+//! credentials and input, then call the store, the broker and the hub.
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{middleware, Router};
+
+use crate::AppState;
+
+mod demo;
+pub mod error;
+pub mod extract;
+mod inbox;
+mod ops;
+pub mod publish;
+
+use error::ApiError;
+
+pub fn router(state: AppState) -> Router {
+    let settings = &state.settings;
+    // Room for the payload plus the largest list of user ids.
+    let body_limit = settings.max_payload_bytes + settings.max_user_ids * 300 + 64 * 1024;
+    Router::new()
+        .route("/v1/ws", get(crate::ws::handshake::upgrade))
+        .route("/v1/notifications", post(publish::publish))
+        .route("/v1/users/{user_id}/notifications", get(inbox::user_history))
+        .route("/v1/users/{user_id}/presence", get(inbox::presence))
+        .route("/v1/me/notifications", get(inbox::list))
+        .route("/v1/me/notifications/read", post(inbox::mark_read))
+        .route("/v1/me/unread", get(inbox::unread))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/demo", get(demo::page))
+        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
+        .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn(error::log_errors))
+        .with_state(state)
+}

@@ -1,0 +1,317 @@
+//! Credentials: user JWTs (spec §2 "Handshake") and backend API keys (§3).
+//!
+//! A token is verified with the configured key *for its algorithm family*:
+//! HS* only with `HERALD_JWT_SECRET`, RS*/PS*/ES*/EdDSA only with a public key
+//! from `HERALD_JWT_PUBLIC_KEYS` whose type matches (chosen by `kid`). So a
+//! public key can never be used as an HMAC secret, and `none` never parses.
+//! No function here logs a token.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use serde::{Deserialize, Serialize};
+
+use crate::config::JwtSettings;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no token was given")]
+    Missing,
+    #[error("the token is expired")]
+    Expired,
+    #[error("the token is not valid: {0}")]
+    Invalid(&'static str),
+}
+
+/// A verified user token.
+#[derive(Debug, Clone)]
+pub struct UserToken {
+    pub user_id: Arc<str>,
+    /// `exp`, unix seconds.
+    pub expires_at: i64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Claims {
+    pub sub: String,
+    pub exp: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub iat: Option<i64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Family {
+    Rsa,
+    Ec,
+    Ed,
+}
+
+fn is_hmac(alg: Algorithm) -> bool {
+    matches!(alg, Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512)
+}
+
+impl Family {
+    /// The key family of a public-key algorithm; `None` for HMAC and anything unknown.
+    fn of(alg: Algorithm) -> Option<Family> {
+        use Algorithm::*;
+        match alg {
+            RS256 | RS384 | RS512 | PS256 | PS384 | PS512 => Some(Family::Rsa),
+            ES256 | ES384 => Some(Family::Ec),
+            EdDSA => Some(Family::Ed),
+            _ => None,
+        }
+    }
+}
+
+struct PublicKey {
+    key: DecodingKey,
+    family: Family,
+    /// A JWK's `alg`, when it names one: then only that algorithm.
+    alg: Option<Algorithm>,
+}
+
+/// Public keys from a PEM file (one key, no `kid`) or a JWKS file (by `kid`).
+pub struct KeySet {
+    /// Each key with its `kid` (PEM keys have none).
+    keys: Vec<(Option<String>, PublicKey)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("cannot read {0}: {1}")]
+    Read(String, std::io::Error),
+    #[error("{0}")]
+    Parse(String),
+}
+
+impl KeySet {
+    pub fn load(path: &Path) -> Result<KeySet, KeyFileError> {
+        let text = std::fs::read_to_string(path).map_err(|e| KeyFileError::Read(path.display().to_string(), e))?;
+        if text.trim_start().starts_with('{') {
+            Self::from_jwks(&text)
+        } else {
+            Self::from_pem(text.as_bytes())
+        }
+    }
+
+    fn from_pem(pem: &[u8]) -> Result<KeySet, KeyFileError> {
+        let key = if let Ok(k) = DecodingKey::from_rsa_pem(pem) {
+            PublicKey { key: k, family: Family::Rsa, alg: None }
+        } else if let Ok(k) = DecodingKey::from_ec_pem(pem) {
+            PublicKey { key: k, family: Family::Ec, alg: None }
+        } else if let Ok(k) = DecodingKey::from_ed_pem(pem) {
+            PublicKey { key: k, family: Family::Ed, alg: None }
+        } else {
+            return Err(KeyFileError::Parse("not a PEM public key (RSA, EC or Ed25519) nor a JWKS".into()));
+        };
+        Ok(KeySet { keys: vec![(None, key)] })
+    }
+
+    fn from_jwks(text: &str) -> Result<KeySet, KeyFileError> {
+        let set: JwkSet = serde_json::from_str(text).map_err(|e| KeyFileError::Parse(format!("not a JWKS: {e}")))?;
+        let count = set.keys.len();
+        let mut keys = Vec::with_capacity(count);
+        for (i, jwk) in set.keys.into_iter().enumerate() {
+            let family = match &jwk.algorithm {
+                AlgorithmParameters::RSA(_) => Family::Rsa,
+                AlgorithmParameters::EllipticCurve(_) => Family::Ec,
+                AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
+                AlgorithmParameters::OctetKey(_) => {
+                    return Err(KeyFileError::Parse(format!(
+                        "key {i}: symmetric (oct) keys do not belong in a public key file; use HERALD_JWT_SECRET"
+                    )))
+                }
+                _ => return Err(KeyFileError::Parse(format!("key {i}: unsupported key type"))),
+            };
+            let alg = match jwk.common.key_algorithm {
+                Some(a) => Some(
+                    a.to_string()
+                        .parse::<Algorithm>()
+                        .map_err(|_| KeyFileError::Parse(format!("key {i}: unsupported alg {a}")))?,
+                ),
+                None => None,
+            };
+            if alg.is_some_and(|a| Family::of(a) != Some(family)) {
+                return Err(KeyFileError::Parse(format!("key {i}: alg does not match the key type")));
+            }
+            let key = DecodingKey::from_jwk(&jwk).map_err(|e| KeyFileError::Parse(format!("key {i}: {e}")))?;
+            if jwk.common.key_id.is_none() && count > 1 {
+                return Err(KeyFileError::Parse(format!("key {i}: a JWKS with several keys needs a `kid` on each")));
+            }
+            keys.push((jwk.common.key_id.clone(), PublicKey { key, family, alg }));
+        }
+        if keys.is_empty() {
+            return Err(KeyFileError::Parse("the JWKS holds no key".into()));
+        }
+        Ok(KeySet { keys })
+    }
+
+    /// The key named by `kid`; a token without `kid` (or a PEM file's one
+    /// key, which has none) needs the file to hold exactly one key.
+    fn pick(&self, kid: Option<&str>) -> Option<&PublicKey> {
+        let named = kid.and_then(|kid| self.keys.iter().find(|(k, _)| k.as_deref() == Some(kid)));
+        match (named, self.keys.as_slice()) {
+            (Some((_, key)), _) => Some(key),
+            (None, [(k, key)]) if kid.is_none() || k.is_none() => Some(key),
+            _ => None,
+        }
+    }
+}
+
+/// Verifies user tokens. Cheap to share behind an `Arc`.
+pub struct Verifier {
+    secret: Option<DecodingKey>,
+    public: Option<KeySet>,
+    issuer: Option<String>,
+    audience: Option<String>,
+    leeway: u64,
+}
+
+impl Verifier {
+    pub fn new(settings: &JwtSettings) -> Result<Verifier, KeyFileError> {
+        install_crypto_provider();
+        Ok(Verifier {
+            secret: settings.secret.as_ref().map(|s| DecodingKey::from_secret(s.as_bytes())),
+            public: settings.public_keys.as_deref().map(KeySet::load).transpose()?,
+            issuer: settings.issuer.clone(),
+            audience: settings.audience.clone(),
+            leeway: settings.leeway_secs,
+        })
+    }
+
+    pub fn verify(&self, token: &str) -> Result<UserToken, AuthError> {
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|_| AuthError::Invalid("malformed token or unknown algorithm"))?;
+        let key = match Family::of(header.alg) {
+            None if is_hmac(header.alg) => {
+                self.secret.as_ref().ok_or(AuthError::Invalid("HMAC tokens are not accepted here"))?
+            }
+            None => return Err(AuthError::Invalid("unsupported algorithm")),
+            Some(family) => {
+                let keys = self.public.as_ref().ok_or(AuthError::Invalid("public-key tokens are not accepted here"))?;
+                let key = keys.pick(header.kid.as_deref()).ok_or(AuthError::Invalid("unknown kid"))?;
+                if key.family != family || key.alg.is_some_and(|a| a != header.alg) {
+                    return Err(AuthError::Invalid("the algorithm does not match the key"));
+                }
+                &key.key
+            }
+        };
+        let mut validation = Validation::new(header.alg);
+        validation.leeway = self.leeway;
+        validation.validate_nbf = true;
+        validation.set_required_spec_claims(&["exp", "sub"]);
+        match &self.issuer {
+            Some(iss) => validation.set_issuer(&[iss]),
+            None => validation.iss = None,
+        }
+        match &self.audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
+            use jsonwebtoken::errors::ErrorKind::*;
+            match e.kind() {
+                ExpiredSignature => AuthError::Expired,
+                ImmatureSignature => AuthError::Invalid("not valid yet (nbf)"),
+                InvalidIssuer => AuthError::Invalid("wrong issuer"),
+                InvalidAudience => AuthError::Invalid("wrong audience"),
+                InvalidSignature => AuthError::Invalid("bad signature"),
+                MissingRequiredClaim(_) => AuthError::Invalid("a required claim (sub, exp, iss or aud) is missing"),
+                _ => AuthError::Invalid("malformed token"),
+            }
+        })?;
+        let sub = data.claims.sub;
+        if sub.is_empty() || sub.len() > 256 {
+            return Err(AuthError::Invalid("sub must be 1 to 256 bytes"));
+        }
+        Ok(UserToken { user_id: sub.into(), expires_at: data.claims.exp })
+    }
+}
+
+/// jsonwebtoken picks its crypto backend from features; installing it
+/// explicitly keeps a second backend elsewhere in the graph from making it
+/// ambiguous. Idempotent.
+fn install_crypto_provider() {
+    let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
+}
+
+/// Mints an HS256 user token (the `herald token` command, dev mode, tests).
+pub fn mint(secret: &str, sub: &str, ttl_secs: i64) -> String {
+    install_crypto_provider();
+    let now = unix_now();
+    let claims = Claims { sub: sub.into(), exp: now + ttl_secs, iat: Some(now) };
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+        .expect("HS256 signing cannot fail")
+}
+
+pub fn unix_now() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+}
+
+/// Backend API keys, compared in constant time.
+pub struct ApiKeys(Vec<Vec<u8>>);
+
+impl ApiKeys {
+    pub fn new(keys: &[String]) -> ApiKeys {
+        ApiKeys(keys.iter().map(|k| k.as_bytes().to_vec()).collect())
+    }
+
+    pub fn check(&self, presented: &str) -> bool {
+        let p = presented.as_bytes();
+        self.0.iter().fold(false, |found, key| found | constant_time_eq(key, p))
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The bearer value of an `Authorization` header.
+pub fn bearer(value: &str) -> Option<&str> {
+    let (scheme, rest) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| rest.trim()).filter(|t| !t.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn verifier(secret: &str) -> Verifier {
+        Verifier::new(&JwtSettings { secret: Some(secret.into()), ..Default::default() }).unwrap()
+    }
+
+    #[test]
+    fn minted_tokens_verify_and_carry_the_subject() {
+        let v = verifier("0123456789abcdef");
+        let t = v.verify(&mint("0123456789abcdef", "alice", 60)).unwrap();
+        assert_eq!(&*t.user_id, "alice");
+        assert_eq!(
+            v.verify(&mint("another-secret-16b", "alice", 60)).unwrap_err(),
+            AuthError::Invalid("bad signature")
+        );
+        assert_eq!(v.verify(&mint("0123456789abcdef", "alice", -10)).unwrap_err(), AuthError::Expired);
+    }
+
+    #[test]
+    fn alg_none_is_refused() {
+        // {"alg":"none","typ":"JWT"}.{"sub":"alice","exp":9999999999}.
+        let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
+        assert!(matches!(verifier("0123456789abcdef").verify(t), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn api_keys_compare_whole_values() {
+        let keys = ApiKeys::new(&["k-one".into(), "k-two".into()]);
+        assert!(keys.check("k-two"));
+        assert!(!keys.check("k-tw"));
+        assert!(!keys.check(""));
+        assert_eq!(bearer("Bearer abc"), Some("abc"));
+        assert_eq!(bearer("bearer  abc "), Some("abc"));
+        assert_eq!(bearer("Basic abc"), None);
+    }
+}

@@ -1,0 +1,38 @@
+//! The broker carries committed events to every node that holds sessions of
+//! the event's user. [`memory`] is the one-node default.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+
+use crate::hub::Delivery;
+
+pub mod memory;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum BrokerError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// One event for one user.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub user_id: Arc<str>,
+    pub delivery: Delivery,
+}
+
+/// Fan-out of committed events.
+///
+/// **Guarantee: at most once, no order promised.** An event may be lost or
+/// arrive late; sessions repair every gap from the store (a notification whose
+/// `seq` is ahead of what a session has seen makes it fetch the missing ones),
+/// so the broker never has to be reliable — only fast. Callers publish only
+/// after the store committed.
+#[async_trait]
+pub trait Broker: Send + Sync + 'static {
+    async fn publish(&self, events: Vec<Event>) -> Result<(), BrokerError>;
+
+    /// Answers when the broker does.
+    async fn ping(&self) -> Result<(), BrokerError>;
+}

@@ -1,0 +1,158 @@
+//! The `herald` command line: `serve` (the default), `migrate`, `token`, `publish`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ProcessEnv, Settings};
+use crate::{auth, shutdown, store, telemetry, AppState};
+
+#[derive(Parser)]
+#[command(name = "herald", version, about = "Herald, a real-time notification server")]
+pub struct Cli {
+    /// A TOML file with settings (keys: the HERALD_* names in lower case, without the prefix).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Run the server (the default).
+    Serve,
+    /// Run the database migrations, then exit.
+    Migrate,
+    /// Mint a user token with HERALD_JWT_SECRET.
+    Token {
+        #[arg(long)]
+        sub: String,
+        /// Lifetime, e.g. 15m, 1h, 7d.
+        #[arg(long, default_value = "1h")]
+        ttl: humantime::Duration,
+    },
+    /// Publish a notification through a running server.
+    Publish {
+        /// The user to notify (repeat for several).
+        #[arg(long = "user", required = true)]
+        users: Vec<String>,
+        #[arg(long)]
+        topic: String,
+        /// The payload, as JSON.
+        #[arg(long)]
+        payload: String,
+        #[arg(long)]
+        idempotency_key: Option<String>,
+        /// The server, by default http://HERALD_LISTEN.
+        #[arg(long)]
+        url: Option<String>,
+        /// By default the first of HERALD_API_KEYS.
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+}
+
+/// Runs the command line; the exit code is 2 for bad configuration.
+pub fn main(cli: Cli) -> ExitCode {
+    let settings = match Settings::load(&ProcessEnv, cli.config.as_deref()) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("herald: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a Tokio runtime");
+    let result = runtime.block_on(async move {
+        match cli.command.unwrap_or(Command::Serve) {
+            Command::Serve => serve(settings).await,
+            Command::Migrate => {
+                telemetry::init_tracing(&settings);
+                store::migrate(&settings.database_url).await?;
+                println!("migrations applied to {}", settings.database_display());
+                Ok(())
+            }
+            Command::Token { sub, ttl } => {
+                if settings.dev_mode || settings.jwt.secret.is_none() {
+                    anyhow::bail!("HERALD_JWT_SECRET is not set: there is no secret to sign with");
+                }
+                crate::api::publish::check_user_id(&sub).map_err(anyhow::Error::msg)?;
+                let secret = settings.jwt.secret.as_deref().unwrap_or_default();
+                println!("{}", auth::mint(secret, &sub, ttl.as_secs() as i64));
+                Ok(())
+            }
+            Command::Publish { users, topic, payload, idempotency_key, url, api_key } => {
+                let payload: serde_json::Value =
+                    serde_json::from_str(&payload).map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
+                let api_key = api_key
+                    .or_else(|| (!settings.dev_mode).then(|| settings.api_keys.first().cloned()).flatten())
+                    .ok_or_else(|| anyhow::anyhow!("give --api-key or set HERALD_API_KEYS"))?;
+                let url = url.unwrap_or_else(|| format!("http://{}", connectable(settings.listen)));
+                let (user_id, user_ids) =
+                    if users.len() == 1 { (users.first().cloned(), None) } else { (None, Some(users)) };
+                let request =
+                    herald_client::PublishRequest { user_id, user_ids, topic, payload, idempotency_key, digest: None };
+                let (_, answer) = herald_client::Publisher::new(url, api_key).publish(&request).await?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+        }
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("herald: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// An address a local client can reach: `0.0.0.0` becomes loopback.
+fn connectable(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => SocketAddr::from(([127, 0, 0, 1], a.port())),
+        SocketAddr::V6(a) if a.ip().is_unspecified() => SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port())),
+        other => other,
+    }
+}
+
+async fn serve(settings: Settings) -> anyhow::Result<()> {
+    telemetry::init_tracing(&settings);
+    let shutdown = CancellationToken::new();
+    let state = AppState::build(settings.clone(), shutdown.clone()).await?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("HERALD_LISTEN: cannot listen on {}: {e}", settings.listen))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, node_id = %settings.node_id, store = %settings.database_display(), "listening");
+    if settings.dev_mode {
+        print_dev_banner(&settings, addr);
+    }
+    tokio::spawn(async move {
+        shutdown::signal().await;
+        tracing::info!("signal received; draining (a second signal exits at once)");
+        shutdown.cancel();
+        shutdown::signal().await;
+        std::process::exit(130);
+    });
+    shutdown::serve(state, listener).await;
+    Ok(())
+}
+
+/// Dev mode (spec §1): the generated keys, a ready user token and the demo link.
+fn print_dev_banner(settings: &Settings, addr: SocketAddr) {
+    let secret = settings.jwt.secret.as_deref().unwrap_or_default();
+    let api_key = settings.api_keys.first().map(String::as_str).unwrap_or_default();
+    let token = auth::mint(secret, "alice", 24 * 3600);
+    let base = format!("http://{}", connectable(addr));
+    println!(
+        "\nHerald is running in dev mode: no keys were configured, so these were made for this run only.\n\
+         \n  API key:     {api_key}\n  JWT secret:  {secret}\n  user token:  {token}\n               (sub=alice, valid 24h)\n\
+         \n  demo page:   {base}/demo#token={token}\n\
+         \n  publish:     curl -X POST {base}/v1/notifications -H 'Authorization: Bearer {api_key}' \\\n\
+         \x20               -H 'Content-Type: application/json' -d '{{\"user_id\":\"alice\",\"topic\":\"hello\",\"payload\":{{\"text\":\"hi\"}}}}'\n\
+         \nSet HERALD_JWT_SECRET (or HERALD_JWT_PUBLIC_KEYS) and HERALD_API_KEYS to leave dev mode.\n"
+    );
+}

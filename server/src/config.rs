@@ -1,0 +1,474 @@
+//! Settings (spec §1): every key from a `HERALD_*` variable or a TOML file,
+//! parsed and validated before anything binds.
+//!
+//! Precedence: environment variable, then the `--config` file (keys in lower
+//! case without the prefix), then the default. An error names the variable
+//! (and the file key when the value came from the file).
+//!
+//! The environment is read through [`Env`], so tests pass a map instead of
+//! calling `set_var`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rand::Rng;
+
+/// Where settings come from; [`ProcessEnv`] in production, a map in tests.
+pub trait Env {
+    fn get(&self, key: &str) -> Option<String>;
+}
+
+pub struct ProcessEnv;
+
+impl Env for ProcessEnv {
+    fn get(&self, key: &str) -> Option<String> {
+        std::env::var(key).ok()
+    }
+}
+
+impl Env for HashMap<String, String> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).cloned()
+    }
+}
+
+impl Env for HashMap<&str, &str> {
+    fn get(&self, key: &str) -> Option<String> {
+        HashMap::get(self, key).map(|v| v.to_string())
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {message}")]
+pub struct ConfigError {
+    /// The variable, and the file key when the value came from the file.
+    pub name: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Default)]
+pub struct JwtSettings {
+    pub secret: Option<String>,
+    pub public_keys: Option<PathBuf>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    /// Clock skew allowed on `exp` / `nbf`.
+    pub leeway_secs: u64,
+}
+
+impl std::fmt::Debug for JwtSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JwtSettings")
+            .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
+            .field("public_keys", &self.public_keys)
+            .field("issuer", &self.issuer)
+            .field("audience", &self.audience)
+            .field("leeway_secs", &self.leeway_secs)
+            .finish()
+    }
+}
+
+/// Everything a node needs, validated.
+#[derive(Clone)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub redis_url: Option<String>,
+    pub jwt: JwtSettings,
+    pub api_keys: Vec<String>,
+    /// `None`: any Origin may open a WebSocket.
+    pub allowed_origins: Option<Vec<String>>,
+    pub node_id: String,
+    pub log: String,
+    pub log_format: LogFormat,
+    pub heartbeat_secs: u64,
+    /// How long notifications are kept.
+    pub retention: Duration,
+    pub purge_interval: Duration,
+    /// How long a shutdown may take before the process exits anyway.
+    pub shutdown_deadline: Duration,
+    /// How long a draining node keeps answering (503 `draining`, not ready)
+    /// before it stops accepting connections.
+    pub drain_grace: Duration,
+    /// Largest client frame, in bytes (close 1009 above it).
+    pub max_frame_bytes: usize,
+    /// Largest notification payload, in bytes (413 above it).
+    pub max_payload_bytes: usize,
+    /// Most user ids one synchronous publish may name.
+    pub max_user_ids: usize,
+    /// Frames queued for one session before it is closed with 1013.
+    pub outbox_capacity: usize,
+    /// Connections in the store's read pool.
+    pub db_pool_size: u32,
+    /// Set when no key was configured: keys were generated at start.
+    pub dev_mode: bool,
+}
+
+impl std::fmt::Debug for Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Settings")
+            .field("listen", &self.listen)
+            .field("database_url", &redact_url(&self.database_url))
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("jwt", &self.jwt)
+            .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
+            .field("allowed_origins", &self.allowed_origins)
+            .field("node_id", &self.node_id)
+            .field("dev_mode", &self.dev_mode)
+            .finish_non_exhaustive()
+    }
+}
+
+/// `postgres://user:secret@host/db` → `postgres://user:***@host/db`.
+fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &creds[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
+/// One source of raw values: environment first, then the file.
+struct Source<'a> {
+    env: &'a dyn Env,
+    file: HashMap<String, String>,
+    file_name: Option<String>,
+}
+
+impl Source<'_> {
+    /// The raw value of `key` (lower-case file key), with the name to report.
+    fn raw(&self, key: &str) -> Option<(String, String)> {
+        let var = env_name(key);
+        if let Some(v) = self.env.get(&var) {
+            return Some((v, var));
+        }
+        self.file.get(key).map(|v| {
+            let file = self.file_name.as_deref().unwrap_or("config file");
+            (v.clone(), format!("{var} (key `{key}` in {file})"))
+        })
+    }
+
+    fn string(&self, key: &str) -> Option<String> {
+        self.raw(key).map(|(v, _)| v).filter(|v| !v.is_empty())
+    }
+
+    fn parse<T>(&self, key: &str, default: T, parse: impl Fn(&str) -> Result<T, String>) -> Result<T, ConfigError> {
+        match self.raw(key) {
+            None => Ok(default),
+            Some((v, _)) if v.is_empty() => Ok(default),
+            Some((v, name)) => parse(v.trim()).map_err(|message| ConfigError { name, message }),
+        }
+    }
+
+    fn number<T: std::str::FromStr + PartialOrd + std::fmt::Display>(
+        &self,
+        key: &str,
+        default: T,
+        min: T,
+    ) -> Result<T, ConfigError> {
+        self.parse(key, default, |v| match v.parse::<T>() {
+            Ok(n) if n >= min => Ok(n),
+            Ok(_) => Err(format!("must be at least {min}")),
+            Err(_) => Err(format!("`{v}` is not a whole number")),
+        })
+    }
+
+    fn duration(&self, key: &str, default: Duration) -> Result<Duration, ConfigError> {
+        self.parse(key, default, |v| {
+            humantime::parse_duration(v).map_err(|e| format!("`{v}` is not a duration like 30s, 5m or 30d ({e})"))
+        })
+    }
+
+    fn list(&self, key: &str) -> Option<Vec<String>> {
+        self.string(key).map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
+    }
+
+    fn error(&self, key: &str, message: impl Into<String>) -> ConfigError {
+        let name = self.raw(key).map(|(_, n)| n).unwrap_or_else(|| env_name(key));
+        ConfigError { name, message: message.into() }
+    }
+}
+
+fn env_name(key: &str) -> String {
+    if key.starts_with("otel_") {
+        key.to_uppercase()
+    } else {
+        format!("HERALD_{}", key.to_uppercase())
+    }
+}
+
+/// Every key a file may set (and, upper-cased with `HERALD_`, every variable).
+const KEYS: &[&str] = &[
+    "listen",
+    "database_url",
+    "redis_url",
+    "jwt_secret",
+    "jwt_public_keys",
+    "jwt_issuer",
+    "jwt_audience",
+    "jwt_leeway_secs",
+    "api_keys",
+    "allowed_origins",
+    "node_id",
+    "tls_cert",
+    "tls_key",
+    "log",
+    "log_format",
+    "heartbeat_secs",
+    "retention",
+    "purge_interval",
+    "shutdown_deadline",
+    "drain_grace",
+    "max_frame_bytes",
+    "max_payload_bytes",
+    "max_user_ids",
+    "outbox_capacity",
+    "db_pool_size",
+    "otel_exporter_otlp_endpoint",
+];
+
+fn read_file(path: &Path) -> Result<HashMap<String, String>, ConfigError> {
+    let name = format!("--config {}", path.display());
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ConfigError { name: name.clone(), message: format!("cannot read the file: {e}") })?;
+    let table: toml::Table =
+        text.parse().map_err(|e| ConfigError { name: name.clone(), message: format!("not valid TOML: {e}") })?;
+    let mut out = HashMap::new();
+    for (key, value) in table {
+        if !KEYS.contains(&key.as_str()) {
+            return Err(ConfigError { name, message: format!("unknown key `{key}`") });
+        }
+        let text = match value {
+            toml::Value::String(s) => s,
+            toml::Value::Integer(i) => i.to_string(),
+            toml::Value::Boolean(b) => b.to_string(),
+            toml::Value::Array(items) => {
+                let mut parts = Vec::new();
+                for item in items {
+                    match item {
+                        toml::Value::String(s) => parts.push(s),
+                        other => parts.push(other.to_string()),
+                    }
+                }
+                parts.join(",")
+            }
+            other => {
+                return Err(ConfigError { name, message: format!("key `{key}` has an unsupported value {other}") })
+            }
+        };
+        out.insert(key, text);
+    }
+    Ok(out)
+}
+
+fn random_token(bytes: usize) -> String {
+    let mut rng = rand::rng();
+    (0..bytes).map(|_| format!("{:02x}", rng.random::<u8>())).collect()
+}
+
+fn default_node_id() -> String {
+    let host = std::fs::read_to_string("/etc/hostname")
+        .ok()
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "herald".into());
+    format!("{host}-{}", random_token(3))
+}
+
+impl Settings {
+    /// Reads and validates every setting. Nothing is bound or opened here
+    /// except the files settings point at (key files), which are parsed.
+    pub fn load(env: &dyn Env, config_file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let file = match config_file {
+            Some(path) => read_file(path)?,
+            None => HashMap::new(),
+        };
+        let src = Source { env, file, file_name: config_file.map(|p| p.display().to_string()) };
+
+        let listen = src.parse("listen", SocketAddr::from(([127, 0, 0, 1], 8080)), |v| {
+            v.parse().map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8080"))
+        })?;
+        let database_url = src.string("database_url").unwrap_or_else(|| "sqlite://herald.db".into());
+        if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
+            return Err(src.error("database_url", "the PostgreSQL store is not in this build yet; use sqlite://FILE"));
+        }
+        if !database_url.starts_with("sqlite:") {
+            return Err(src.error("database_url", "expected sqlite://FILE (or postgres://…)"));
+        }
+        if database_url.contains(":memory:") || database_url.contains("mode=memory") {
+            return Err(src.error("database_url", "an in-memory SQLite database loses every notification; give a file"));
+        }
+        let redis_url = src.string("redis_url");
+        if redis_url.is_some() {
+            return Err(
+                src.error("redis_url", "the Redis broker is not in this build yet; leave it unset for one node")
+            );
+        }
+        for key in ["tls_cert", "tls_key"] {
+            if src.string(key).is_some() {
+                return Err(src.error(key, "native TLS is not in this build yet; terminate TLS in front of Herald"));
+            }
+        }
+
+        let mut jwt = JwtSettings {
+            secret: src.string("jwt_secret"),
+            public_keys: src.string("jwt_public_keys").map(PathBuf::from),
+            issuer: src.string("jwt_issuer"),
+            audience: src.string("jwt_audience"),
+            leeway_secs: src.number("jwt_leeway_secs", 0u64, 0)?,
+        };
+        let mut api_keys = src.list("api_keys").unwrap_or_default();
+        let dev_mode = jwt.secret.is_none() && jwt.public_keys.is_none() && api_keys.is_empty();
+        if dev_mode {
+            if !listen.ip().is_loopback() {
+                return Err(src.error(
+                    "listen",
+                    format!(
+                        "dev mode (no HERALD_JWT_SECRET, HERALD_JWT_PUBLIC_KEYS or HERALD_API_KEYS) listens only on loopback, not {}",
+                        listen.ip()
+                    ),
+                ));
+            }
+            jwt.secret = Some(random_token(32));
+            api_keys.push(format!("dev-{}", random_token(16)));
+        }
+        if let Some(secret) = &jwt.secret {
+            if secret.len() < 16 {
+                return Err(src.error("jwt_secret", "must be at least 16 bytes"));
+            }
+        }
+        if let Some(path) = &jwt.public_keys {
+            crate::auth::KeySet::load(path).map_err(|e| src.error("jwt_public_keys", e.to_string()))?;
+        }
+
+        let log_format = src.parse("log_format", LogFormat::Text, |v| match v {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("`{v}` is neither `text` nor `json`")),
+        })?;
+
+        let log = src.string("log").unwrap_or_else(|| "info".into());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&log) {
+            return Err(src.error("log", format!("not a tracing filter: {e}")));
+        }
+
+        let settings = Settings {
+            listen,
+            database_url,
+            redis_url,
+            jwt,
+            api_keys,
+            allowed_origins: src.list("allowed_origins"),
+            node_id: src.string("node_id").unwrap_or_else(default_node_id),
+            log,
+            log_format,
+            heartbeat_secs: src.number("heartbeat_secs", 25u64, 1)?,
+            retention: src.duration("retention", Duration::from_secs(30 * 24 * 3600))?,
+            purge_interval: src.duration("purge_interval", Duration::from_secs(3600))?,
+            shutdown_deadline: src.duration("shutdown_deadline", Duration::from_secs(25))?,
+            drain_grace: src.duration("drain_grace", Duration::from_secs(1))?,
+            max_frame_bytes: src.number("max_frame_bytes", 64 * 1024usize, 1024)?,
+            max_payload_bytes: src.number("max_payload_bytes", 64 * 1024usize, 2)?,
+            max_user_ids: src.number("max_user_ids", 1000usize, 1)?,
+            outbox_capacity: src.number("outbox_capacity", 1024usize, 1)?,
+            db_pool_size: src.number("db_pool_size", 8u32, 1)?,
+            dev_mode,
+        };
+        if settings.retention.is_zero() {
+            return Err(src.error("retention", "must be longer than zero"));
+        }
+        if settings.purge_interval.is_zero() {
+            return Err(src.error("purge_interval", "must be longer than zero"));
+        }
+        if settings.drain_grace >= settings.shutdown_deadline {
+            return Err(src.error("drain_grace", "must be shorter than HERALD_SHUTDOWN_DEADLINE"));
+        }
+        Ok(settings)
+    }
+
+    /// The SQLite file behind `database_url`, for messages.
+    pub fn database_display(&self) -> String {
+        redact_url(&self.database_url)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(vars: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<&str, &str> = vars.iter().copied().collect();
+        Settings::load(&env, None)
+    }
+
+    #[test]
+    fn defaults_are_the_spec_defaults() {
+        let s = load(&[("HERALD_JWT_SECRET", "0123456789abcdef0123")]).unwrap();
+        assert_eq!(s.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(s.database_url, "sqlite://herald.db");
+        assert_eq!(s.heartbeat_secs, 25);
+        assert_eq!(s.retention, Duration::from_secs(30 * 24 * 3600));
+        assert!(!s.dev_mode);
+    }
+
+    #[test]
+    fn an_error_names_the_variable() {
+        let e = load(&[("HERALD_HEARTBEAT_SECS", "soon")]).err().unwrap();
+        assert_eq!(e.name, "HERALD_HEARTBEAT_SECS");
+        let e = load(&[("HERALD_LISTEN", "nowhere")]).err().unwrap();
+        assert!(e.to_string().starts_with("HERALD_LISTEN: "), "{e}");
+    }
+
+    #[test]
+    fn dev_mode_generates_keys_and_refuses_public_addresses() {
+        let s = load(&[]).unwrap();
+        assert!(s.dev_mode);
+        assert!(s.jwt.secret.as_ref().unwrap().len() >= 32);
+        assert_eq!(s.api_keys.len(), 1);
+        let e = load(&[("HERALD_LISTEN", "0.0.0.0:8080")]).err().unwrap();
+        assert_eq!(e.name, "HERALD_LISTEN");
+        assert!(load(&[("HERALD_LISTEN", "0.0.0.0:8080"), ("HERALD_API_KEYS", "k1")]).is_ok());
+    }
+
+    #[test]
+    fn file_values_yield_to_the_environment_and_unknown_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("herald-config-{}", random_token(4)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("herald.toml");
+        std::fs::write(&path, "heartbeat_secs = 10\napi_keys = [\"a\", \"b\"]\nlisten = \"127.0.0.1:9000\"\n").unwrap();
+        let env: HashMap<&str, &str> = [("HERALD_LISTEN", "127.0.0.1:9100")].into_iter().collect();
+        let s = Settings::load(&env, Some(&path)).unwrap();
+        assert_eq!(s.heartbeat_secs, 10);
+        assert_eq!(s.api_keys, vec!["a", "b"]);
+        assert_eq!(s.listen.port(), 9100);
+
+        std::fs::write(&path, "heartbeat_secs = 0\napi_keys = \"a\"\n").unwrap();
+        let e = Settings::load(&HashMap::<&str, &str>::new(), Some(&path)).err().unwrap();
+        assert!(e.name.starts_with("HERALD_HEARTBEAT_SECS (key `heartbeat_secs`"), "{e}");
+
+        std::fs::write(&path, "heartbeat = 3\n").unwrap();
+        let e = Settings::load(&HashMap::<&str, &str>::new(), Some(&path)).err().unwrap();
+        assert!(e.message.contains("unknown key `heartbeat`"), "{e}");
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[test]
+    fn urls_are_redacted_for_display() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite://herald.db"), "sqlite://herald.db");
+    }
+}

@@ -1,0 +1,104 @@
+//! # Herald — a real-time notification server
+//!
+//! The request path of one notification:
+//!
+//! ```text
+//! POST /v1/notifications (api::publish)
+//!   → store.append: per-user seq assigned in the commit     (store)
+//!   → broker.publish, only after the commit                 (broker)
+//!   → hub.deliver to the user's local sessions              (hub)
+//!   → session outbox (bounded) → one flush per batch        (ws::session)
+//!   → the socket
+//! ```
+//!
+//! A session that connects with `since` first catches up from the store, then
+//! switches to live delivery with no gap and no duplicate (`ws::session`
+//! explains the hand-over). A live seq that is ahead of what a session has seen
+//! is repaired from the store, so the broker may lose messages.
+//!
+//! - [`config`]: settings from `HERALD_*` and `--config`, validated before binding.
+//! - [`auth`]: user JWTs and backend API keys.
+//! - [`ws`]: `GET /v1/ws` — `handshake` (every refusal, before the upgrade),
+//!   `protocol` (client frames), `session` (one loop per connection), `close`.
+//! - [`hub`]: user → local sessions, bounded outboxes.
+//! - [`broker`]: fan-out between nodes (`memory` for one node).
+//! - [`store`]: durable notifications and read state (`sqlite`).
+//! - [`api`]: the HTTP API, its one error type, and operations endpoints.
+//! - [`telemetry`]: logs and metrics. [`shutdown`]: draining on SIGTERM.
+//! - [`cli`]: `herald serve | migrate | token | publish`.
+
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+pub mod api;
+pub mod auth;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod hub;
+pub mod shutdown;
+pub mod store;
+pub mod telemetry;
+pub mod ws;
+
+use auth::{ApiKeys, KeyFileError, Verifier};
+use broker::Broker;
+use config::Settings;
+use hub::Hub;
+use store::{Store, StoreError};
+use telemetry::Metrics;
+
+/// Everything a handler or session needs; cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub settings: Arc<Settings>,
+    pub store: Arc<dyn Store>,
+    pub broker: Arc<dyn Broker>,
+    pub hub: Hub,
+    pub verifier: Arc<Verifier>,
+    pub api_keys: Arc<ApiKeys>,
+    pub metrics: Arc<Metrics>,
+    /// Cancelled when the node starts draining.
+    pub shutdown: CancellationToken,
+    /// Every WebSocket session, so shutdown can wait for them.
+    pub sessions: TaskTracker,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("HERALD_JWT_PUBLIC_KEYS: {0}")]
+    Keys(#[from] KeyFileError),
+}
+
+impl AppState {
+    /// Opens the store (running migrations) and wires the node together.
+    pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<AppState, StartError> {
+        let store = store::open(&settings.database_url, settings.db_pool_size).await?;
+        let hub = Hub::new(Arc::new(hub::NoInterest));
+        let broker: Arc<dyn Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone()));
+        Ok(AppState {
+            verifier: Arc::new(Verifier::new(&settings.jwt)?),
+            api_keys: Arc::new(ApiKeys::new(&settings.api_keys)),
+            settings: Arc::new(settings),
+            store,
+            broker,
+            hub,
+            metrics: Arc::new(Metrics::new()),
+            shutdown,
+            sessions: TaskTracker::new(),
+        })
+    }
+}
+
+/// Runs a node on an already-bound listener until `shutdown` is cancelled and
+/// the node has drained (see [`shutdown::serve`]).
+pub async fn run(settings: Settings, listener: TcpListener, shutdown: CancellationToken) -> Result<(), StartError> {
+    let state = AppState::build(settings, shutdown).await?;
+    shutdown::serve(state, listener).await;
+    Ok(())
+}

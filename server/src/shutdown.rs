@@ -1,0 +1,91 @@
+//! Serving until shutdown, then draining (spec §5.5): on the signal the node
+//! turns not-ready, answers new upgrades with 503 `draining`, closes every
+//! session with 1001, keeps accepting for `drain_grace` (so load balancers
+//! see it go), finishes the requests it accepted — publishes included — and
+//! returns within `shutdown_deadline` whatever is still running.
+
+use std::future::IntoFuture;
+
+use tokio::net::TcpListener;
+use tokio::time::{sleep, timeout_at, Instant};
+
+use crate::store::now_ms;
+use crate::AppState;
+
+/// Serves `state` on `listener` until `state.shutdown` is cancelled, then drains.
+pub async fn serve(state: AppState, listener: TcpListener) {
+    let shutdown = state.shutdown.clone();
+    let settings = state.settings.clone();
+    let purge = tokio::spawn(retention(state.clone()));
+
+    let stop_accepting = {
+        let shutdown = shutdown.clone();
+        let grace = settings.drain_grace;
+        async move {
+            shutdown.cancelled().await;
+            sleep(grace).await;
+        }
+    };
+    let app = crate::api::router(state.clone());
+    let mut server = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stop_accepting).into_future());
+
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        result = &mut server => {
+            tracing::error!(?result, "the HTTP server stopped on its own");
+            shutdown.cancel();
+        }
+    }
+    tracing::info!(sessions = state.metrics.sessions_active.get(), "draining");
+    let deadline = Instant::now() + settings.shutdown_deadline;
+    let drained = timeout_at(deadline, async {
+        let _ = (&mut server).await;
+        state.sessions.close();
+        state.sessions.wait().await;
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!("shutdown deadline passed with work in flight; stopping anyway");
+        server.abort();
+    }
+    purge.abort();
+    state.store.close().await;
+    tracing::info!("stopped");
+}
+
+/// Deletes notifications older than the retention, every `purge_interval`.
+async fn retention(state: AppState) {
+    let settings = &state.settings;
+    let mut tick = tokio::time::interval(settings.purge_interval);
+    loop {
+        tokio::select! {
+            _ = state.shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let before = now_ms() - settings.retention.as_millis() as i64;
+        match state.store.purge(before).await {
+            Ok(0) => {}
+            Ok(n) => {
+                state.metrics.notifications_purged.inc_by(n);
+                tracing::info!(purged = n, "retention purge");
+            }
+            Err(e) => tracing::warn!(error = %e, "retention purge failed; retrying next interval"),
+        }
+    }
+}
+
+/// Resolves on the first SIGTERM or SIGINT.
+pub async fn signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = terminate => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}

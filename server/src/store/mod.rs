@@ -1,0 +1,202 @@
+//! The store: where every notification is committed before it is
+//! acknowledged, and where sessions catch up from.
+//!
+//! [`Store`] is the interface; [`sqlite`] is the embedded default. Whatever
+//! implements it must keep the guarantees written on each method — the
+//! delivery guarantees of spec §5 rest on them.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use herald_protocol::{ReadMark, Seq};
+use serde_json::value::RawValue;
+
+pub mod sqlite;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database cannot be reached or refused the work; retry later.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// Anything else: a bug or corrupt data.
+    #[error("store error: {0}")]
+    Internal(String),
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match e {
+            sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
+                StoreError::Unavailable(e.to_string())
+            }
+            sqlx::Error::Database(ref db) if db.message().contains("locked") || db.message().contains("busy") => {
+                StoreError::Unavailable(e.to_string())
+            }
+            other => StoreError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// One notification to store for one user.
+#[derive(Debug, Clone)]
+pub struct NewNotification {
+    pub user_id: Arc<str>,
+    /// Chosen by the caller (UUIDv7), so a retry after a lost answer is recognisable.
+    pub id: String,
+    pub topic: Arc<str>,
+    /// Raw JSON text.
+    pub payload: Arc<RawValue>,
+    pub created_at_ms: i64,
+    pub idempotency_key: Option<Arc<str>>,
+}
+
+/// A committed notification.
+#[derive(Debug, Clone)]
+pub struct StoredNotification {
+    pub user_id: Arc<str>,
+    pub seq: Seq,
+    pub id: String,
+    pub topic: Arc<str>,
+    pub payload: Arc<RawValue>,
+    pub created_at_ms: i64,
+    pub read: bool,
+}
+
+impl StoredNotification {
+    /// The `notification` frame, encoded once.
+    pub fn frame(&self) -> String {
+        herald_protocol::encode_notification(
+            self.seq,
+            &self.id,
+            &self.topic,
+            &self.payload,
+            &rfc3339_ms(self.created_at_ms),
+            self.read,
+        )
+    }
+
+    /// As the inbox API shows it.
+    pub fn to_api(&self) -> herald_protocol::Notification {
+        herald_protocol::Notification {
+            seq: self.seq,
+            id: self.id.clone(),
+            topic: self.topic.to_string(),
+            payload: serde_json::from_str(self.payload.get()).unwrap_or(serde_json::Value::Null),
+            created_at: rfc3339_ms(self.created_at_ms),
+            read: self.read,
+        }
+    }
+}
+
+/// The outcome of appending one notification.
+#[derive(Debug, Clone)]
+pub struct Appended {
+    pub notification: StoredNotification,
+    /// `false` when the idempotency key matched an earlier notification:
+    /// `notification` is that earlier one and nothing was stored.
+    pub created: bool,
+}
+
+/// A user's position in the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Head {
+    /// The newest committed seq (0 when the user has none).
+    pub last_seq: Seq,
+    /// The oldest retained seq; `last_seq + 1` when nothing is retained.
+    pub oldest_seq: Seq,
+}
+
+/// Filters of the inbox listing (newest first).
+#[derive(Debug, Clone, Default)]
+pub struct ListQuery {
+    pub before_seq: Option<Seq>,
+    pub after_seq: Option<Seq>,
+    pub limit: u32,
+    pub unread_only: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Unread {
+    pub total: i64,
+    pub by_topic: Vec<(String, i64)>,
+}
+
+/// Durable storage of notifications and read state.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Stores each notification and assigns it the user's next `seq` **in the
+    /// same transaction as the insert**, so each user's seqs are 1, 2, 3, …
+    /// without gaps, in commit order. Durable when it returns `Ok`.
+    /// An entry whose (user, idempotency key) is already stored stores
+    /// nothing and returns the earlier notification with `created = false`.
+    /// The answer is in the order of `batch`.
+    async fn append(&self, batch: Vec<NewNotification>) -> Result<Vec<Appended>, StoreError>;
+
+    /// The user's newest and oldest retained seq.
+    async fn head(&self, user: &str) -> Result<Head, StoreError>;
+
+    /// The user's notifications with `after < seq <= up_to` (no upper bound
+    /// when `None`), in increasing seq, at most `limit`. Every seq up to the
+    /// newest committed one is there unless retention purged it.
+    async fn after(
+        &self,
+        user: &str,
+        after: Seq,
+        up_to: Option<Seq>,
+        limit: u32,
+    ) -> Result<Vec<StoredNotification>, StoreError>;
+
+    /// The inbox listing: newest first.
+    async fn list(&self, user: &str, query: &ListQuery) -> Result<Vec<StoredNotification>, StoreError>;
+
+    /// Marks notifications read; returns how many changed.
+    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<u64, StoreError>;
+
+    /// Unread counts, from an index; never a scan of the user's history.
+    async fn unread(&self, user: &str) -> Result<Unread, StoreError>;
+
+    /// Deletes notifications created before `before_ms`. Seqs are never
+    /// reused: a user's counter survives the purge of all their notifications.
+    async fn purge(&self, before_ms: i64) -> Result<u64, StoreError>;
+
+    /// Answers when the database does.
+    async fn ping(&self) -> Result<(), StoreError>;
+
+    /// Finishes queued writes and closes connections.
+    async fn close(&self);
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// `2026-11-22T10:00:00.123Z`.
+pub fn rfc3339_ms(ms: i64) -> String {
+    use time::macros::format_description;
+    let format = format_description!("[year]-[month]-[day]T[hour]:[minute]:[second].[subsecond digits:3]Z");
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&format).ok())
+        .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
+}
+
+/// Opens the store named by `database_url` and runs its migrations.
+pub async fn open(database_url: &str, pool_size: u32) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(sqlite::SqliteStore::open(database_url, pool_size).await?))
+}
+
+/// Runs the migrations of the store named by `database_url`, alone.
+pub async fn migrate(database_url: &str) -> Result<(), StoreError> {
+    let store = sqlite::SqliteStore::open(database_url, 1).await?;
+    store.close().await;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn timestamps_are_rfc3339_with_milliseconds() {
+        assert_eq!(super::rfc3339_ms(1_795_860_000_123), "2026-11-28T10:00:00.123Z");
+        assert_eq!(super::rfc3339_ms(0), "1970-01-01T00:00:00.000Z");
+    }
+}

@@ -1,0 +1,372 @@
+//! One session: one `select!` loop over shutdown, the outbox, client frames,
+//! the heartbeat and token expiry. Each arm calls a named helper; the loop
+//! returns a [`SessionEnd`] that picks the close code.
+//!
+//! **Hand-over from the store to live delivery.** The session registers in the
+//! hub *before* it reads the user's head from the store, so nothing committed
+//! after that read can be missed: it is queued in the outbox while the replay
+//! runs. From then on `cursor` is the last seq sent, and every notification
+//! goes through [`Session::take`]: a seq at or below `cursor` is a duplicate
+//! and dropped; `cursor + 1` is sent; anything further ahead means the broker
+//! lost or reordered something, and the missing seqs are fetched from the
+//! store first. So a session sees strictly increasing seqs, each once, no gap.
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::SinkExt;
+use herald_protocol::{ClientFrame, ReadMark, Seq, ServerFrame, Welcome};
+use tokio::sync::mpsc;
+use tokio::time::{interval_at, sleep, sleep_until, timeout, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::close::SessionEnd;
+use super::protocol::{self, BadFrame};
+use crate::broker::Event;
+use crate::hub::Delivery;
+use crate::AppState;
+
+/// Notifications read from the store per query while catching up.
+const REPLAY_PAGE: u32 = 500;
+/// Deliveries gathered from the outbox into one socket flush.
+const WRITE_BATCH: usize = 64;
+/// Bad frames tolerated per [`STRIKE_WINDOW`] before closing with 1008.
+const MAX_STRIKES: u32 = 10;
+const STRIKE_WINDOW: Duration = Duration::from_secs(60);
+/// `token_expiring` is sent this long before `exp`.
+const EXPIRY_WARNING: Duration = Duration::from_secs(60);
+/// How long a close frame may take to go out.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the handshake verified; the only input a session trusts.
+#[derive(Debug, Clone)]
+pub struct SessionContext {
+    pub session_id: String,
+    pub user: Arc<str>,
+    /// `exp` of the current token, unix seconds.
+    pub expires_at: i64,
+    pub since: Option<Seq>,
+}
+
+struct Session {
+    ws: WebSocket,
+    ctx: SessionContext,
+    state: AppState,
+    lagged: CancellationToken,
+    /// The last seq sent to the client.
+    cursor: Seq,
+    last_heard: Instant,
+    heartbeat: Duration,
+    warned: bool,
+    strikes: u32,
+    strike_window_start: Instant,
+}
+
+/// Runs a session to its end and closes the socket with the matching code.
+pub async fn run(ws: WebSocket, ctx: SessionContext, state: AppState) {
+    let span = tracing::debug_span!("ws_session", session_id = %ctx.session_id, user_id = %ctx.user);
+    async move {
+        let mut registration = state.hub.register(&ctx.user, state.settings.outbox_capacity);
+        state.metrics.sessions_active.inc();
+        let mut session = Session {
+            ws,
+            lagged: registration.lagged.clone(),
+            cursor: 0,
+            last_heard: Instant::now(),
+            heartbeat: Duration::from_secs(state.settings.heartbeat_secs),
+            warned: false,
+            strikes: 0,
+            strike_window_start: Instant::now(),
+            ctx,
+            state: state.clone(),
+        };
+        tracing::debug!("session open");
+        let end = match session.start().await {
+            Ok(()) => session.serve(&mut registration.outbox).await,
+            Err(end) => end,
+        };
+        drop(registration);
+        if end == SessionEnd::Lagged {
+            state.metrics.outbox_overflows.inc();
+        }
+        session.close(end).await;
+        state.metrics.sessions_active.dec();
+        state.metrics.sessions_closed.get_or_create(&crate::telemetry::CloseCode { code: end.metric_code() }).inc();
+        tracing::debug!(?end, "session closed");
+    }
+    .instrument(span)
+    .await
+}
+
+fn text(frame: &ServerFrame) -> Message {
+    Message::Text(serde_json::to_string(frame).expect("server frames always serialize").into())
+}
+
+impl Session {
+    /// Welcome, then replay from `since`.
+    async fn start(&mut self) -> Result<(), SessionEnd> {
+        let head = self.state.store.head(&self.ctx.user).await.map_err(|e| self.failed(e))?;
+        let truncated = self.ctx.since.is_some_and(|since| since + 1 < head.oldest_seq);
+        let welcome = ServerFrame::Welcome(Welcome {
+            session_id: self.ctx.session_id.clone(),
+            user_id: self.ctx.user.to_string(),
+            node_id: self.state.settings.node_id.clone(),
+            last_seq: head.last_seq,
+            heartbeat_secs: self.state.settings.heartbeat_secs,
+            token_expires_at: self.ctx.expires_at,
+            truncated,
+            oldest_seq: truncated.then_some(head.oldest_seq),
+        });
+        self.send(vec![text(&welcome)]).await?;
+        // A `since` beyond the newest seq cannot be real (seqs come from
+        // commits): resume from the head, which `last_seq` shows the client.
+        self.cursor = match self.ctx.since {
+            Some(since) => since.max(head.oldest_seq - 1).min(head.last_seq),
+            None => head.last_seq,
+        };
+        if self.ctx.since.is_some() {
+            self.replay_to(None).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends every stored notification after `cursor`, up to `up_to`.
+    async fn replay_to(&mut self, up_to: Option<Seq>) -> Result<(), SessionEnd> {
+        loop {
+            if self.state.shutdown.is_cancelled() {
+                return Err(SessionEnd::Shutdown);
+            }
+            let page = self
+                .state
+                .store
+                .after(&self.ctx.user, self.cursor, up_to, REPLAY_PAGE)
+                .await
+                .map_err(|e| self.failed(e))?;
+            let Some(last) = page.last() else { return Ok(()) };
+            let full = page.len() as u32 == REPLAY_PAGE;
+            self.cursor = last.seq;
+            self.state.metrics.notifications_replayed.inc_by(page.len() as u64);
+            self.state.metrics.notifications_delivered.inc_by(page.len() as u64);
+            self.send(page.iter().map(|n| Message::Text(n.frame().into())).collect()).await?;
+            if !full {
+                return Ok(());
+            }
+        }
+    }
+
+    async fn serve(&mut self, outbox: &mut mpsc::Receiver<Delivery>) -> SessionEnd {
+        let shutdown = self.state.shutdown.clone();
+        let lagged = self.lagged.clone();
+        let mut heartbeat = interval_at(Instant::now() + self.heartbeat, self.heartbeat);
+        heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        loop {
+            let (warn_at, expire_at) = self.expiry_instants();
+            let step = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
+                _ = lagged.cancelled() => Err(SessionEnd::Lagged),
+                _ = sleep_until(expire_at) => Err(SessionEnd::TokenExpired),
+                _ = sleep_until(warn_at), if !self.warned => self.warn_expiry().await,
+                _ = heartbeat.tick() => self.on_heartbeat().await,
+                delivery = outbox.recv() => match delivery {
+                    Some(d) => self.forward(d, outbox).await,
+                    None => Err(SessionEnd::Internal),
+                },
+                message = self.ws.recv() => self.on_message(message).await,
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Deadlines from the token's `exp` (plus the configured leeway).
+    fn expiry_instants(&self) -> (Instant, Instant) {
+        let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
+        let exp_ms = (self.ctx.expires_at + self.state.settings.jwt.leeway_secs as i64) * 1000;
+        let expire_at = Instant::now() + Duration::from_millis((exp_ms - now_ms).max(0) as u64);
+        (expire_at.checked_sub(EXPIRY_WARNING).unwrap_or_else(Instant::now), expire_at)
+    }
+
+    async fn warn_expiry(&mut self) -> Result<(), SessionEnd> {
+        self.warned = true;
+        self.send(vec![text(&ServerFrame::TokenExpiring { expires_at: self.ctx.expires_at })]).await
+    }
+
+    async fn on_heartbeat(&mut self) -> Result<(), SessionEnd> {
+        if self.last_heard.elapsed() > self.heartbeat * 3 {
+            return Err(SessionEnd::HeartbeatTimeout);
+        }
+        self.send(vec![Message::Ping(Default::default())]).await
+    }
+
+    /// Sends `first` and whatever else is queued, in one flush.
+    async fn forward(&mut self, first: Delivery, outbox: &mut mpsc::Receiver<Delivery>) -> Result<(), SessionEnd> {
+        let mut batch = Vec::new();
+        self.take(first, &mut batch).await?;
+        while batch.len() < WRITE_BATCH {
+            match outbox.try_recv() {
+                Ok(d) => self.take(d, &mut batch).await?,
+                Err(_) => break,
+            }
+        }
+        if batch.is_empty() {
+            return Ok(());
+        }
+        self.send(batch).await
+    }
+
+    /// The gap/duplicate rule of the module docs.
+    async fn take(&mut self, delivery: Delivery, batch: &mut Vec<Message>) -> Result<(), SessionEnd> {
+        match delivery {
+            Delivery::Read { frame } => batch.push(Message::Text(frame)),
+            Delivery::Notification { seq, .. } if seq <= self.cursor => {}
+            Delivery::Notification { seq, frame } if seq == self.cursor + 1 => {
+                self.cursor = seq;
+                self.state.metrics.notifications_delivered.inc();
+                batch.push(Message::Text(frame));
+            }
+            Delivery::Notification { seq, frame } => {
+                self.state.metrics.gap_repairs.inc();
+                let before = self.cursor;
+                let pending = std::mem::take(batch);
+                self.send(pending).await?;
+                self.replay_to(Some(seq)).await?;
+                if self.cursor < seq {
+                    // Purged by retention meanwhile: nothing more to fetch.
+                    tracing::debug!(before, seq, "gap not in the store; sending the live frame");
+                    self.cursor = seq;
+                    batch.push(Message::Text(frame));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_message(&mut self, message: Option<Result<Message, axum::Error>>) -> Result<(), SessionEnd> {
+        self.last_heard = Instant::now();
+        match message {
+            None => Err(SessionEnd::ClientGone),
+            Some(Err(e)) => Err(if is_too_large(e) { SessionEnd::TooLarge } else { SessionEnd::ClientGone }),
+            Some(Ok(Message::Close(_))) => Err(SessionEnd::ClientClosed),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+            Some(Ok(Message::Binary(_))) => {
+                self.refuse(BadFrame { reference: None, code: "bad_frame", message: "frames are JSON text".into() })
+                    .await
+            }
+            Some(Ok(Message::Text(t))) => match protocol::parse(&t) {
+                Ok(frame) => self.on_frame(frame).await,
+                Err(bad) => self.refuse(bad).await,
+            },
+        }
+    }
+
+    async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), SessionEnd> {
+        match frame {
+            ClientFrame::Ping { reference } => self.send(vec![text(&ServerFrame::Pong { reference })]).await,
+            ClientFrame::Refresh { token, reference } => self.refresh(&token, reference).await,
+            ClientFrame::Read { seqs, up_to_seq, reference } => {
+                let mark = protocol::read_mark(seqs, up_to_seq).expect("parse validated the read mark");
+                self.mark_read(mark, reference).await
+            }
+        }
+    }
+
+    async fn refresh(&mut self, token: &str, reference: Option<serde_json::Value>) -> Result<(), SessionEnd> {
+        match self.state.verifier.verify(token) {
+            Ok(t) if t.user_id == self.ctx.user => {
+                self.ctx.expires_at = t.expires_at;
+                self.warned = false;
+                tracing::debug!(expires_at = t.expires_at, "token refreshed");
+                self.send(vec![text(&ok(reference))]).await
+            }
+            _ => Err(SessionEnd::RefreshRefused),
+        }
+    }
+
+    async fn mark_read(&mut self, mark: ReadMark, reference: Option<serde_json::Value>) -> Result<(), SessionEnd> {
+        match mark_read(&self.state, &self.ctx.user, mark).await {
+            Ok(()) => self.send(vec![text(&ok(reference))]).await,
+            Err(e) => {
+                tracing::warn!(error = %e, "marking read failed");
+                let refusal = ServerFrame::Error {
+                    reference,
+                    code: "unavailable".into(),
+                    message: "could not mark read; retry".into(),
+                };
+                self.send(vec![text(&refusal)]).await
+            }
+        }
+    }
+
+    /// Answers a bad frame; too many within a window closes with 1008.
+    async fn refuse(&mut self, bad: BadFrame) -> Result<(), SessionEnd> {
+        if self.strike_window_start.elapsed() > STRIKE_WINDOW {
+            self.strike_window_start = Instant::now();
+            self.strikes = 0;
+        }
+        self.strikes += 1;
+        if self.strikes > MAX_STRIKES {
+            return Err(SessionEnd::PolicyViolation);
+        }
+        let frame = ServerFrame::Error { reference: bad.reference, code: bad.code.into(), message: bad.message };
+        self.send(vec![text(&frame)]).await
+    }
+
+    /// Writes frames and flushes once. A write that stalls past three
+    /// heartbeats, or an outbox overflow while it waits, ends the session.
+    async fn send(&mut self, messages: Vec<Message>) -> Result<(), SessionEnd> {
+        let Session { ws, lagged, state, heartbeat, .. } = self;
+        let write = async {
+            for m in messages {
+                ws.feed(m).await?;
+            }
+            ws.flush().await
+        };
+        tokio::select! {
+            result = write => result.map_err(|_| SessionEnd::ClientGone),
+            _ = lagged.cancelled() => Err(SessionEnd::Lagged),
+            _ = state.shutdown.cancelled() => Err(SessionEnd::Shutdown),
+            _ = sleep(*heartbeat * 3) => Err(SessionEnd::Lagged),
+        }
+    }
+
+    async fn close(&mut self, end: SessionEnd) {
+        if let Some((code, reason)) = end.close_frame() {
+            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+            let _ = timeout(CLOSE_TIMEOUT, self.ws.send(Message::Close(Some(frame)))).await;
+        }
+        // Let the client's close frame (or EOF) arrive, briefly.
+        let _ = timeout(Duration::from_millis(200), async { while let Some(Ok(_)) = self.ws.recv().await {} }).await;
+    }
+
+    fn failed(&self, e: crate::store::StoreError) -> SessionEnd {
+        tracing::warn!(error = %e, "store failed during a session");
+        SessionEnd::Internal
+    }
+}
+
+fn ok(reference: Option<serde_json::Value>) -> ServerFrame {
+    ServerFrame::Ok { reference: reference.unwrap_or(serde_json::Value::Null) }
+}
+
+fn is_too_large(e: axum::Error) -> bool {
+    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
+    match e.into_inner().downcast::<Error>() {
+        Ok(e) => matches!(*e, Error::Capacity(CapacityError::MessageTooLong { .. })),
+        Err(_) => false,
+    }
+}
+
+/// Persists a read mark, then tells every session of the user (on any node).
+pub async fn mark_read(state: &AppState, user: &Arc<str>, mark: ReadMark) -> Result<(), crate::store::StoreError> {
+    state.store.mark_read(user, &mark).await?;
+    let frame = serde_json::to_string(&ServerFrame::Read(mark)).expect("read frames always serialize");
+    let event = Event { user_id: user.clone(), delivery: Delivery::Read { frame: frame.into() } };
+    if let Err(e) = state.broker.publish(vec![event]).await {
+        tracing::warn!(error = %e, "read mark stored but not broadcast");
+    }
+    Ok(())
+}
