@@ -1,0 +1,187 @@
+//! Test harness: a real Herald node through the library's `run` on
+//! 127.0.0.1:0, with a real SQLite file, and typed helpers around the real
+//! Rust client. No sleeps wait for start-up: the listener is bound first.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use herald_client::{Connect, Inbox, Notification, Published, Publisher, ServerFrame, Session};
+use herald_server::config::Settings;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+pub const SECRET: &str = "test-secret-0123456789abcdef";
+pub const API_KEY: &str = "test-api-key";
+/// How long a test waits for something that should happen at once.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub struct TestServer {
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+    shutdown: CancellationToken,
+    task: JoinHandle<()>,
+    _tmp: Option<tempfile::TempDir>,
+}
+
+/// Settings as the server would read them, from `HERALD_*` pairs.
+pub fn settings(db_dir: &Path, vars: &[(&str, &str)]) -> Settings {
+    let mut env: HashMap<String, String> = HashMap::new();
+    env.insert("HERALD_DATABASE_URL".into(), format!("sqlite://{}/herald.db", db_dir.display()));
+    env.insert("HERALD_JWT_SECRET".into(), SECRET.into());
+    env.insert("HERALD_API_KEYS".into(), API_KEY.into());
+    env.insert("HERALD_DRAIN_GRACE".into(), "0s".into());
+    env.insert("HERALD_NODE_ID".into(), "test-node".into());
+    for (k, v) in vars {
+        env.insert(k.to_string(), v.to_string());
+    }
+    Settings::load(&env, None).expect("test settings are valid")
+}
+
+impl TestServer {
+    pub async fn start() -> TestServer {
+        Self::start_with(&[]).await
+    }
+
+    pub async fn start_with(vars: &[(&str, &str)]) -> TestServer {
+        let tmp = tempfile::tempdir().expect("a temp dir");
+        let mut server = Self::start_in(tmp.path(), vars).await;
+        server._tmp = Some(tmp);
+        server
+    }
+
+    /// Starts on the database in `dir` (kept by the caller, for restarts).
+    pub async fn start_in(dir: &Path, vars: &[(&str, &str)]) -> TestServer {
+        let settings = settings(dir, vars);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn({
+            let shutdown = shutdown.clone();
+            async move { herald_server::run(settings, listener, shutdown).await.expect("the server runs") }
+        });
+        TestServer { addr, dir: dir.to_path_buf(), shutdown, task, _tmp: None }
+    }
+
+    pub fn http(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn ws(&self) -> String {
+        format!("ws://{}", self.addr)
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        herald_server::auth::mint(SECRET, user, 3600)
+    }
+
+    pub fn publisher(&self) -> Publisher {
+        Publisher::new(self.http(), API_KEY)
+    }
+
+    pub fn inbox(&self, user: &str) -> Inbox {
+        Inbox::new(self.http(), self.token(user))
+    }
+
+    pub async fn publish(&self, user: &str, topic: &str, payload: serde_json::Value) -> Published {
+        self.publisher().publish_one(user, topic, payload).await.expect("publish")
+    }
+
+    pub async fn connect(&self, user: &str) -> Session {
+        Connect::new(self.ws(), self.token(user)).connect().await.expect("connect")
+    }
+
+    pub async fn connect_since(&self, user: &str, since: i64) -> Session {
+        Connect::new(self.ws(), self.token(user)).since(since).connect().await.expect("connect")
+    }
+
+    /// The value of one metric line (`name` with its labels, as exposed).
+    pub async fn metric(&self, line_prefix: &str) -> f64 {
+        let text = reqwest::get(format!("{}/metrics", self.http())).await.unwrap().text().await.unwrap();
+        text.lines()
+            .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Starts draining (as SIGTERM does).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
+    /// Shuts down and waits until the node has drained.
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(30), self.task).await.expect("drains in time").expect("no panic");
+    }
+}
+
+/// The next frame, failing the test after [`WAIT`].
+pub async fn next(session: &mut Session) -> ServerFrame {
+    match session.next_frame_within(WAIT).await {
+        Ok(Some(frame)) => frame,
+        Ok(None) => panic!("no frame within {WAIT:?}"),
+        Err(e) => panic!("session ended: {e}"),
+    }
+}
+
+/// The next frame, which must be a notification.
+pub async fn next_notification(session: &mut Session) -> Notification {
+    match next(session).await {
+        ServerFrame::Notification(n) => n,
+        other => panic!("expected a notification, got {other:?}"),
+    }
+}
+
+/// Reads notifications until `count` arrived; fails on any other frame.
+pub async fn notifications(session: &mut Session, count: usize) -> Vec<Notification> {
+    let mut out = Vec::with_capacity(count);
+    while out.len() < count {
+        out.push(next_notification(session).await);
+    }
+    out
+}
+
+/// Reads until the server closes; returns the close code.
+pub async fn close_code(session: &mut Session) -> u16 {
+    loop {
+        match session.next_frame_within(WAIT).await {
+            Ok(Some(_)) => continue,
+            Ok(None) => panic!("not closed within {WAIT:?}"),
+            Err(herald_client::Error::Closed { code, .. }) => return code,
+            Err(e) => panic!("ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// A raw HTTP response: status, headers and the JSON body (Null when empty).
+pub struct Raw {
+    pub status: u16,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: serde_json::Value,
+}
+
+impl Raw {
+    /// The spec's error code, asserting the error body's shape.
+    pub fn error_code(&self) -> &str {
+        let err = &self.body["error"];
+        assert!(err["message"].as_str().is_some_and(|m| !m.is_empty()), "error body without message: {}", self.body);
+        err["code"].as_str().unwrap_or_else(|| panic!("not an error body: {}", self.body))
+    }
+}
+
+pub async fn raw(request: reqwest::RequestBuilder) -> Raw {
+    let response = request.send().await.expect("request");
+    let status = response.status().as_u16();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null)
+    };
+    Raw { status, headers, body }
+}
