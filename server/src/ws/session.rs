@@ -333,13 +333,21 @@ impl Session {
         }
     }
 
+    /// The closing handshake: send our close frame, then wait (bounded) for
+    /// the peer's, so the TCP close cannot reset away the frame it has not read.
     async fn close(&mut self, end: SessionEnd) {
-        if let Some((code, reason)) = end.close_frame() {
-            let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-            let _ = timeout(CLOSE_TIMEOUT, self.ws.send(Message::Close(Some(frame)))).await;
-        }
-        // Let the client's close frame (or EOF) arrive, briefly.
-        let _ = timeout(Duration::from_millis(200), async { while let Some(Ok(_)) = self.ws.recv().await {} }).await;
+        let Some((code, reason)) = end.close_frame() else { return };
+        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        let _ = timeout(CLOSE_TIMEOUT, async {
+            if self.ws.send(Message::Close(Some(frame))).await.is_ok() {
+                while let Some(Ok(message)) = self.ws.recv().await {
+                    if matches!(message, Message::Close(_)) {
+                        break;
+                    }
+                }
+            }
+        })
+        .await;
     }
 
     fn failed(&self, e: crate::store::StoreError) -> SessionEnd {
