@@ -1,0 +1,185 @@
+//! The inbox API, backend history, presence and operations endpoints (spec §3).
+
+mod common;
+
+use common::*;
+use herald_client::{ReadMark, ServerFrame};
+use serde_json::json;
+
+fn seqs(page: &herald_client::NotificationPage) -> Vec<i64> {
+    page.notifications.iter().map(|n| n.seq).collect()
+}
+
+#[tokio::test]
+async fn the_inbox_lists_newest_first_with_filters() {
+    let server = TestServer::start().await;
+    for (i, topic) in ["orders", "likes", "orders", "likes", "orders"].iter().enumerate() {
+        server.publish("alice", topic, json!({"n": i + 1})).await;
+    }
+    let inbox = server.inbox("alice");
+    let all = inbox.list(&[]).await.unwrap();
+    assert_eq!(seqs(&all), vec![5, 4, 3, 2, 1]);
+    assert_eq!(all.last_seq, 5);
+    assert_eq!(all.notifications[0].payload, json!({"n": 5}));
+    assert_eq!(seqs(&inbox.list(&[("limit", "2")]).await.unwrap()), vec![5, 4]);
+    assert_eq!(seqs(&inbox.list(&[("before_seq", "4")]).await.unwrap()), vec![3, 2, 1]);
+    assert_eq!(seqs(&inbox.list(&[("after_seq", "3")]).await.unwrap()), vec![5, 4]);
+    assert_eq!(
+        seqs(&inbox.list(&[("after_seq", "1"), ("before_seq", "5"), ("limit", "2")]).await.unwrap()),
+        vec![4, 3]
+    );
+
+    inbox.mark_read(&ReadMark::Seqs { seqs: vec![1, 2, 5] }).await.unwrap();
+    assert_eq!(seqs(&inbox.list(&[("unread", "true")]).await.unwrap()), vec![4, 3]);
+    let unread = inbox.unread().await.unwrap();
+    assert_eq!(unread.total, 2);
+    assert_eq!(unread.by_topic.get("orders"), Some(&1));
+    assert_eq!(unread.by_topic.get("likes"), Some(&1));
+    inbox.mark_read(&ReadMark::UpTo { up_to_seq: 3 }).await.unwrap();
+    let unread = inbox.unread().await.unwrap();
+    assert_eq!((unread.total, unread.by_topic.len()), (1, 1));
+    assert!(inbox.list(&[]).await.unwrap().notifications.iter().all(|n| n.read == (n.seq != 4)));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn marking_read_over_http_tells_every_open_session() {
+    let server = TestServer::start().await;
+    server.publish("alice", "t", json!(1)).await;
+    let mut phone = server.connect("alice").await;
+    let mut laptop = server.connect("alice").await;
+    server.inbox("alice").mark_read(&ReadMark::UpTo { up_to_seq: 1 }).await.unwrap();
+    for session in [&mut phone, &mut laptop] {
+        assert_eq!(next(session).await, ServerFrame::Read(ReadMark::UpTo { up_to_seq: 1 }));
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_user_only_ever_sees_their_own_data() {
+    let server = TestServer::start().await;
+    server.publish("alice", "secret", json!("alice's")).await;
+    server.publish("bob", "t", json!("bob's")).await;
+    let bob = server.inbox("bob");
+    let page = bob.list(&[]).await.unwrap();
+    assert_eq!(page.notifications.len(), 1);
+    assert_eq!(page.notifications[0].payload, json!("bob's"));
+    assert_eq!(bob.unread().await.unwrap().total, 1);
+    // Marking alice's seq 1 as bob changes only bob's seq 1.
+    bob.mark_read(&ReadMark::Seqs { seqs: vec![1] }).await.unwrap();
+    assert_eq!(server.inbox("alice").unread().await.unwrap().total, 1);
+    // The backend history needs an API key: a user's token is refused.
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/users/alice/notifications", server.http());
+    let answer = raw(http.get(&url).bearer_auth(server.token("bob"))).await;
+    assert_eq!((answer.status, answer.error_code()), (401, "invalid_api_key"));
+    let answer = raw(http.get(&url)).await;
+    assert_eq!((answer.status, answer.error_code()), (401, "missing_api_key"));
+    // And /v1/me needs a user token: an API key is refused.
+    let answer = raw(http.get(format!("{}/v1/me/notifications", server.http())).bearer_auth(API_KEY)).await;
+    assert_eq!((answer.status, answer.error_code()), (401, "invalid_token"));
+    let answer = raw(http.get(format!("{}/v1/me/unread", server.http()))).await;
+    assert_eq!((answer.status, answer.error_code()), (401, "missing_token"));
+    let expired = herald_server::auth::mint(SECRET, "alice", -10);
+    let answer = raw(http.get(format!("{}/v1/me/unread", server.http())).bearer_auth(expired)).await;
+    assert_eq!((answer.status, answer.error_code()), (401, "token_expired"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn backend_history_pages_forward_from_after_seq() {
+    let server = TestServer::start().await;
+    for i in 1..=5 {
+        server.publish("user with spaces/and slash", "t", json!(i)).await;
+    }
+    let publisher = server.publisher();
+    let page = publisher.history("user with spaces/and slash", 2, 2).await.unwrap();
+    assert_eq!(seqs(&page), vec![3, 4]);
+    assert_eq!(page.last_seq, 5);
+    assert!(publisher.history("nobody", 0, 10).await.unwrap().notifications.is_empty());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bad_inbox_requests_get_the_spec_error() {
+    let server = TestServer::start().await;
+    server.publish("alice", "t", json!(1)).await;
+    let http = reqwest::Client::new();
+    let token = server.token("alice");
+    let list = |q: &str| http.get(format!("{}/v1/me/notifications?{q}", server.http())).bearer_auth(&token);
+    for q in ["limit=0", "limit=501", "limit=abc", "before_seq=x", "unread=maybe", "colour=red"] {
+        let answer = raw(list(q)).await;
+        assert_eq!((answer.status, answer.error_code()), (400, "invalid_query"), "for {q}");
+    }
+    let read = |body: &'static str| {
+        http.post(format!("{}/v1/me/notifications/read", server.http()))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body)
+    };
+    for body in ["{}", r#"{"seqs":[]}"#, r#"{"seqs":[1],"up_to_seq":1}"#, r#"{"up_to_seq":0}"#, r#"{"seqs":"1"}"#] {
+        let answer = raw(read(body)).await;
+        assert_eq!((answer.status, answer.error_code()), (422, "invalid_request"), "for {body}");
+    }
+    let answer = raw(read("{oops")).await;
+    assert_eq!((answer.status, answer.error_code()), (400, "bad_request"));
+    assert_eq!(server.inbox("alice").unread().await.unwrap().total, 1, "a refused mark changed something");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn presence_counts_the_users_open_sessions() {
+    let server = TestServer::start().await;
+    let presence = |user: &str| {
+        let url = format!("{}/v1/users/{user}/presence", server.http());
+        async move { raw(reqwest::Client::new().get(url).bearer_auth(API_KEY)).await.body["sessions"].as_u64() }
+    };
+    assert_eq!(presence("alice").await, Some(0));
+    let a = server.connect("alice").await;
+    let _b = server.connect("alice").await;
+    assert_eq!(presence("alice").await, Some(2));
+    a.close().await.unwrap();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while presence("alice").await != Some(1) {
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn operations_endpoints_answer() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    let get = |path: &str| http.get(format!("{}{path}", server.http()));
+    assert_eq!(raw(get("/healthz")).await.status, 200);
+    let ready = raw(get("/readyz")).await;
+    assert_eq!((ready.status, ready.body["status"].as_str()), (200, Some("ready")));
+    let response = get("/metrics").send().await.unwrap();
+    assert!(response.headers()["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = response.text().await.unwrap();
+    for name in [
+        "herald_sessions_active",
+        "herald_notifications_published_total",
+        "herald_notifications_delivered_total",
+        "herald_publish_commit_seconds",
+    ] {
+        assert!(text.contains(&format!("# TYPE {name}")) || text.contains(name), "{name} missing");
+    }
+    let missing = raw(get("/v2/nothing")).await;
+    assert_eq!((missing.status, missing.error_code()), (404, "not_found"));
+    let wrong_method = raw(http.delete(format!("{}/v1/notifications", server.http()))).await;
+    assert_eq!((wrong_method.status, wrong_method.error_code()), (405, "method_not_allowed"));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn readyz_turns_503_when_draining() {
+    let server = TestServer::start_with(&[("HERALD_DRAIN_GRACE", "2s")]).await;
+    server.begin_shutdown();
+    let ready = raw(reqwest::Client::new().get(format!("{}/readyz", server.http()))).await;
+    assert_eq!((ready.status, ready.error_code()), (503, "draining"));
+    assert!(ready.headers.contains_key("retry-after"));
+    assert_eq!(raw(reqwest::Client::new().get(format!("{}/healthz", server.http()))).await.status, 200);
+    server.stop().await;
+}
