@@ -13,7 +13,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::config::{LogFormat, Settings};
 
@@ -54,55 +54,65 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let m = Metrics {
-            sessions_active: Gauge::default(),
-            handshakes: Family::default(),
-            sessions_closed: Family::default(),
-            notifications_published: Counter::default(),
-            notifications_delivered: Counter::default(),
-            notifications_replayed: Counter::default(),
-            gap_repairs: Counter::default(),
-            outbox_overflows: Counter::default(),
-            notifications_purged: Counter::default(),
-            publish_commit_seconds: Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
-            registry: Registry::default(),
-        };
-        registry.register("herald_sessions_active", "WebSocket sessions open on this node", m.sessions_active.clone());
-        registry.register("herald_handshakes", "WebSocket handshakes by outcome", m.handshakes.clone());
-        registry.register("herald_sessions_closed", "Sessions closed, by close code", m.sessions_closed.clone());
-        registry.register(
-            "herald_notifications_published",
-            "Notifications committed by publishes",
-            m.notifications_published.clone(),
-        );
-        registry.register(
-            "herald_notifications_delivered",
-            "Notification frames written to sessions",
-            m.notifications_delivered.clone(),
-        );
-        registry.register(
-            "herald_notifications_replayed",
-            "Notifications sent from the store on resume",
-            m.notifications_replayed.clone(),
-        );
-        registry.register("herald_gap_repairs", "Live gaps filled from the store", m.gap_repairs.clone());
-        registry.register(
-            "herald_outbox_overflows",
-            "Sessions whose outbox overflowed (closed 1013)",
-            m.outbox_overflows.clone(),
-        );
-        registry.register(
-            "herald_notifications_purged",
-            "Notifications removed by retention",
-            m.notifications_purged.clone(),
-        );
-        registry.register(
-            "herald_publish_commit_seconds",
-            "From receiving a publish to its commit",
-            m.publish_commit_seconds.clone(),
-        );
-        Metrics { registry, ..m }
+        let mut r = Registry::default();
+        Metrics {
+            sessions_active: registered(
+                &mut r,
+                "herald_sessions_active",
+                "WebSocket sessions open on this node",
+                Gauge::default(),
+            ),
+            handshakes: registered(&mut r, "herald_handshakes", "WebSocket handshakes by outcome", Family::default()),
+            sessions_closed: registered(
+                &mut r,
+                "herald_sessions_closed",
+                "Sessions closed, by close code",
+                Family::default(),
+            ),
+            notifications_published: registered(
+                &mut r,
+                "herald_notifications_published",
+                "Notifications committed by publishes",
+                Counter::default(),
+            ),
+            notifications_delivered: registered(
+                &mut r,
+                "herald_notifications_delivered",
+                "Notification frames written to sessions",
+                Counter::default(),
+            ),
+            notifications_replayed: registered(
+                &mut r,
+                "herald_notifications_replayed",
+                "Notifications sent from the store on resume",
+                Counter::default(),
+            ),
+            gap_repairs: registered(
+                &mut r,
+                "herald_gap_repairs",
+                "Live gaps filled from the store",
+                Counter::default(),
+            ),
+            outbox_overflows: registered(
+                &mut r,
+                "herald_outbox_overflows",
+                "Sessions whose outbox overflowed (closed 1013)",
+                Counter::default(),
+            ),
+            notifications_purged: registered(
+                &mut r,
+                "herald_notifications_purged",
+                "Notifications removed by retention",
+                Counter::default(),
+            ),
+            publish_commit_seconds: registered(
+                &mut r,
+                "herald_publish_commit_seconds",
+                "From receiving a publish to its commit",
+                Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
+            ),
+            registry: r,
+        }
     }
 
     /// Prometheus text exposition.
@@ -111,6 +121,12 @@ impl Metrics {
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
         out
     }
+}
+
+/// Registers `metric` (a cheap handle) and returns it.
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 impl Default for Metrics {

@@ -255,11 +255,7 @@ async fn retention_purges_old_notifications_and_since_below_them_is_truncated() 
     for i in 1..=3 {
         server.publish("alice", "t", json!(i)).await;
     }
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while server.metric("herald_notifications_purged_total").await < 3.0 {
-        assert!(tokio::time::Instant::now() < deadline, "nothing purged");
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    eventually("a purge of 3", || async { server.metric("herald_notifications_purged_total").await >= 3.0 }).await;
     assert_eq!(server.publish("alice", "t", json!(4)).await.seq, 4, "seqs are never reused after a purge");
     let mut alice = server.connect_since("alice", 1).await;
     let welcome = alice.welcome().clone();
@@ -298,11 +294,7 @@ async fn metrics_count_publishes_deliveries_and_sessions() {
     assert_eq!(server.metric("herald_notifications_delivered_total").await, 1.0);
     assert_eq!(server.metric("herald_publish_commit_seconds_count").await, 1.0);
     alice.close().await.unwrap();
-    let deadline = tokio::time::Instant::now() + WAIT;
-    while server.metric("herald_sessions_active").await != 0.0 {
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    eventually("no session left", || async { server.metric("herald_sessions_active").await == 0.0 }).await;
     assert_eq!(server.metric(r#"herald_sessions_closed_total{code="1000"}"#).await, 1.0);
     server.stop().await;
 }

@@ -157,6 +157,19 @@ pub async fn close_code(session: &mut Session) -> u16 {
     }
 }
 
+/// Polls `check` until it holds, failing the test after [`WAIT`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never happened: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A raw HTTP response: status, headers and the JSON body (Null when empty).
 pub struct Raw {
     pub status: u16,
