@@ -37,8 +37,10 @@ const MAX_STRIKES: u32 = 10;
 const STRIKE_WINDOW: Duration = Duration::from_secs(60);
 /// `token_expiring` is sent this long before `exp`.
 const EXPIRY_WARNING: Duration = Duration::from_secs(60);
-/// How long a close frame may take to go out.
+/// How long a close frame may take to go out, and the peer's close to come back.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// The same while the node drains: the 1001 is out, the peer's answer is a courtesy.
+const CLOSE_TIMEOUT_DRAINING: Duration = Duration::from_secs(1);
 
 /// What the handshake verified; the only input a session trusts.
 #[derive(Debug, Clone)]
@@ -338,7 +340,8 @@ impl Session {
     async fn close(&mut self, end: SessionEnd) {
         let Some((code, reason)) = end.close_frame() else { return };
         let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
-        let _ = timeout(CLOSE_TIMEOUT, async {
+        let wait = if end == SessionEnd::Shutdown { CLOSE_TIMEOUT_DRAINING } else { CLOSE_TIMEOUT };
+        let _ = timeout(wait, async {
             if self.ws.send(Message::Close(Some(frame))).await.is_ok() {
                 while let Some(Ok(message)) = self.ws.recv().await {
                     if matches!(message, Message::Close(_)) {
