@@ -201,15 +201,24 @@ impl Verifier {
         let mut validation = Validation::new(header.alg);
         validation.leeway = self.leeway;
         validation.validate_nbf = true;
-        validation.set_required_spec_claims(&["exp", "sub"]);
+        // A configured `iss` / `aud` must be present, not only match when
+        // present: jsonwebtoken checks them only if required.
+        let mut required = vec!["exp", "sub"];
         match &self.issuer {
-            Some(iss) => validation.set_issuer(&[iss]),
+            Some(iss) => {
+                validation.set_issuer(&[iss]);
+                required.push("iss");
+            }
             None => validation.iss = None,
         }
         match &self.audience {
-            Some(aud) => validation.set_audience(&[aud]),
+            Some(aud) => {
+                validation.set_audience(&[aud]);
+                required.push("aud");
+            }
             None => validation.validate_aud = false,
         }
+        validation.set_required_spec_claims(&required);
         let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind::*;
             match e.kind() {
@@ -302,6 +311,34 @@ mod tests {
         // {"alg":"none","typ":"JWT"}.{"sub":"alice","exp":9999999999}.
         let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
         assert!(matches!(verifier("0123456789abcdef").verify(t), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_configured_issuer_and_audience_must_be_present() {
+        let v = Verifier::new(&JwtSettings {
+            secret: Some("0123456789abcdef".into()),
+            issuer: Some("https://auth.example.com".into()),
+            audience: Some("herald".into()),
+            ..Default::default()
+        })
+        .unwrap();
+        let sign = |claims: serde_json::Value| {
+            jsonwebtoken::encode(
+                &Header::new(Algorithm::HS256),
+                &claims,
+                &EncodingKey::from_secret(b"0123456789abcdef"),
+            )
+            .unwrap()
+        };
+        let exp = unix_now() + 60;
+        let iss = "https://auth.example.com";
+        assert!(v.verify(&sign(serde_json::json!({"sub": "a", "exp": exp, "iss": iss, "aud": "herald"}))).is_ok());
+        for claims in [
+            serde_json::json!({"sub": "a", "exp": exp, "aud": "herald"}),
+            serde_json::json!({"sub": "a", "exp": exp, "iss": iss}),
+        ] {
+            assert!(matches!(v.verify(&sign(claims)), Err(AuthError::Invalid(_))));
+        }
     }
 
     #[test]
