@@ -1,0 +1,201 @@
+//! The real `herald` binary: settings errors, dev mode, the CLI and SIGTERM.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use herald_client::{Connect, Publisher, ServerFrame};
+use serde_json::json;
+
+const BIN: &str = env!("CARGO_BIN_EXE_herald");
+
+fn herald(dir: &Path, vars: &[(&str, &str)]) -> Command {
+    let mut cmd = Command::new(BIN);
+    cmd.env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .env("HERALD_LISTEN", "127.0.0.1:0")
+        .env("HERALD_DATABASE_URL", format!("sqlite://{}/herald.db", dir.display()));
+    for (k, v) in vars {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
+struct Running {
+    child: Child,
+    port: u16,
+    stdout: std::path::PathBuf,
+}
+
+/// Starts `herald serve`, waiting (with a deadline) for its `listening` line.
+fn start(dir: &Path, vars: &[(&str, &str)]) -> Running {
+    let (out, err) = (dir.join("stdout"), dir.join("stderr"));
+    let mut child = herald(dir, vars)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let log = std::fs::read_to_string(&err).unwrap_or_default();
+        if let Some(line) = log.lines().find(|l| l.contains("listening")) {
+            let port = line.split("addr=127.0.0.1:").nth(1).and_then(|r| r.split_whitespace().next()).unwrap();
+            return Running { child, port: port.parse().unwrap(), stdout: out };
+        }
+        if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("herald did not start: {log}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl Running {
+    fn signal(&self, sig: &str) {
+        let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit, with a deadline; returns the exit code.
+    fn wait(mut self) -> i32 {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status.code().unwrap_or(-1);
+            }
+            assert!(Instant::now() < deadline, "herald did not exit");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+#[test]
+fn bad_settings_exit_2_naming_the_variable_before_binding() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    for (var, value) in [("HERALD_HEARTBEAT_SECS", "soon"), ("HERALD_JWT_PUBLIC_KEYS", "/nonexistent/keys.pem")] {
+        let out =
+            herald(dir.path(), &[("HERALD_LISTEN", &listen), ("HERALD_API_KEYS", "k"), (var, value)]).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{var}");
+        assert!(String::from_utf8_lossy(&out.stderr).contains(var), "{var}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(std::net::TcpStream::connect(&listen).is_err(), "something listened");
+    assert!(!dir.path().join("herald.db").exists(), "the store was opened before validation");
+    // A config file: an unknown key is refused by name.
+    let file = dir.path().join("herald.toml");
+    std::fs::write(&file, "colour = \"red\"\n").unwrap();
+    let out = herald(dir.path(), &[]).arg("--config").arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("colour"));
+    // Dev mode refuses a non-loopback address.
+    let out = herald(dir.path(), &[("HERALD_LISTEN", "0.0.0.0:0")]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("HERALD_LISTEN"));
+}
+
+#[tokio::test]
+async fn dev_mode_prints_working_keys_and_a_demo_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = start(dir.path(), &[]);
+    let banner = std::fs::read_to_string(&server.stdout).unwrap();
+    let field = |name: &str| {
+        banner
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(name))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_else(|| panic!("{banner}"))
+    };
+    let (api_key, token) = (field("API key:"), field("user token:"));
+    assert!(banner.contains(&format!("/demo#token={token}")));
+    let base = format!("127.0.0.1:{}", server.port);
+    let mut alice = Connect::new(format!("ws://{base}"), &token).connect().await.unwrap();
+    assert_eq!(alice.welcome().user_id, "alice");
+    Publisher::new(format!("http://{base}"), &api_key).publish_one("alice", "hello", json!({"hi": 1})).await.unwrap();
+    assert_eq!(next_notification(&mut alice).await.payload, json!({"hi": 1}));
+    let demo = reqwest::get(format!("http://{base}/demo")).await.unwrap();
+    assert_eq!(demo.status(), 200);
+    server.signal("-INT");
+    assert_eq!(server.wait(), 0);
+}
+
+#[tokio::test]
+async fn the_cli_mints_tokens_migrates_and_publishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEYS", API_KEY)];
+    for _ in 0..2 {
+        let out = herald(dir.path(), &vars).arg("migrate").output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    assert!(dir.path().join("herald.db").exists());
+    let out = herald(dir.path(), &vars).args(["token", "--sub", "bob", "--ttl", "10m"]).output().unwrap();
+    assert!(out.status.success());
+    let token = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    let no_secret =
+        herald(dir.path(), &[("HERALD_API_KEYS", API_KEY)]).args(["token", "--sub", "bob"]).output().unwrap();
+    assert!(!no_secret.status.success());
+    assert!(String::from_utf8_lossy(&no_secret.stderr).contains("HERALD_JWT_SECRET"));
+
+    let server = start(dir.path(), &vars);
+    let base = format!("127.0.0.1:{}", server.port);
+    let mut bob = Connect::new(format!("ws://{base}"), &token).connect().await.unwrap();
+    let expires_in = bob.welcome().token_expires_at - herald_server::auth::unix_now();
+    assert!((590..=600).contains(&expires_in), "{expires_in}");
+    let url = format!("http://{base}");
+    let out = herald(dir.path(), &vars)
+        .args(["publish", "--user", "bob", "--topic", "t", "--payload", r#"{"a":1}"#, "--url", &url])
+        .stdout(Stdio::piped())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"seq\": 1"));
+    assert_eq!(next_notification(&mut bob).await.payload, json!({"a": 1}));
+    let bad = herald(dir.path(), &vars)
+        .args(["publish", "--user", "bob", "--topic", "t", "--payload", "{oops", "--url", &url])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+}
+
+#[tokio::test]
+async fn sigterm_drains_with_1001_and_exits_0_and_history_survives() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEYS", API_KEY), ("HERALD_DRAIN_GRACE", "2s")];
+    let server = start(dir.path(), &vars);
+    let base = format!("127.0.0.1:{}", server.port);
+    let publisher = Publisher::new(format!("http://{base}"), API_KEY);
+    for i in 1..=5 {
+        publisher.publish_one("alice", "t", json!(i)).await.unwrap();
+    }
+    let mut alice =
+        Connect::new(format!("ws://{base}"), herald_server::auth::mint(SECRET, "alice", 3600)).connect().await.unwrap();
+    server.signal("-TERM");
+    assert_eq!(close_code(&mut alice).await, 1001);
+    let ready = raw(reqwest::Client::new().get(format!("http://{base}/readyz"))).await;
+    assert_eq!((ready.status, ready.error_code()), (503, "draining"));
+    match Connect::new(format!("ws://{base}"), herald_server::auth::mint(SECRET, "alice", 3600)).connect().await {
+        Err(herald_client::Error::Refused { status: 503, code, .. }) => assert_eq!(code, "draining"),
+        other => panic!("expected 503 draining, got {:?}", other.map(|_| ())),
+    }
+    assert_eq!(server.wait(), 0);
+
+    let server = start(dir.path(), &vars);
+    let base = format!("127.0.0.1:{}", server.port);
+    let mut alice = Connect::new(format!("ws://{base}"), herald_server::auth::mint(SECRET, "alice", 3600))
+        .since(2)
+        .connect()
+        .await
+        .unwrap();
+    let seqs: Vec<_> = notifications(&mut alice, 3).await.iter().map(|n| n.seq).collect();
+    assert_eq!(seqs, vec![3, 4, 5]);
+    Publisher::new(format!("http://{base}"), API_KEY).publish_one("alice", "t", json!(6)).await.unwrap();
+    assert!(matches!(next(&mut alice).await, ServerFrame::Notification(n) if n.seq == 6));
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+}
