@@ -199,3 +199,53 @@ async fn sigterm_drains_with_1001_and_exits_0_and_history_survives() {
     server.signal("-TERM");
     assert_eq!(server.wait(), 0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publishes_accepted_around_sigterm_are_all_stored_without_gaps() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEYS", API_KEY), ("HERALD_DRAIN_GRACE", "1s")];
+    let server = start(dir.path(), &vars);
+    let publisher = Publisher::new(format!("http://127.0.0.1:{}", server.port), API_KEY);
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let publisher = publisher.clone();
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for i in 0..100 {
+                    match publisher.publish_one("carol", "t", json!(i)).await {
+                        Ok(p) => acknowledged.push(p.seq),
+                        Err(_) => break,
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    server.signal("-TERM");
+    let mut acknowledged = Vec::new();
+    for task in burst {
+        acknowledged.extend(task.await.unwrap());
+    }
+    assert_eq!(server.wait(), 0);
+    assert!(!acknowledged.is_empty());
+
+    let server = start(dir.path(), &vars);
+    let history =
+        Publisher::new(format!("http://127.0.0.1:{}", server.port), API_KEY).history("carol", 0, 500).await.unwrap();
+    let mut stored: Vec<_> = history.notifications.iter().map(|n| n.seq).collect();
+    let last = history.last_seq;
+    if last > 500 {
+        let more = Publisher::new(format!("http://127.0.0.1:{}", server.port), API_KEY)
+            .history("carol", 500, 500)
+            .await
+            .unwrap();
+        stored.extend(more.notifications.iter().map(|n| n.seq));
+    }
+    assert_eq!(stored, (1..=last).collect::<Vec<_>>(), "a gap in the stored seqs");
+    for seq in &acknowledged {
+        assert!(stored.contains(seq), "seq {seq} was acknowledged but not stored");
+    }
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+}
