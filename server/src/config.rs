@@ -102,12 +102,31 @@ pub struct Settings {
     pub max_frame_bytes: usize,
     /// Largest notification payload, in bytes (413 above it).
     pub max_payload_bytes: usize,
-    /// Most user ids one synchronous publish may name.
+    /// Most user ids one synchronous publish may name; more become a job (202).
     pub max_user_ids: usize,
+    /// Most user ids one publish may name at all (a job).
+    pub max_audience: usize,
+    /// Worker threads for heavy steps, and concurrent jobs per node.
+    pub workers: usize,
+    /// How long a worker holds a job or digest window without renewing it
+    /// before another node's worker may take it over.
+    pub job_lease: Duration,
     /// Frames queued for one session before it is closed with 1013.
     pub outbox_capacity: usize,
-    /// Connections in the store's read pool.
+    /// Connections in the store's pool.
     pub db_pool_size: u32,
+    /// Longest a database statement may run.
+    pub db_statement_timeout: Duration,
+    /// Longest a request waits for a database connection.
+    pub db_connect_timeout: Duration,
+    /// Namespace of this deployment's Redis channels and keys.
+    pub redis_prefix: String,
+    /// How often a node compares its users' newest seqs with the store, to
+    /// deliver what the broker lost (only with Redis).
+    pub repair_interval: Duration,
+    /// How long a node's presence counts outlive its last refresh (a dead
+    /// node's sessions stop counting after this).
+    pub presence_ttl: Duration,
     /// Set when no key was configured: keys were generated at start.
     pub dev_mode: bool,
 }
@@ -235,8 +254,16 @@ const KEYS: &[&str] = &[
     "max_frame_bytes",
     "max_payload_bytes",
     "max_user_ids",
+    "max_audience",
+    "workers",
+    "job_lease",
     "outbox_capacity",
     "db_pool_size",
+    "db_statement_timeout",
+    "db_connect_timeout",
+    "redis_prefix",
+    "repair_interval",
+    "presence_ttl",
     "otel_exporter_otlp_endpoint",
 ];
 
@@ -303,20 +330,18 @@ impl Settings {
             v.parse().map_err(|_| format!("`{v}` is not an address like 127.0.0.1:8080"))
         })?;
         let database_url = src.string("database_url").unwrap_or_else(|| "sqlite://herald.db".into());
-        if database_url.starts_with("postgres://") || database_url.starts_with("postgresql://") {
-            return Err(src.error("database_url", "the PostgreSQL store is not in this build yet; use sqlite://FILE"));
-        }
-        if !database_url.starts_with("sqlite:") {
-            return Err(src.error("database_url", "expected sqlite://FILE (or postgres://…)"));
+        let postgres = crate::store::is_postgres(&database_url);
+        if !postgres && !database_url.starts_with("sqlite:") {
+            return Err(src.error("database_url", "expected sqlite://FILE or postgres://USER@HOST/DB"));
         }
         if database_url.contains(":memory:") || database_url.contains("mode=memory") {
             return Err(src.error("database_url", "an in-memory SQLite database loses every notification; give a file"));
         }
         let redis_url = src.string("redis_url");
-        if redis_url.is_some() {
-            return Err(
-                src.error("redis_url", "the Redis broker is not in this build yet; leave it unset for one node")
-            );
+        if let Some(url) = &redis_url {
+            if let Err(e) = crate::broker::redis::RedisTarget::parse(url) {
+                return Err(src.error("redis_url", e));
+            }
         }
         for key in ["tls_cert", "tls_key"] {
             if src.string(key).is_some() {
@@ -384,8 +409,16 @@ impl Settings {
             max_frame_bytes: src.number("max_frame_bytes", 64 * 1024usize, 1024)?,
             max_payload_bytes: src.number("max_payload_bytes", 64 * 1024usize, 2)?,
             max_user_ids: src.number("max_user_ids", 1000usize, 1)?,
+            max_audience: src.number("max_audience", 100_000usize, 1)?,
+            workers: src.number("workers", std::thread::available_parallelism().map_or(2, |n| n.get()), 1)?,
+            job_lease: src.duration("job_lease", Duration::from_secs(30))?,
             outbox_capacity: src.number("outbox_capacity", 1024usize, 1)?,
-            db_pool_size: src.number("db_pool_size", 8u32, 1)?,
+            db_pool_size: src.number("db_pool_size", if postgres { 16u32 } else { 8 }, 1)?,
+            db_statement_timeout: src.duration("db_statement_timeout", Duration::from_secs(5))?,
+            db_connect_timeout: src.duration("db_connect_timeout", Duration::from_secs(5))?,
+            redis_prefix: src.string("redis_prefix").unwrap_or_else(|| "herald".into()),
+            repair_interval: src.duration("repair_interval", Duration::from_secs(3))?,
+            presence_ttl: src.duration("presence_ttl", Duration::from_secs(30))?,
             dev_mode,
         };
         if settings.retention.is_zero() {
@@ -394,10 +427,39 @@ impl Settings {
         if settings.purge_interval.is_zero() {
             return Err(src.error("purge_interval", "must be longer than zero"));
         }
+        for (key, value) in [
+            ("db_statement_timeout", settings.db_statement_timeout),
+            ("db_connect_timeout", settings.db_connect_timeout),
+            ("repair_interval", settings.repair_interval),
+        ] {
+            if value < Duration::from_millis(100) {
+                return Err(src.error(key, "must be at least 100ms"));
+            }
+        }
+        if settings.max_audience < settings.max_user_ids {
+            return Err(src.error("max_audience", "must be at least HERALD_MAX_USER_IDS"));
+        }
+        if settings.job_lease < Duration::from_millis(500) {
+            return Err(src.error("job_lease", "must be at least 500ms"));
+        }
+        if settings.presence_ttl < Duration::from_secs(2) {
+            return Err(src.error("presence_ttl", "must be at least 2s"));
+        }
+        if settings.redis_prefix.contains(char::is_whitespace) || settings.redis_prefix.contains(['{', '}']) {
+            return Err(src.error("redis_prefix", "no spaces or braces"));
+        }
         if settings.drain_grace >= settings.shutdown_deadline {
             return Err(src.error("drain_grace", "must be shorter than HERALD_SHUTDOWN_DEADLINE"));
         }
         Ok(settings)
+    }
+
+    pub fn store_options(&self) -> crate::store::StoreOptions {
+        crate::store::StoreOptions {
+            pool_size: self.db_pool_size,
+            statement_timeout: self.db_statement_timeout,
+            connect_timeout: self.db_connect_timeout,
+        }
     }
 
     /// The SQLite file behind `database_url`, for messages.

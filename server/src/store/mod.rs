@@ -6,12 +6,17 @@
 //! delivery guarantees of spec §5 rest on them.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
 use serde_json::value::RawValue;
 
+pub mod jobs;
+pub mod postgres;
 pub mod sqlite;
+
+pub use jobs::JobStore;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -27,6 +32,9 @@ impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
             sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Io(_) | sqlx::Error::WorkerCrashed => {
+                StoreError::Unavailable(e.to_string())
+            }
+            sqlx::Error::Database(ref db) if postgres::is_unavailable(db.as_ref()) => {
                 StoreError::Unavailable(e.to_string())
             }
             sqlx::Error::Database(ref db) if db.message().contains("locked") || db.message().contains("busy") => {
@@ -121,9 +129,10 @@ pub struct Unread {
     pub by_topic: Vec<(String, i64)>,
 }
 
-/// Durable storage of notifications and read state.
+/// Durable storage of notifications and read state (and, through
+/// [`JobStore`], of jobs and digest windows).
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Store: JobStore + Send + Sync + 'static {
     /// Stores each notification and assigns it the user's next `seq` **in the
     /// same transaction as the insert**, so each user's seqs are 1, 2, 3, …
     /// without gaps, in commit order. Durable when it returns `Ok`.
@@ -134,6 +143,11 @@ pub trait Store: Send + Sync + 'static {
 
     /// The user's newest and oldest retained seq.
     async fn head(&self, user: &str) -> Result<Head, StoreError>;
+
+    /// The newest committed seq of each user (0 for a user with none), in
+    /// the order of `users` — one query for many users, for the periodic
+    /// check that repairs what the broker lost.
+    async fn last_seqs(&self, users: &[Arc<str>]) -> Result<Vec<Seq>, StoreError>;
 
     /// The user's notifications with `after < seq <= up_to` (no upper bound
     /// when `None`), in increasing seq, at most `limit`. Every seq up to the
@@ -180,14 +194,46 @@ pub fn rfc3339_ms(ms: i64) -> String {
         .unwrap_or_else(|| "1970-01-01T00:00:00.000Z".into())
 }
 
+/// Connection settings shared by every store.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// Connections in the pool (PostgreSQL: writers and readers together;
+    /// SQLite: readers, beside its one writer).
+    pub pool_size: u32,
+    /// Longest a statement may run before the database cancels it.
+    pub statement_timeout: Duration,
+    /// Longest a request waits for a connection (or to connect).
+    pub connect_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            pool_size: 8,
+            statement_timeout: Duration::from_secs(5),
+            connect_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// `postgres://…` / `postgresql://…` select PostgreSQL; anything else is SQLite.
+pub fn is_postgres(database_url: &str) -> bool {
+    database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")
+}
+
 /// Opens the store named by `database_url` and runs its migrations.
-pub async fn open(database_url: &str, pool_size: u32) -> Result<Arc<dyn Store>, StoreError> {
-    Ok(Arc::new(sqlite::SqliteStore::open(database_url, pool_size).await?))
+pub async fn open(database_url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
+    if is_postgres(database_url) {
+        postgres::open(database_url, options).await
+    } else {
+        Ok(Arc::new(sqlite::SqliteStore::open(database_url, options.pool_size).await?))
+    }
 }
 
 /// Runs the migrations of the store named by `database_url`, alone.
 pub async fn migrate(database_url: &str) -> Result<(), StoreError> {
-    let store = sqlite::SqliteStore::open(database_url, 1).await?;
+    let options = StoreOptions { pool_size: 1, ..StoreOptions::default() };
+    let store = open(database_url, &options).await?;
     store.close().await;
     Ok(())
 }

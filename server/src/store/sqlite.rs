@@ -6,6 +6,8 @@
 //! many publishes. `synchronous=FULL`, so a commit survives power loss.
 //! Reads use a small pool; WAL lets them run beside the writer.
 
+mod jobs;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -58,6 +60,10 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// Opens (creating if missing) and migrates the database, then starts the
+    /// writer. Several processes opening one new file at once can see
+    /// `SQLITE_BUSY` before any busy handler applies (the switch to WAL, a
+    /// migration recorded twice), so opening is retried for a few seconds.
     pub async fn open(url: &str, pool_size: u32) -> Result<SqliteStore, StoreError> {
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?
@@ -66,20 +72,39 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
             .log_statements(tracing::log::LevelFilter::Trace);
-        let pool = SqlitePoolOptions::new()
-            .max_connections(pool_size)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_with(options.clone())
-            .await?;
-        sqlx::migrate!("../migrations/sqlite")
-            .run(&pool)
-            .await
-            .map_err(|e| StoreError::Internal(format!("migrations failed: {e}")))?;
-        let conn = options.connect().await?;
+        let mut attempt = 0;
+        let (pool, conn) = loop {
+            attempt += 1;
+            match open_once(&options, pool_size).await {
+                Ok(opened) => break opened,
+                Err(e) if attempt < 8 => {
+                    tracing::debug!(error = %e, attempt, "opening the SQLite store again");
+                    tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        };
         let (tx, rx) = mpsc::channel(WRITE_QUEUE);
         tokio::spawn(write_loop(conn, rx));
         Ok(SqliteStore { pool, writer: tx })
     }
+}
+
+async fn open_once(
+    options: &SqliteConnectOptions,
+    pool_size: u32,
+) -> Result<(SqlitePool, SqliteConnection), StoreError> {
+    let pool = SqlitePoolOptions::new()
+        .max_connections(pool_size)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_with(options.clone())
+        .await?;
+    if let Err(e) = sqlx::migrate!("../migrations/sqlite").run(&pool).await {
+        pool.close().await;
+        return Err(StoreError::Internal(format!("migrations failed: {e}")));
+    }
+    let conn = options.connect().await?;
+    Ok((pool, conn))
 }
 
 async fn write_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteMsg>) {
@@ -227,6 +252,18 @@ impl Store for SqliteStore {
                 Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) }
             }
         })
+    }
+
+    async fn last_seqs(&self, users: &[Arc<str>]) -> Result<Vec<Seq>, StoreError> {
+        let list = serde_json::to_string(&users.iter().map(|u| &**u).collect::<Vec<&str>>())
+            .map_err(|e| StoreError::Internal(e.to_string()))?;
+        let found: Vec<(String, i64)> =
+            sqlx::query_as("SELECT user_id, last_seq FROM users WHERE user_id IN (SELECT value FROM json_each(?))")
+                .bind(list)
+                .fetch_all(&self.pool)
+                .await?;
+        let found: std::collections::HashMap<String, i64> = found.into_iter().collect();
+        Ok(users.iter().map(|u| found.get(&**u).copied().unwrap_or(0)).collect())
     }
 
     async fn after(

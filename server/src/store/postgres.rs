@@ -1,0 +1,298 @@
+//! PostgreSQL: the production store, shared by every node.
+//!
+//! **Seqs.** Each user has a counter row in `users`. An append transaction
+//! first upserts the counter rows of all its users in sorted order with
+//! `ON CONFLICT … DO UPDATE`, which locks them until COMMIT; only then does
+//! it read `last_seq`, check idempotency keys, insert the notifications with
+//! the next seqs and write the counters back. Any other transaction for the
+//! same user — from this node or another — waits on that row lock and then
+//! reads the committed counter (READ COMMITTED re-reads the newest row
+//! version for `ON CONFLICT DO UPDATE`). So a user's seqs are handed out by
+//! one transaction at a time: gapless (a rolled-back transaction never
+//! advanced the counter) and in commit order (a later seq cannot commit
+//! before the transaction holding the lock). Sorted locking keeps concurrent
+//! groups from deadlocking; deadlock and serialization failures are retried.
+//! Seqs never come from a sequence or `bigserial`.
+//!
+//! **Group commit** ([`writer`]): `append` queues its batch on one bounded
+//! queue; a few writer tasks each take everything queued (up to a cap) and
+//! commit it in one transaction of at most five statements whatever its
+//! size — multi-row `UNNEST` statements, never a statement per row. The group
+//! succeeds or fails as a whole; every request gets its own answer, and an
+//! unknown outcome (connection lost during COMMIT, deadline passed) is an
+//! error, never `Ok`.
+//!
+//! **Batched replay reads** ([`reader`]): `head` and `after` — what every
+//! reconnecting session asks — are gathered by one task into batches that
+//! run as one query each (`= ANY`, `UNNEST … CROSS JOIN LATERAL`), a few
+//! batches at a time, so a reconnect storm costs a handful of queries.
+//!
+//! Connection failures, timeouts and PostgreSQL's "not now" errors map to
+//! [`StoreError::Unavailable`] (see [`is_unavailable`]); every database call
+//! is bounded by the statement timeout on the server and by a deadline here.
+
+mod jobs;
+mod reader;
+mod writer;
+
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use herald_protocol::{ReadMark, Seq};
+use serde_json::value::RawValue;
+use sqlx::error::DatabaseError;
+use sqlx::migrate::MigrateError;
+use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow};
+use sqlx::{PgPool, Row};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoreOptions, StoredNotification, Unread};
+
+/// `SELECT <the columns from_row reads> FROM notifications <rest>`.
+macro_rules! select {
+    ($rest:literal) => {
+        concat!("SELECT seq, id, topic, payload, created_at, read FROM notifications ", $rest)
+    };
+}
+
+/// Rows deleted per purge statement, so retention never holds long locks.
+const PURGE_CHUNK: i64 = 1000;
+
+/// Opens the PostgreSQL store and runs `migrations/postgres`.
+pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
+    Ok(Arc::new(PostgresStore::open(url, options).await?))
+}
+
+/// A cheap handle on the pool and the writer and reader tasks; see the module doc.
+pub struct PostgresStore {
+    pool: PgPool,
+    writes: mpsc::Sender<writer::Request>,
+    reads: mpsc::Sender<reader::Request>,
+    closing: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl PostgresStore {
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<PostgresStore, StoreError> {
+        let base = PgConnectOptions::from_str(url)
+            .map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?
+            .application_name("herald");
+        migrate(base.clone(), options.connect_timeout).await?;
+        let statement_ms = options.statement_timeout.as_millis().max(1);
+        let pool = PgPoolOptions::new()
+            .max_connections(options.pool_size.max(1))
+            .acquire_timeout(options.connect_timeout)
+            .test_before_acquire(true)
+            .connect_with(base.options([("statement_timeout", format!("{statement_ms}ms"))]))
+            .await?;
+
+        // Longest any one group or batch may take before its caller gets an
+        // error: waiting for a connection, then a few statements.
+        let deadline = options.connect_timeout + 2 * options.statement_timeout + Duration::from_secs(1);
+        let closing = CancellationToken::new();
+        let tasks = TaskTracker::new();
+        let (writes, queue) = mpsc::channel(writer::QUEUE);
+        let writers = writer::Writers::new(pool.clone(), queue, closing.clone(), deadline);
+        for _ in 0..(options.pool_size / 2).clamp(1, 4) {
+            tasks.spawn(writers.clone().run());
+        }
+        let (reads, queue) = mpsc::channel(reader::QUEUE);
+        let in_flight = (options.pool_size as usize / 4).clamp(1, 4);
+        tasks.spawn(reader::run(pool.clone(), queue, closing.clone(), in_flight, deadline));
+        tasks.close();
+        Ok(PostgresStore { pool, writes, reads, closing, tasks })
+    }
+
+    async fn read<T>(
+        &self,
+        request: reader::Request,
+        answer: oneshot::Receiver<Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        self.reads.send(request).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| closed())?
+    }
+}
+
+/// Runs the migrations on a connection of their own, with no statement
+/// timeout (an index built on a big table may take long). sqlx holds an
+/// advisory lock on the database meanwhile, so nodes starting together
+/// apply each migration once.
+async fn migrate(connect: PgConnectOptions, connect_timeout: Duration) -> Result<(), StoreError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(connect_timeout)
+        .connect_with(connect.options([("statement_timeout", "0")]))
+        .await?;
+    let result = sqlx::migrate!("../migrations/postgres").run(&pool).await;
+    pool.close().await;
+    result.map_err(|e| match e {
+        MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => StoreError::from(e),
+        other => StoreError::Internal(format!("migrations failed: {other}")),
+    })
+}
+
+fn closed() -> StoreError {
+    StoreError::Unavailable("the store is closed".into())
+}
+
+/// Whether a PostgreSQL error means "not now" rather than "never": the
+/// server is shutting down or starting, the connection broke, it is out of
+/// connections or resources, a statement timed out, or a transaction lost a
+/// deadlock or serialization conflict. Errors of other databases: `false`.
+pub(super) fn is_unavailable(error: &(dyn DatabaseError + 'static)) -> bool {
+    let Some(error) = error.try_downcast_ref::<PgDatabaseError>() else { return false };
+    let code = error.code();
+    code.starts_with("08") // connection exception
+        || code.starts_with("53") // insufficient resources, incl. 53300 too_many_connections
+        || matches!(
+            code,
+            "57P01" // admin_shutdown
+                | "57P02" // crash_shutdown
+                | "57P03" // cannot_connect_now
+                | "57014" // query_canceled: statement_timeout
+                | "55P03" // lock_not_available
+                | "40001" // serialization_failure
+                | "40P01" // deadlock_detected
+        )
+}
+
+fn from_row(user: &Arc<str>, row: &PgRow) -> Result<StoredNotification, sqlx::Error> {
+    let payload: String = row.try_get("payload")?;
+    let payload = RawValue::from_string(payload).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+    Ok(StoredNotification {
+        user_id: user.clone(),
+        seq: row.try_get("seq")?,
+        id: row.try_get("id")?,
+        topic: row.try_get::<String, _>("topic")?.into(),
+        payload: Arc::from(payload),
+        created_at_ms: row.try_get("created_at")?,
+        read: row.try_get("read")?,
+    })
+}
+
+fn rows(user: &str, rows: Vec<PgRow>) -> Result<Vec<StoredNotification>, StoreError> {
+    let user: Arc<str> = user.into();
+    Ok(rows.iter().map(|r| from_row(&user, r)).collect::<Result<_, _>>()?)
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn append(&self, batch: Vec<NewNotification>) -> Result<Vec<Appended>, StoreError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        self.writes.send(writer::Request { batch, reply }).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| StoreError::Unavailable("the store closed before committing".into()))?
+    }
+
+    async fn head(&self, user: &str) -> Result<Head, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.read(reader::Request::Head { user: user.into(), reply }, answer).await
+    }
+
+    async fn last_seqs(&self, users: &[Arc<str>]) -> Result<Vec<Seq>, StoreError> {
+        let names: Vec<&str> = users.iter().map(|u| &**u).collect();
+        let found: Vec<(String, i64)> = sqlx::query_as("SELECT user_id, last_seq FROM users WHERE user_id = ANY($1)")
+            .bind(&names)
+            .fetch_all(&self.pool)
+            .await?;
+        let found: std::collections::HashMap<String, i64> = found.into_iter().collect();
+        Ok(users.iter().map(|u| found.get(&**u).copied().unwrap_or(0)).collect())
+    }
+
+    async fn after(
+        &self,
+        user: &str,
+        after: Seq,
+        up_to: Option<Seq>,
+        limit: u32,
+    ) -> Result<Vec<StoredNotification>, StoreError> {
+        if limit == 0 {
+            return Ok(Vec::new());
+        }
+        let (reply, answer) = oneshot::channel();
+        let query = reader::AfterQuery { user: user.into(), after, up_to: up_to.unwrap_or(i64::MAX), limit };
+        self.read(reader::Request::After { query, reply }, answer).await
+    }
+
+    async fn list(&self, user: &str, q: &ListQuery) -> Result<Vec<StoredNotification>, StoreError> {
+        let found = sqlx::query(select!(
+            "WHERE user_id = $1 AND seq < $2 AND seq > $3 AND (NOT read OR NOT $4) ORDER BY seq DESC LIMIT $5"
+        ))
+        .bind(user)
+        .bind(q.before_seq.unwrap_or(i64::MAX))
+        .bind(q.after_seq.unwrap_or(0))
+        .bind(q.unread_only)
+        .bind(i64::from(q.limit))
+        .fetch_all(&self.pool)
+        .await?;
+        rows(user, found)
+    }
+
+    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<u64, StoreError> {
+        let done = match mark {
+            ReadMark::Seqs { seqs } => {
+                sqlx::query("UPDATE notifications SET read = true WHERE user_id = $1 AND NOT read AND seq = ANY($2)")
+                    .bind(user)
+                    .bind(seqs)
+                    .execute(&self.pool)
+                    .await?
+            }
+            ReadMark::UpTo { up_to_seq } => {
+                sqlx::query("UPDATE notifications SET read = true WHERE user_id = $1 AND NOT read AND seq <= $2")
+                    .bind(user)
+                    .bind(up_to_seq)
+                    .execute(&self.pool)
+                    .await?
+            }
+        };
+        Ok(done.rows_affected())
+    }
+
+    async fn unread(&self, user: &str) -> Result<Unread, StoreError> {
+        let found: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT topic, COUNT(*) FROM notifications WHERE user_id = $1 AND NOT read GROUP BY topic ORDER BY topic",
+        )
+        .bind(user)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(Unread { total: found.iter().map(|(_, n)| n).sum(), by_topic: found })
+    }
+
+    async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(
+                "DELETE FROM notifications WHERE (user_id, seq) IN
+                   (SELECT user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2)",
+            )
+            .bind(before_ms)
+            .bind(PURGE_CHUNK)
+            .execute(&self.pool)
+            .await?;
+            total += done.rows_affected();
+            if done.rows_affected() < PURGE_CHUNK as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        if self.writes.is_closed() {
+            return Err(closed());
+        }
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    async fn close(&self) {
+        self.closing.cancel();
+        self.tasks.wait().await;
+        self.pool.close().await;
+    }
+}

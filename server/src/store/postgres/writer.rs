@@ -1,0 +1,286 @@
+//! Group commit: a few writer tasks share one bounded queue of appends; each
+//! takes whatever is queued (up to [`MAX_GROUP`] notifications) and commits
+//! it in one transaction:
+//!
+//! 1. `BEGIN`
+//! 2. upsert-and-lock the counter rows of the group's users, sorted;
+//! 3. (only when a key is present) look up the idempotency keys — after the
+//!    locks, so a key committed by another node just before is seen;
+//! 4. one statement inserting every new notification and writing back the
+//!    counters;
+//! 5. `COMMIT`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{PgPool, Postgres, Row, Transaction};
+use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio_util::sync::CancellationToken;
+
+use super::from_row;
+use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
+
+/// Most notifications committed in one group transaction (a single larger
+/// request still commits whole, alone).
+const MAX_GROUP: usize = 2048;
+/// Requests waiting for a writer; a full queue makes publishers wait.
+pub(super) const QUEUE: usize = 1024;
+/// Attempts of a group that lost a deadlock or serialization conflict.
+const ATTEMPTS: u32 = 4;
+
+pub(super) struct Request {
+    pub batch: Vec<NewNotification>,
+    pub reply: oneshot::Sender<Result<Vec<Appended>, StoreError>>,
+}
+
+/// What every writer task shares.
+#[derive(Clone)]
+pub(super) struct Writers {
+    pool: PgPool,
+    /// One queue, many consumers: the writer holding the lock waits for the
+    /// next request, takes what follows it, and lets go before committing.
+    queue: Arc<Mutex<mpsc::Receiver<Request>>>,
+    closing: CancellationToken,
+    deadline: Duration,
+}
+
+impl Writers {
+    pub fn new(pool: PgPool, queue: mpsc::Receiver<Request>, closing: CancellationToken, deadline: Duration) -> Self {
+        Writers { pool, queue: Arc::new(Mutex::new(queue)), closing, deadline }
+    }
+
+    /// Commits groups until the store closes and the queue is drained.
+    pub async fn run(self) {
+        while let Some(group) = self.next_group().await {
+            self.commit_group(group).await;
+        }
+    }
+
+    async fn next_group(&self) -> Option<Vec<Request>> {
+        let mut queue = self.queue.lock().await;
+        let first = tokio::select! {
+            biased;
+            request = queue.recv() => request,
+            _ = self.closing.cancelled() => {
+                // Refuse new appends, but commit what is already queued.
+                queue.close();
+                queue.recv().await
+            }
+        }?;
+        let mut size = first.batch.len();
+        let mut group = vec![first];
+        while size < MAX_GROUP {
+            let Ok(next) = queue.try_recv() else { break };
+            size += next.batch.len();
+            group.push(next);
+        }
+        Some(group)
+    }
+
+    async fn commit_group(&self, group: Vec<Request>) {
+        let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|r| (r.batch, r.reply)).unzip();
+        let result = match tokio::time::timeout(self.deadline, commit_with_retry(&self.pool, &batches)).await {
+            Ok(result) => result,
+            Err(_) => Err(StoreError::Unavailable("the append timed out; it may or may not have been stored".into())),
+        };
+        match result {
+            Ok(outcomes) => {
+                for (reply, outcome) in replies.into_iter().zip(outcomes) {
+                    let _ = reply.send(Ok(outcome));
+                }
+            }
+            Err(err) => {
+                let n: usize = batches.iter().map(Vec::len).sum();
+                match &err {
+                    StoreError::Unavailable(_) => tracing::warn!(error = %err, n, "group commit failed"),
+                    StoreError::Internal(_) => tracing::error!(error = %err, n, "group commit failed"),
+                }
+                for reply in replies {
+                    let _ = reply.send(Err(err.clone()));
+                }
+            }
+        }
+    }
+}
+
+async fn commit_with_retry(pool: &PgPool, batches: &[Vec<NewNotification>]) -> Result<Vec<Vec<Appended>>, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match commit(pool, batches).await {
+            Err(e) if attempt < ATTEMPTS && is_conflict(&e) => {
+                tracing::debug!(error = %e, attempt, "group commit conflicted; retrying");
+                tokio::time::sleep(Duration::from_millis(rand::random_range(1..10) * u64::from(attempt))).await;
+                attempt += 1;
+            }
+            result => return result.map_err(StoreError::from),
+        }
+    }
+}
+
+/// Deadlock or serialization failure: nothing was stored, and trying again
+/// will likely succeed.
+fn is_conflict(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
+}
+
+async fn commit(pool: &PgPool, batches: &[Vec<NewNotification>]) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
+    let mut users: Vec<&str> = batches.iter().flatten().map(|n| &*n.user_id).collect();
+    users.sort_unstable();
+    users.dedup();
+    let mut tx = pool.begin().await?;
+    // `DO UPDATE` (rather than `DO NOTHING`) locks existing rows until
+    // COMMIT, in the order of `ORDER BY`; the same order on every node.
+    let counters: Vec<(String, i64)> = sqlx::query_as(
+        "INSERT INTO users (user_id, last_seq)
+         SELECT u, 0 FROM UNNEST($1::text[]) AS u ORDER BY u
+         ON CONFLICT (user_id) DO UPDATE SET last_seq = users.last_seq
+         RETURNING user_id, last_seq",
+    )
+    .bind(&users)
+    .fetch_all(&mut *tx)
+    .await?;
+    let earlier = earlier_keys(&mut tx, batches).await?;
+    let plan = Plan::new(batches, counters.into_iter().collect(), earlier)?;
+    if !plan.rows.users.is_empty() {
+        plan.write(&mut tx).await?;
+    }
+    // An error here, connection loss included, is an error to the caller:
+    // the outcome is unknown, so it is never reported as stored.
+    tx.commit().await?;
+    Ok(plan.outcomes)
+}
+
+type Key = (Arc<str>, Arc<str>);
+
+/// The stored notifications whose (user, idempotency key) the group repeats.
+async fn earlier_keys(
+    tx: &mut Transaction<'_, Postgres>,
+    batches: &[Vec<NewNotification>],
+) -> Result<HashMap<Key, StoredNotification>, sqlx::Error> {
+    let (users, keys): (Vec<&str>, Vec<&str>) =
+        batches.iter().flatten().filter_map(|n| n.idempotency_key.as_deref().map(|k| (&*n.user_id, k))).unzip();
+    if keys.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let found = sqlx::query(
+        "SELECT n.user_id, n.idempotency_key, n.seq, n.id, n.topic, n.payload, n.created_at, n.read
+         FROM UNNEST($1::text[], $2::text[]) AS k(u, key)
+         JOIN notifications n ON n.user_id = k.u AND n.idempotency_key = k.key",
+    )
+    .bind(&users)
+    .bind(&keys)
+    .fetch_all(&mut **tx)
+    .await?;
+    let mut earlier = HashMap::with_capacity(found.len());
+    for row in found {
+        let user: Arc<str> = row.try_get::<String, _>("user_id")?.into();
+        let key: Arc<str> = row.try_get::<String, _>("idempotency_key")?.into();
+        earlier.insert((user.clone(), key), from_row(&user, &row)?);
+    }
+    Ok(earlier)
+}
+
+/// The new rows, column by column, for `UNNEST`.
+#[derive(Default)]
+struct Rows<'a> {
+    users: Vec<&'a str>,
+    seqs: Vec<i64>,
+    ids: Vec<&'a str>,
+    topics: Vec<&'a str>,
+    payloads: Vec<&'a str>,
+    created: Vec<i64>,
+    keys: Vec<Option<&'a str>>,
+}
+
+/// What the group stores and answers, decided in Rust with the locks held.
+struct Plan<'a> {
+    outcomes: Vec<Vec<Appended>>,
+    rows: Rows<'a>,
+    /// The new `last_seq` of every user that got a notification.
+    counters: HashMap<&'a str, i64>,
+}
+
+impl<'a> Plan<'a> {
+    /// Gives each new notification its user's next seq, in request order;
+    /// a key already stored, or seen earlier in the group, gets that
+    /// notification back with `created = false`.
+    fn new(
+        batches: &'a [Vec<NewNotification>],
+        mut last_seqs: HashMap<String, i64>,
+        mut known: HashMap<Key, StoredNotification>,
+    ) -> Result<Self, sqlx::Error> {
+        let mut plan =
+            Plan { outcomes: Vec::with_capacity(batches.len()), rows: Rows::default(), counters: HashMap::new() };
+        for batch in batches {
+            let mut out = Vec::with_capacity(batch.len());
+            for n in batch {
+                let key = n.idempotency_key.as_ref().map(|k| (n.user_id.clone(), k.clone()));
+                if let Some(earlier) = key.as_ref().and_then(|k| known.get(k)) {
+                    out.push(Appended { notification: earlier.clone(), created: false });
+                    continue;
+                }
+                let last = last_seqs
+                    .get_mut(&*n.user_id)
+                    .ok_or_else(|| sqlx::Error::Protocol(format!("no counter row locked for {}", n.user_id)))?;
+                *last += 1;
+                plan.counters.insert(&n.user_id, *last);
+                let stored = StoredNotification {
+                    user_id: n.user_id.clone(),
+                    seq: *last,
+                    id: n.id.clone(),
+                    topic: n.topic.clone(),
+                    payload: n.payload.clone(),
+                    created_at_ms: n.created_at_ms,
+                    read: false,
+                };
+                plan.rows.push(n, *last);
+                if let Some(key) = key {
+                    known.insert(key, stored.clone());
+                }
+                out.push(Appended { notification: stored, created: true });
+            }
+            plan.outcomes.push(out);
+        }
+        Ok(plan)
+    }
+
+    /// Inserts the new notifications and advances the counters: one statement.
+    async fn write(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+        let (users, last_seqs): (Vec<&str>, Vec<i64>) = self.counters.iter().map(|(u, s)| (*u, *s)).unzip();
+        let rows = &self.rows;
+        sqlx::query(
+            "WITH inserted AS (
+                 INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, idempotency_key)
+                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[])
+             )
+             UPDATE users SET last_seq = c.last_seq
+             FROM UNNEST($8::text[], $9::int8[]) AS c(user_id, last_seq)
+             WHERE users.user_id = c.user_id",
+        )
+        .bind(&rows.users)
+        .bind(&rows.seqs)
+        .bind(&rows.ids)
+        .bind(&rows.topics)
+        .bind(&rows.payloads)
+        .bind(&rows.created)
+        .bind(&rows.keys)
+        .bind(&users)
+        .bind(&last_seqs)
+        .execute(&mut **tx)
+        .await?;
+        Ok(())
+    }
+}
+
+impl<'a> Rows<'a> {
+    fn push(&mut self, n: &'a NewNotification, seq: i64) {
+        self.users.push(&n.user_id);
+        self.seqs.push(seq);
+        self.ids.push(&n.id);
+        self.topics.push(&n.topic);
+        self.payloads.push(n.payload.get());
+        self.created.push(n.created_at_ms);
+        self.keys.push(n.idempotency_key.as_deref());
+    }
+}

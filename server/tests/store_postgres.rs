@@ -1,0 +1,404 @@
+//! The PostgreSQL store against a real PostgreSQL: each test creates its own
+//! database (dropped at the end) on the harness's server (`services`:
+//! `HERALD_TEST_POSTGRES_URL`, the local one, or a private one it starts).
+//! An unreachable server fails the tests; it never skips them.
+
+mod common;
+mod services;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::future::{join_all, try_join_all};
+use herald_protocol::ReadMark;
+use herald_server::store::{open, Appended, Head, ListQuery, NewNotification, Store, StoreError, StoreOptions};
+use serde_json::value::RawValue;
+use sqlx::{Connection, PgConnection};
+
+/// A fresh database of its own for one test (the shared harness drops it).
+struct TestDb {
+    db: services::TestDatabase,
+    url: String,
+    name: String,
+}
+
+impl TestDb {
+    async fn create() -> TestDb {
+        let db = tokio::task::spawn_blocking(services::TestDatabase::create).await.expect("create the test database");
+        TestDb { url: db.url(), name: db.name().to_string(), db }
+    }
+
+    async fn admin(&self) -> PgConnection {
+        let _ = &self.db;
+        PgConnection::connect(&services::postgres_admin_url()).await.expect("connect as admin")
+    }
+}
+
+fn options() -> StoreOptions {
+    StoreOptions { pool_size: 4, ..StoreOptions::default() }
+}
+
+async fn store(db: &TestDb) -> Arc<dyn Store> {
+    open(&db.url, &options()).await.expect("open the PostgreSQL store")
+}
+
+fn note(user: &str, topic: &str, payload: &str, key: Option<&str>) -> NewNotification {
+    NewNotification {
+        user_id: user.into(),
+        id: uuid::Uuid::now_v7().to_string(),
+        topic: topic.into(),
+        payload: RawValue::from_string(payload.into()).expect("valid JSON").into(),
+        created_at_ms: herald_server::store::now_ms(),
+        idempotency_key: key.map(Into::into),
+    }
+}
+
+async fn all_of(store: &dyn Store, user: &str) -> Vec<herald_server::store::StoredNotification> {
+    store.after(user, 0, None, 1_000_000).await.expect("read back")
+}
+
+fn seqs(found: &[herald_server::store::StoredNotification]) -> Vec<i64> {
+    found.iter().map(|n| n.seq).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_hand_out_gapless_seqs_in_commit_order() {
+    let db = TestDb::create().await;
+    // The nodes start together: the migration runs once, under its lock.
+    let opts = options();
+    let nodes: Vec<Arc<dyn Store>> = try_join_all((0..3).map(|_| open(&db.url, &opts))).await.unwrap();
+    let users = ["hot", "u0", "u1", "u2", "u3"];
+
+    // A session following "hot" while it is written: commit order = seq
+    // order means it never sees a seq before all lower ones are visible.
+    let done = Arc::new(AtomicBool::new(false));
+    let watcher = {
+        let (store, done) = (nodes[0].clone(), done.clone());
+        tokio::spawn(async move {
+            let mut cursor = 0;
+            while !done.load(Ordering::Relaxed) {
+                for n in store.after("hot", cursor, None, 10_000).await.unwrap() {
+                    assert_eq!(n.seq, cursor + 1, "a session reading while nodes write saw a gap");
+                    cursor = n.seq;
+                }
+                assert!(store.head("hot").await.unwrap().last_seq >= cursor);
+            }
+            cursor
+        })
+    };
+
+    let mut writers = Vec::new();
+    for (node, store) in nodes.iter().enumerate() {
+        for t in 0..4 {
+            let (store, task) = (store.clone(), node * 4 + t);
+            writers.push(tokio::spawn(async move {
+                let mut answers = Vec::new();
+                for i in 0..120 {
+                    let batch = if i % 5 == 0 {
+                        let u = |k: usize| format!("u{}", (i + k) % 4);
+                        [("hot", 0), (&*u(0), 1), (&*u(1), 2), ("hot", 3)]
+                            .iter()
+                            .map(|(user, j)| note(user, "t", &format!(r#"{{"task":{task},"i":{i},"j":{j}}}"#), None))
+                            .collect()
+                    } else {
+                        vec![note("hot", "t", &format!(r#"{{"task":{task},"i":{i},"j":0}}"#), None)]
+                    };
+                    answers.extend(store.append(batch).await.unwrap());
+                }
+                answers
+            }));
+        }
+    }
+    let answers: Vec<Appended> = try_join_all(writers).await.unwrap().into_iter().flatten().collect();
+    done.store(true, Ordering::Relaxed);
+    watcher.await.unwrap();
+    assert_eq!(answers.len(), 12 * (96 + 24 * 4));
+    assert!(answers.iter().all(|a| a.created));
+    let answered: HashMap<&str, (&str, i64)> =
+        answers.iter().map(|a| (a.notification.id.as_str(), (&*a.notification.user_id, a.notification.seq))).collect();
+
+    let mut total = 0;
+    for user in users {
+        let stored = all_of(&*nodes[1], user).await;
+        let expected: Vec<i64> = (1..=stored.len() as i64).collect();
+        assert_eq!(seqs(&stored), expected, "{user}'s seqs are not 1..N");
+        assert_eq!(nodes[2].last_seqs(&[user.into()]).await.unwrap(), vec![stored.len() as i64]);
+        // Each task's notifications are in its own submission order.
+        let mut last_of_task: HashMap<u64, (u64, u64)> = HashMap::new();
+        for n in &stored {
+            assert_eq!(answered[n.id.as_str()], (user, n.seq), "the answer and the store disagree");
+            let v: serde_json::Value = serde_json::from_str(n.payload.get()).unwrap();
+            let (task, pos) = (v["task"].as_u64().unwrap(), (v["i"].as_u64().unwrap(), v["j"].as_u64().unwrap()));
+            if let Some(before) = last_of_task.insert(task, pos) {
+                assert!(before < pos, "task {task}: {before:?} stored after {pos:?} for {user}");
+            }
+        }
+        total += stored.len();
+    }
+    assert_eq!(total, answers.len());
+    for node in nodes {
+        node.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn idempotency_keys_store_once_even_across_nodes() {
+    let db = TestDb::create().await;
+    let (a, b) = (store(&db).await, open(&db.url, &options()).await.unwrap());
+
+    // The same key twice: stored once, the retry gets the first answer.
+    let first = a.append(vec![note("ann", "t", "1", Some("k1"))]).await.unwrap().remove(0);
+    let retry = b.append(vec![note("ann", "t", "2", Some("k1"))]).await.unwrap().remove(0);
+    assert!(first.created && !retry.created);
+    assert_eq!((retry.notification.id.as_str(), retry.notification.seq), (first.notification.id.as_str(), 1));
+    assert_eq!(retry.notification.payload.get(), "1");
+
+    // Twice inside one batch, beside a key of another user.
+    let batch = vec![
+        note("ann", "t", "3", Some("k2")),
+        note("ann", "t", "4", Some("k2")),
+        note("bob", "t", "5", Some("k2")),
+        note("ann", "t", "6", None),
+    ];
+    let out = a.append(batch).await.unwrap();
+    assert_eq!(
+        out.iter().map(|o| (o.created, o.notification.seq)).collect::<Vec<_>>(),
+        [(true, 2), (false, 2), (true, 1), (true, 3)]
+    );
+    assert_eq!(out[1].notification.id, out[0].notification.id);
+
+    // Fifty keys, each sent four times at once through two nodes.
+    let racers = (0..50).flat_map(|k| {
+        [&a, &a, &b, &b].map(|store| {
+            let store = store.clone();
+            async move { store.append(vec![note("cat", "t", &k.to_string(), Some(&format!("key-{k}")))]).await }
+        })
+    });
+    let answers: Vec<Appended> = try_join_all(racers).await.unwrap().into_iter().flatten().collect();
+    let mut by_key: HashMap<String, Vec<&Appended>> = HashMap::new();
+    for answer in &answers {
+        by_key.entry(answer.notification.payload.get().to_string()).or_default().push(answer);
+    }
+    for (key, same) in by_key {
+        assert_eq!(same.iter().filter(|a| a.created).count(), 1, "key {key} created other than once");
+        let ids: HashSet<(&str, i64)> = same.iter().map(|a| (a.notification.id.as_str(), a.notification.seq)).collect();
+        assert_eq!(ids.len(), 1, "key {key} answered with different notifications");
+    }
+    assert_eq!(seqs(&all_of(&*b, "cat").await), (1..=50).collect::<Vec<_>>());
+    assert_eq!(seqs(&all_of(&*a, "ann").await), [1, 2, 3]);
+    a.close().await;
+    b.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_across_a_thousand_users_is_one_transaction() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let users: Vec<String> = (0..1000).map(|i| format!("user-{i:04}")).collect();
+    let mut batch: Vec<NewNotification> = users.iter().rev().map(|u| note(u, "t", r#"{"n":1}"#, None)).collect();
+    batch.push(note("user-0500", "t", r#"{"n":2}"#, None));
+    let out = store.append(batch.clone()).await.unwrap();
+    assert_eq!(out.len(), 1001);
+    for (sent, got) in batch.iter().zip(&out) {
+        assert_eq!((&sent.id, &sent.user_id), (&got.notification.id, &got.notification.user_id), "answer out of order");
+    }
+    assert!(out[..1000].iter().all(|o| o.notification.seq == 1));
+    assert_eq!(out[1000].notification.seq, 2);
+    let names: Vec<Arc<str>> = users.iter().map(|u| u.as_str().into()).collect();
+    let last = store.last_seqs(&names).await.unwrap();
+    assert_eq!(last.iter().filter(|&&s| s == 1).count(), 999);
+    assert_eq!(last[500], 2);
+
+    // One bad row fails the whole batch: nothing of it is stored.
+    let mut bad: Vec<NewNotification> = users.iter().map(|u| note(u, "t", "3", None)).collect();
+    bad.push(note("nul\0user", "t", "3", None));
+    let err = store.append(bad).await.unwrap_err();
+    assert!(matches!(err, StoreError::Internal(_)), "{err:?}");
+    assert_eq!(store.last_seqs(&names).await.unwrap(), last);
+    assert_eq!(seqs(&all_of(&*store, "user-0001").await), [1]);
+    // And the counters go on without a gap.
+    assert_eq!(store.append(vec![note("user-0001", "t", "4", None)]).await.unwrap()[0].notification.seq, 2);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_behave_like_the_embedded_store() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    assert_eq!(store.head("alice").await.unwrap(), Head { last_seq: 0, oldest_seq: 1 });
+    assert!(store.after("alice", 0, None, 10).await.unwrap().is_empty());
+    let topics = ["orders", "likes", "orders", "likes", "orders"];
+    for (i, topic) in topics.iter().enumerate() {
+        let mut n = note("alice", topic, &format!(r#"{{"n":{}}}"#, i + 1), None);
+        n.created_at_ms = if i < 3 { 1_000 + i as i64 } else { herald_server::store::now_ms() };
+        store.append(vec![n]).await.unwrap();
+    }
+    store.append(vec![note("bob", "orders", r#""bob's""#, None)]).await.unwrap();
+
+    let list = |before_seq, after_seq, limit, unread_only| {
+        let store = store.clone();
+        async move {
+            let q = ListQuery { before_seq, after_seq, limit, unread_only };
+            seqs(&store.list("alice", &q).await.unwrap())
+        }
+    };
+    assert_eq!(list(None, None, 50, false).await, [5, 4, 3, 2, 1]);
+    assert_eq!(list(None, None, 2, false).await, [5, 4]);
+    assert_eq!(list(Some(4), None, 50, false).await, [3, 2, 1]);
+    assert_eq!(list(None, Some(3), 50, false).await, [5, 4]);
+    assert_eq!(store.head("alice").await.unwrap(), Head { last_seq: 5, oldest_seq: 1 });
+    assert_eq!(seqs(&store.after("alice", 1, Some(3), 10).await.unwrap()), [2, 3]);
+    assert_eq!(seqs(&store.after("alice", 0, None, 2).await.unwrap()), [1, 2]);
+    assert!(store.after("alice", 0, None, 0).await.unwrap().is_empty());
+    assert!(store.after("alice", 5, None, 10).await.unwrap().is_empty());
+
+    assert_eq!(store.mark_read("alice", &ReadMark::Seqs { seqs: vec![1, 2, 5, 99] }).await.unwrap(), 3);
+    assert_eq!(store.mark_read("alice", &ReadMark::Seqs { seqs: vec![1, 2] }).await.unwrap(), 0);
+    assert_eq!(list(None, None, 50, true).await, [4, 3]);
+    let unread = store.unread("alice").await.unwrap();
+    assert_eq!((unread.total, unread.by_topic), (2, vec![("likes".into(), 1), ("orders".into(), 1)]));
+    assert_eq!(store.mark_read("alice", &ReadMark::UpTo { up_to_seq: 3 }).await.unwrap(), 1);
+    let unread = store.unread("alice").await.unwrap();
+    assert_eq!((unread.total, unread.by_topic), (1, vec![("likes".into(), 1)]));
+    let all = store.list("alice", &ListQuery { limit: 50, ..ListQuery::default() }).await.unwrap();
+    assert!(all.iter().all(|n| n.read == (n.seq != 4)));
+    assert!(store.after("alice", 0, None, 10).await.unwrap().iter().all(|n| n.read == (n.seq != 4)));
+    // Bob's data is his own.
+    assert_eq!(store.unread("bob").await.unwrap().total, 1);
+    assert_eq!(all_of(&*store, "bob").await[0].payload.get(), r#""bob's""#);
+
+    // Retention: the oldest three go; the counter stays.
+    assert_eq!(store.purge(2_000).await.unwrap(), 3);
+    assert_eq!(store.head("alice").await.unwrap(), Head { last_seq: 5, oldest_seq: 4 });
+    assert_eq!(store.purge(i64::MAX).await.unwrap(), 3);
+    assert_eq!(store.head("alice").await.unwrap(), Head { last_seq: 5, oldest_seq: 6 });
+    assert!(store.after("alice", 0, None, 10).await.unwrap().is_empty());
+    assert_eq!(store.unread("alice").await.unwrap().total, 0);
+    assert_eq!(store.append(vec![note("alice", "t", "6", None)]).await.unwrap()[0].notification.seq, 6);
+    assert_eq!(store.head("alice").await.unwrap(), Head { last_seq: 6, oldest_seq: 6 });
+    store.ping().await.unwrap();
+    store.close().await;
+    assert!(matches!(store.append(vec![note("alice", "t", "7", None)]).await, Err(StoreError::Unavailable(_))));
+    assert!(store.ping().await.is_err());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retention_purges_in_chunks() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let old = |user: &str| {
+        let mut n = note(user, "t", "0", None);
+        n.created_at_ms = 5;
+        n
+    };
+    for chunk in 0..5 {
+        store.append((0..500).map(|i| old(&format!("p{}", (chunk * 500 + i) % 7))).collect()).await.unwrap();
+    }
+    store.append(vec![note("p0", "t", "1", None)]).await.unwrap();
+    assert_eq!(store.purge(10).await.unwrap(), 2500);
+    let names: Vec<Arc<str>> = (0..7).map(|i| format!("p{i}").into()).collect();
+    let last = store.last_seqs(&names).await.unwrap();
+    assert_eq!(last.iter().sum::<i64>(), 2501);
+    assert_eq!(seqs(&all_of(&*store, "p0").await), [last[0]]);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reconnect_storm_of_five_hundred_sessions_is_answered() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let count = |u: usize| (u % 20 + 1) as i64;
+    let batch: Vec<NewNotification> = (0..50)
+        .flat_map(|u| (1..=count(u)).map(move |i| note(&format!("s{u}"), "t", &format!("[{u},{i}]"), None)))
+        .collect();
+    store.append(batch).await.unwrap();
+
+    let started = Instant::now();
+    let sessions = (0..500).map(|s| {
+        let store = store.clone();
+        async move {
+            // Every tenth session is a user with nothing stored.
+            let (user, n) =
+                if s % 10 == 9 { (format!("nobody{s}"), 0) } else { (format!("s{}", s % 50), count(s % 50)) };
+            let head = store.head(&user).await.unwrap();
+            assert_eq!(head, Head { last_seq: n, oldest_seq: 1 }, "head of {user}");
+            let since = (s % 3) as i64;
+            let limit = (s % 7 + 1) as u32;
+            let got = store.after(&user, since, Some(head.last_seq), limit).await.unwrap();
+            let want: Vec<i64> = (since + 1..=n).take(limit as usize).collect();
+            assert_eq!(seqs(&got), want, "after({user}, {since}) limit {limit}");
+            for m in &got {
+                assert_eq!(m.payload.get(), format!("[{},{}]", s % 50, m.seq));
+                assert_eq!(&*m.user_id, user);
+            }
+        }
+    });
+    join_all(sessions).await;
+    eprintln!("500 sessions caught up in {:?}", started.elapsed());
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payloads_and_timestamps_round_trip_byte_exact() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let payloads =
+        [r#"{"b":1,  "a":[1.0,"é"]}"#, "[ 12345678901234567890.50e-3 ,{}\t]", r#""\u00e9\ud83d\ude00 😀""#, "null"];
+    let mut batch: Vec<NewNotification> = payloads.iter().map(|p| note("pat", "tópic", p, None)).collect();
+    batch[0].created_at_ms = 1_795_860_000_123;
+    let out = store.append(batch).await.unwrap();
+    let stored = all_of(&*store, "pat").await;
+    let listed = store.list("pat", &ListQuery { limit: 10, ..ListQuery::default() }).await.unwrap();
+    for (i, payload) in payloads.iter().enumerate() {
+        assert_eq!(out[i].notification.payload.get(), *payload);
+        assert_eq!(stored[i].payload.get(), *payload);
+        assert_eq!(listed[payloads.len() - 1 - i].payload.get(), *payload);
+        assert_eq!(&*stored[i].topic, "tópic");
+    }
+    assert_eq!(stored[0].created_at_ms, 1_795_860_000_123);
+    assert_eq!(stored[0].id, out[0].notification.id);
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_seqs_answer_in_the_order_asked() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    store.append(vec![note("x", "t", "1", None), note("y", "t", "1", None), note("x", "t", "2", None)]).await.unwrap();
+    let ask: Vec<Arc<str>> = ["y", "ghost", "x", "y"].map(Into::into).to_vec();
+    assert_eq!(store.last_seqs(&ask).await.unwrap(), [1, 0, 2, 1]);
+    assert!(store.last_seqs(&[]).await.unwrap().is_empty());
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_recovers_when_postgres_drops_its_connections() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    store.append(vec![note("rex", "t", "1", None)]).await.unwrap();
+    assert_eq!(store.head("rex").await.unwrap().last_seq, 1);
+    // What a PostgreSQL restart does to every open connection.
+    let mut admin = db.admin().await;
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db.name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
+    let out = store.append(vec![note("rex", "t", "2", None)]).await.unwrap();
+    assert_eq!(out[0].notification.seq, 2);
+    assert_eq!(seqs(&all_of(&*store, "rex").await), [1, 2]);
+    store.ping().await.unwrap();
+    store.close().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_unavailable_quickly() {
+    let options = StoreOptions { connect_timeout: Duration::from_millis(500), ..options() };
+    let started = Instant::now();
+    let err = open("postgres://postgres@127.0.0.1:1/herald", &options).await.err().expect("nothing listens on port 1");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
+}
