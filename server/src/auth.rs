@@ -232,8 +232,8 @@ impl Verifier {
             }
         })?;
         let sub = data.claims.sub;
-        if sub.is_empty() || sub.len() > 256 {
-            return Err(AuthError::Invalid("sub must be 1 to 256 bytes"));
+        if crate::api::publish::check_user_id(&sub).is_err() {
+            return Err(AuthError::Invalid("sub must be 1 to 256 bytes, without control characters"));
         }
         Ok(UserToken { user_id: sub.into(), expires_at: data.claims.exp })
     }

@@ -24,21 +24,24 @@ pub enum Delivery {
     Notification { seq: Seq, frame: Frame },
     /// A `read` frame.
     Read { frame: Frame },
+    /// The store holds the user's notifications up to `seq`: a session that
+    /// has seen less fetches the rest (the broker lost them).
+    Head { seq: Seq },
 }
 
-/// Told when a user's first local session arrives and after the last leaves,
-/// so a broker can subscribe to exactly the users this node serves.
+/// Told whenever the number of a user's local sessions changes (the first
+/// arrives, one more, the last leaves), so a broker can subscribe to exactly
+/// the users this node serves and publish presence. Must not block: it is
+/// called on the connection path.
 pub trait Interest: Send + Sync {
-    fn subscribe(&self, user: &Arc<str>);
-    fn unsubscribe(&self, user: &Arc<str>);
+    fn changed(&self, user: &Arc<str>);
 }
 
 /// For the in-process broker, which needs no subscriptions.
 pub struct NoInterest;
 
 impl Interest for NoInterest {
-    fn subscribe(&self, _: &Arc<str>) {}
-    fn unsubscribe(&self, _: &Arc<str>) {}
+    fn changed(&self, _: &Arc<str>) {}
 }
 
 struct Subscriber {
@@ -47,8 +50,15 @@ struct Subscriber {
     lagged: CancellationToken,
 }
 
+#[derive(Default)]
+struct Local {
+    sessions: Vec<Subscriber>,
+    /// The highest seq handed to these sessions live (or announced by a `Head`).
+    latest: Seq,
+}
+
 struct Shared {
-    users: DashMap<Arc<str>, Vec<Subscriber>>,
+    users: DashMap<Arc<str>, Local>,
     next_id: AtomicU64,
     interest: Arc<dyn Interest>,
 }
@@ -79,23 +89,24 @@ impl Hub {
         let (tx, rx) = mpsc::channel(capacity);
         let lagged = CancellationToken::new();
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        let first = {
-            let mut sessions = self.shared.users.entry(user.clone()).or_default();
-            sessions.push(Subscriber { id, outbox: tx, lagged: lagged.clone() });
-            sessions.len() == 1
-        };
-        if first {
-            self.shared.interest.subscribe(user);
-        }
+        self.shared.users.entry(user.clone()).or_default().sessions.push(Subscriber {
+            id,
+            outbox: tx,
+            lagged: lagged.clone(),
+        });
+        self.shared.interest.changed(user);
         Registration { hub: self.clone(), user: user.clone(), id, outbox: rx, lagged }
     }
 
     /// Hands `delivery` to every local session of `user` without waiting.
     /// Returns how many sessions took it.
     pub fn deliver(&self, user: &str, delivery: &Delivery) -> usize {
-        let Some(sessions) = self.shared.users.get(user) else { return 0 };
+        let Some(mut local) = self.shared.users.get_mut(user) else { return 0 };
+        if let Delivery::Notification { seq, .. } | Delivery::Head { seq } = delivery {
+            local.latest = local.latest.max(*seq);
+        }
         let mut taken = 0;
-        for s in sessions.iter() {
+        for s in local.sessions.iter() {
             match s.outbox.try_send(delivery.clone()) {
                 Ok(()) => taken += 1,
                 Err(mpsc::error::TrySendError::Full(_)) => s.lagged.cancel(),
@@ -107,21 +118,25 @@ impl Hub {
 
     /// Sessions of `user` on this node.
     pub fn local_sessions(&self, user: &str) -> usize {
-        self.shared.users.get(user).map_or(0, |s| s.len())
+        self.shared.users.get(user).map_or(0, |l| l.sessions.len())
+    }
+
+    /// Every user with a session here, with the highest seq handed to them.
+    pub fn users(&self) -> Vec<(Arc<str>, Seq)> {
+        self.shared.users.iter().map(|e| (e.key().clone(), e.value().latest)).collect()
+    }
+
+    /// Sessions on this node.
+    pub fn session_count(&self) -> usize {
+        self.shared.users.iter().map(|e| e.value().sessions.len()).sum()
     }
 
     fn leave(&self, user: &Arc<str>, id: u64) {
-        let last = self
-            .shared
-            .users
-            .remove_if_mut(user, |_, sessions| {
-                sessions.retain(|s| s.id != id);
-                sessions.is_empty()
-            })
-            .is_some();
-        if last {
-            self.shared.interest.unsubscribe(user);
+        if let Some(mut local) = self.shared.users.get_mut(user) {
+            local.sessions.retain(|s| s.id != id);
         }
+        self.shared.users.remove_if(user, |_, local| local.sessions.is_empty());
+        self.shared.interest.changed(user);
     }
 }
 
@@ -136,14 +151,13 @@ mod tests {
     use super::*;
     use std::sync::Mutex;
 
+    /// Records (user, local sessions) at each change.
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<(String, bool)>>);
+    struct Recorder(Mutex<Vec<(String, usize)>>, std::sync::OnceLock<Hub>);
     impl Interest for Recorder {
-        fn subscribe(&self, user: &Arc<str>) {
-            self.0.lock().unwrap().push((user.to_string(), true));
-        }
-        fn unsubscribe(&self, user: &Arc<str>) {
-            self.0.lock().unwrap().push((user.to_string(), false));
+        fn changed(&self, user: &Arc<str>) {
+            let count = self.1.get().map_or(0, |hub| hub.local_sessions(user));
+            self.0.lock().unwrap().push((user.to_string(), count));
         }
     }
 
@@ -152,9 +166,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn deliveries_reach_only_the_users_sessions_and_interest_follows_first_and_last() {
+    async fn deliveries_reach_only_the_users_sessions_and_interest_hears_every_change() {
         let interest = Arc::new(Recorder::default());
         let hub = Hub::new(interest.clone());
+        let _ = interest.1.set(hub.clone());
         let alice: Arc<str> = "alice".into();
         let mut a1 = hub.register(&alice, 8);
         let mut a2 = hub.register(&alice, 8);
@@ -168,7 +183,11 @@ mod tests {
         drop(a2);
         assert_eq!(hub.local_sessions("alice"), 0);
         let log = interest.0.lock().unwrap().clone();
-        assert_eq!(log, vec![("alice".into(), true), ("bob".into(), true), ("alice".into(), false)]);
+        assert_eq!(
+            log,
+            vec![("alice".into(), 1), ("alice".into(), 2), ("bob".into(), 1), ("alice".into(), 1), ("alice".into(), 0)]
+        );
+        assert_eq!(hub.users().len(), 1);
     }
 
     #[tokio::test]

@@ -50,6 +50,20 @@ pub struct Metrics {
     pub outbox_overflows: Counter,
     pub notifications_purged: Counter,
     pub publish_commit_seconds: Histogram,
+    pub broker_published: Counter,
+    pub broker_received: Counter,
+    pub broker_dropped: Counter,
+    pub broker_resyncs: Counter,
+    pub broker_connected: Gauge,
+    pub repair_heads: Counter,
+    pub runtime_lag_seconds: Histogram,
+    pub worker_queue_depth: Gauge,
+    pub workers_busy: Gauge,
+    pub jobs_running: Gauge,
+    pub jobs_done: Counter,
+    pub jobs_failed: Counter,
+    pub job_seconds: Histogram,
+    pub digests_closed: Counter,
 }
 
 impl Metrics {
@@ -111,6 +125,75 @@ impl Metrics {
                 "From receiving a publish to its commit",
                 Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             ),
+            broker_published: registered(
+                &mut r,
+                "herald_broker_published",
+                "Events this node published to Redis",
+                Counter::default(),
+            ),
+            broker_received: registered(
+                &mut r,
+                "herald_broker_received",
+                "Events from other nodes received through Redis",
+                Counter::default(),
+            ),
+            broker_dropped: registered(
+                &mut r,
+                "herald_broker_dropped",
+                "Events not published or not received (full queue, Redis down); repaired from the store",
+                Counter::default(),
+            ),
+            broker_resyncs: registered(
+                &mut r,
+                "herald_broker_resyncs",
+                "Re-subscriptions after the Redis subscriber reconnected, each followed by a repair of every local user",
+                Counter::default(),
+            ),
+            broker_connected: registered(
+                &mut r,
+                "herald_broker_connected",
+                "1 while the Redis subscriber is connected and subscribed",
+                Gauge::default(),
+            ),
+            repair_heads: registered(
+                &mut r,
+                "herald_repair_heads",
+                "Users found behind the store by the periodic check and told to catch up",
+                Counter::default(),
+            ),
+            runtime_lag_seconds: registered(
+                &mut r,
+                "herald_runtime_lag_seconds",
+                "How late a task woken every 100 ms runs (the async runtime's scheduling delay)",
+                Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            ),
+            worker_queue_depth: registered(
+                &mut r,
+                "herald_worker_queue_depth",
+                "Steps waiting for a worker thread",
+                Gauge::default(),
+            ),
+            workers_busy: registered(&mut r, "herald_workers_busy", "Worker threads running a step", Gauge::default()),
+            jobs_running: registered(&mut r, "herald_jobs_running", "Jobs this node is running", Gauge::default()),
+            jobs_done: registered(&mut r, "herald_jobs_done", "Jobs this node finished", Counter::default()),
+            jobs_failed: registered(
+                &mut r,
+                "herald_jobs_failed",
+                "Jobs given up on (kept as failed with their reason)",
+                Counter::default(),
+            ),
+            job_seconds: registered(
+                &mut r,
+                "herald_job_seconds",
+                "From claiming a job to finishing it",
+                Histogram::new(exponential_buckets(0.01, 2.0, 14)),
+            ),
+            digests_closed: registered(
+                &mut r,
+                "herald_digests_closed",
+                "Digest windows closed into a notification",
+                Counter::default(),
+            ),
             registry: r,
         }
     }
@@ -132,5 +215,57 @@ fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str
 impl Default for Metrics {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// How often the lag probe wakes.
+const LAG_TICK: std::time::Duration = std::time::Duration::from_millis(100);
+/// Samples per window (10 s) over which p99 is judged.
+const LAG_WINDOW: usize = 100;
+/// A window whose p99 passes this logs a warning.
+const LAG_WARN: std::time::Duration = std::time::Duration::from_millis(50);
+
+/// The event-loop-lag probe: sleeps 100 ms at a time and records how late it
+/// woke. A busy or blocked runtime shows here before heartbeats time out.
+/// Runs until `stop` is cancelled.
+pub async fn runtime_lag_probe(metrics: std::sync::Arc<Metrics>, stop: tokio_util::sync::CancellationToken) {
+    let mut window = Vec::with_capacity(LAG_WINDOW);
+    loop {
+        let asked = tokio::time::Instant::now() + LAG_TICK;
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep_until(asked) => {}
+        }
+        let lag = tokio::time::Instant::now().saturating_duration_since(asked);
+        metrics.runtime_lag_seconds.observe(lag.as_secs_f64());
+        window.push(lag);
+        if window.len() == LAG_WINDOW {
+            let p99 = p99(&mut window);
+            if p99 > LAG_WARN {
+                tracing::warn!(
+                    p99_ms = p99.as_millis() as u64,
+                    "the async runtime is lagging: sessions and heartbeats are delayed"
+                );
+            }
+            window.clear();
+        }
+    }
+}
+
+fn p99(samples: &mut [std::time::Duration]) -> std::time::Duration {
+    samples.sort_unstable();
+    let index = ((samples.len() * 99).div_ceil(100)).saturating_sub(1);
+    samples.get(index).copied().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn p99_is_the_99th_percentile() {
+        let mut samples: Vec<Duration> = (1..=100).map(Duration::from_millis).collect();
+        assert_eq!(super::p99(&mut samples), Duration::from_millis(99));
+        assert_eq!(super::p99(&mut [Duration::from_millis(7)]), Duration::from_millis(7));
     }
 }

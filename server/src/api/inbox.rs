@@ -98,12 +98,19 @@ pub async fn unread(State(state): State<AppState>, User(user): User) -> Result<J
 #[derive(Serialize)]
 pub struct Presence {
     user_id: String,
-    sessions: usize,
+    sessions: u64,
 }
 
-/// `GET /v1/users/{user_id}/presence`: sessions open on this node (one node
-/// is the whole cluster until the Redis broker lands).
-pub async fn presence(State(state): State<AppState>, _: ApiKey, UserPath(user): UserPath) -> Json<Presence> {
-    let sessions = state.hub.local_sessions(&user);
-    Json(Presence { user_id: user, sessions })
+/// `GET /v1/users/{user_id}/presence`: the user's sessions on every node
+/// (with Redis, from each live node's published counts).
+pub async fn presence(
+    State(state): State<AppState>,
+    _: ApiKey,
+    UserPath(user): UserPath,
+) -> Result<Json<Presence>, ApiError> {
+    let sessions = state.broker.presence(&user).await.map_err(|e| {
+        tracing::warn!(error = %e, "presence unavailable");
+        ApiError::unavailable("broker_unavailable", "presence is unavailable while the broker is down")
+    })?;
+    Ok(Json(Presence { user_id: user, sessions }))
 }

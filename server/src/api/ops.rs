@@ -1,13 +1,20 @@
 //! Operations: liveness, readiness, metrics.
 
+use std::time::Duration;
+
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
 use serde_json::json;
+use tokio::time::timeout;
 
 use super::error::ApiError;
 use crate::AppState;
+
+/// A probe answers within this, whatever the database does (load balancers
+/// time out probes after a second or two).
+const PROBE_TIMEOUT: Duration = Duration::from_millis(1500);
 
 /// 200 while the process runs.
 pub async fn healthz() -> Json<serde_json::Value> {
@@ -19,13 +26,19 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
     if state.shutdown.is_cancelled() {
         return Err(ApiError::draining());
     }
-    if let Err(e) = state.store.ping().await {
-        tracing::warn!(error = %e, "not ready: store");
-        return Err(ApiError::unavailable("store_unavailable", "the store is not answering"));
+    match timeout(PROBE_TIMEOUT, state.store.ping()).await {
+        Ok(Ok(())) => {}
+        outcome => {
+            tracing::warn!(?outcome, "not ready: store");
+            return Err(ApiError::unavailable("store_unavailable", "the store is not answering"));
+        }
     }
-    if let Err(e) = state.broker.ping().await {
-        tracing::warn!(error = %e, "not ready: broker");
-        return Err(ApiError::unavailable("broker_unavailable", "the broker is not answering"));
+    match timeout(PROBE_TIMEOUT, state.broker.ping()).await {
+        Ok(Ok(())) => {}
+        outcome => {
+            tracing::warn!(?outcome, "not ready: broker");
+            return Err(ApiError::unavailable("broker_unavailable", "the broker is not answering"));
+        }
     }
     Ok(Json(json!({"status": "ready", "node_id": state.settings.node_id})))
 }

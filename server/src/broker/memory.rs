@@ -27,4 +27,10 @@ impl Broker for MemoryBroker {
     async fn ping(&self) -> Result<(), BrokerError> {
         Ok(())
     }
+
+    async fn subscribed(&self, _: &str) {}
+
+    async fn presence(&self, user: &str) -> Result<u64, BrokerError> {
+        Ok(self.hub.local_sessions(user) as u64)
+    }
 }

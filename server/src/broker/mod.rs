@@ -8,6 +8,7 @@ use async_trait::async_trait;
 use crate::hub::Delivery;
 
 pub mod memory;
+pub mod redis;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -19,6 +20,8 @@ pub enum BrokerError {
 #[derive(Debug, Clone)]
 pub struct Event {
     pub user_id: Arc<str>,
+    /// The notification's id, carried for tracing across nodes.
+    pub id: Option<String>,
     pub delivery: Delivery,
 }
 
@@ -35,4 +38,15 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Answers when the broker does.
     async fn ping(&self) -> Result<(), BrokerError>;
+
+    /// Returns once this node receives the events of `user` (whose session
+    /// has just registered in the hub), or after a short bound when the broker
+    /// is down — the periodic repair covers that case.
+    async fn subscribed(&self, user: &str);
+
+    /// Sessions of `user` open on every node.
+    async fn presence(&self, user: &str) -> Result<u64, BrokerError>;
+
+    /// Publishes what is queued (bounded in time) and withdraws this node.
+    async fn close(&self) {}
 }

@@ -109,6 +109,9 @@ fn text(frame: &ServerFrame) -> Message {
 impl Session {
     /// Welcome, then replay from `since`.
     async fn start(&mut self) -> Result<(), SessionEnd> {
+        // With Redis: wait (bounded) until this node hears the user's channel,
+        // so what commits after the head read below arrives live.
+        self.state.broker.subscribed(&self.ctx.user).await;
         let head = self.state.store.head(&self.ctx.user).await.map_err(|e| self.failed(e))?;
         let truncated = self.ctx.since.is_some_and(|since| since + 1 < head.oldest_seq);
         let welcome = ServerFrame::Welcome(Welcome {
@@ -231,11 +234,8 @@ impl Session {
                 batch.push(Message::Text(frame));
             }
             Delivery::Notification { seq, frame } => {
-                self.state.metrics.gap_repairs.inc();
                 let before = self.cursor;
-                let pending = std::mem::take(batch);
-                self.send(pending).await?;
-                self.replay_to(Some(seq)).await?;
+                self.catch_up(seq, batch).await?;
                 if self.cursor < seq {
                     // Purged by retention meanwhile: nothing more to fetch.
                     tracing::debug!(before, seq, "gap not in the store; sending the live frame");
@@ -243,8 +243,20 @@ impl Session {
                     batch.push(Message::Text(frame));
                 }
             }
+            Delivery::Head { seq } if seq <= self.cursor => {}
+            Delivery::Head { seq } => self.catch_up(seq, batch).await?,
         }
         Ok(())
+    }
+
+    /// Something up to `seq` never arrived live: flush what is batched, then
+    /// fetch the missing seqs from the store.
+    async fn catch_up(&mut self, seq: Seq, batch: &mut Vec<Message>) -> Result<(), SessionEnd> {
+        self.state.metrics.gap_repairs.inc();
+        tracing::debug!(cursor = self.cursor, seq, "repairing a gap from the store");
+        let pending = std::mem::take(batch);
+        self.send(pending).await?;
+        self.replay_to(Some(seq)).await
     }
 
     async fn on_message(&mut self, message: Option<Result<Message, axum::Error>>) -> Result<(), SessionEnd> {
@@ -355,7 +367,10 @@ impl Session {
 
     fn failed(&self, e: crate::store::StoreError) -> SessionEnd {
         tracing::warn!(error = %e, "store failed during a session");
-        SessionEnd::Internal
+        match e {
+            crate::store::StoreError::Unavailable(_) => SessionEnd::StoreUnavailable,
+            crate::store::StoreError::Internal(_) => SessionEnd::Internal,
+        }
     }
 }
 
@@ -375,7 +390,7 @@ fn is_too_large(e: axum::Error) -> bool {
 pub async fn mark_read(state: &AppState, user: &Arc<str>, mark: ReadMark) -> Result<(), crate::store::StoreError> {
     state.store.mark_read(user, &mark).await?;
     let frame = serde_json::to_string(&ServerFrame::Read(mark)).expect("read frames always serialize");
-    let event = Event { user_id: user.clone(), delivery: Delivery::Read { frame: frame.into() } };
+    let event = Event { user_id: user.clone(), id: None, delivery: Delivery::Read { frame: frame.into() } };
     if let Err(e) = state.broker.publish(vec![event]).await {
         tracing::warn!(error = %e, "read mark stored but not broadcast");
     }

@@ -1,0 +1,851 @@
+//! The Redis broker: many nodes share one Redis (or a Redis Cluster).
+//!
+//! **Channels.** Each user has a channel, `{prefix}:u:{<user>}`; a node
+//! subscribes to it while the user has a session there. Subscription changes
+//! are not made per session: the hub reports every change of a user's local
+//! session count ([`Interest`]), and one maintenance task turns whatever has
+//! accumulated into batched `SUBSCRIBE`/`UNSUBSCRIBE` commands (on a Redis
+//! Cluster, sharded `SSUBSCRIBE` per channel, pipelined; the `{<user>}` hash
+//! tag puts a user's channel in the user's slot).
+//!
+//! **Publishing.** [`Broker::publish`] is called only after the store
+//! committed. It hands the events to local sessions at once, then queues them
+//! (bounded) for a publisher task that pipelines them to Redis. A message
+//! carries kind, seq, id, user, origin node and the already-encoded frame, so
+//! no node re-encodes anything; a node ignores its own messages.
+//!
+//! **Loss and repair.** Redis pub/sub is at most once, and so is this broker:
+//! a full queue or a Redis outage drops messages (counted in
+//! `herald_broker_dropped`). Nothing is lost for users, because
+//! - a live seq ahead of a session's cursor makes it fetch the gap (`ws::session`);
+//! - when the subscriber reconnects, the node re-subscribes every local user
+//!   and immediately runs the repair below;
+//! - every `repair_interval` the node reads the newest seq of all its local
+//!   users from the store (batched) and sends a `Head` to every user whose
+//!   sessions have seen less; they fetch the rest from the store.
+//!
+//! **Presence.** Each node keeps a hash `{prefix}:presence:<node>` of user →
+//! local sessions, with a TTL it refreshes, and its name in the sorted set
+//! `{prefix}:nodes` scored by when it expires. A reader sums the user's
+//! count over the live nodes, so a dead node's sessions stop counting after
+//! `presence_ttl`.
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use herald_protocol::Seq;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::{FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::{interval, sleep, timeout, Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::{Broker, BrokerError, Event};
+use crate::hub::{Delivery, Frame, Hub, Interest};
+use crate::store::{now_ms, Store};
+use crate::telemetry::Metrics;
+
+/// Events queued for the publisher task; beyond this they are dropped (and repaired).
+const PUBLISH_QUEUE: usize = 16_384;
+/// Messages received from Redis waiting for the hub.
+const RECEIVE_QUEUE: usize = 16_384;
+/// Most messages in one pipeline to Redis.
+const PUBLISH_BATCH: usize = 512;
+/// Most channels in one `SUBSCRIBE`.
+const SUBSCRIBE_BATCH: usize = 500;
+/// Users per store query in the periodic repair.
+const REPAIR_BATCH: usize = 1000;
+/// How long a new session waits for its user's subscription before going on.
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+/// Any one Redis command.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the maintenance task wakes without being told to.
+const MAINTAIN_TICK: Duration = Duration::from_millis(250);
+
+/// Where Redis is, from `HERALD_REDIS_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RedisTarget {
+    /// `redis://[user:pass@]host:port[/db]`
+    Single(String),
+    /// `redis+cluster://[user:pass@]host:port,host:port,…` — seed nodes of a
+    /// Redis Cluster; sharded pub/sub (Redis 7+).
+    Cluster(Vec<String>),
+}
+
+impl RedisTarget {
+    pub fn parse(url: &str) -> Result<RedisTarget, String> {
+        let target = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+            let (credentials, hosts) = match rest.rfind('@') {
+                Some(at) => (&rest[..=at], &rest[at + 1..]),
+                None => ("", rest),
+            };
+            let nodes: Vec<String> = hosts
+                .split(',')
+                .map(str::trim)
+                .filter(|h| !h.is_empty())
+                .map(|h| format!("redis://{credentials}{h}"))
+                .collect();
+            if nodes.is_empty() {
+                return Err("redis+cluster:// needs at least one HOST:PORT".into());
+            }
+            RedisTarget::Cluster(nodes)
+        } else if url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://") {
+            RedisTarget::Single(url.to_string())
+        } else if url.starts_with("rediss://") {
+            return Err("rediss:// (TLS to Redis) is not supported yet; use redis:// on a private network".into());
+        } else {
+            return Err("expected redis://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT,…".into());
+        };
+        for url in target.urls() {
+            url.as_str().into_connection_info().map_err(|e| format!("not a Redis URL: {e}"))?;
+        }
+        Ok(target)
+    }
+
+    fn urls(&self) -> Vec<String> {
+        match self {
+            RedisTarget::Single(url) => vec![url.clone()],
+            RedisTarget::Cluster(nodes) => nodes.clone(),
+        }
+    }
+}
+
+/// A connection to either kind of deployment; clones share it.
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+fn resp3(url: &str) -> RedisResult<redis::ConnectionInfo> {
+    let info = url.into_connection_info()?;
+    let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+    Ok(info.set_redis_settings(settings))
+}
+
+impl Conn {
+    /// Connects; `push` receives pub/sub messages (only the subscriber has one).
+    async fn connect(target: &RedisTarget, push: Option<PushSink>) -> RedisResult<Conn> {
+        match target {
+            RedisTarget::Single(url) => {
+                let client = redis::Client::open(resp3(url)?)?;
+                let mut config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(COMMAND_TIMEOUT))
+                    .set_response_timeout(Some(COMMAND_TIMEOUT))
+                    .set_min_delay(Duration::from_millis(50))
+                    .set_max_delay(Duration::from_secs(2))
+                    .set_number_of_retries(3);
+                if let Some(push) = push {
+                    config = config.set_push_sender(move |info| push.send(info));
+                }
+                Ok(Conn::Single(ConnectionManager::new_with_config(client, config).await?))
+            }
+            RedisTarget::Cluster(nodes) => {
+                let nodes: Vec<redis::ConnectionInfo> = nodes.iter().map(|n| resp3(n)).collect::<RedisResult<_>>()?;
+                let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+                    .use_protocol(ProtocolVersion::RESP3)
+                    .connection_timeout(COMMAND_TIMEOUT)
+                    .response_timeout(COMMAND_TIMEOUT)
+                    .retries(3)
+                    .min_retry_wait(50)
+                    .max_retry_wait(2000);
+                if let Some(push) = push {
+                    builder = builder.push_sender(move |info| push.send(info));
+                }
+                Ok(Conn::Cluster(builder.build()?.get_async_connection().await?))
+            }
+        }
+    }
+
+    async fn query<T: FromRedisValue>(&mut self, cmd: &redis::Cmd) -> RedisResult<T> {
+        let run = async {
+            match self {
+                Conn::Single(c) => cmd.query_async(c).await,
+                Conn::Cluster(c) => cmd.query_async(c).await,
+            }
+        };
+        match timeout(COMMAND_TIMEOUT, run).await {
+            Ok(result) => result,
+            Err(_) => Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+        }
+    }
+
+    /// Runs independent commands: one pipeline on a single Redis; on a
+    /// cluster each goes to its slot's node, all in flight at once.
+    async fn run_all(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<()> {
+        match self {
+            Conn::Single(c) => {
+                let mut pipe = redis::pipe();
+                for cmd in cmds {
+                    pipe.add_command(cmd).ignore();
+                }
+                match timeout(COMMAND_TIMEOUT, pipe.exec_async(c)).await {
+                    Ok(result) => result,
+                    Err(_) => Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+                }
+            }
+            Conn::Cluster(c) => {
+                let runs = cmds.into_iter().map(|cmd| {
+                    let mut c = c.clone();
+                    async move { timeout(COMMAND_TIMEOUT, cmd.exec_async(&mut c)).await }
+                });
+                for result in join_all(runs).await {
+                    match result {
+                        Ok(r) => r?,
+                        Err(_) => {
+                            return Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
+                        }
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    fn is_cluster(&self) -> bool {
+        matches!(self, Conn::Cluster(_))
+    }
+}
+
+/// Where the subscriber connection's pushes go: a bounded queue. A full queue
+/// drops the message and asks for a repair; a disconnection is never missed.
+#[derive(Clone)]
+struct PushSink {
+    queue: mpsc::Sender<PushInfo>,
+    signals: Arc<Signals>,
+}
+
+impl PushSink {
+    fn send(&self, info: PushInfo) -> Result<(), ()> {
+        if info.kind == PushKind::Disconnection {
+            self.signals.disconnected.store(true, Ordering::SeqCst);
+            self.signals.maintain.notify_one();
+        }
+        if self.queue.try_send(info).is_err() {
+            self.signals.overflowed.store(true, Ordering::SeqCst);
+            self.signals.repair_now.notify_one();
+            return Err(());
+        }
+        Ok(())
+    }
+}
+
+/// Flags and wake-ups shared by the broker's tasks.
+#[derive(Default)]
+struct Signals {
+    disconnected: AtomicBool,
+    overflowed: AtomicBool,
+    maintain: Notify,
+    repair_now: Notify,
+    /// Woken whenever subscriptions were confirmed.
+    subscribed: Notify,
+}
+
+/// The hub's [`Interest`]: users whose local session count changed since the
+/// maintenance task last looked. Bounded by the number of local users.
+#[derive(Default)]
+pub struct Changes {
+    dirty: Mutex<HashSet<Arc<str>>>,
+    signals: Arc<Signals>,
+}
+
+impl Interest for Changes {
+    fn changed(&self, user: &Arc<str>) {
+        self.dirty.lock().expect("dirty set").insert(user.clone());
+        self.signals.maintain.notify_one();
+    }
+}
+
+impl Changes {
+    fn take(&self) -> Vec<Arc<str>> {
+        self.dirty.lock().expect("dirty set").drain().collect()
+    }
+
+    fn put_back(&self, users: impl IntoIterator<Item = Arc<str>>) {
+        self.dirty.lock().expect("dirty set").extend(users);
+    }
+}
+
+struct Shared {
+    node_id: String,
+    prefix: String,
+    hub: Hub,
+    store: Arc<dyn Store>,
+    metrics: Arc<Metrics>,
+    changes: Arc<Changes>,
+    signals: Arc<Signals>,
+    /// Users whose channel this node is subscribed to (confirmed).
+    subscribed: Mutex<HashSet<Arc<str>>>,
+    publisher: Conn,
+    subscriber: Conn,
+    outgoing: mpsc::Sender<Vec<u8>>,
+    repair_interval: Duration,
+    presence_ttl: Duration,
+    stop: CancellationToken,
+    tasks: TaskTracker,
+}
+
+pub struct RedisBroker {
+    shared: Arc<Shared>,
+}
+
+/// What [`RedisBroker::connect`] needs besides the URL.
+pub struct RedisOptions {
+    pub node_id: String,
+    pub prefix: String,
+    pub repair_interval: Duration,
+    pub presence_ttl: Duration,
+}
+
+impl RedisBroker {
+    /// The [`Interest`] to build the hub with, before the broker exists.
+    pub fn changes() -> Arc<Changes> {
+        Arc::new(Changes::default())
+    }
+
+    /// Connects (failing if Redis does not answer now) and starts the
+    /// publisher, receiver, maintenance and repair tasks.
+    pub async fn connect(
+        target: &RedisTarget,
+        options: RedisOptions,
+        hub: Hub,
+        changes: Arc<Changes>,
+        store: Arc<dyn Store>,
+        metrics: Arc<Metrics>,
+    ) -> Result<RedisBroker, BrokerError> {
+        let unavailable = |e: redis::RedisError| BrokerError::Unavailable(e.to_string());
+        let signals = changes.signals.clone();
+        let (push_tx, push_rx) = mpsc::channel(RECEIVE_QUEUE);
+        let sink = PushSink { queue: push_tx, signals: signals.clone() };
+        let publisher = Conn::connect(target, None).await.map_err(unavailable)?;
+        let subscriber = Conn::connect(target, Some(sink)).await.map_err(unavailable)?;
+        let (outgoing, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let shared = Arc::new(Shared {
+            node_id: options.node_id,
+            prefix: options.prefix,
+            hub,
+            store,
+            metrics,
+            changes,
+            signals,
+            subscribed: Mutex::new(HashSet::new()),
+            publisher,
+            subscriber,
+            outgoing,
+            repair_interval: options.repair_interval,
+            presence_ttl: options.presence_ttl,
+            stop: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        });
+        shared.metrics.broker_connected.set(1);
+        shared.tasks.spawn(publish_loop(shared.clone(), outgoing_rx));
+        shared.tasks.spawn(receive_loop(shared.clone(), push_rx));
+        shared.tasks.spawn(maintain_loop(shared.clone()));
+        shared.tasks.spawn(repair_loop(shared.clone()));
+        tracing::info!(cluster = shared.publisher.is_cluster(), prefix = %shared.prefix, "Redis broker connected");
+        Ok(RedisBroker { shared })
+    }
+}
+
+impl Shared {
+    fn channel(&self, user: &str) -> String {
+        format!("{}:u:{{{user}}}", self.prefix)
+    }
+
+    fn presence_key(&self, node: &str) -> String {
+        format!("{}:presence:{node}", self.prefix)
+    }
+
+    fn nodes_key(&self) -> String {
+        format!("{}:nodes", self.prefix)
+    }
+
+    fn is_subscribed(&self, user: &str) -> bool {
+        self.subscribed.lock().expect("subscribed set").contains(user)
+    }
+
+    /// `SUBSCRIBE` (or `SSUBSCRIBE` per channel on a cluster) for `users`.
+    async fn subscribe(&self, users: &[Arc<str>], on: bool) -> RedisResult<()> {
+        let mut conn = self.subscriber.clone();
+        for chunk in users.chunks(SUBSCRIBE_BATCH) {
+            let channels: Vec<String> = chunk.iter().map(|u| self.channel(u)).collect();
+            let run = async {
+                match &mut conn {
+                    Conn::Single(c) if on => c.subscribe(&channels).await,
+                    Conn::Single(c) => c.unsubscribe(&channels).await,
+                    Conn::Cluster(c) => {
+                        let runs = channels.iter().map(|ch| {
+                            let mut c = c.clone();
+                            async move {
+                                if on {
+                                    c.ssubscribe(ch).await
+                                } else {
+                                    c.sunsubscribe(ch).await
+                                }
+                            }
+                        });
+                        join_all(runs).await.into_iter().collect::<RedisResult<Vec<()>>>().map(|_| ())
+                    }
+                }
+            };
+            match timeout(COMMAND_TIMEOUT * 2, run).await {
+                Ok(result) => result?,
+                Err(_) => return Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+            }
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Broker for RedisBroker {
+    async fn publish(&self, events: Vec<Event>) -> Result<(), BrokerError> {
+        let shared = &self.shared;
+        let mut dropped = 0;
+        for event in &events {
+            shared.hub.deliver(&event.user_id, &event.delivery);
+            let message = Message::encode(event, &shared.node_id);
+            if shared.outgoing.try_send(message).is_err() {
+                dropped += 1;
+            }
+        }
+        if dropped > 0 {
+            shared.metrics.broker_dropped.inc_by(dropped);
+            return Err(BrokerError::Unavailable(format!(
+                "{dropped} events not queued for Redis (queue full); other nodes repair them from the store"
+            )));
+        }
+        Ok(())
+    }
+
+    async fn ping(&self) -> Result<(), BrokerError> {
+        let shared = &self.shared;
+        let mut conn = shared.publisher.clone();
+        conn.query::<String>(&redis::cmd("PING")).await.map_err(|e| BrokerError::Unavailable(e.to_string()))?;
+        if shared.signals.disconnected.load(Ordering::SeqCst) {
+            return Err(BrokerError::Unavailable("the subscriber is reconnecting".into()));
+        }
+        Ok(())
+    }
+
+    async fn subscribed(&self, user: &str) {
+        let shared = &self.shared;
+        let deadline = Instant::now() + SUBSCRIBE_WAIT;
+        loop {
+            let confirmed = shared.signals.subscribed.notified();
+            if shared.is_subscribed(user) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, confirmed).await.is_err() {
+                tracing::debug!(user, "no subscription confirmed in time; the periodic repair covers this session");
+                return;
+            }
+        }
+    }
+
+    async fn presence(&self, user: &str) -> Result<u64, BrokerError> {
+        let shared = &self.shared;
+        let unavailable = |e: redis::RedisError| BrokerError::Unavailable(e.to_string());
+        let mut conn = shared.publisher.clone();
+        let nodes: Vec<String> = conn
+            .query(redis::cmd("ZRANGEBYSCORE").arg(shared.nodes_key()).arg(now_ms()).arg("+inf"))
+            .await
+            .map_err(unavailable)?;
+        let counts = join_all(nodes.iter().map(|node| {
+            let mut conn = shared.publisher.clone();
+            let key = shared.presence_key(node);
+            async move { conn.query::<Option<u64>>(redis::cmd("HGET").arg(key).arg(user)).await }
+        }))
+        .await;
+        let mut total = 0;
+        for count in counts {
+            total += count.map_err(unavailable)?.unwrap_or(0);
+        }
+        Ok(total)
+    }
+
+    async fn close(&self) {
+        let shared = &self.shared;
+        shared.stop.cancel();
+        shared.tasks.close();
+        if timeout(Duration::from_secs(3), shared.tasks.wait()).await.is_err() {
+            tracing::warn!("Redis broker tasks did not finish in time");
+        }
+        let mut conn = shared.publisher.clone();
+        let _ = conn.query::<()>(redis::cmd("DEL").arg(shared.presence_key(&shared.node_id))).await;
+        let _ = conn.query::<()>(redis::cmd("ZREM").arg(shared.nodes_key()).arg(&shared.node_id)).await;
+    }
+}
+
+/// The wire format of one event on a channel:
+/// `<kind> <seq> <id> <user bytes> <origin bytes>\n<user><origin><frame>`,
+/// kind `n` (notification) or `r` (read).
+struct Message {
+    user: Arc<str>,
+    origin: String,
+    delivery: Delivery,
+}
+
+impl Message {
+    fn encode(event: &Event, origin: &str) -> Vec<u8> {
+        let (kind, seq, frame) = match &event.delivery {
+            Delivery::Notification { seq, frame } => ('n', *seq, frame.as_str()),
+            Delivery::Read { frame } => ('r', 0, frame.as_str()),
+            Delivery::Head { seq } => ('h', *seq, ""),
+        };
+        let id = event.id.as_deref().unwrap_or("-");
+        let user = &*event.user_id;
+        let mut out = format!("{kind} {seq} {id} {} {}\n", user.len(), origin.len()).into_bytes();
+        out.reserve(user.len() + origin.len() + frame.len());
+        out.extend_from_slice(user.as_bytes());
+        out.extend_from_slice(origin.as_bytes());
+        out.extend_from_slice(frame.as_bytes());
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Message> {
+        let newline = bytes.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&bytes[..newline]).ok()?;
+        let mut fields = header.split(' ');
+        let kind = fields.next()?;
+        let seq: Seq = fields.next()?.parse().ok()?;
+        let _id = fields.next()?;
+        let user_len: usize = fields.next()?.parse().ok()?;
+        let origin_len: usize = fields.next()?.parse().ok()?;
+        let body = &bytes[newline + 1..];
+        if body.len() < user_len + origin_len {
+            return None;
+        }
+        let user = std::str::from_utf8(&body[..user_len]).ok()?;
+        let origin = std::str::from_utf8(&body[user_len..user_len + origin_len]).ok()?;
+        let frame = std::str::from_utf8(&body[user_len + origin_len..]).ok()?;
+        let frame = Frame::from(frame.to_string());
+        let delivery = match kind {
+            "n" => Delivery::Notification { seq, frame },
+            "r" => Delivery::Read { frame },
+            "h" => Delivery::Head { seq },
+            _ => return None,
+        };
+        Some(Message { user: user.into(), origin: origin.to_string(), delivery })
+    }
+}
+
+/// Pipelines queued events to Redis; finishes the queue when stopping.
+async fn publish_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut conn = shared.publisher.clone();
+    let mut failing = false;
+    let mut batch = Vec::with_capacity(PUBLISH_BATCH);
+    loop {
+        let first = tokio::select! {
+            message = rx.recv() => message,
+            _ = shared.stop.cancelled() => {
+                rx.close();
+                rx.recv().await
+            }
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < PUBLISH_BATCH {
+            match rx.try_recv() {
+                Ok(m) => batch.push(m),
+                Err(_) => break,
+            }
+        }
+        let command = if conn.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
+        let cmds: Vec<redis::Cmd> = batch
+            .drain(..)
+            .map(|m| {
+                let user = Message::user_of(&m).unwrap_or_default();
+                let mut cmd = redis::cmd(command);
+                cmd.arg(shared.channel(&user)).arg(m);
+                cmd
+            })
+            .collect();
+        let n = cmds.len() as u64;
+        match conn.run_all(cmds).await {
+            Ok(()) => {
+                shared.metrics.broker_published.inc_by(n);
+                if failing {
+                    tracing::info!("publishing to Redis again");
+                    failing = false;
+                }
+            }
+            Err(e) => {
+                shared.metrics.broker_dropped.inc_by(n);
+                if !failing {
+                    tracing::warn!(error = %e, "publishing to Redis failed; other nodes repair from the store");
+                    failing = true;
+                }
+            }
+        }
+    }
+}
+
+impl Message {
+    /// The user of an encoded message, without decoding the frame.
+    fn user_of(bytes: &[u8]) -> Option<String> {
+        let newline = bytes.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&bytes[..newline]).ok()?;
+        let user_len: usize = header.split(' ').nth(3)?.parse().ok()?;
+        let user = bytes.get(newline + 1..newline + 1 + user_len)?;
+        std::str::from_utf8(user).ok().map(str::to_string)
+    }
+}
+
+/// Hands messages from Redis to the hub.
+async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<PushInfo>) {
+    loop {
+        let info = tokio::select! {
+            info = rx.recv() => info,
+            _ = shared.stop.cancelled() => return,
+        };
+        let Some(info) = info else { return };
+        if !matches!(info.kind, PushKind::Message | PushKind::SMessage) {
+            continue;
+        }
+        let Some(Value::BulkString(bytes)) = info.data.get(1) else { continue };
+        match Message::decode(bytes) {
+            Some(m) if m.origin == shared.node_id => {}
+            Some(m) => {
+                shared.metrics.broker_received.inc();
+                shared.hub.deliver(&m.user, &m.delivery);
+            }
+            None => tracing::warn!("ignored a malformed message on a Herald channel"),
+        }
+    }
+}
+
+/// Subscriptions and presence follow the hub; after a reconnect everything
+/// is re-subscribed and a repair runs.
+async fn maintain_loop(shared: Arc<Shared>) {
+    let mut tick = interval(MAINTAIN_TICK);
+    tick.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let refresh_every = shared.presence_ttl / 3;
+    let mut last_refresh: Option<Instant> = None;
+    let mut resubscribe = false;
+    let mut rewrite_presence = true;
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = shared.signals.maintain.notified() => {}
+            _ = tick.tick() => {}
+        }
+        if shared.signals.disconnected.swap(false, Ordering::SeqCst) {
+            tracing::warn!("Redis subscriber disconnected; re-subscribing when it is back");
+            shared.metrics.broker_connected.set(0);
+            resubscribe = true;
+            rewrite_presence = true;
+        }
+        if resubscribe {
+            let everyone: Vec<Arc<str>> = shared.hub.users().into_iter().map(|(u, _)| u).collect();
+            match shared.subscribe(&everyone, true).await {
+                Ok(()) => {
+                    {
+                        let mut subscribed = shared.subscribed.lock().expect("subscribed set");
+                        subscribed.clear();
+                        subscribed.extend(everyone.iter().cloned());
+                    }
+                    shared.signals.subscribed.notify_waiters();
+                    shared.metrics.broker_connected.set(1);
+                    shared.metrics.broker_resyncs.inc();
+                    tracing::info!(users = everyone.len(), "Redis subscriber back; re-subscribed, repairing");
+                    resubscribe = false;
+                    shared.signals.repair_now.notify_one();
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "re-subscribing failed; retrying");
+                    continue;
+                }
+            }
+        }
+        if let Err(e) = reconcile(&shared).await {
+            tracing::debug!(error = %e, "updating subscriptions failed; retrying");
+            rewrite_presence = true;
+            continue;
+        }
+        if rewrite_presence || last_refresh.is_none_or(|t| t.elapsed() >= refresh_every) {
+            match refresh_presence(&shared, rewrite_presence).await {
+                Ok(()) => {
+                    rewrite_presence = false;
+                    last_refresh = Some(Instant::now());
+                }
+                Err(e) => tracing::debug!(error = %e, "refreshing presence failed; retrying"),
+            }
+        }
+    }
+}
+
+/// Turns the users whose local sessions changed into (un)subscriptions and
+/// presence updates. On failure the users stay pending.
+async fn reconcile(shared: &Shared) -> RedisResult<()> {
+    let users = shared.changes.take();
+    if users.is_empty() {
+        return Ok(());
+    }
+    let mut add = Vec::new();
+    let mut remove = Vec::new();
+    let mut present = Vec::new();
+    let mut gone = Vec::new();
+    for user in &users {
+        let sessions = shared.hub.local_sessions(user);
+        let subscribed = shared.is_subscribed(user);
+        if sessions > 0 {
+            present.push((user.clone(), sessions));
+            if !subscribed {
+                add.push(user.clone());
+            }
+        } else {
+            gone.push(user.clone());
+            if subscribed {
+                // Forget it first: a session arriving meanwhile waits for the new subscription.
+                shared.subscribed.lock().expect("subscribed set").remove(user);
+                remove.push(user.clone());
+            }
+        }
+    }
+    if let Err(e) = shared.subscribe(&add, true).await {
+        shared.changes.put_back(users);
+        return Err(e);
+    }
+    shared.subscribed.lock().expect("subscribed set").extend(add.iter().cloned());
+    shared.signals.subscribed.notify_waiters();
+    if !remove.is_empty() {
+        // A failure leaves a subscription with no sessions: harmless.
+        let _ = shared.subscribe(&remove, false).await;
+    }
+    let key = shared.presence_key(&shared.node_id);
+    let mut cmds = Vec::new();
+    for chunk in present.chunks(SUBSCRIBE_BATCH) {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(&key);
+        for (user, n) in chunk {
+            cmd.arg(&**user).arg(*n);
+        }
+        cmds.push(cmd);
+    }
+    for chunk in gone.chunks(SUBSCRIBE_BATCH) {
+        let mut cmd = redis::cmd("HDEL");
+        cmd.arg(&key);
+        for user in chunk {
+            cmd.arg(&**user);
+        }
+        cmds.push(cmd);
+    }
+    // Never leave the hash without an expiry, even if this node dies now.
+    cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(shared.presence_ttl.as_millis() as u64).clone());
+    let mut conn = shared.publisher.clone();
+    conn.run_all(cmds).await
+}
+
+/// Keeps this node's presence alive; rewrites it whole when Redis lost it.
+async fn refresh_presence(shared: &Shared, rewrite: bool) -> RedisResult<()> {
+    let mut conn = shared.publisher.clone();
+    let key = shared.presence_key(&shared.node_id);
+    let ttl_ms = shared.presence_ttl.as_millis() as u64;
+    let kept: bool = conn.query(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms)).await?;
+    let users = shared.hub.users();
+    if rewrite || (!kept && !users.is_empty()) {
+        let mut cmds = vec![redis::cmd("DEL").arg(&key).clone()];
+        for chunk in users.chunks(SUBSCRIBE_BATCH) {
+            let mut cmd = redis::cmd("HSET");
+            cmd.arg(&key);
+            for (user, _) in chunk {
+                cmd.arg(&**user).arg(shared.hub.local_sessions(user));
+            }
+            cmds.push(cmd);
+        }
+        cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms).clone());
+        conn.run_all(cmds).await?;
+    }
+    let now = now_ms();
+    conn.query::<()>(redis::cmd("ZADD").arg(shared.nodes_key()).arg(now + ttl_ms as i64).arg(&shared.node_id)).await?;
+    conn.query::<()>(redis::cmd("ZREMRANGEBYSCORE").arg(shared.nodes_key()).arg("-inf").arg(now)).await?;
+    // The set lives while any node refreshes it.
+    conn.query::<()>(redis::cmd("PEXPIRE").arg(shared.nodes_key()).arg(ttl_ms * 2)).await?;
+    Ok(())
+}
+
+/// Every `repair_interval` (or at once when asked): users whose sessions are
+/// behind the store get a `Head` and fetch what the broker lost.
+async fn repair_loop(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.stop.cancelled() => return,
+            _ = sleep(shared.repair_interval) => {}
+            _ = shared.signals.repair_now.notified() => {}
+        }
+        shared.signals.overflowed.store(false, Ordering::SeqCst);
+        let users = shared.hub.users();
+        for chunk in users.chunks(REPAIR_BATCH) {
+            let names: Vec<Arc<str>> = chunk.iter().map(|(u, _)| u.clone()).collect();
+            match shared.store.last_seqs(&names).await {
+                Ok(newest) => {
+                    for ((user, seen), newest) in chunk.iter().zip(newest) {
+                        if newest > *seen {
+                            shared.metrics.repair_heads.inc();
+                            shared.hub.deliver(user, &Delivery::Head { seq: newest });
+                        }
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "repair check could not read the store; retrying next interval");
+                    break;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_select_single_or_cluster() {
+        assert_eq!(
+            RedisTarget::parse("redis://127.0.0.1:6379").unwrap(),
+            RedisTarget::Single("redis://127.0.0.1:6379".into())
+        );
+        assert_eq!(
+            RedisTarget::parse("redis+cluster://pw@127.0.0.1:7000, 127.0.0.1:7001").unwrap(),
+            RedisTarget::Cluster(vec!["redis://pw@127.0.0.1:7000".into(), "redis://pw@127.0.0.1:7001".into()])
+        );
+        assert!(RedisTarget::parse("redis+cluster://").is_err());
+        assert!(RedisTarget::parse("rediss://h:1").unwrap_err().contains("TLS"));
+        assert!(RedisTarget::parse("http://h").is_err());
+    }
+
+    #[test]
+    fn messages_round_trip_with_any_user_id() {
+        for user in ["alice", "with space", "new\nline", "{braces}", "é"] {
+            let event = Event {
+                user_id: user.into(),
+                id: Some("0190-abc".into()),
+                delivery: Delivery::Notification { seq: 42, frame: Frame::from_static("{\"type\":\"notification\"}") },
+            };
+            let bytes = Message::encode(&event, "node 1");
+            assert_eq!(Message::user_of(&bytes).as_deref(), Some(user));
+            let m = Message::decode(&bytes).unwrap();
+            assert_eq!(&*m.user, user);
+            assert_eq!(m.origin, "node 1");
+            assert_eq!(m.delivery_seq(), Some(42));
+        }
+        assert!(Message::decode(b"garbage").is_none());
+        assert!(Message::decode(b"n 1 x 99 1\nshort").is_none());
+    }
+
+    impl Message {
+        fn delivery_seq(&self) -> Option<Seq> {
+            match self.delivery {
+                Delivery::Notification { seq, .. } => Some(seq),
+                _ => None,
+            }
+        }
+    }
+}
