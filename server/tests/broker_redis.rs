@@ -1,0 +1,192 @@
+//! The Redis broker with in-process nodes: several nodes (the library's `run`)
+//! share one SQLite file and a real Redis, each test in its own namespace
+//! (`HERALD_REDIS_PREFIX`). The process-level cluster tests are in cluster.rs.
+
+mod common;
+mod services;
+
+use std::time::Duration;
+
+use common::*;
+use herald_client::ServerFrame;
+use serde_json::json;
+
+use services::{redis_url, PrivateRedis};
+
+fn prefix(test: &str) -> String {
+    format!("{}-{test}", services::unique_prefix())
+}
+
+/// `n` nodes on one database and one Redis namespace.
+async fn nodes(n: usize, prefix: &str, extra: &[(&str, &str)]) -> (tempfile::TempDir, Vec<TestServer>) {
+    let dir = tempfile::tempdir().unwrap();
+    let url = redis_url();
+    let mut out = Vec::new();
+    for i in 0..n {
+        let node_id = format!("node-{i}");
+        let mut vars = vec![
+            ("HERALD_REDIS_URL", url.as_str()),
+            ("HERALD_REDIS_PREFIX", prefix),
+            ("HERALD_NODE_ID", node_id.as_str()),
+        ];
+        vars.extend_from_slice(extra);
+        out.push(TestServer::start_in(dir.path(), &vars).await);
+    }
+    (dir, out)
+}
+
+#[tokio::test]
+async fn a_publish_on_one_node_reaches_the_users_sessions_on_every_node_once() {
+    let p = prefix("fanout");
+    let (_dir, nodes) = nodes(3, &p, &[]).await;
+    let mut sessions = Vec::new();
+    for node in &nodes {
+        sessions.push(node.connect("alice").await);
+    }
+    let mut bob = nodes[1].connect("bob").await;
+    for i in 1..=30 {
+        nodes[i % 3].publish("alice", "t", json!({"i": i})).await;
+    }
+    for session in &mut sessions {
+        let got: Vec<i64> = notifications(session, 30).await.iter().map(|n| n.seq).collect();
+        assert_eq!(got, (1..=30).collect::<Vec<_>>());
+        let extra = session.next_frame_within(Duration::from_millis(300)).await;
+        assert!(!matches!(extra, Ok(Some(ServerFrame::Notification(_)))), "a duplicate arrived: {extra:?}");
+    }
+    let extra = bob.next_frame_within(Duration::from_millis(200)).await;
+    assert!(!matches!(extra, Ok(Some(ServerFrame::Notification(_)))), "bob got alice's notification");
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn read_marks_reach_sessions_on_other_nodes() {
+    let p = prefix("read");
+    let (_dir, nodes) = nodes(2, &p, &[]).await;
+    let mut on_b = nodes[1].connect("carol").await;
+    nodes[0].publish("carol", "t", json!({})).await;
+    assert_eq!(next_notification(&mut on_b).await.seq, 1);
+    nodes[0].inbox("carol").mark_read(&herald_client::ReadMark::UpTo { up_to_seq: 1 }).await.unwrap();
+    match next(&mut on_b).await {
+        ServerFrame::Read(mark) => assert_eq!(mark, herald_client::ReadMark::UpTo { up_to_seq: 1 }),
+        other => panic!("expected a read frame, got {other:?}"),
+    }
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn presence_counts_sessions_on_every_node() {
+    let p = prefix("presence");
+    let (_dir, nodes) = nodes(2, &p, &[]).await;
+    let presence = |node: &TestServer| {
+        let url = format!("{}/v1/users/dave/presence", node.http());
+        async move {
+            let body: serde_json::Value =
+                reqwest::Client::new().get(url).bearer_auth(API_KEY).send().await.unwrap().json().await.unwrap();
+            body["sessions"].as_u64().unwrap()
+        }
+    };
+    let a1 = nodes[0].connect("dave").await;
+    let _b1 = nodes[1].connect("dave").await;
+    let _b2 = nodes[1].connect("dave").await;
+    eventually("presence is 3 on both nodes", || async {
+        presence(&nodes[0]).await == 3 && presence(&nodes[1]).await == 3
+    })
+    .await;
+    drop(a1);
+    eventually("presence drops to 2", || async { presence(&nodes[1]).await == 2 }).await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// A node in another Redis namespace writes to the same store: its publishes
+/// never reach this namespace's channels — exactly what a lost broker message
+/// looks like. The periodic repair must deliver them anyway.
+#[tokio::test]
+async fn notifications_the_broker_never_carried_arrive_through_the_repair() {
+    let p = prefix("repair");
+    let (dir, nodes) = nodes(2, &p, &[("HERALD_REPAIR_INTERVAL", "500ms")]).await;
+    let other_prefix = prefix("elsewhere");
+    let elsewhere = TestServer::start_in(
+        dir.path(),
+        &[("HERALD_REDIS_URL", &redis_url()), ("HERALD_REDIS_PREFIX", &other_prefix), ("HERALD_NODE_ID", "lost")],
+    )
+    .await;
+    let mut on_a = nodes[0].connect("erin").await;
+    let mut on_b = nodes[1].connect("erin").await;
+    for i in 1..=5 {
+        elsewhere.publish("erin", "t", json!({"i": i})).await;
+    }
+    nodes[0].publish("erin", "t", json!({"i": 6})).await;
+    for session in [&mut on_a, &mut on_b] {
+        let got: Vec<i64> = notifications(session, 6).await.iter().map(|n| n.seq).collect();
+        assert_eq!(got, (1..=6).collect::<Vec<_>>());
+    }
+    // Without any later live message: the repair alone.
+    elsewhere.publish("erin", "t", json!({"i": 7})).await;
+    for session in [&mut on_a, &mut on_b] {
+        assert_eq!(next_notification(session).await.seq, 7);
+    }
+    assert!(nodes[1].metric("herald_repair_heads_total").await >= 1.0);
+    elsewhere.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn an_unreachable_redis_fails_the_start_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = settings(dir.path(), &[("HERALD_REDIS_URL", "redis://127.0.0.1:1")]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let err = herald_server::run(settings, listener, Default::default()).await.unwrap_err();
+    assert!(err.to_string().starts_with("HERALD_REDIS_URL"), "{err}");
+}
+
+#[tokio::test]
+async fn sessions_that_stay_connected_get_everything_across_a_redis_restart() {
+    let mut redis = PrivateRedis::start();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let id = format!("node-{i}");
+        let vars =
+            [("HERALD_REDIS_URL", url.as_str()), ("HERALD_NODE_ID", id.as_str()), ("HERALD_REPAIR_INTERVAL", "1s")];
+        nodes.push(TestServer::start_in(dir.path(), &vars).await);
+    }
+    let mut on_b = nodes[1].connect("frank").await;
+    let mut total = 0;
+    for _ in 0..5 {
+        total += 1;
+        nodes[0].publish("frank", "t", json!({"n": total})).await;
+    }
+    redis.stop();
+    // Stored while Redis is gone: 201 all the same.
+    for _ in 0..5 {
+        total += 1;
+        nodes[0].publish("frank", "t", json!({"n": total})).await;
+    }
+    redis.start_again();
+    for _ in 0..5 {
+        total += 1;
+        nodes[0].publish("frank", "t", json!({"n": total})).await;
+    }
+    let got: Vec<i64> = notifications(&mut on_b, total as usize).await.iter().map(|n| n.seq).collect();
+    assert_eq!(got, (1..=total).collect::<Vec<_>>());
+    // And live delivery through Redis works again, not only the repair.
+    eventually("the subscriber is back", || async { nodes[1].metric("herald_broker_resyncs_total").await >= 1.0 })
+        .await;
+    let received = nodes[1].metric("herald_broker_received_total").await;
+    nodes[0].publish("frank", "t", json!({"n": total + 1})).await;
+    assert_eq!(next_notification(&mut on_b).await.seq, total + 1);
+    assert!(nodes[1].metric("herald_broker_received_total").await > received);
+    for node in nodes {
+        node.stop().await;
+    }
+    redis.stop();
+}

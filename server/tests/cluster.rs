@@ -1,0 +1,480 @@
+//! Several `herald` processes sharing one PostgreSQL and one Redis (spec §5):
+//! real services, real processes, real WebSocket clients.
+//!
+//! Each test starts its own nodes on a fresh database and its own Redis
+//! prefix; tests that take a service down use a private one. Deadlines are
+//! only "it never arrived" limits, never timing assertions. A failing test
+//! prints the logs of its nodes.
+
+mod common;
+mod services;
+
+use std::time::Duration;
+
+use common::*;
+use herald_client::{PublishRequest, Published, Seq};
+use serde_json::json;
+use services::*;
+
+const USER: &str = "alice";
+/// Longest wait for notifications that should arrive; only a failure limit.
+const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Publishes `count` notifications to `user` through `node`, one at a
+/// time; asserts they got seqs `first..first+count`.
+async fn publish_n(node: &Node, user: &str, first: Seq, count: i64) {
+    let publisher = node.publisher();
+    for i in 0..count {
+        let published = publish_within(&publisher, user, json!({ "i": i }))
+            .await
+            .unwrap_or_else(|e| panic!("publish on {}: {e}", node.name));
+        assert_eq!(published.seq, first + i, "seq of a publish on {}", node.name);
+    }
+}
+
+/// Polls `check` until it holds, failing after `within`.
+async fn within<F, Fut>(what: &str, within: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    while !check().await {
+        assert!(tokio::time::Instant::now() < deadline, "never happened within {within:?}: {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The seqs of the acknowledged publishes; panics on any failed one.
+fn all_acknowledged(answers: Vec<Result<Published, String>>) -> Vec<Seq> {
+    answers.into_iter().enumerate().map(|(i, a)| a.unwrap_or_else(|e| panic!("publish #{i} failed: {e}")).seq).collect()
+}
+
+/// Alice on every node, Bob on the second; 50 publishes on the first node.
+/// Every Alice session gets 1..=50 once, in order, and nothing else; Bob
+/// gets nothing.
+async fn every_node_receives_exactly_once(cluster: &Cluster) {
+    let mut readers = Vec::new();
+    for node in &cluster.nodes {
+        let session = node.connect(USER, None).await;
+        assert_eq!(session.welcome().last_seq, 0);
+        readers.push((node.name.clone(), Reader::spawn(session, None)));
+    }
+    let bob = Reader::spawn(cluster.node(1).connect("bob", None).await, None);
+
+    publish_n(cluster.node(0), USER, 1, 50).await;
+
+    let bob = bob.until(0, DEADLINE);
+    for (name, received) in all_until(readers, 50, DEADLINE).await {
+        received.assert_exactly(&format!("alice on {name}"), 50);
+    }
+    let bob = bob.await;
+    assert!(bob.seqs.is_empty(), "bob received alice's notifications: {:?}", bob.seqs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_on_one_node_reaches_sessions_on_every_node_exactly_once() {
+    let cluster = Cluster::start(3);
+    every_node_receives_exactly_once(&cluster).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_nodes_on_a_redis_cluster_deliver_exactly_once() {
+    let redis = RedisCluster::start();
+    let cluster = Cluster::build().redis(redis.url()).start();
+    every_node_receives_exactly_once(&cluster).await;
+}
+
+/// What one publishing task got back: Alice's and Bob's seqs.
+#[derive(Default)]
+struct Answers {
+    alice: Vec<Seq>,
+    bob: Vec<Seq>,
+}
+
+/// 90 publishes through `node`; with `batched`, every third names Alice and Bob.
+async fn publish_task(node_name: String, publisher: herald_client::Publisher, batched: bool) -> Answers {
+    let mut answers = Answers::default();
+    for i in 0..90 {
+        let both = batched && i % 3 == 0;
+        let request = PublishRequest {
+            user_id: (!both).then(|| USER.to_string()),
+            user_ids: both.then(|| vec![USER.to_string(), "bob".to_string()]),
+            topic: "race".into(),
+            payload: json!({ "node": node_name, "i": i }),
+            idempotency_key: None,
+            digest: None,
+        };
+        let (status, response) = match tokio::time::timeout(PUBLISH_TIMEOUT, publisher.publish(&request)).await {
+            Ok(Ok(answer)) => answer,
+            Ok(Err(e)) => panic!("publish on {node_name}: {e}"),
+            Err(_) => panic!("publish on {node_name}: no answer within {PUBLISH_TIMEOUT:?}"),
+        };
+        assert_eq!(status, 201, "publish on {node_name}");
+        for published in response.notifications {
+            match published.user_id.as_str() {
+                USER => answers.alice.push(published.seq),
+                "bob" => answers.bob.push(published.seq),
+                other => panic!("an answer for {other}"),
+            }
+        }
+    }
+    answers
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_publishers_on_every_node_keep_one_gapless_order() {
+    let cluster = Cluster::start(3);
+    let mut readers = Vec::new();
+    for node in &cluster.nodes {
+        let session = node.connect(USER, None).await;
+        readers.push((node.name.clone(), Reader::on(node, USER, session)));
+    }
+    let bob = Reader::on(cluster.node(2), "bob", cluster.node(2).connect("bob", None).await);
+
+    // 3 nodes × 4 tasks × 90 publishes; half the tasks batch Alice with Bob.
+    let mut tasks = Vec::new();
+    for node in &cluster.nodes {
+        for t in 0..4 {
+            tasks.push(tokio::spawn(publish_task(node.name.clone(), node.publisher(), t % 2 == 1)));
+        }
+    }
+    let (mut alice, mut bob_seqs) = (Vec::new(), Vec::new());
+    for task in tasks {
+        let answers = task.await.expect("a publishing task panicked");
+        alice.extend(answers.alice);
+        bob_seqs.extend(answers.bob);
+    }
+    alice.sort_unstable();
+    bob_seqs.sort_unstable();
+    let total = alice.len() as Seq;
+    assert_eq!(total, 3 * 4 * 90);
+    assert_exactly_once("the seqs of alice's HTTP answers", &alice, 1, total);
+    let bob_total = bob_seqs.len() as Seq;
+    assert_exactly_once("the seqs of bob's HTTP answers", &bob_seqs, 1, bob_total);
+
+    for (name, received) in all_until(readers, total, DEADLINE).await {
+        if received.reconnects > 0 {
+            eprintln!("alice on {name} was closed with 1013 and resumed {} times", received.reconnects);
+        }
+        received.assert_exactly(&format!("alice on {name}"), total);
+    }
+    bob.until(bob_total, DEADLINE).await.assert_exactly("bob on node-2", bob_total);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_users_node_loses_nothing() {
+    let mut cluster = Cluster::start(3);
+    let reader = Reader::spawn(cluster.node(0).connect(USER, None).await, None);
+    let publishing = PublishLoop::spawn(cluster.node(1).publisher(), USER, Duration::from_millis(10));
+    within("alice on node-0 received 20 notifications", DEADLINE, || async { reader.last_seen() >= 20 }).await;
+
+    cluster.node_mut(0).kill9();
+    let before = reader.ended(DEADLINE).await;
+    assert!(before.ended.is_some(), "the session on the killed node did not end");
+    let last_seen = *before.seqs.last().unwrap();
+    assert_exactly_once("alice on node-0 before the kill", &before.seqs, 1, last_seen);
+
+    // Publishing on node-1 goes on; Alice resumes on node-2.
+    let acked_at_reconnect = publishing.acked();
+    let after = Reader::on(cluster.node(2), USER, cluster.node(2).connect(USER, Some(last_seen)).await);
+    publishing.wait_acked(acked_at_reconnect + 20, DEADLINE).await;
+    let acknowledged = all_acknowledged(publishing.stop().await);
+    let last = *acknowledged.last().unwrap();
+    assert_exactly_once("the seqs of the HTTP answers", &acknowledged, 1, last);
+
+    let after = after.until(last, DEADLINE).await;
+    assert_exactly_once("alice on node-2 after resuming", &after.seqs, last_seen + 1, last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_in_a_cluster_moves_sessions_without_loss() {
+    let mut cluster = Cluster::start(3);
+    let reader = Reader::spawn(cluster.node(0).connect(USER, None).await, None);
+    let publishing = PublishLoop::spawn(cluster.node(2).publisher(), USER, Duration::from_millis(10));
+    within("alice on node-0 received 20 notifications", DEADLINE, || async { reader.last_seen() >= 20 }).await;
+
+    cluster.node(0).sigterm();
+    let before = reader.ended(DEADLINE).await;
+    match &before.ended {
+        Some(herald_client::Error::Closed { code: 1001, .. }) => {}
+        other => panic!("expected close 1001 on SIGTERM, got {other:?}"),
+    }
+    let last_seen = *before.seqs.last().unwrap();
+    assert_exactly_once("alice on node-0 before SIGTERM", &before.seqs, 1, last_seen);
+
+    let acked_at_reconnect = publishing.acked();
+    let after = Reader::on(cluster.node(1), USER, cluster.node(1).connect(USER, Some(last_seen)).await);
+    publishing.wait_acked(acked_at_reconnect + 20, DEADLINE).await;
+    assert_eq!(cluster.node_mut(0).wait_exit().await, 0, "node-0 exit code after SIGTERM");
+    let acknowledged = all_acknowledged(publishing.stop().await);
+    let last = *acknowledged.last().unwrap();
+    assert_exactly_once("the seqs of the HTTP answers", &acknowledged, 1, last);
+
+    let after = after.until(last, DEADLINE).await;
+    assert_exactly_once("alice on node-1 after resuming", &after.seqs, last_seen + 1, last);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_restarted_mid_stream_sessions_still_receive_everything() {
+    let mut redis = PrivateRedis::start();
+    let cluster = Cluster::build().redis(redis.url()).env("HERALD_REPAIR_INTERVAL", "1s").start();
+    // No resuming here: these sessions must stay open through the outage.
+    let mut sessions = Vec::new();
+    for node in &cluster.nodes[1..] {
+        sessions.push((node.name.clone(), Reader::spawn(node.connect(USER, None).await, None)));
+    }
+    let publishing = PublishLoop::spawn(cluster.node(0).publisher(), USER, Duration::from_millis(20));
+    publishing.wait_acked(20, DEADLINE).await;
+
+    redis.stop();
+    let stopped_at = tokio::time::Instant::now();
+    let at_stop = publishing.acked();
+    publishing.wait_acked(at_stop + 20, DEADLINE).await;
+    // Without Redis, the connected sessions still get what is stored (repair
+    // from the store); the outage lasts a few repair intervals at least.
+    let during = publishing.last_seq();
+    for (name, reader) in &sessions {
+        within(&format!("alice on {name} got seq {during} while Redis was down"), DEADLINE, || async {
+            reader.last_seen() >= during
+        })
+        .await;
+    }
+    tokio::time::sleep_until(stopped_at + Duration::from_secs(3)).await;
+    redis.start_again();
+    let at_start = publishing.acked();
+    publishing.wait_acked(at_start + 20, DEADLINE).await;
+
+    // Every publish answered 2xx, during the outage too (the store has them).
+    let acknowledged = all_acknowledged(publishing.stop().await);
+    let last = *acknowledged.last().unwrap();
+    assert_exactly_once("the seqs of the HTTP answers", &acknowledged, 1, last);
+    for (name, received) in all_until(sessions, last, Duration::from_secs(30)).await {
+        assert!(received.ended.is_none(), "alice on {name} was disconnected: {:?}", received.ended);
+        received.assert_exactly(&format!("alice on {name}, connected throughout"), last);
+    }
+}
+
+/// A publish answered by a node whose store is down.
+struct Refusal {
+    status: u16,
+    retry_after: Option<String>,
+    body: serde_json::Value,
+}
+
+async fn raw_publish(node: &Node, user: &str) -> Result<Refusal, String> {
+    let request = reqwest::Client::new()
+        .post(format!("{}/v1/notifications", node.http()))
+        .bearer_auth(API_KEY)
+        .json(&json!({ "user_id": user, "topic": "outage", "payload": {} }))
+        .send();
+    let response = match tokio::time::timeout(PUBLISH_TIMEOUT, request).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => return Err(format!("request failed: {e}")),
+        Err(_) => return Err(format!("no answer within {PUBLISH_TIMEOUT:?}")),
+    };
+    let status = response.status().as_u16();
+    let retry_after = response.headers().get("retry-after").map(|v| v.to_str().unwrap_or("?").to_string());
+    let body = response.json().await.unwrap_or(serde_json::Value::Null);
+    Ok(Refusal { status, retry_after, body })
+}
+
+/// Every stored notification of `user`, following pages.
+async fn history(node: &Node, user: &str) -> Vec<herald_client::Notification> {
+    let publisher = node.publisher();
+    let mut out: Vec<herald_client::Notification> = Vec::new();
+    loop {
+        let after = out.last().map_or(0, |n| n.seq);
+        let page = publisher.history(user, after, 500).await.expect("history");
+        if page.notifications.is_empty() {
+            return out;
+        }
+        out.extend(page.notifications);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn postgres_outage_answers_503_and_no_false_2xx() {
+    let pg = PrivatePostgres::start();
+    // A short connect timeout keeps the outage answers quick (default 5 s).
+    let cluster = Cluster::build().postgres_admin(pg.url()).env("HERALD_DB_CONNECT_TIMEOUT", "2s").start();
+    // A steady stream across the outage, and publishes on every node.
+    let publishing = PublishLoop::spawn(cluster.node(0).publisher(), USER, Duration::from_millis(20));
+    publishing.wait_acked(10, DEADLINE).await;
+    let mut acknowledged: Vec<Published> = Vec::new();
+
+    pg.stop();
+    let answers = futures_util::future::join_all(cluster.nodes.iter().map(|node| raw_publish(node, USER))).await;
+    for (node, answer) in cluster.nodes.iter().zip(answers) {
+        let answer = answer.unwrap_or_else(|e| panic!("publish on {} while down: {e}", node.name));
+        assert_eq!(answer.status, 503, "publish on {} with the store down: {}", node.name, answer.body);
+        assert!(answer.retry_after.is_some(), "503 without Retry-After on {}", node.name);
+        let (code, message) = (&answer.body["error"]["code"], &answer.body["error"]["message"]);
+        assert!(
+            code.as_str().is_some_and(|c| !c.is_empty()) && message.as_str().is_some_and(|m| !m.is_empty()),
+            "not the spec's error body: {}",
+            answer.body
+        );
+        if code != "store_unavailable" {
+            eprintln!("note: {} answered 503 with code {code}", node.name);
+        }
+    }
+    futures_util::future::join_all(cluster.nodes.iter().map(|node| async move {
+        within(&format!("{} is not ready", node.name), DEADLINE, || async { node.ready_status().await == 503 }).await
+    }))
+    .await;
+
+    pg.start_again();
+    for node in &cluster.nodes {
+        let publisher = node.publisher();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match publish_within(&publisher, USER, json!({ "after": "outage" })).await {
+                Ok(published) => {
+                    acknowledged.push(published);
+                    break;
+                }
+                Err(e) => assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "publishes on {} still fail after PostgreSQL is back: {e}",
+                    node.name
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        within(&format!("{} is ready again", node.name), DEADLINE, || async { node.ready_status().await == 200 }).await;
+    }
+    let resumed = publishing.acked();
+    publishing.wait_acked(resumed + 10, DEADLINE).await;
+    let answers = publishing.stop().await;
+    let failed = answers.iter().filter(|a| a.is_err()).count();
+    eprintln!("the publish loop had {failed} of {} publishes refused during the outage", answers.len());
+    acknowledged.extend(answers.into_iter().flatten());
+
+    // Every 2xx is stored, under its seq and id; the stored seqs have no gap.
+    let stored = history(cluster.node(1), USER).await;
+    let seqs: Vec<Seq> = stored.iter().map(|n| n.seq).collect();
+    let last = seqs.last().copied().unwrap_or(0);
+    assert_exactly_once("the stored seqs", &seqs, 1, last);
+    let mut acked_seqs: Vec<Seq> = acknowledged.iter().map(|p| p.seq).collect();
+    acked_seqs.sort_unstable();
+    acked_seqs.dedup();
+    assert_eq!(acked_seqs.len(), acknowledged.len(), "two 2xx answers carried the same seq");
+    for published in &acknowledged {
+        let found = stored.iter().find(|n| n.seq == published.seq);
+        assert!(
+            found.is_some_and(|n| n.id == published.id),
+            "acknowledged seq {} (id {}) is not stored as such: {:?}",
+            published.seq,
+            published.id,
+            found
+        );
+    }
+}
+
+/// `GET /v1/users/{user}/presence` → `sessions`.
+async fn presence(node: &Node, user: &str) -> Option<u64> {
+    let request = reqwest::Client::new()
+        .get(format!("{}/v1/users/{user}/presence", node.http()))
+        .bearer_auth(API_KEY)
+        .timeout(Duration::from_secs(10));
+    let response = request.send().await.ok()?;
+    if response.status() != 200 {
+        return None;
+    }
+    let body: serde_json::Value = response.json().await.ok()?;
+    body["sessions"].as_u64()
+}
+
+/// Waits until every node in `nodes` counts `expected` sessions of `user`.
+async fn presence_everywhere(cluster: &Cluster, nodes: &[usize], user: &str, expected: u64, limit: Duration) {
+    for &i in nodes {
+        let node = cluster.node(i);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let seen = presence(node, user).await;
+            if seen == Some(expected) {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "presence of {user} on {}: {seen:?}, expected {expected} within {limit:?}",
+                node.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_counts_sessions_across_nodes() {
+    let mut cluster = Cluster::build().env("HERALD_PRESENCE_TTL", "3s").start();
+    let _on_a = cluster.node(0).connect(USER, None).await;
+    let on_b1 = cluster.node(1).connect(USER, None).await;
+    let _on_b2 = cluster.node(1).connect(USER, None).await;
+    presence_everywhere(&cluster, &[0, 1, 2], USER, 3, WAIT).await;
+    presence_everywhere(&cluster, &[2], "bob", 0, WAIT).await;
+
+    on_b1.close().await.expect("close");
+    presence_everywhere(&cluster, &[0, 1, 2], USER, 2, WAIT).await;
+
+    // A dead node's sessions stop counting after the presence TTL.
+    cluster.node_mut(0).kill9();
+    presence_everywhere(&cluster, &[1, 2], USER, 1, DEADLINE).await;
+}
+
+/// A large-audience job on a node that is killed: once its lease expires,
+/// another node's worker takes it over from the recorded progress, and every
+/// user still gets the notification exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_on_a_killed_node_is_taken_over_and_each_user_gets_it_once() {
+    let users = 40_000;
+    let mut cluster = Cluster::build()
+        .nodes(1)
+        .env("HERALD_MAX_USER_IDS", "10")
+        .env("HERALD_WORKERS", "1")
+        .env("HERALD_JOB_LEASE", "2s")
+        .start();
+    let request = PublishRequest {
+        user_id: None,
+        user_ids: Some((0..users).map(|i| format!("fan-{i}")).collect()),
+        topic: "takeover".into(),
+        payload: json!({"big": true}),
+        idempotency_key: None,
+        digest: None,
+    };
+    let job_id = match cluster.node(0).publisher().submit(&request).await.unwrap() {
+        (_, herald_client::Submitted::Job(job)) => job.job_id,
+        other => panic!("expected a job, got {other:?}"),
+    };
+    let publisher = cluster.node(0).publisher();
+    within("the job has made progress", DEADLINE, || async {
+        publisher.job(&job_id).await.map(|s| s.progress.done > 0).unwrap_or(false)
+    })
+    .await;
+    cluster.node_mut(0).kill9();
+
+    let taker = cluster.add_node();
+    let publisher = cluster.node(taker).publisher();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        let status = publisher.job(&job_id).await.unwrap();
+        assert_ne!(status.state, "failed", "{status:?}");
+        if status.state == "done" {
+            break status;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the job never finished: {status:?}\n{}", cluster.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(status.attempts >= 2, "the job was not taken over: {status:?}\n{}", cluster.logs());
+    assert_eq!(status.progress.done, users as i64);
+
+    let pool = sqlx::PgPool::connect(&cluster.database_url()).await.unwrap();
+    let (total, distinct): (i64, i64) =
+        sqlx::query_as("SELECT COUNT(*), COUNT(DISTINCT user_id) FROM notifications WHERE topic = 'takeover'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    pool.close().await;
+    assert_eq!((total, distinct), (users as i64, users as i64), "each user exactly once");
+}

@@ -1,0 +1,304 @@
+//! PostgreSQL for tests: the shared server, a database per test, and a
+//! private cluster a test may stop and start.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{
+    block_on_thread, free_port, is_root, path, reachable, run, shell_quote, unique_suffix, wait_until, Reaper,
+};
+
+/// The admin URL of a PostgreSQL server tests may create databases on.
+pub fn postgres_admin_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    static PRIVATE: OnceLock<PrivatePostgres> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("HERALD_TEST_POSTGRES_URL") {
+            if let Err(e) = check_postgres(&url) {
+                panic!("HERALD_TEST_POSTGRES_URL={url} does not answer: {e}");
+            }
+            return url;
+        }
+        let local = "postgres://postgres@127.0.0.1:5432/postgres";
+        if reachable("127.0.0.1:5432") {
+            match check_postgres(local) {
+                Ok(()) => return local.to_string(),
+                Err(e) => eprintln!("PostgreSQL on 127.0.0.1:5432 refuses {local} ({e}); starting a private one"),
+            }
+        }
+        PRIVATE.get_or_init(PrivatePostgres::start).url()
+    })
+    .clone()
+}
+
+fn check_postgres(url: &str) -> Result<(), String> {
+    let url = url.to_string();
+    block_on_thread(move || async move {
+        use sqlx::Connection;
+        let connect = sqlx::PgConnection::connect(&url);
+        let mut conn = tokio::time::timeout(Duration::from_secs(5), connect)
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        sqlx::query("SELECT 1").execute(&mut conn).await.map_err(|e| e.to_string())?;
+        let _ = conn.close().await;
+        Ok(())
+    })
+}
+
+/// Runs statements on the admin URL, one after another.
+fn admin_execute(admin_url: &str, statements: Vec<String>) -> Result<(), String> {
+    let url = admin_url.to_string();
+    block_on_thread(move || async move {
+        use sqlx::Connection;
+        let work = async {
+            let mut conn = sqlx::PgConnection::connect(&url).await.map_err(|e| e.to_string())?;
+            for sql in &statements {
+                sqlx::query(sql).execute(&mut conn).await.map_err(|e| format!("{sql}: {e}"))?;
+            }
+            let _ = conn.close().await;
+            Ok::<_, String>(())
+        };
+        tokio::time::timeout(Duration::from_secs(20), work).await.map_err(|_| "timed out".to_string())?
+    })
+}
+
+/// Drops `herald_test_<pid>_…` databases of test processes that have exited.
+fn drop_stale_databases(admin_url: &str) {
+    let url = admin_url.to_string();
+    let names: Vec<String> = block_on_thread(move || async move {
+        use sqlx::Connection;
+        let Ok(mut conn) = sqlx::PgConnection::connect(&url).await else { return Vec::new() };
+        sqlx::query_scalar("SELECT datname FROM pg_database WHERE datname LIKE 'herald_test_%'")
+            .fetch_all(&mut conn)
+            .await
+            .unwrap_or_default()
+    });
+    let stale: Vec<String> = names
+        .into_iter()
+        .filter(|name| {
+            let pid = name.trim_start_matches("herald_test_").split('_').next().unwrap_or("");
+            !pid.is_empty() && !Path::new("/proc").join(pid).exists()
+        })
+        .map(|name| format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+        .collect();
+    if !stale.is_empty() {
+        let _ = admin_execute(admin_url, stale);
+    }
+}
+
+/// A database of one test, dropped (`WITH (FORCE)`) when this is dropped.
+pub struct TestDatabase {
+    admin_url: String,
+    name: String,
+    url: String,
+}
+
+impl TestDatabase {
+    /// A new, empty database on the shared server.
+    pub fn create() -> TestDatabase {
+        TestDatabase::create_on(&postgres_admin_url())
+    }
+
+    /// A new, empty database on the server of `admin_url`.
+    pub fn create_on(admin_url: &str) -> TestDatabase {
+        static CLEANED: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+        let first_here = {
+            let mut cleaned = CLEANED.lock().unwrap();
+            let first = !cleaned.iter().any(|u| u == admin_url);
+            if first {
+                cleaned.push(admin_url.to_string());
+            }
+            first
+        };
+        if first_here {
+            drop_stale_databases(admin_url);
+        }
+        let name = format!("herald_test_{}", unique_suffix());
+        admin_execute(admin_url, vec![format!("CREATE DATABASE \"{name}\"")])
+            .unwrap_or_else(|e| panic!("cannot create a test database on {admin_url}: {e}"));
+        let url = replace_database(admin_url, &name);
+        TestDatabase { admin_url: admin_url.to_string(), name, url }
+    }
+
+    pub fn url(&self) -> String {
+        self.url.clone()
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = admin_execute(&self.admin_url, vec![format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name)]);
+    }
+}
+
+/// A new database on the shared server; it outlives the test (its name,
+/// `herald_test_<pid>_…`, lets a later run drop it). Prefer [`TestDatabase`].
+pub fn fresh_database() -> String {
+    let db = TestDatabase::create();
+    let url = db.url();
+    std::mem::forget(db);
+    url
+}
+
+/// `postgres://u@h:p/old?x` → `postgres://u@h:p/<name>?x`.
+fn replace_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let authority_start = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let path_start = base[authority_start..].find('/').map(|i| i + authority_start).unwrap_or(base.len());
+    let mut out = format!("{}/{name}", &base[..path_start]);
+    if let Some(q) = query {
+        out.push('?');
+        out.push_str(q);
+    }
+    out
+}
+
+/// The directory of the newest installed PostgreSQL's binaries.
+fn postgres_bin_dir() -> PathBuf {
+    let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let version = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((version, bin))
+        })
+        .collect();
+    versions.sort();
+    if let Some((_, bin)) = versions.pop() {
+        return bin;
+    }
+    let from_path = Command::new("pg_config").arg("--bindir").output().ok().filter(|o| o.status.success());
+    match from_path {
+        Some(out) => PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()),
+        None => panic!("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb and no pg_config"),
+    }
+}
+
+/// A PostgreSQL cluster of this test's own, on a free loopback port, with
+/// trust authentication. It can be stopped and started again (same port,
+/// same data) to simulate an outage.
+pub struct PrivatePostgres {
+    bin: PathBuf,
+    dir: tempfile::TempDir,
+    port: u16,
+    as_postgres: bool,
+    _reaper: Reaper,
+}
+
+impl PrivatePostgres {
+    pub fn start() -> PrivatePostgres {
+        let bin = postgres_bin_dir();
+        let dir = tempfile::Builder::new().prefix("herald-pg-").tempdir().expect("a temp dir");
+        let as_postgres = is_root();
+        if as_postgres {
+            // initdb and postgres refuse to run as root.
+            run(Command::new("chown").arg("postgres:").arg(dir.path()));
+        }
+        let port = free_port();
+        let pg = PrivatePostgres {
+            _reaper: Reaper::spawn(&format!(
+                "{}; rm -rf {}",
+                shell_line(
+                    as_postgres,
+                    &bin.join("pg_ctl"),
+                    &["stop", "-m", "immediate", "-D", &path(&dir.path().join("data"))]
+                ),
+                shell_quote(&path(dir.path()))
+            )),
+            bin,
+            dir,
+            port,
+            as_postgres,
+        };
+        pg.tool("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        pg.start_again();
+        pg
+    }
+
+    fn data(&self) -> String {
+        path(&self.dir.path().join("data"))
+    }
+
+    fn tool(&self, name: &str, args: &[&str]) -> String {
+        let program = self.bin.join(name);
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        run(cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null()))
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The admin URL (`postgres` database, superuser `postgres`).
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the server (again) on the same port and data, waiting until it
+    /// accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=200",
+            self.port,
+            path(self.dir.path())
+        );
+        let log = path(&self.dir.path().join("postgres.log"));
+        self.tool("pg_ctl", &["start", "-w", "-t", "60", "-D", &self.data(), "-l", &log, "-o", &options]);
+        wait_until("the private PostgreSQL accepts connections", Duration::from_secs(30), || {
+            check_postgres(&self.url()).is_ok()
+        });
+    }
+
+    /// Stops the server (`-m fast`: sessions are disconnected at once).
+    pub fn stop(&self) {
+        self.tool("pg_ctl", &["stop", "-w", "-m", "fast", "-D", &self.data()]);
+    }
+
+    /// The server's own log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("postgres.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        let program = self.bin.join("pg_ctl");
+        let args = ["stop", "-w", "-m", "immediate", "-D", &self.data()];
+        let mut cmd = if self.as_postgres {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        } else {
+            Command::new(&program)
+        };
+        let _ = cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    }
+}
+
+fn shell_line(as_postgres: bool, program: &Path, args: &[&str]) -> String {
+    let mut parts: Vec<String> = Vec::new();
+    if as_postgres {
+        parts.extend(["runuser", "-u", "postgres", "--"].map(String::from));
+    }
+    parts.push(shell_quote(&path(program)));
+    parts.extend(args.iter().map(|a| shell_quote(a)));
+    parts.join(" ")
+}

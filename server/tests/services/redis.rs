@@ -1,0 +1,239 @@
+//! Redis for tests: the shared server (a prefix per test), a private one a
+//! test may stop and start, and a three-master Redis Cluster.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use super::{free_port, path, run, shell_quote, unique_suffix, wait_until, Reaper};
+
+/// The URL of a Redis server tests may share (each with its own prefix).
+pub fn redis_url() -> String {
+    static URL: OnceLock<String> = OnceLock::new();
+    static PRIVATE: OnceLock<PrivateRedis> = OnceLock::new();
+    URL.get_or_init(|| {
+        if let Ok(url) = std::env::var("HERALD_TEST_REDIS_URL") {
+            return url;
+        }
+        if redis_ping(6379) {
+            return "redis://127.0.0.1:6379".to_string();
+        }
+        PRIVATE.get_or_init(PrivateRedis::start).url()
+    })
+    .clone()
+}
+
+/// A prefix no other test uses: `t<pid>_<n>_<random>`.
+pub fn unique_prefix() -> String {
+    format!("t{}", unique_suffix())
+}
+
+/// Deletes the keys under `prefix` (`<prefix>:*`) on a single Redis, so
+/// test runs leave nothing behind; errors are ignored. Not for a cluster.
+pub fn delete_prefix(url: &str, prefix: &str) {
+    if !url.starts_with("redis://") {
+        return;
+    }
+    let delete = || -> redis::RedisResult<()> {
+        let client = redis::Client::open(url)?;
+        let mut conn = client.get_connection_with_timeout(Duration::from_secs(2))?;
+        conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query(&mut conn)?;
+            if !keys.is_empty() {
+                redis::cmd("DEL").arg(&keys).query::<()>(&mut conn)?;
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    };
+    let _ = delete();
+}
+
+/// `PING` → `+PONG` on 127.0.0.1:`port`.
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    if stream.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 7];
+    stream.read_exact(&mut buf).is_ok() && &buf == b"+PONG\r\n"
+}
+
+fn redis_server(port: u16, dir: &Path, extra: &[&str]) -> Child {
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join(format!("redis-{port}.log")))
+        .expect("a redis log file");
+    Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+        .args(["--dir", &path(dir)])
+        .args(extra)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start redis-server (is it installed?): {e}"))
+}
+
+fn stop_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// A Redis server of this test's own that can be stopped and started again.
+pub struct PrivateRedis {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    reaper: Option<Reaper>,
+}
+
+impl PrivateRedis {
+    pub fn start() -> PrivateRedis {
+        let dir = tempfile::Builder::new().prefix("herald-redis-").tempdir().expect("a temp dir");
+        let mut redis = PrivateRedis { port: free_port(), dir, child: None, reaper: None };
+        redis.start_again();
+        redis
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts it (again) on the same port; waits until it answers `PING`.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "already running");
+        let child = redis_server(self.port, self.dir.path(), &[]);
+        self.reaper =
+            Some(Reaper::spawn(&format!("kill -9 {}; rm -rf {}", child.id(), shell_quote(&path(self.dir.path())))));
+        self.child = Some(child);
+        let port = self.port;
+        wait_until("the private Redis answers PING", Duration::from_secs(10), || redis_ping(port));
+    }
+
+    /// Kills it (SIGKILL) and waits for the exit: every connection drops.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            stop_child(&mut child);
+        }
+        self.reaper = None;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join(format!("redis-{}.log", self.port))).unwrap_or_default()
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A free port `p` whose Redis Cluster bus port `p + 10000` is free too.
+fn free_cluster_port() -> u16 {
+    for _ in 0..200 {
+        let port = 20_000 + rand::random::<u16>() % 10_000;
+        let ok = [port, port + 10_000].iter().all(|p| TcpListener::bind(("127.0.0.1", *p)).is_ok());
+        if ok {
+            return port;
+        }
+    }
+    panic!("no free port pair for a Redis Cluster node");
+}
+
+/// Three Redis Cluster masters on loopback, slots spread by `redis-cli`.
+pub struct RedisCluster {
+    ports: Vec<u16>,
+    children: Vec<Child>,
+    _reaper: Reaper,
+    dir: tempfile::TempDir,
+}
+
+impl RedisCluster {
+    pub fn start() -> RedisCluster {
+        let dir = tempfile::Builder::new().prefix("herald-redis-cluster-").tempdir().expect("a temp dir");
+        let mut ports: Vec<u16> = Vec::new();
+        while ports.len() < 3 {
+            let port = free_cluster_port();
+            if !ports.contains(&port) {
+                ports.push(port);
+            }
+        }
+        let mut children = Vec::new();
+        for port in &ports {
+            let node_dir = dir.path().join(port.to_string());
+            std::fs::create_dir(&node_dir).unwrap();
+            let conf = path(&node_dir.join(format!("nodes-{port}.conf")));
+            children.push(redis_server(
+                *port,
+                &node_dir,
+                &["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "5000"],
+            ));
+        }
+        let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
+        let reaper = Reaper::spawn(&format!("kill -9 {}; rm -rf {}", pids.join(" "), shell_quote(&path(dir.path()))));
+        let cluster = RedisCluster { ports, children, _reaper: reaper, dir };
+        for port in &cluster.ports {
+            let port = *port;
+            wait_until("a Redis Cluster node answers PING", Duration::from_secs(10), || redis_ping(port));
+        }
+        let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        run(Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdin(Stdio::null()));
+        for port in &cluster.ports {
+            wait_until("the Redis Cluster reports cluster_state:ok", Duration::from_secs(20), || {
+                Command::new("redis-cli")
+                    .args(["-p", &port.to_string(), "cluster", "info"])
+                    .output()
+                    .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+                    .unwrap_or(false)
+            });
+        }
+        cluster
+    }
+
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// `redis+cluster://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C`
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+cluster://{}", addrs.join(","))
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            stop_child(child);
+        }
+    }
+}
