@@ -1,8 +1,13 @@
 //! `herald-loadtest`: the load generator for Herald.
 //!
-//! The scenarios (`idle`, `unicast`, `fanout`, `storm`, `slow`) arrive with
-//! the load-test issue; until then this binary only checks that a node
-//! answers, so the crate and its dependency on `herald-client` stay built.
+//! - `check`: one publish read back over a WebSocket.
+//! - `ping-under-fanout`: ping round trips with and without a large fan-out
+//!   job running (the worker-pool benchmark, see docs/BENCHMARKS.md).
+//!
+//! The other scenarios (`idle`, `unicast`, `fanout`, `storm`, `slow`) arrive
+//! with the load-test issue.
+
+mod ping;
 
 use clap::{Parser, Subcommand};
 
@@ -28,11 +33,42 @@ enum Command {
         #[arg(long, default_value = "alice")]
         user: String,
     },
+    /// WebSocket ping round trips, idle and while a large-audience job runs.
+    PingUnderFanout {
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+        #[arg(long)]
+        api_key: String,
+        /// The node's HERALD_JWT_SECRET, to mint the sessions' tokens.
+        #[arg(long)]
+        jwt_secret: String,
+        #[arg(long, default_value_t = 200)]
+        sessions: usize,
+        #[arg(long, default_value_t = 100)]
+        interval_ms: u64,
+        /// Length of the idle phase.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        #[arg(long, default_value_t = 100_000)]
+        audience: usize,
+    },
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
+        Command::PingUnderFanout { url, api_key, jwt_secret, sessions, interval_ms, seconds, audience } => {
+            ping::run(ping::Args {
+                url,
+                api_key,
+                jwt_secret,
+                sessions,
+                interval: std::time::Duration::from_millis(interval_ms),
+                seconds,
+                audience,
+            })
+            .await
+        }
         Command::Check { url, api_key, token, user } => {
             let ws = url.replacen("http", "ws", 1);
             let mut session = herald_client::Connect::new(ws, token).connect().await?;

@@ -21,10 +21,13 @@
 //! - [`ws`]: `GET /v1/ws` — `handshake` (every refusal, before the upgrade),
 //!   `protocol` (client frames), `session` (one loop per connection), `close`.
 //! - [`hub`]: user → local sessions, bounded outboxes.
-//! - [`broker`]: fan-out between nodes (`memory` for one node).
-//! - [`store`]: durable notifications and read state (`sqlite`).
+//! - [`broker`]: fan-out between nodes (`memory` for one node, `redis` for many,
+//!   with the periodic repair that delivers what Redis lost).
+//! - [`store`]: durable notifications and read state (`sqlite`, `postgres`).
 //! - [`api`]: the HTTP API, its one error type, and operations endpoints.
-//! - [`telemetry`]: logs and metrics. [`shutdown`]: draining on SIGTERM.
+//! - [`worker`]: large-audience publishes and digests, claimed from the store
+//!   by any node; heavy steps on a thread pool of their own.
+//! - [`telemetry`]: logs, metrics, the runtime-lag probe. [`shutdown`]: draining on SIGTERM.
 //! - [`cli`]: `herald serve | migrate | token | publish`.
 
 use std::sync::Arc;
@@ -42,14 +45,17 @@ pub mod hub;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod worker;
 pub mod ws;
 
 use auth::{ApiKeys, KeyFileError, Verifier};
+use broker::redis::{RedisBroker, RedisOptions, RedisTarget};
 use broker::Broker;
 use config::Settings;
 use hub::Hub;
 use store::{Store, StoreError};
 use telemetry::Metrics;
+use worker::pool::Pool;
 
 /// Everything a handler or session needs; cheap to clone.
 #[derive(Clone)]
@@ -65,6 +71,10 @@ pub struct AppState {
     pub shutdown: CancellationToken,
     /// Every WebSocket session, so shutdown can wait for them.
     pub sessions: TaskTracker,
+    /// Threads for CPU-heavy steps (jobs, digests), off the async runtime.
+    pub pool: Pool,
+    /// Woken when this node queues work, so its workers need not poll.
+    pub work: Arc<tokio::sync::Notify>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -73,14 +83,38 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("HERALD_JWT_PUBLIC_KEYS: {0}")]
     Keys(#[from] KeyFileError),
+    #[error("HERALD_REDIS_URL: {0}")]
+    Redis(String),
 }
 
 impl AppState {
     /// Opens the store (running migrations) and wires the node together.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<AppState, StartError> {
-        let store = store::open(&settings.database_url, settings.db_pool_size).await?;
-        let hub = Hub::new(Arc::new(hub::NoInterest));
-        let broker: Arc<dyn Broker> = Arc::new(broker::memory::MemoryBroker::new(hub.clone()));
+        let store = store::open(&settings.database_url, &settings.store_options()).await?;
+        let metrics = Arc::new(Metrics::new());
+        let (hub, broker): (Hub, Arc<dyn Broker>) = match &settings.redis_url {
+            None => {
+                let hub = Hub::new(Arc::new(hub::NoInterest));
+                (hub.clone(), Arc::new(broker::memory::MemoryBroker::new(hub)))
+            }
+            Some(url) => {
+                let target = RedisTarget::parse(url).map_err(StartError::Redis)?;
+                let changes = RedisBroker::changes();
+                let hub = Hub::new(changes.clone());
+                let options = RedisOptions {
+                    node_id: settings.node_id.clone(),
+                    prefix: settings.redis_prefix.clone(),
+                    repair_interval: settings.repair_interval,
+                    presence_ttl: settings.presence_ttl,
+                };
+                let broker =
+                    RedisBroker::connect(&target, options, hub.clone(), changes, store.clone(), metrics.clone())
+                        .await
+                        .map_err(|e| StartError::Redis(e.to_string()))?;
+                (hub, Arc::new(broker))
+            }
+        };
+        let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
         Ok(AppState {
             verifier: Arc::new(Verifier::new(&settings.jwt)?),
             api_keys: Arc::new(ApiKeys::new(&settings.api_keys)),
@@ -88,7 +122,9 @@ impl AppState {
             store,
             broker,
             hub,
-            metrics: Arc::new(Metrics::new()),
+            pool,
+            work: Arc::new(tokio::sync::Notify::new()),
+            metrics,
             shutdown,
             sessions: TaskTracker::new(),
         })

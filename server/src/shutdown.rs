@@ -17,6 +17,8 @@ pub async fn serve(state: AppState, listener: TcpListener) {
     let shutdown = state.shutdown.clone();
     let settings = state.settings.clone();
     let purge = tokio::spawn(retention(state.clone()));
+    let mut workers = tokio::spawn(crate::worker::jobs::run(state.clone()));
+    let lag_probe = tokio::spawn(crate::telemetry::runtime_lag_probe(state.metrics.clone(), shutdown.clone()));
 
     let stop_accepting = {
         let shutdown = shutdown.clone();
@@ -42,13 +44,19 @@ pub async fn serve(state: AppState, listener: TcpListener) {
         let _ = (&mut server).await;
         state.sessions.close();
         state.sessions.wait().await;
+        // Workers finish the batch in hand and hand their jobs back.
+        let _ = (&mut workers).await;
     })
     .await;
     if drained.is_err() {
         tracing::warn!("shutdown deadline passed with work in flight; stopping anyway");
         server.abort();
+        workers.abort();
     }
+    state.pool.close();
     purge.abort();
+    lag_probe.abort();
+    state.broker.close().await;
     state.store.close().await;
     tracing::info!("stopped");
 }

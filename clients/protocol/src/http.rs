@@ -31,6 +31,52 @@ pub struct Digest {
     pub window_secs: u64,
 }
 
+/// `202` answer to a publish naming more users than the synchronous limit:
+/// the worker pool stores and delivers it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobAccepted {
+    pub job_id: String,
+}
+
+/// `GET /v1/jobs/{id}`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobStatus {
+    pub job_id: String,
+    /// `queued`, `running`, `done` or `failed`.
+    pub state: String,
+    pub progress: JobProgress,
+    /// Claims so far.
+    pub attempts: u32,
+    /// The last failure's reason (while retrying, or when failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct JobProgress {
+    /// Users stored and delivered so far.
+    pub done: i64,
+    pub total: i64,
+}
+
+/// `202` answer to a publish with `digest`: where each user's entry went.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DigestAccepted {
+    pub digests: Vec<DigestPending>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DigestPending {
+    pub user_id: String,
+    pub key: String,
+    /// Entries in the window so far, this one included.
+    pub count: i64,
+    /// When the window closes into one notification (RFC 3339).
+    pub closes_at: String,
+}
+
 /// `201` (new) or `200` (idempotent repeat) answer to a publish.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PublishResponse {

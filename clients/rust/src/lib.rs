@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 pub use herald_protocol::http::{
-    ErrorBody, NotificationPage, PublishRequest, PublishResponse, Published, UnreadCounts,
+    Digest, DigestAccepted, DigestPending, ErrorBody, JobAccepted, JobProgress, JobStatus, NotificationPage,
+    PublishRequest, PublishResponse, Published, UnreadCounts,
 };
 pub use herald_protocol::{close, ClientFrame, Notification, ReadMark, Seq, ServerFrame, Welcome};
 use reqwest::StatusCode;
@@ -268,6 +269,26 @@ impl Publisher {
         answer(response).await
     }
 
+    /// `POST /v1/notifications` with any answer: stored (201/200), a job for a
+    /// large audience (202 `job_id`), or digest entries (202 `digests`).
+    pub async fn submit(&self, request: &PublishRequest) -> Result<(StatusCode, Submitted), Error> {
+        let response = self
+            .http
+            .post(format!("{}/v1/notifications", self.base))
+            .bearer_auth(&self.api_key)
+            .json(request)
+            .send()
+            .await?;
+        answer(response).await
+    }
+
+    /// `GET /v1/jobs/{id}`.
+    pub async fn job(&self, id: &str) -> Result<JobStatus, Error> {
+        let url = format!("{}/v1/jobs/{}", self.base, encode_segment(id));
+        let response = self.http.get(url).bearer_auth(&self.api_key).send().await?;
+        Ok(answer(response).await?.1)
+    }
+
     /// Publishes one notification to one user and returns it.
     pub async fn publish_one(&self, user: &str, topic: &str, payload: serde_json::Value) -> Result<Published, Error> {
         let request = PublishRequest {
@@ -294,6 +315,15 @@ impl Publisher {
             .await?;
         Ok(answer(response).await?.1)
     }
+}
+
+/// Any answer to a publish.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Submitted {
+    Stored(PublishResponse),
+    Job(JobAccepted),
+    Digest(DigestAccepted),
 }
 
 /// A user's inbox over HTTP.

@@ -13,6 +13,7 @@ mod demo;
 pub mod error;
 pub mod extract;
 mod inbox;
+mod jobs;
 mod ops;
 pub mod publish;
 
@@ -20,11 +21,14 @@ use error::ApiError;
 
 pub fn router(state: AppState) -> Router {
     let settings = &state.settings;
-    // Room for the payload plus the largest list of user ids.
-    let body_limit = settings.max_payload_bytes + settings.max_user_ids * 300 + 64 * 1024;
+    // Publishes: room for the payload plus the largest audience (user ids are
+    // at most 256 bytes). Everything else is small.
+    let publish_limit = settings.max_payload_bytes + settings.max_audience * 260 + 64 * 1024;
+    let body_limit = settings.max_payload_bytes + 64 * 1024;
     Router::new()
         .route("/v1/ws", get(crate::ws::handshake::upgrade))
-        .route("/v1/notifications", post(publish::publish))
+        .route("/v1/notifications", post(publish::publish).layer(DefaultBodyLimit::max(publish_limit)))
+        .route("/v1/jobs/{id}", get(jobs::status))
         .route("/v1/users/{user_id}/notifications", get(inbox::user_history))
         .route("/v1/users/{user_id}/presence", get(inbox::presence))
         .route("/v1/me/notifications", get(inbox::list))

@@ -1,12 +1,19 @@
 //! `POST /v1/notifications`: validate, store (which assigns seqs), and only
 //! then hand the committed notifications to the broker. A 2xx means durable.
+//!
+//! Three answers: `201`/`200` when the notifications are stored; `202
+//! {"job_id"}` when the publish names more users than `max_user_ids` — a
+//! durable job that the worker pool stores and delivers; `202
+//! {"digests"}` when it carries `digest` — each user's entry is durably
+//! added to the open window, which closes into one notification.
 
 use std::sync::Arc;
 
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::Json;
-use herald_protocol::http::{PublishRequest, PublishResponse, Published};
+use herald_protocol::http::{DigestAccepted, DigestPending, JobAccepted, PublishRequest, PublishResponse, Published};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
@@ -14,19 +21,29 @@ use super::error::ApiError;
 use super::extract::{ApiKey, JsonBody};
 use crate::broker::Event;
 use crate::hub::Delivery;
-use crate::store::{now_ms, NewNotification};
+use crate::store::jobs::{DigestEntry, NewJob};
+use crate::store::{now_ms, rfc3339_ms, NewNotification};
+use crate::worker::jobs::{Fanout, FANOUT};
 use crate::AppState;
 
 const MAX_TOPIC_CHARS: usize = 128;
 const MAX_KEY_BYTES: usize = 256;
+/// Longest digest window: a week.
+const MAX_WINDOW_SECS: u64 = 7 * 24 * 3600;
 
 pub async fn publish(
     State(state): State<AppState>,
     _: ApiKey,
     JsonBody(request): JsonBody<PublishRequest<Box<RawValue>>>,
-) -> Result<(StatusCode, Json<PublishResponse>), ApiError> {
+) -> Result<Response, ApiError> {
     let received = Instant::now();
     let users = validate(&state, &request)?;
+    if request.digest.is_some() {
+        return digest(&state, request, users).await;
+    }
+    if users.len() > state.settings.max_user_ids {
+        return enqueue(&state, request, users).await;
+    }
     let topic: Arc<str> = request.topic.into();
     let payload: Arc<RawValue> = Arc::from(request.payload);
     let key: Option<Arc<str>> = request.idempotency_key.map(Arc::from);
@@ -50,6 +67,7 @@ pub async fn publish(
         .filter(|a| a.created)
         .map(|a| Event {
             user_id: a.notification.user_id.clone(),
+            id: Some(a.notification.id.clone()),
             delivery: Delivery::Notification { seq: a.notification.seq, frame: a.notification.frame().into() },
         })
         .collect();
@@ -70,7 +88,80 @@ pub async fn publish(
             seq: a.notification.seq,
         })
         .collect();
-    Ok((status, Json(PublishResponse { notifications })))
+    Ok((status, Json(PublishResponse { notifications })).into_response())
+}
+
+/// A large audience: one durable job; 202 once it is stored.
+async fn enqueue(
+    state: &AppState,
+    request: PublishRequest<Box<RawValue>>,
+    users: Vec<String>,
+) -> Result<Response, ApiError> {
+    let total = users.len() as i64;
+    let idempotency_key = request.idempotency_key.clone();
+    let spec = Fanout {
+        user_ids: users,
+        topic: request.topic,
+        payload: request.payload,
+        idempotency_key: request.idempotency_key,
+        created_at_ms: now_ms(),
+    };
+    let payload = state
+        .pool
+        .run(move || serde_json::to_string(&spec))
+        .await
+        .map_err(|e| ApiError::internal(e.to_string()))?
+        .map_err(|e| ApiError::internal(e.to_string()))?;
+    let job = NewJob {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: FANOUT.into(),
+        payload,
+        total,
+        idempotency_key: idempotency_key.map(|k| format!("fanout:{k}")),
+    };
+    let (job_id, created) = state.store.enqueue(job).await?;
+    if created {
+        state.work.notify_one();
+        tracing::info!(%job_id, users = total, "large-audience publish queued");
+    }
+    Ok((StatusCode::ACCEPTED, Json(JobAccepted { job_id })).into_response())
+}
+
+/// Digest entries: durably added to each user's open window; 202.
+async fn digest(
+    state: &AppState,
+    request: PublishRequest<Box<RawValue>>,
+    users: Vec<String>,
+) -> Result<Response, ApiError> {
+    let digest = request.digest.expect("checked by the caller");
+    let key: Arc<str> = digest.key.into();
+    let topic: Arc<str> = request.topic.into();
+    let payload: Arc<RawValue> = Arc::from(request.payload);
+    let at_ms = now_ms();
+    let entries = users
+        .into_iter()
+        .map(|user| DigestEntry {
+            user_id: user.into(),
+            key: key.clone(),
+            topic: topic.clone(),
+            payload: payload.clone(),
+            at_ms,
+            window_ms: digest.window_secs as i64 * 1000,
+        })
+        .collect::<Vec<_>>();
+    let users: Vec<String> = entries.iter().map(|e| e.user_id.to_string()).collect();
+    let added = state.store.digest_add(entries).await?;
+    let digests = users
+        .into_iter()
+        .zip(added)
+        .map(|(user_id, a)| DigestPending {
+            user_id,
+            key: key.to_string(),
+            count: a.count,
+            closes_at: rfc3339_ms(a.closes_at_ms),
+        })
+        .collect();
+    Ok((StatusCode::ACCEPTED, Json(DigestAccepted { digests })).into_response())
 }
 
 /// Checks a publish; returns its distinct user ids in request order.
@@ -89,18 +180,21 @@ fn validate(state: &AppState, request: &PublishRequest<Box<RawValue>>) -> Result
     }
     let mut seen = std::collections::HashSet::with_capacity(users.len());
     let users: Vec<String> = users.into_iter().filter(|u| seen.insert(u.clone())).collect();
-    if users.len() > settings.max_user_ids {
+    if users.len() > settings.max_audience {
+        return Err(invalid("too_many_users", format!("at most {} user ids per publish", settings.max_audience)));
+    }
+    if request.digest.is_some() && users.len() > settings.max_user_ids {
         return Err(invalid(
             "too_many_users",
-            format!(
-                "at most {} user ids per publish (large audiences arrive with the worker pool)",
-                settings.max_user_ids
-            ),
+            format!("a digest publish names at most {} user ids", settings.max_user_ids),
         ));
     }
     let topic_chars = request.topic.chars().count();
-    if topic_chars == 0 || topic_chars > MAX_TOPIC_CHARS {
-        return Err(invalid("invalid_topic", format!("`topic` is 1 to {MAX_TOPIC_CHARS} characters")));
+    if topic_chars == 0 || topic_chars > MAX_TOPIC_CHARS || request.topic.contains(char::is_control) {
+        return Err(invalid(
+            "invalid_topic",
+            format!("`topic` is 1 to {MAX_TOPIC_CHARS} characters, without control characters"),
+        ));
     }
     if request.payload.get().len() > settings.max_payload_bytes {
         return Err(ApiError::too_large(format!("`payload` is larger than {} bytes", settings.max_payload_bytes)));
@@ -109,23 +203,32 @@ fn validate(state: &AppState, request: &PublishRequest<Box<RawValue>>) -> Result
         return Err(invalid("invalid_request", "`payload` is required".into()));
     }
     if let Some(key) = &request.idempotency_key {
-        if key.is_empty() || key.len() > MAX_KEY_BYTES {
-            return Err(invalid("invalid_request", format!("`idempotency_key` is 1 to {MAX_KEY_BYTES} bytes")));
+        if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains(char::is_control) {
+            return Err(invalid(
+                "invalid_request",
+                format!("`idempotency_key` is 1 to {MAX_KEY_BYTES} bytes, without control characters"),
+            ));
         }
     }
-    if request.digest.is_some() {
-        return Err(invalid(
-            "digest_unsupported",
-            "digests arrive with the worker pool; this node cannot aggregate yet".into(),
-        ));
+    if let Some(digest) = &request.digest {
+        if digest.key.is_empty() || digest.key.len() > MAX_KEY_BYTES || digest.key.contains(char::is_control) {
+            return Err(invalid(
+                "invalid_digest",
+                format!("`digest.key` is 1 to {MAX_KEY_BYTES} bytes, without control characters"),
+            ));
+        }
+        if digest.window_secs == 0 || digest.window_secs > MAX_WINDOW_SECS {
+            return Err(invalid("invalid_digest", format!("`digest.window_secs` is 1 to {MAX_WINDOW_SECS}")));
+        }
     }
     Ok(users)
 }
 
-/// A user id: 1 to 256 bytes of UTF-8 (spec §2, the `sub` claim).
+/// A user id: 1 to 256 bytes of UTF-8 (spec §2, the `sub` claim), without
+/// control characters (PostgreSQL text cannot hold NUL, and no real id has them).
 pub fn check_user_id(user: &str) -> Result<(), String> {
-    if user.is_empty() || user.len() > 256 {
-        Err("a user id is 1 to 256 bytes".into())
+    if user.is_empty() || user.len() > 256 || user.contains(char::is_control) {
+        Err("a user id is 1 to 256 bytes, without control characters".into())
     } else {
         Ok(())
     }
