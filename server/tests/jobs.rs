@@ -120,6 +120,15 @@ async fn a_large_audience_is_a_job_that_reaches_connected_users_in_order(db: Db)
     assert_eq!(db.count(dir.path(), "fanout").await, (1501, 1501), "each user exactly once");
     let status = server.publisher().job(&job_id).await.unwrap();
     assert_eq!((status.progress.done, status.progress.total), (1501, 1501));
+    // Unread counts include what the job stored.
+    assert_eq!(server.inbox("alice").unread().await.unwrap().total, 4);
+    assert_eq!(server.inbox("fan-3").unread().await.unwrap().total, 1);
+    // The pool and the jobs are measured; the lag probe has been sampling.
+    assert_eq!(server.metric("herald_jobs_done_total").await, 1.0);
+    assert_eq!(server.metric("herald_job_seconds_count").await, 1.0);
+    assert_eq!(server.metric("herald_jobs_running").await, 0.0);
+    assert_eq!(server.metric("herald_worker_queue_depth").await, 0.0);
+    assert!(server.metric("herald_runtime_lag_seconds_count").await > 0.0);
     server.stop().await;
 }
 
