@@ -89,7 +89,8 @@ pub fn main(cli: Cli) -> ExitCode {
                 let api_key = api_key
                     .or_else(|| (!settings.dev_mode).then(|| settings.api_keys.first().cloned()).flatten())
                     .ok_or_else(|| anyhow::anyhow!("give --api-key or set HERALD_API_KEYS"))?;
-                let url = url.unwrap_or_else(|| format!("http://{}", connectable(settings.listen)));
+                let url =
+                    url.unwrap_or_else(|| format!("{}://{}", settings.http_scheme(), connectable(settings.listen)));
                 let (user_id, user_ids) =
                     if users.len() == 1 { (users.first().cloned(), None) } else { (None, Some(users)) };
                 let request =
@@ -146,7 +147,7 @@ fn print_dev_banner(settings: &Settings, addr: SocketAddr) {
     let secret = settings.jwt.secret.as_deref().unwrap_or_default();
     let api_key = settings.api_keys.first().map(String::as_str).unwrap_or_default();
     let token = auth::mint(secret, "alice", 24 * 3600);
-    let base = format!("http://{}", connectable(addr));
+    let base = format!("{}://{}", settings.http_scheme(), connectable(addr));
     println!(
         "\nHerald is running in dev mode: no keys were configured, so these were made for this run only.\n\
          \n  API key:     {api_key}\n  JWT secret:  {secret}\n  user token:  {token}\n               (sub=alice, valid 24h)\n\

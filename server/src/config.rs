@@ -13,6 +13,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::tls::TlsFiles;
 use rand::Rng;
 
 /// Where settings come from; [`ProcessEnv`] in production, a map in tests.
@@ -127,8 +128,21 @@ pub struct Settings {
     /// How long a node's presence counts outlive its last refresh (a dead
     /// node's sessions stop counting after this).
     pub presence_ttl: Duration,
+    /// Serve https and wss with these files; `None`: plain http and ws.
+    pub tls: Option<TlsFiles>,
     /// Set when no key was configured: keys were generated at start.
     pub dev_mode: bool,
+}
+
+impl Settings {
+    /// `https` when the node serves TLS itself, else `http`.
+    pub fn http_scheme(&self) -> &'static str {
+        if self.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
 }
 
 impl std::fmt::Debug for Settings {
@@ -141,6 +155,7 @@ impl std::fmt::Debug for Settings {
             .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
             .field("allowed_origins", &self.allowed_origins)
             .field("node_id", &self.node_id)
+            .field("tls", &self.tls)
             .field("dev_mode", &self.dev_mode)
             .finish_non_exhaustive()
     }
@@ -244,6 +259,7 @@ const KEYS: &[&str] = &[
     "node_id",
     "tls_cert",
     "tls_key",
+    "tls_reload_interval",
     "log",
     "log_format",
     "heartbeat_secs",
@@ -343,11 +359,20 @@ impl Settings {
                 return Err(src.error("redis_url", e));
             }
         }
-        for key in ["tls_cert", "tls_key"] {
-            if src.string(key).is_some() {
-                return Err(src.error(key, "native TLS is not in this build yet; terminate TLS in front of Herald"));
+        let tls = match (src.string("tls_cert"), src.string("tls_key")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                let reload_every = src.duration("tls_reload_interval", Duration::from_secs(60))?;
+                if reload_every < Duration::from_millis(100) {
+                    return Err(src.error("tls_reload_interval", "must be at least 100ms"));
+                }
+                let files = TlsFiles { cert: cert.into(), key: key.into(), reload_every };
+                files.load().map_err(|e| src.error("tls_cert", e))?;
+                Some(files)
             }
-        }
+            (Some(_), None) => return Err(src.error("tls_key", "HERALD_TLS_CERT is set: give the private key too")),
+            (None, Some(_)) => return Err(src.error("tls_cert", "HERALD_TLS_KEY is set: give the certificate too")),
+        };
 
         let mut jwt = JwtSettings {
             secret: src.string("jwt_secret"),
@@ -419,6 +444,7 @@ impl Settings {
             redis_prefix: src.string("redis_prefix").unwrap_or_else(|| "herald".into()),
             repair_interval: src.duration("repair_interval", Duration::from_secs(3))?,
             presence_ttl: src.duration("presence_ttl", Duration::from_secs(30))?,
+            tls,
             dev_mode,
         };
         if settings.retention.is_zero() {

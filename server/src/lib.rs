@@ -45,6 +45,7 @@ pub mod hub;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 pub mod worker;
 pub mod ws;
 

@@ -5,6 +5,7 @@
 //! returns within `shutdown_deadline` whatever is still running.
 
 use std::future::IntoFuture;
+use std::io;
 
 use tokio::net::TcpListener;
 use tokio::time::{sleep, timeout_at, Instant};
@@ -29,7 +30,16 @@ pub async fn serve(state: AppState, listener: TcpListener) {
         }
     };
     let app = crate::api::router(state.clone());
-    let mut server = tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stop_accepting).into_future());
+    let mut server = match &settings.tls {
+        None => tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stop_accepting).into_future()),
+        // The files were checked with the settings; they can still change before this.
+        Some(files) => match crate::tls::Tls::new(files).map_err(io::Error::other).and_then(|t| t.listen(listener)) {
+            Ok(listener) => {
+                tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stop_accepting).into_future())
+            }
+            Err(e) => tokio::spawn(async move { Err(e) }),
+        },
+    };
 
     tokio::select! {
         _ = shutdown.cancelled() => {}

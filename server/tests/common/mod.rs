@@ -3,6 +3,8 @@
 //! Rust client. No sleeps wait for start-up: the listener is bound first.
 #![allow(dead_code)]
 
+pub mod tls;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};

@@ -1,0 +1,194 @@
+//! Native TLS (`HERALD_TLS_CERT` / `HERALD_TLS_KEY`): https and wss on the
+//! node's one port, with rustls.
+//!
+//! [`TlsListener`] plugs into `axum::serve` like a `TcpListener`. One task
+//! accepts TCP connections and runs each TLS handshake in a task of its own,
+//! bounded in number and in time, so a slow or silent client (slowloris)
+//! never holds up the accept loop or anyone else's handshake. Finished
+//! handshakes wait in a bounded queue for axum to take them.
+//!
+//! The certificate files are read again when they change (checked every
+//! `HERALD_TLS_RELOAD_INTERVAL`), so a renewed certificate is served without
+//! a restart; a renewal that cannot be read is logged and the old one kept.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::crypto::ring::default_provider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls::ServerConfig;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, Semaphore};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// Longest a client may take to finish its TLS handshake.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Handshakes in flight at once; further connections wait to be accepted.
+const HANDSHAKES: usize = 1024;
+/// Finished handshakes waiting for the HTTP server.
+const READY_QUEUE: usize = 256;
+
+/// Where the certificate and key come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// How often the files are checked for a renewal.
+    pub reload_every: Duration,
+}
+
+impl TlsFiles {
+    /// Reads and checks both files: a PEM chain (leaf first) and a PEM
+    /// private key (PKCS#8, PKCS#1 or SEC1) that belongs to the leaf.
+    pub fn load(&self) -> Result<Arc<CertifiedKey>, String> {
+        let chain = CertificateDer::pem_file_iter(&self.cert)
+            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+            .map_err(|e| format!("cannot read certificates from {}: {e}", self.cert.display()))?;
+        if chain.is_empty() {
+            return Err(format!("{} holds no PEM certificate", self.cert.display()));
+        }
+        let key = PrivateKeyDer::from_pem_file(&self.key)
+            .map_err(|e| format!("cannot read a private key from {}: {e}", self.key.display()))?;
+        let certified = CertifiedKey::from_der(chain, key, &default_provider()).map_err(|e| {
+            format!("{} and {} do not form a usable pair: {e}", self.cert.display(), self.key.display())
+        })?;
+        Ok(Arc::new(certified))
+    }
+
+    fn modified(&self) -> Option<(SystemTime, SystemTime)> {
+        let at = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+        Some((at(&self.cert)?, at(&self.key)?))
+    }
+}
+
+/// The certificate being served, swapped when the files change.
+#[derive(Debug)]
+struct Current(RwLock<Arc<CertifiedKey>>);
+
+impl ResolvesServerCert for Current {
+    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+}
+
+/// A TLS server configuration for `files`, and the task that reloads them.
+pub struct Tls {
+    config: Arc<ServerConfig>,
+    current: Arc<Current>,
+    files: TlsFiles,
+}
+
+impl Tls {
+    pub fn new(files: &TlsFiles) -> Result<Tls, String> {
+        let current = Arc::new(Current(RwLock::new(files.load()?)));
+        let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth()
+            .with_cert_resolver(current.clone());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(Tls { config: Arc::new(config), current, files: files.clone() })
+    }
+
+    /// Wraps `listener`: the returned listener yields finished TLS streams.
+    pub fn listen(self, listener: TcpListener) -> io::Result<TlsListener> {
+        let local = listener.local_addr()?;
+        let (ready, rx) = mpsc::channel(READY_QUEUE);
+        let acceptor = TlsAcceptor::from(self.config);
+        tokio::spawn(accept_loop(listener, acceptor, ready.clone()));
+        tokio::spawn(reload_loop(self.files, self.current, ready));
+        Ok(TlsListener { ready: rx, local })
+    }
+}
+
+/// Yields TLS streams whose handshake has finished; see the module doc.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(ready) => ready,
+            // The accept loop only ends when this listener is dropped.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> io::Result<SocketAddr> {
+        Ok(self.local)
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
+) {
+    let slots = Arc::new(Semaphore::new(HANDSHAKES));
+    loop {
+        let slot = tokio::select! {
+            _ = ready.closed() => return,
+            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
+        let (tcp, peer) = tokio::select! {
+            _ = ready.closed() => return,
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, as axum does.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, ready) = (acceptor.clone(), ready.clone());
+        tokio::spawn(async move {
+            match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                Ok(Ok(stream)) => {
+                    drop(slot);
+                    let _ = ready.send((stream, peer)).await;
+                }
+                Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+            }
+        });
+    }
+}
+
+async fn reload_loop(files: TlsFiles, current: Arc<Current>, ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>) {
+    let mut seen = files.modified();
+    loop {
+        tokio::select! {
+            _ = ready.closed() => return,
+            _ = tokio::time::sleep(files.reload_every) => {}
+        }
+        let now = files.modified();
+        if now == seen {
+            continue;
+        }
+        match files.load() {
+            Ok(certified) => {
+                *current.0.write().unwrap_or_else(|e| e.into_inner()) = certified;
+                seen = now;
+                tracing::info!(cert = %files.cert.display(), "TLS certificate reloaded");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the TLS files changed but cannot be used; keeping the old certificate")
+            }
+        }
+    }
+}
