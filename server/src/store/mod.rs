@@ -13,6 +13,7 @@ use herald_protocol::{ReadMark, Seq};
 use serde_json::value::RawValue;
 
 pub mod jobs;
+mod plan;
 pub mod postgres;
 pub mod sqlite;
 

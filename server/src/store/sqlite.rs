@@ -3,11 +3,14 @@
 //! Appends go through one writer task that owns one connection and commits
 //! whatever has queued up in a single `BEGIN IMMEDIATE` transaction (group
 //! commit): SQLite has one writer at a time anyway, and one fsync then covers
-//! many publishes. `synchronous=FULL`, so a commit survives power loss.
+//! many publishes. Inside it, a few multi-row statements read the counters
+//! and the repeated idempotency keys, insert the new notifications and write
+//! the counters back; seqs are decided in Rust ([`super::plan`]). `synchronous=FULL`, so a commit survives power loss.
 //! Reads use a small pool; WAL lets them run beside the writer.
 
 mod jobs;
 
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +22,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot};
 
+use super::plan::{Key, Plan};
 use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoredNotification, Unread};
 
 /// `SELECT <the columns from_row reads> FROM notifications <rest>`.
@@ -142,23 +146,20 @@ async fn write_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteMsg>
 }
 
 async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<NewNotification>, AppendReply)>) {
+    let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
     let result = async {
         sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-        let mut outcomes = Vec::with_capacity(group.len());
-        for (batch, _) in &group {
-            let mut out = Vec::with_capacity(batch.len());
-            for n in batch {
-                out.push(append_one(conn, n).await?);
-            }
-            outcomes.push(out);
-        }
+        let last_seqs = counters(conn, &batches).await?;
+        let earlier = earlier_keys(conn, &batches).await?;
+        let plan = Plan::new(&batches, last_seqs, earlier)?;
+        write(conn, &plan).await?;
         sqlx::query("COMMIT").execute(&mut *conn).await?;
-        Ok::<_, sqlx::Error>(outcomes)
+        Ok::<_, sqlx::Error>(plan.outcomes)
     }
     .await;
     match result {
         Ok(outcomes) => {
-            for ((_, reply), out) in group.into_iter().zip(outcomes) {
+            for (reply, out) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(out));
             }
         }
@@ -166,57 +167,122 @@ async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<NewNotificati
             let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
             let err = StoreError::from(e);
             tracing::error!(error = %err, "group commit failed; nothing of it was stored");
-            for (_, reply) in group {
+            for reply in replies {
                 let _ = reply.send(Err(err.clone()));
             }
         }
     }
 }
 
-async fn append_one(conn: &mut SqliteConnection, n: &NewNotification) -> Result<Appended, sqlx::Error> {
-    if let Some(key) = &n.idempotency_key {
-        let earlier = sqlx::query(select!("WHERE user_id = ? AND idempotency_key = ?"))
-            .bind(&*n.user_id)
-            .bind(&**key)
-            .fetch_optional(&mut *conn)
-            .await?;
-        if let Some(row) = earlier {
-            return Ok(Appended { notification: from_row(&n.user_id, &row)?, created: false });
+/// Most rows one multi-row statement carries. Smaller statements take the
+/// largest power of two that fits, so a handful of statements are prepared
+/// (and cached) in all, whatever the group's size.
+const ROWS_PER_STATEMENT: usize = 256;
+
+fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let n = ROWS_PER_STATEMENT.min(1 << rest.len().ilog2());
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
+}
+
+/// `row` repeated `n` times, comma-separated: the `VALUES` list of a chunk.
+fn repeated(row: &str, n: usize) -> String {
+    vec![row; n].join(",")
+}
+
+/// The group's users' `last_seq` (0 for a user never seen). The writer holds
+/// SQLite's write lock from `BEGIN IMMEDIATE`, so no one else moves them.
+async fn counters(
+    conn: &mut SqliteConnection,
+    batches: &[Vec<NewNotification>],
+) -> Result<HashMap<String, i64>, sqlx::Error> {
+    let mut users: Vec<&str> = batches.iter().flatten().map(|n| &*n.user_id).collect();
+    users.sort_unstable();
+    users.dedup();
+    let mut last_seqs: HashMap<String, i64> = users.iter().map(|u| (u.to_string(), 0)).collect();
+    for chunk in statement_chunks(&users) {
+        let sql = format!("SELECT user_id, last_seq FROM users WHERE user_id IN ({})", repeated("?", chunk.len()));
+        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
+        for user in chunk {
+            query = query.bind(*user);
+        }
+        for (user, last) in query.fetch_all(&mut *conn).await? {
+            last_seqs.insert(user, last);
         }
     }
-    let seq: i64 = sqlx::query_scalar(
-        "INSERT INTO users (user_id, last_seq) VALUES (?, 1)
-         ON CONFLICT (user_id) DO UPDATE SET last_seq = last_seq + 1
-         RETURNING last_seq",
-    )
-    .bind(&*n.user_id)
-    .fetch_one(&mut *conn)
-    .await?;
-    sqlx::query(
-        "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, idempotency_key)
-         VALUES (?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&*n.user_id)
-    .bind(seq)
-    .bind(&n.id)
-    .bind(&*n.topic)
-    .bind(n.payload.get())
-    .bind(n.created_at_ms)
-    .bind(n.idempotency_key.as_deref())
-    .execute(&mut *conn)
-    .await?;
-    Ok(Appended {
-        notification: StoredNotification {
-            user_id: n.user_id.clone(),
-            seq,
-            id: n.id.clone(),
-            topic: n.topic.clone(),
-            payload: n.payload.clone(),
-            created_at_ms: n.created_at_ms,
-            read: false,
-        },
-        created: true,
-    })
+    Ok(last_seqs)
+}
+
+/// The stored notifications whose (user, idempotency key) the group repeats.
+async fn earlier_keys(
+    conn: &mut SqliteConnection,
+    batches: &[Vec<NewNotification>],
+) -> Result<HashMap<Key, StoredNotification>, sqlx::Error> {
+    let keyed: Vec<(&str, &str)> =
+        batches.iter().flatten().filter_map(|n| n.idempotency_key.as_deref().map(|k| (&*n.user_id, k))).collect();
+    let mut earlier = HashMap::new();
+    for chunk in statement_chunks(&keyed) {
+        let sql = format!(
+            "SELECT user_id, idempotency_key, seq, id, topic, payload, created_at, read FROM notifications
+             WHERE (user_id, idempotency_key) IN (VALUES {})",
+            repeated("(?, ?)", chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for (user, key) in chunk {
+            query = query.bind(*user).bind(*key);
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            let user: Arc<str> = row.try_get::<String, _>("user_id")?.into();
+            let key: Arc<str> = row.try_get::<String, _>("idempotency_key")?.into();
+            earlier.insert((user.clone(), key), from_row(&user, &row)?);
+        }
+    }
+    Ok(earlier)
+}
+
+/// Inserts the new notifications and writes the counters back, many rows a statement.
+async fn write(conn: &mut SqliteConnection, plan: &Plan<'_>) -> Result<(), sqlx::Error> {
+    let rows = &plan.rows;
+    let indexes: Vec<usize> = (0..rows.users.len()).collect();
+    for chunk in statement_chunks(&indexes) {
+        let sql = format!(
+            "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, idempotency_key) VALUES {}",
+            repeated("(?, ?, ?, ?, ?, ?, ?)", chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for &i in chunk {
+            query = query
+                .bind(rows.users[i])
+                .bind(rows.seqs[i])
+                .bind(rows.ids[i])
+                .bind(rows.topics[i])
+                .bind(rows.payloads[i])
+                .bind(rows.created[i])
+                .bind(rows.keys[i]);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    let counters: Vec<(&str, i64)> = plan.counters.iter().map(|(u, s)| (*u, *s)).collect();
+    for chunk in statement_chunks(&counters) {
+        let sql = format!(
+            "INSERT INTO users (user_id, last_seq) VALUES {}
+             ON CONFLICT (user_id) DO UPDATE SET last_seq = excluded.last_seq",
+            repeated("(?, ?)", chunk.len())
+        );
+        let mut query = sqlx::query(&sql);
+        for (user, last) in chunk {
+            query = query.bind(*user).bind(*last);
+        }
+        query.execute(&mut *conn).await?;
+    }
+    Ok(())
 }
 
 fn rows(user: &str, rows: Vec<SqliteRow>) -> Result<Vec<StoredNotification>, StoreError> {

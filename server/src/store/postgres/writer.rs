@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use super::from_row;
+use crate::store::plan::{Key, Plan};
 use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
 
 /// Most notifications committed in one group transaction (a single larger
@@ -143,15 +144,13 @@ async fn commit(pool: &PgPool, batches: &[Vec<NewNotification>]) -> Result<Vec<V
     let earlier = earlier_keys(&mut tx, batches).await?;
     let plan = Plan::new(batches, counters.into_iter().collect(), earlier)?;
     if !plan.rows.users.is_empty() {
-        plan.write(&mut tx).await?;
+        write(&plan, &mut tx).await?;
     }
     // An error here, connection loss included, is an error to the caller:
     // the outcome is unknown, so it is never reported as stored.
     tx.commit().await?;
     Ok(plan.outcomes)
 }
-
-type Key = (Arc<str>, Arc<str>);
 
 /// The stored notifications whose (user, idempotency key) the group repeats.
 async fn earlier_keys(
@@ -181,106 +180,29 @@ async fn earlier_keys(
     Ok(earlier)
 }
 
-/// The new rows, column by column, for `UNNEST`.
-#[derive(Default)]
-struct Rows<'a> {
-    users: Vec<&'a str>,
-    seqs: Vec<i64>,
-    ids: Vec<&'a str>,
-    topics: Vec<&'a str>,
-    payloads: Vec<&'a str>,
-    created: Vec<i64>,
-    keys: Vec<Option<&'a str>>,
-}
-
-/// What the group stores and answers, decided in Rust with the locks held.
-struct Plan<'a> {
-    outcomes: Vec<Vec<Appended>>,
-    rows: Rows<'a>,
-    /// The new `last_seq` of every user that got a notification.
-    counters: HashMap<&'a str, i64>,
-}
-
-impl<'a> Plan<'a> {
-    /// Gives each new notification its user's next seq, in request order;
-    /// a key already stored, or seen earlier in the group, gets that
-    /// notification back with `created = false`.
-    fn new(
-        batches: &'a [Vec<NewNotification>],
-        mut last_seqs: HashMap<String, i64>,
-        mut known: HashMap<Key, StoredNotification>,
-    ) -> Result<Self, sqlx::Error> {
-        let mut plan =
-            Plan { outcomes: Vec::with_capacity(batches.len()), rows: Rows::default(), counters: HashMap::new() };
-        for batch in batches {
-            let mut out = Vec::with_capacity(batch.len());
-            for n in batch {
-                let key = n.idempotency_key.as_ref().map(|k| (n.user_id.clone(), k.clone()));
-                if let Some(earlier) = key.as_ref().and_then(|k| known.get(k)) {
-                    out.push(Appended { notification: earlier.clone(), created: false });
-                    continue;
-                }
-                let last = last_seqs
-                    .get_mut(&*n.user_id)
-                    .ok_or_else(|| sqlx::Error::Protocol(format!("no counter row locked for {}", n.user_id)))?;
-                *last += 1;
-                plan.counters.insert(&n.user_id, *last);
-                let stored = StoredNotification {
-                    user_id: n.user_id.clone(),
-                    seq: *last,
-                    id: n.id.clone(),
-                    topic: n.topic.clone(),
-                    payload: n.payload.clone(),
-                    created_at_ms: n.created_at_ms,
-                    read: false,
-                };
-                plan.rows.push(n, *last);
-                if let Some(key) = key {
-                    known.insert(key, stored.clone());
-                }
-                out.push(Appended { notification: stored, created: true });
-            }
-            plan.outcomes.push(out);
-        }
-        Ok(plan)
-    }
-
-    /// Inserts the new notifications and advances the counters: one statement.
-    async fn write(&self, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
-        let (users, last_seqs): (Vec<&str>, Vec<i64>) = self.counters.iter().map(|(u, s)| (*u, *s)).unzip();
-        let rows = &self.rows;
-        sqlx::query(
-            "WITH inserted AS (
-                 INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, idempotency_key)
-                 SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[])
-             )
-             UPDATE users SET last_seq = c.last_seq
-             FROM UNNEST($8::text[], $9::int8[]) AS c(user_id, last_seq)
-             WHERE users.user_id = c.user_id",
-        )
-        .bind(&rows.users)
-        .bind(&rows.seqs)
-        .bind(&rows.ids)
-        .bind(&rows.topics)
-        .bind(&rows.payloads)
-        .bind(&rows.created)
-        .bind(&rows.keys)
-        .bind(&users)
-        .bind(&last_seqs)
-        .execute(&mut **tx)
-        .await?;
-        Ok(())
-    }
-}
-
-impl<'a> Rows<'a> {
-    fn push(&mut self, n: &'a NewNotification, seq: i64) {
-        self.users.push(&n.user_id);
-        self.seqs.push(seq);
-        self.ids.push(&n.id);
-        self.topics.push(&n.topic);
-        self.payloads.push(n.payload.get());
-        self.created.push(n.created_at_ms);
-        self.keys.push(n.idempotency_key.as_deref());
-    }
+/// Inserts the new notifications and advances the counters: one statement.
+async fn write(plan: &Plan<'_>, tx: &mut Transaction<'_, Postgres>) -> Result<(), sqlx::Error> {
+    let (users, last_seqs): (Vec<&str>, Vec<i64>) = plan.counters.iter().map(|(u, s)| (*u, *s)).unzip();
+    let rows = &plan.rows;
+    sqlx::query(
+        "WITH inserted AS (
+             INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, idempotency_key)
+             SELECT * FROM UNNEST($1::text[], $2::int8[], $3::text[], $4::text[], $5::text[], $6::int8[], $7::text[])
+         )
+         UPDATE users SET last_seq = c.last_seq
+         FROM UNNEST($8::text[], $9::int8[]) AS c(user_id, last_seq)
+         WHERE users.user_id = c.user_id",
+    )
+    .bind(&rows.users)
+    .bind(&rows.seqs)
+    .bind(&rows.ids)
+    .bind(&rows.topics)
+    .bind(&rows.payloads)
+    .bind(&rows.created)
+    .bind(&rows.keys)
+    .bind(&users)
+    .bind(&last_seqs)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
