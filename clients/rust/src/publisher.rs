@@ -1,0 +1,143 @@
+//! Publishing over HTTP with an API key (spec §3, "Publishing").
+
+use herald_protocol::http::{
+    DigestAccepted, JobAccepted, JobStatus, NotificationPage, PublishRequest, PublishResponse, Published,
+};
+use herald_protocol::Seq;
+use reqwest::StatusCode;
+
+use crate::http::{answer, encode_segment, trim_base};
+use crate::{Error, TlsOptions};
+
+/// Publishes and reads history with an API key. A cheap [`Clone`] handle over
+/// one connection pool.
+///
+/// ```no_run
+/// # async fn demo() -> Result<(), herald_client::Error> {
+/// use herald_client::{PublishRequest, Publisher, Submitted};
+/// use serde_json::json;
+///
+/// let publisher = Publisher::new("https://herald.example.com", "<api key>");
+///
+/// // One user: the answer carries the notification's id and seq.
+/// let published = publisher.publish_one("alice", "orders", json!({"order": 42})).await?;
+/// println!("stored as seq {}", published.seq);
+///
+/// // Several users, at most once per idempotency key.
+/// let request = PublishRequest {
+///     user_id: None,
+///     user_ids: Some(vec!["alice".into(), "bob".into()]),
+///     topic: "orders".into(),
+///     payload: json!({"order": 43, "status": "shipped"}),
+///     idempotency_key: Some("order-43-shipped".into()),
+///     digest: None,
+/// };
+/// let (status, answer) = publisher.publish(&request).await?; // 201 stored, 200 a repeat
+/// println!("{status}: {:?}", answer.notifications);
+///
+/// // Any audience size: large ones become a job (202).
+/// if let (_, Submitted::Job(job)) = publisher.submit(&request).await? {
+///     println!("job {}: {}", job.job_id, publisher.job(&job.job_id).await?.state);
+/// }
+///
+/// // A user's history, oldest first.
+/// let page = publisher.history("alice", 0, 100).await?;
+/// println!("{} of {}", page.notifications.len(), page.last_seq);
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Publisher {
+    http: reqwest::Client,
+    base: String,
+    api_key: String,
+}
+
+impl Publisher {
+    /// `base` is the server's `http://host:port` or `https://host:port`
+    /// (trusting the `webpki-roots` certificates).
+    pub fn new(base: impl Into<String>, api_key: impl Into<String>) -> Publisher {
+        Publisher::with_tls(base, api_key, &TlsOptions::default()).expect("the default TLS options always build")
+    }
+
+    /// Like [`new`](Self::new), trusting what `tls` says.
+    pub fn with_tls(base: impl Into<String>, api_key: impl Into<String>, tls: &TlsOptions) -> Result<Publisher, Error> {
+        Ok(Publisher { http: tls.http_client()?, base: trim_base(base.into()), api_key: api_key.into() })
+    }
+
+    /// Like [`new`](Self::new), also trusting the certificates in `pem` (a private CA).
+    pub fn with_root_certificate(
+        base: impl Into<String>,
+        api_key: impl Into<String>,
+        pem: impl Into<Vec<u8>>,
+    ) -> Result<Publisher, Error> {
+        Publisher::with_tls(base, api_key, &TlsOptions::new().root_certificate(pem))
+    }
+
+    /// `POST /v1/notifications`; the status tells 201 (stored) from 200 (idempotent repeat).
+    pub async fn publish(&self, request: &PublishRequest) -> Result<(StatusCode, PublishResponse), Error> {
+        let response = self
+            .http
+            .post(format!("{}/v1/notifications", self.base))
+            .bearer_auth(&self.api_key)
+            .json(request)
+            .send()
+            .await?;
+        answer(response).await
+    }
+
+    /// `POST /v1/notifications` with any answer: stored (201/200), a job for a
+    /// large audience (202 `job_id`), or digest entries (202 `digests`).
+    pub async fn submit(&self, request: &PublishRequest) -> Result<(StatusCode, Submitted), Error> {
+        let response = self
+            .http
+            .post(format!("{}/v1/notifications", self.base))
+            .bearer_auth(&self.api_key)
+            .json(request)
+            .send()
+            .await?;
+        answer(response).await
+    }
+
+    /// `GET /v1/jobs/{id}`.
+    pub async fn job(&self, id: &str) -> Result<JobStatus, Error> {
+        let url = format!("{}/v1/jobs/{}", self.base, encode_segment(id));
+        let response = self.http.get(url).bearer_auth(&self.api_key).send().await?;
+        Ok(answer(response).await?.1)
+    }
+
+    /// Publishes one notification to one user and returns it.
+    pub async fn publish_one(&self, user: &str, topic: &str, payload: serde_json::Value) -> Result<Published, Error> {
+        let request = PublishRequest {
+            user_id: Some(user.into()),
+            user_ids: None,
+            topic: topic.into(),
+            payload,
+            idempotency_key: None,
+            digest: None,
+        };
+        let (_, mut answer) = self.publish(&request).await?;
+        answer.notifications.pop().ok_or_else(|| Error::Protocol("empty publish answer".into()))
+    }
+
+    /// `GET /v1/users/{user}/notifications?after_seq=&limit=`, oldest first.
+    pub async fn history(&self, user: &str, after_seq: Seq, limit: u32) -> Result<NotificationPage, Error> {
+        let url = format!("{}/v1/users/{}/notifications", self.base, encode_segment(user));
+        let response = self
+            .http
+            .get(url)
+            .bearer_auth(&self.api_key)
+            .query(&[("after_seq", after_seq), ("limit", limit as i64)])
+            .send()
+            .await?;
+        Ok(answer(response).await?.1)
+    }
+}
+
+/// Any answer to a publish.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize)]
+#[serde(untagged)]
+pub enum Submitted {
+    Stored(PublishResponse),
+    Job(JobAccepted),
+    Digest(DigestAccepted),
+}
