@@ -13,6 +13,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ipnet::IpNet;
+
+use crate::limit::{LimitSettings, Rate};
 use crate::tls::TlsFiles;
 use rand::Rng;
 
@@ -132,6 +135,13 @@ pub struct Settings {
     pub tls: Option<TlsFiles>,
     /// Set when no key was configured: keys were generated at start.
     pub dev_mode: bool,
+    /// Abuse limits (see [`crate::limit`]).
+    pub limits: LimitSettings,
+    /// Longest a client may take to send a request's headers (slowloris);
+    /// the connection is closed after it.
+    pub header_timeout: Duration,
+    /// Largest request head (request line and headers), in bytes (431 above it).
+    pub max_header_bytes: usize,
 }
 
 impl Settings {
@@ -226,6 +236,20 @@ impl Source<'_> {
         })
     }
 
+    /// A [`Rate`] like `100/s`, or `off`.
+    fn rate(&self, key: &str, default: &str) -> Result<Option<Rate>, ConfigError> {
+        let default = Rate::parse(default).expect("defaults parse");
+        self.parse(key, default, Rate::parse)
+    }
+
+    /// A cap: a whole number of at least 1, or `off`.
+    fn cap(&self, key: &str, default: usize) -> Result<Option<usize>, ConfigError> {
+        self.parse(key, Some(default), |v| match v {
+            "off" | "0" => Ok(None),
+            v => v.parse::<usize>().map(Some).map_err(|_| format!("`{v}` is not a whole number (or `off`)")),
+        })
+    }
+
     fn list(&self, key: &str) -> Option<Vec<String>> {
         self.string(key).map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
     }
@@ -280,6 +304,14 @@ const KEYS: &[&str] = &[
     "redis_prefix",
     "repair_interval",
     "presence_ttl",
+    "limit_handshakes_per_ip",
+    "limit_sessions_per_ip",
+    "limit_sessions_per_user",
+    "limit_frames_per_session",
+    "limit_publishes_per_key",
+    "trusted_proxies",
+    "header_timeout",
+    "max_header_bytes",
     "otel_exporter_otlp_endpoint",
 ];
 
@@ -446,7 +478,30 @@ impl Settings {
             presence_ttl: src.duration("presence_ttl", Duration::from_secs(30))?,
             tls,
             dev_mode,
+            limits: LimitSettings {
+                handshakes_per_ip: src.rate("limit_handshakes_per_ip", "100/s")?,
+                sessions_per_ip: src.cap("limit_sessions_per_ip", 1000)?,
+                sessions_per_user: src.cap("limit_sessions_per_user", 100)?,
+                frames_per_session: src.rate("limit_frames_per_session", "50/s")?,
+                publishes_per_key: src.rate("limit_publishes_per_key", "off")?,
+                trusted_proxies: src.parse("trusted_proxies", Vec::new(), |v| {
+                    v.split(',')
+                        .map(str::trim)
+                        .filter(|p| !p.is_empty())
+                        .map(|p| {
+                            p.parse::<IpNet>()
+                                .or_else(|_| p.parse::<std::net::IpAddr>().map(IpNet::from))
+                                .map_err(|_| format!("`{p}` is not an IP address or a network like 10.0.0.0/8"))
+                        })
+                        .collect()
+                })?,
+            },
+            header_timeout: src.duration("header_timeout", Duration::from_secs(10))?,
+            max_header_bytes: src.number("max_header_bytes", 16 * 1024usize, 8 * 1024)?,
         };
+        if settings.header_timeout < Duration::from_millis(100) {
+            return Err(src.error("header_timeout", "must be at least 100ms"));
+        }
         if settings.retention.is_zero() {
             return Err(src.error("retention", "must be longer than zero"));
         }

@@ -21,6 +21,7 @@
 //! - [`ws`]: `GET /v1/ws` — `handshake` (every refusal, before the upgrade),
 //!   `protocol` (client frames), `session` (one loop per connection), `close`.
 //! - [`hub`]: user → local sessions, bounded outboxes.
+//! - [`limit`]: abuse limits — handshake and publish rates, session caps, frame rates.
 //! - [`broker`]: fan-out between nodes (`memory` for one node, `redis` for many,
 //!   with the periodic repair that delivers what Redis lost).
 //! - [`store`]: durable notifications and read state (`sqlite`, `postgres`).
@@ -42,6 +43,8 @@ pub mod broker;
 pub mod cli;
 pub mod config;
 pub mod hub;
+pub mod limit;
+pub mod listen;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
@@ -54,6 +57,7 @@ use broker::redis::{RedisBroker, RedisOptions, RedisTarget};
 use broker::Broker;
 use config::Settings;
 use hub::Hub;
+use limit::Limits;
 use store::{Store, StoreError};
 use telemetry::Metrics;
 use worker::pool::Pool;
@@ -67,6 +71,7 @@ pub struct AppState {
     pub hub: Hub,
     pub verifier: Arc<Verifier>,
     pub api_keys: Arc<ApiKeys>,
+    pub limits: Arc<Limits>,
     pub metrics: Arc<Metrics>,
     /// Cancelled when the node starts draining.
     pub shutdown: CancellationToken,
@@ -93,10 +98,10 @@ impl AppState {
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<AppState, StartError> {
         let store = store::open(&settings.database_url, &settings.store_options()).await?;
         let metrics = Arc::new(Metrics::new());
-        let (hub, broker): (Hub, Arc<dyn Broker>) = match &settings.redis_url {
+        let (hub, broker, shared): (Hub, Arc<dyn Broker>, _) = match &settings.redis_url {
             None => {
                 let hub = Hub::new(Arc::new(hub::NoInterest));
-                (hub.clone(), Arc::new(broker::memory::MemoryBroker::new(hub)))
+                (hub.clone(), Arc::new(broker::memory::MemoryBroker::new(hub)), None)
             }
             Some(url) => {
                 let target = RedisTarget::parse(url).map_err(StartError::Redis)?;
@@ -112,11 +117,14 @@ impl AppState {
                     RedisBroker::connect(&target, options, hub.clone(), changes, store.clone(), metrics.clone())
                         .await
                         .map_err(|e| StartError::Redis(e.to_string()))?;
-                (hub, Arc::new(broker))
+                let commands = broker.commands();
+                (hub, Arc::new(broker), Some(commands))
             }
         };
         let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
+        let limits = Arc::new(Limits::new(settings.limits.clone(), shared, metrics.clone()));
         Ok(AppState {
+            limits,
             verifier: Arc::new(Verifier::new(&settings.jwt)?),
             api_keys: Arc::new(ApiKeys::new(&settings.api_keys)),
             settings: Arc::new(settings),

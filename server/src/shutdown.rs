@@ -4,7 +4,6 @@
 //! see it go), finishes the requests it accepted — publishes included — and
 //! returns within `shutdown_deadline` whatever is still running.
 
-use std::future::IntoFuture;
 use std::io;
 
 use tokio::net::TcpListener;
@@ -30,13 +29,21 @@ pub async fn serve(state: AppState, listener: TcpListener) {
         }
     };
     let app = crate::api::router(state.clone());
+    let limits = crate::listen::ConnectionLimits {
+        header_timeout: settings.header_timeout,
+        max_header_bytes: settings.max_header_bytes,
+    };
     let mut server = match &settings.tls {
-        None => tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stop_accepting).into_future()),
+        None => tokio::spawn(async move {
+            crate::listen::serve(listener, app, limits, stop_accepting).await;
+            Ok(())
+        }),
         // The files were checked with the settings; they can still change before this.
         Some(files) => match crate::tls::Tls::new(files).map_err(io::Error::other).and_then(|t| t.listen(listener)) {
-            Ok(listener) => {
-                tokio::spawn(axum::serve(listener, app).with_graceful_shutdown(stop_accepting).into_future())
-            }
+            Ok(listener) => tokio::spawn(async move {
+                crate::listen::serve(listener, app, limits, stop_accepting).await;
+                Ok(())
+            }),
             Err(e) => tokio::spawn(async move { Err(e) }),
         },
     };

@@ -33,6 +33,12 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// Which abuse limit (see [`crate::limit`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Limit {
+    pub limit: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CloseCode {
     pub code: u16,
@@ -64,6 +70,8 @@ pub struct Metrics {
     pub jobs_failed: Counter,
     pub job_seconds: Histogram,
     pub digests_closed: Counter,
+    pub rate_limited: Family<Limit, Counter>,
+    pub rate_limit_fallbacks: Family<Limit, Counter>,
 }
 
 impl Metrics {
@@ -193,6 +201,18 @@ impl Metrics {
                 "herald_digests_closed",
                 "Digest windows closed into a notification",
                 Counter::default(),
+            ),
+            rate_limited: registered(
+                &mut r,
+                "herald_rate_limited",
+                "Handshakes, frames and publishes refused by an abuse limit, by limit",
+                Family::default(),
+            ),
+            rate_limit_fallbacks: registered(
+                &mut r,
+                "herald_rate_limit_fallbacks",
+                "Cluster-wide limit checks decided locally because Redis failed or was slow",
+                Family::default(),
             ),
             registry: r,
         }

@@ -3,13 +3,14 @@
 //! details never reach the client; [`log_errors`] logs them.
 
 use axum::extract::{MatchedPath, Request};
-use axum::http::{header, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use herald_protocol::http::{ErrorBody, ErrorDetail};
 
 use crate::auth::AuthError;
+use crate::limit::Decision;
 use crate::store::StoreError;
 
 #[derive(Debug)]
@@ -18,6 +19,8 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after: Option<u64>,
+    /// A rate limit's state, sent as `X-RateLimit-*`.
+    pub rate: Option<Box<Decision>>,
     /// Logged, never sent.
     internal: Option<String>,
 }
@@ -31,7 +34,7 @@ struct Logged {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError { status, code, message: message.into(), retry_after: None, internal: None }
+        ApiError { status, code, message: message.into(), retry_after: None, rate: None, internal: None }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> ApiError {
@@ -60,6 +63,20 @@ impl ApiError {
             retry_after: Some(1),
             ..Self::new(StatusCode::SERVICE_UNAVAILABLE, "draining", "this node is shutting down; connect to another")
         }
+    }
+
+    /// 429 `rate_limited`, with `Retry-After` and, for a rate, `X-RateLimit-*`.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64, rate: Option<Decision>) -> ApiError {
+        ApiError {
+            retry_after: Some(retry_after_secs),
+            rate: rate.map(Box::new),
+            ..Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message)
+        }
+    }
+
+    /// The same error, carrying `rate`'s headers.
+    pub fn with_rate(self, rate: Option<Decision>) -> ApiError {
+        ApiError { rate: rate.map(Box::new).or(self.rate), ..self }
     }
 
     pub fn internal(detail: impl Into<String>) -> ApiError {
@@ -104,9 +121,20 @@ impl IntoResponse for ApiError {
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let Some(rate) = &self.rate {
+            rate_headers(response.headers_mut(), rate);
+        }
         response.extensions_mut().insert(Logged { code: self.code, internal: self.internal });
         response
     }
+}
+
+/// `X-RateLimit-Limit` (the burst), `-Remaining` and `-Reset` (seconds until
+/// the bucket is full again), as GitHub and Stripe send them.
+pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
+    headers.insert("x-ratelimit-limit", HeaderValue::from(rate.limit));
+    headers.insert("x-ratelimit-remaining", HeaderValue::from(rate.remaining));
+    headers.insert("x-ratelimit-reset", HeaderValue::from(rate.reset_after.as_secs_f64().ceil() as u64));
 }
 
 /// Logs refusals: server errors at `error` with their internal detail,

@@ -2,13 +2,16 @@
 //! JSON bodies and query strings.
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Request};
+use std::net::{IpAddr, SocketAddr};
+
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use crate::auth::{bearer, AuthError, UserToken};
+use crate::limit::Decision;
 use crate::AppState;
 
 fn authorization(parts: &Parts) -> Option<&str> {
@@ -22,13 +25,53 @@ impl FromRequestParts<AppState> for ApiKey {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key = authorization(parts)
-            .ok_or_else(|| ApiError::unauthorized("missing_api_key", "send Authorization: Bearer <api key>"))?;
-        if state.api_keys.check(key) {
-            Ok(ApiKey)
-        } else {
-            Err(ApiError::unauthorized("invalid_api_key", "the API key is not valid"))
+        api_key(parts, state).map(|_| ApiKey)
+    }
+}
+
+fn api_key<'a>(parts: &'a Parts, state: &AppState) -> Result<&'a str, ApiError> {
+    let key = authorization(parts)
+        .ok_or_else(|| ApiError::unauthorized("missing_api_key", "send Authorization: Bearer <api key>"))?;
+    if state.api_keys.check(key) {
+        Ok(key)
+    } else {
+        Err(ApiError::unauthorized("invalid_api_key", "the API key is not valid"))
+    }
+}
+
+/// A backend service with a valid API key and room under its publish rate
+/// (checked before the body is read). Carries the rate's state for the
+/// `X-RateLimit-*` headers; `None` when publishes are not limited.
+pub struct Publisher(pub Option<Decision>);
+
+impl FromRequestParts<AppState> for Publisher {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let key = api_key(parts, state)?;
+        let rate = state.limits.publish(key).await;
+        match rate {
+            Some(d) if !d.allowed => Err(ApiError::rate_limited(
+                "this API key is over its publish rate; retry after Retry-After seconds",
+                d.retry_after_secs(),
+                Some(d),
+            )),
+            rate => Ok(Publisher(rate)),
         }
+    }
+}
+
+/// The client's IP for the abuse limits: the TCP peer, or what a trusted
+/// proxy forwarded (see [`crate::limit`]). `None` if the server did not
+/// record the peer.
+pub struct ClientIp(pub Option<IpAddr>);
+
+impl FromRequestParts<AppState> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+        let peer = parts.extensions.get::<ConnectInfo<SocketAddr>>().map(|c| c.0.ip());
+        Ok(ClientIp(state.limits.client_ip(peer, &parts.headers)))
     }
 }
 

@@ -37,7 +37,7 @@ pub fn router(state: AppState) -> Router {
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
-        .route("/demo", get(demo::page))
+        .merge(demo::routes(settings.dev_mode))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -47,6 +47,7 @@ pub fn router(state: AppState) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(settings.max_header_bytes, crate::listen::header_size))
         .layer(middleware::from_fn(error::log_errors))
         .with_state(state)
 }

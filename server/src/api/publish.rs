@@ -17,8 +17,8 @@ use herald_protocol::http::{DigestAccepted, DigestPending, JobAccepted, PublishR
 use serde_json::value::RawValue;
 use tokio::time::Instant;
 
-use super::error::ApiError;
-use super::extract::{ApiKey, JsonBody};
+use super::error::{rate_headers, ApiError};
+use super::extract::{JsonBody, Publisher};
 use crate::broker::Event;
 use crate::hub::Delivery;
 use crate::store::jobs::{DigestEntry, NewJob};
@@ -33,16 +33,30 @@ const MAX_WINDOW_SECS: u64 = 7 * 24 * 3600;
 
 pub async fn publish(
     State(state): State<AppState>,
-    _: ApiKey,
+    Publisher(rate): Publisher,
     JsonBody(request): JsonBody<PublishRequest<Box<RawValue>>>,
 ) -> Result<Response, ApiError> {
+    let mut response = publish_request(&state, request).await.map_err(|e| e.with_rate(rate))?;
+    if let Some(rate) = &rate {
+        rate_headers(response.headers_mut(), rate);
+    }
+    Ok(response)
+}
+
+/// Validates one publish, then stores and delivers it (or queues it as a job
+/// or digest entries): the whole path behind `POST /v1/notifications`, for
+/// any caller that has already authorized it (also `POST /demo/publish`).
+pub(crate) async fn publish_request(
+    state: &AppState,
+    request: PublishRequest<Box<RawValue>>,
+) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let users = validate(&state, &request)?;
+    let users = validate(state, &request)?;
     if request.digest.is_some() {
-        return digest(&state, request, users).await;
+        return digest(state, request, users).await;
     }
     if users.len() > state.settings.max_user_ids {
-        return enqueue(&state, request, users).await;
+        return enqueue(state, request, users).await;
     }
     let topic: Arc<str> = request.topic.into();
     let payload: Arc<RawValue> = Arc::from(request.payload);

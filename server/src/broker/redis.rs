@@ -353,6 +353,32 @@ impl RedisBroker {
     }
 }
 
+impl RedisBroker {
+    /// A handle for one-off commands (the rate limiter's scripts) on the
+    /// broker's command connection, with the deployment's key prefix.
+    pub fn commands(&self) -> RedisCommands {
+        RedisCommands { conn: self.shared.publisher.clone(), prefix: self.shared.prefix.clone() }
+    }
+}
+
+/// See [`RedisBroker::commands`]. Each command is bounded by the broker's
+/// command timeout; callers on a hot path add a tighter one.
+#[derive(Clone)]
+pub struct RedisCommands {
+    conn: Conn,
+    prefix: String,
+}
+
+impl RedisCommands {
+    pub async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> RedisResult<T> {
+        self.conn.clone().query(cmd).await
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+}
+
 impl Shared {
     fn channel(&self, user: &str) -> String {
         format!("{}:u:{{{user}}}", self.prefix)

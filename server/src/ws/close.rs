@@ -23,6 +23,8 @@ pub enum SessionEnd {
     PolicyViolation,
     /// A client frame above the size limit.
     TooLarge,
+    /// The client sent frames faster than `HERALD_LIMIT_FRAMES_PER_SESSION`.
+    RateLimited,
     /// The store could not be reached (PostgreSQL down): try again later.
     StoreUnavailable,
     /// The store failed while the session needed it.
@@ -41,6 +43,7 @@ impl SessionEnd {
             SessionEnd::RefreshRefused => (close::TOKEN_EXPIRED, "refresh refused"),
             SessionEnd::PolicyViolation => (close::POLICY_VIOLATION, "too many bad frames"),
             SessionEnd::TooLarge => (close::TOO_LARGE, "frame too large"),
+            SessionEnd::RateLimited => (close::RATE_LIMITED, "too many frames; slow down"),
             SessionEnd::StoreUnavailable => (close::TRY_AGAIN_LATER, "store unavailable; reconnect with since"),
             SessionEnd::Internal => (close::INTERNAL_ERROR, "internal error; reconnect with since"),
         })

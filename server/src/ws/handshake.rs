@@ -1,10 +1,13 @@
 //! The upgrade: every refusal happens here, before the socket exists, with
 //! the same error type and body as the HTTP API.
 //!
-//! Order: draining → origin → token (header, then subprotocol, then query)
-//! → `since` → a well-formed upgrade request.
+//! Order: draining → origin → handshake rate per IP → token (header, then
+//! subprotocol, then query) → `since` → session caps per IP and per user →
+//! a well-formed upgrade request. The rate comes before the token so a flood
+//! costs no signature checks.
 
 use std::collections::HashMap;
+use std::net::IpAddr;
 
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::WebSocketUpgrade;
@@ -15,7 +18,9 @@ use herald_protocol::Seq;
 
 use super::session::{self, SessionContext};
 use crate::api::error::ApiError;
+use crate::api::extract::ClientIp;
 use crate::auth::{bearer, AuthError};
+use crate::limit::{Refusal, SessionPermits};
 use crate::telemetry::Outcome;
 use crate::AppState;
 
@@ -23,6 +28,9 @@ use crate::AppState;
 pub const SUBPROTOCOL: &str = "herald.v1";
 /// Prefix of the subprotocol entry that carries the token.
 pub const BEARER_PREFIX: &str = "herald.bearer.";
+
+/// `Retry-After` when a session cap is full: a place frees when a session ends.
+const CAP_RETRY_AFTER_SECS: u64 = 5;
 
 /// tungstenite's read buffer: small, because it is allocated per connection
 /// (its 128 KiB default would cost ~136 KiB per idle connection).
@@ -32,18 +40,19 @@ const WRITE_BUFFER: usize = 8 * 1024;
 
 pub async fn upgrade(
     State(state): State<AppState>,
+    ClientIp(ip): ClientIp,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let query = query.map(|Query(q)| q).unwrap_or_default();
-    let checked = check(&state, &headers, &query);
+    let checked = check(&state, ip, &headers, &query).await;
     let outcome = match &checked {
         Ok(_) => "accepted",
         Err(e) => e.code,
     };
     state.metrics.handshakes.get_or_create(&Outcome { outcome }).inc();
-    let ctx = checked?;
+    let (ctx, permits) = checked?;
     let ws =
         ws.map_err(|e| ApiError::bad_request("not_websocket", format!("not a WebSocket upgrade: {}", e.body_text())))?;
 
@@ -58,14 +67,20 @@ pub async fn upgrade(
         .max_message_size(max_frame)
         .max_frame_size(max_frame)
         .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
-        .on_upgrade(move |socket| sessions.track_future(session::run(socket, ctx, state))))
+        .on_upgrade(move |socket| sessions.track_future(session::run(socket, ctx, permits, state))))
 }
 
-fn check(state: &AppState, headers: &HeaderMap, query: &HashMap<String, String>) -> Result<SessionContext, ApiError> {
+async fn check(
+    state: &AppState,
+    ip: Option<IpAddr>,
+    headers: &HeaderMap,
+    query: &HashMap<String, String>,
+) -> Result<(SessionContext, SessionPermits), ApiError> {
     if state.shutdown.is_cancelled() {
         return Err(ApiError::draining());
     }
     check_origin(state, headers)?;
+    state.limits.handshake_rate(ip).await.map_err(refused)?;
     let token = token(headers, query).ok_or(AuthError::Missing)?;
     let user = state.verifier.verify(token)?;
     let since =
@@ -75,12 +90,34 @@ fn check(state: &AppState, headers: &HeaderMap, query: &HashMap<String, String>)
                 ApiError::bad_request("invalid_since", "`since` is a seq: a whole number, 0 or more")
             })?),
         };
-    Ok(SessionContext {
+    let permits = state.limits.admit(ip, &user.user_id).map_err(refused)?;
+    let ctx = SessionContext {
         session_id: uuid::Uuid::now_v7().to_string(),
         user: user.user_id,
         expires_at: user.expires_at,
         since,
-    })
+    };
+    Ok((ctx, permits))
+}
+
+fn refused(refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::HandshakeRate(d) => ApiError::rate_limited(
+            "too many connection attempts from this address; retry after Retry-After seconds",
+            d.retry_after_secs(),
+            Some(d),
+        ),
+        Refusal::SessionsPerIp(max) => ApiError::rate_limited(
+            format!("this address already has {max} open sessions on this node"),
+            CAP_RETRY_AFTER_SECS,
+            None,
+        ),
+        Refusal::SessionsPerUser(max) => ApiError::rate_limited(
+            format!("this user already has {max} open sessions on this node"),
+            CAP_RETRY_AFTER_SECS,
+            None,
+        ),
+    }
 }
 
 fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {

@@ -26,6 +26,8 @@ use super::close::SessionEnd;
 use super::protocol::{self, BadFrame};
 use crate::broker::Event;
 use crate::hub::Delivery;
+use crate::limit::SessionPermits;
+use crate::telemetry::Limit;
 use crate::AppState;
 
 /// Notifications read from the store per query while catching up.
@@ -64,10 +66,13 @@ struct Session {
     warned: bool,
     strikes: u32,
     strike_window_start: Instant,
+    /// Client frames allowed per second (close 4029 above); `None`: unlimited.
+    frames: Option<governor::DefaultDirectRateLimiter>,
 }
 
 /// Runs a session to its end and closes the socket with the matching code.
-pub async fn run(ws: WebSocket, ctx: SessionContext, state: AppState) {
+/// `permits` hold the session's places under the caps until it ends.
+pub async fn run(ws: WebSocket, ctx: SessionContext, permits: SessionPermits, state: AppState) {
     let span = tracing::debug_span!("ws_session", session_id = %ctx.session_id, user_id = %ctx.user);
     async move {
         let mut registration = state.hub.register(&ctx.user, state.settings.outbox_capacity);
@@ -81,6 +86,7 @@ pub async fn run(ws: WebSocket, ctx: SessionContext, state: AppState) {
             warned: false,
             strikes: 0,
             strike_window_start: Instant::now(),
+            frames: state.limits.frame_limiter(),
             ctx,
             state: state.clone(),
         };
@@ -94,6 +100,7 @@ pub async fn run(ws: WebSocket, ctx: SessionContext, state: AppState) {
             state.metrics.outbox_overflows.inc();
         }
         session.close(end).await;
+        drop(permits);
         state.metrics.sessions_active.dec();
         state.metrics.sessions_closed.get_or_create(&crate::telemetry::CloseCode { code: end.metric_code() }).inc();
         tracing::debug!(?end, "session closed");
@@ -261,6 +268,12 @@ impl Session {
 
     async fn on_message(&mut self, message: Option<Result<Message, axum::Error>>) -> Result<(), SessionEnd> {
         self.last_heard = Instant::now();
+        if let (Some(Ok(m)), Some(frames)) = (&message, &self.frames) {
+            if !matches!(m, Message::Close(_)) && frames.check().is_err() {
+                self.state.metrics.rate_limited.get_or_create(&Limit { limit: "frames_per_session" }).inc();
+                return Err(SessionEnd::RateLimited);
+            }
+        }
         match message {
             None => Err(SessionEnd::ClientGone),
             Some(Err(e)) => Err(if is_too_large(e) { SessionEnd::TooLarge } else { SessionEnd::ClientGone }),

@@ -1,0 +1,103 @@
+//! Serving HTTP on accepted connections — plain or TLS ([`crate::tls`]) —
+//! with the limits a public port needs, which `axum::serve` does not set:
+//!
+//! - a request's headers must arrive within `HERALD_HEADER_TIMEOUT`, or the
+//!   connection is closed (slowloris; it also bounds a WebSocket handshake);
+//! - a request head above twice `HERALD_MAX_HEADER_BYTES` is refused by hyper
+//!   with a bare 431; up to that, [`header_size`] refuses above
+//!   `HERALD_MAX_HEADER_BYTES` with the spec's error body;
+//! - every request carries the TCP peer as `ConnectInfo<SocketAddr>` (the
+//!   limits' client IP, see [`crate::limit`]).
+//!
+//! On `stop_accepting` the loop stops accepting, asks every connection to
+//! finish its request in flight and close, and waits for them. Upgraded
+//! WebSockets are not connections any more: shutdown drains them itself.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::Next;
+use axum::response::Response;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto::Builder;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tower::ServiceExt;
+
+use crate::api::error::ApiError;
+
+/// What each connection is served with.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnectionLimits {
+    pub header_timeout: Duration,
+    pub max_header_bytes: usize,
+}
+
+/// Serves `app` on `listener` until `stop_accepting` completes, then lets the
+/// connections finish what they are doing.
+pub async fn serve<L>(mut listener: L, app: Router, limits: ConnectionLimits, stop_accepting: impl Future<Output = ()>)
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    let connections = TaskTracker::new();
+    let finish = CancellationToken::new();
+    let mut stop_accepting = pin!(stop_accepting);
+    loop {
+        let (io, peer) = tokio::select! {
+            _ = &mut stop_accepting => break,
+            accepted = listener.accept() => accepted,
+        };
+        let app = app.clone();
+        let finish = finish.clone();
+        connections.spawn(async move {
+            let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
+                request.extensions_mut().insert(ConnectInfo(peer));
+                app.clone().oneshot(request.map(Body::new))
+            });
+            let mut builder = Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .max_buf_size(limits.max_header_bytes * 2);
+            builder.http2().timer(TokioTimer::new()).max_header_list_size((limits.max_header_bytes * 2) as u32);
+            let mut connection = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        tracing::trace!(error = %e, "connection ended with an error");
+                    }
+                }
+                _ = finish.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    let _ = connection.await;
+                }
+            }
+        });
+    }
+    finish.cancel();
+    connections.close();
+    connections.wait().await;
+}
+
+/// Refuses a request whose head is larger than `max_header_bytes` with 431
+/// and the spec's body.
+pub async fn header_size(State(max): State<usize>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let head: usize = request.uri().path_and_query().map_or(0, |p| p.as_str().len())
+        + request.headers().iter().map(|(name, value)| name.as_str().len() + value.len() + 4).sum::<usize>();
+    if head > max {
+        return Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request line and headers exceed {max} bytes"),
+        ));
+    }
+    Ok(next.run(request).await)
+}
