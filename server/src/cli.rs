@@ -69,7 +69,7 @@ pub fn main(cli: Cli) -> ExitCode {
         match cli.command.unwrap_or(Command::Serve) {
             Command::Serve => serve(settings).await,
             Command::Migrate => {
-                telemetry::init_tracing(&settings);
+                let _tracing = telemetry::init_tracing(&settings);
                 store::migrate(&settings.database_url).await?;
                 println!("migrations applied to {}", settings.database_display());
                 Ok(())
@@ -120,7 +120,7 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {
-    telemetry::init_tracing(&settings);
+    let _tracing = telemetry::init_tracing(&settings);
     let shutdown = CancellationToken::new();
     let state = AppState::build(settings.clone(), shutdown.clone()).await?;
     let listener = tokio::net::TcpListener::bind(settings.listen)

@@ -142,6 +142,8 @@ pub struct Settings {
     pub header_timeout: Duration,
     /// Largest request head (request line and headers), in bytes (431 above it).
     pub max_header_bytes: usize,
+    /// `OTEL_EXPORTER_OTLP_ENDPOINT`: export traces there (OTLP over HTTP).
+    pub otel_endpoint: Option<String>,
 }
 
 impl Settings {
@@ -498,6 +500,7 @@ impl Settings {
             },
             header_timeout: src.duration("header_timeout", Duration::from_secs(10))?,
             max_header_bytes: src.number("max_header_bytes", 16 * 1024usize, 8 * 1024)?,
+            otel_endpoint: src.string("otel_exporter_otlp_endpoint"),
         };
         if settings.header_timeout < Duration::from_millis(100) {
             return Err(src.error("header_timeout", "must be at least 100ms"));

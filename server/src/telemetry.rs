@@ -17,15 +17,152 @@ use prometheus_client::registry::{Metric, Registry};
 
 use crate::config::{LogFormat, Settings};
 
-/// Installs the global tracing subscriber (once per process; the binary calls it).
-pub fn init_tracing(settings: &Settings) {
-    let filter = tracing_subscriber::EnvFilter::try_new(&settings.log).unwrap_or_else(|_| "info".into());
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match settings.log_format {
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
-        LogFormat::Text => builder.try_init(),
+/// Installs the global tracing subscriber (once per process; the binary
+/// calls it): log lines to stderr filtered by `HERALD_LOG`, and, when an OTLP
+/// endpoint is configured, Herald's `info` spans exported as OpenTelemetry
+/// traces (whatever `HERALD_LOG` says). Keep the returned guard until exit: dropping it
+/// flushes the spans still queued.
+pub fn init_tracing(settings: &Settings) -> TracingGuard {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let (provider, failed) =
+        match settings.otel_endpoint.as_deref().map(|e| trace_export::provider(e, &settings.node_id)) {
+            None => (None, None),
+            Some(Ok(provider)) => (Some(provider), None),
+            Some(Err(e)) => (None, Some(e)),
+        };
+    // One global filter (per-layer filters lose spans when sqlx and Herald
+    // log at debug together): with export on, Herald's spans are enabled at
+    // `info` at least, so `HERALD_LOG=warn` also prints Herald's info lines.
+    let directives = match provider {
+        Some(_) if !settings.log.split(',').any(|d| d.trim().starts_with("herald_server")) => {
+            format!("{},herald_server=info", settings.log)
+        }
+        _ => settings.log.clone(),
     };
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|_| "info".into());
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
+    let logs = match settings.log_format {
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
+        LogFormat::Text => logs.boxed(),
+    };
+    let spans = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("herald"))
+    });
+    let _ = tracing_subscriber::registry().with(filter).with(logs).with(spans).try_init();
+    if let Some(e) = failed {
+        tracing::error!(error = %e, "OpenTelemetry export is off: the OTLP exporter could not be built");
+    }
+    TracingGuard { provider }
+}
+
+/// Flushes and stops trace export when dropped.
+pub struct TracingGuard {
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for TracingGuard {
+    fn drop(&mut self) {
+        if let Some(provider) = self.provider.take() {
+            if let Err(e) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5)) {
+                eprintln!("flushing traces at exit failed: {e}");
+            }
+        }
+    }
+}
+
+/// OpenTelemetry: the OTLP/HTTP exporter and W3C trace context.
+///
+/// A `traceparent` on a publish becomes the parent of its `http.request`
+/// span; the `traceparent` of the span that hands the notification to the
+/// broker travels in the Redis message, and the receiving node's
+/// `broker.deliver` span continues the trace — one trace from publish to
+/// delivery on another node.
+pub mod trace_export {
+    use axum::http::HeaderMap;
+    use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+    use opentelemetry::trace::TraceContextExt;
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::propagation::TraceContextPropagator;
+    use opentelemetry_sdk::trace::SdkTracerProvider;
+    use opentelemetry_sdk::Resource;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    /// A batch exporter to `endpoint` (the standard `OTEL_*` variables —
+    /// headers, timeout, `OTEL_BSP_*`, `OTEL_TRACES_SAMPLER` — apply).
+    pub(super) fn provider(endpoint: &str, node_id: &str) -> Result<SdkTracerProvider, String> {
+        let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_http();
+        if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_none() {
+            // Set in the config file: the variable's meaning, spelled out.
+            exporter = exporter.with_endpoint(format!("{}/v1/traces", endpoint.trim_end_matches('/')));
+        }
+        let exporter = exporter.build().map_err(|e| e.to_string())?;
+        let resource = Resource::builder()
+            .with_service_name("herald")
+            .with_attribute(opentelemetry::KeyValue::new("service.instance.id", node_id.to_string()))
+            .with_attribute(opentelemetry::KeyValue::new("service.version", env!("CARGO_PKG_VERSION")))
+            .build();
+        Ok(SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build())
+    }
+
+    struct Headers<'a>(&'a HeaderMap);
+
+    impl Extractor for Headers<'_> {
+        fn get(&self, key: &str) -> Option<&str> {
+            self.0.get(key).and_then(|v| v.to_str().ok())
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            self.0.keys().map(|k| k.as_str()).collect()
+        }
+    }
+
+    struct One(Option<String>);
+
+    impl Extractor for One {
+        fn get(&self, key: &str) -> Option<&str> {
+            (key == "traceparent").then_some(self.0.as_deref()).flatten()
+        }
+
+        fn keys(&self) -> Vec<&str> {
+            vec!["traceparent"]
+        }
+    }
+
+    impl Injector for One {
+        fn set(&mut self, key: &str, value: String) {
+            if key == "traceparent" {
+                self.0 = Some(value);
+            }
+        }
+    }
+
+    /// Makes `span` continue the trace of an incoming `traceparent` header, if any.
+    pub fn continue_from_headers(span: &tracing::Span, headers: &HeaderMap) {
+        if headers.contains_key("traceparent") {
+            let _ = span.set_parent(TraceContextPropagator::new().extract(&Headers(headers)));
+        }
+    }
+
+    /// Makes `span` continue a `traceparent` carried by a broker message.
+    pub fn continue_from(span: &tracing::Span, traceparent: &str) {
+        let _ = span.set_parent(TraceContextPropagator::new().extract(&One(Some(traceparent.to_string()))));
+    }
+
+    /// The current span's `traceparent`, when it is being traced.
+    pub fn current() -> Option<String> {
+        let cx = tracing::Span::current().context();
+        if !cx.span().span_context().is_valid() {
+            return None;
+        }
+        let mut out = One(None);
+        TraceContextPropagator::new().inject_context(&cx, &mut out);
+        out.0
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]

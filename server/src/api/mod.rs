@@ -16,6 +16,7 @@ mod inbox;
 mod jobs;
 mod ops;
 pub mod publish;
+pub mod request;
 
 use error::ApiError;
 
@@ -49,5 +50,6 @@ pub fn router(state: AppState) -> Router {
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(settings.max_header_bytes, crate::listen::header_size))
         .layer(middleware::from_fn(error::log_errors))
+        .layer(middleware::from_fn(request::traced))
         .with_state(state)
 }

@@ -16,6 +16,7 @@ use axum::Json;
 use herald_protocol::http::{DigestAccepted, DigestPending, JobAccepted, PublishRequest, PublishResponse, Published};
 use serde_json::value::RawValue;
 use tokio::time::Instant;
+use tracing::Instrument;
 
 use super::error::{rate_headers, ApiError};
 use super::extract::{JsonBody, Publisher};
@@ -23,6 +24,7 @@ use crate::broker::Event;
 use crate::hub::Delivery;
 use crate::store::jobs::{DigestEntry, NewJob};
 use crate::store::{now_ms, rfc3339_ms, NewNotification};
+use crate::telemetry::trace_export;
 use crate::worker::jobs::{Fanout, FANOUT};
 use crate::AppState;
 
@@ -58,6 +60,7 @@ pub(crate) async fn publish_request(
     if users.len() > state.settings.max_user_ids {
         return enqueue(state, request, users).await;
     }
+    let n_users = users.len();
     let topic: Arc<str> = request.topic.into();
     let payload: Arc<RawValue> = Arc::from(request.payload);
     let key: Option<Arc<str>> = request.idempotency_key.map(Arc::from);
@@ -73,9 +76,11 @@ pub(crate) async fn publish_request(
             idempotency_key: key.clone(),
         })
         .collect();
-    let appended = state.store.append(batch).await?;
+    let appended = state.store.append(batch).instrument(tracing::info_span!("store.append", users = n_users)).await?;
     state.metrics.publish_commit_seconds.observe(received.elapsed().as_secs_f64());
 
+    let span = tracing::info_span!("broker.publish", events = tracing::field::Empty);
+    let trace = span.in_scope(trace_export::current);
     let events: Vec<Event> = appended
         .iter()
         .filter(|a| a.created)
@@ -83,12 +88,14 @@ pub(crate) async fn publish_request(
             user_id: a.notification.user_id.clone(),
             id: Some(a.notification.id.clone()),
             delivery: Delivery::Notification { seq: a.notification.seq, frame: a.notification.frame().into() },
+            trace: trace.clone(),
         })
         .collect();
     let created = events.len();
+    span.record("events", created);
     state.metrics.notifications_published.inc_by(created as u64);
     if !events.is_empty() {
-        if let Err(e) = state.broker.publish(events).await {
+        if let Err(e) = state.broker.publish(events).instrument(span).await {
             // Committed all the same: sessions repair the gap from the store.
             tracing::warn!(error = %e, "broker publish failed after commit");
         }

@@ -23,6 +23,9 @@ pub struct Event {
     /// The notification's id, carried for tracing across nodes.
     pub id: Option<String>,
     pub delivery: Delivery,
+    /// The W3C `traceparent` of the publish, when it is traced: the node that
+    /// delivers continues the trace.
+    pub trace: Option<String>,
 }
 
 /// Fan-out of committed events.

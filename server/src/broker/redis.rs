@@ -510,12 +510,14 @@ impl Broker for RedisBroker {
 }
 
 /// The wire format of one event on a channel:
-/// `<kind> <seq> <id> <user bytes> <origin bytes>\n<user><origin><frame>`,
-/// kind `n` (notification) or `r` (read).
+/// `<kind> <seq> <id> <user bytes> <origin bytes>[ <traceparent>]\n<user><origin><frame>`,
+/// kind `n` (notification), `r` (read) or `h` (head). Older nodes ignore the
+/// optional trace field.
 struct Message {
     user: Arc<str>,
     origin: String,
     delivery: Delivery,
+    trace: Option<String>,
 }
 
 impl Message {
@@ -527,7 +529,13 @@ impl Message {
         };
         let id = event.id.as_deref().unwrap_or("-");
         let user = &*event.user_id;
-        let mut out = format!("{kind} {seq} {id} {} {}\n", user.len(), origin.len()).into_bytes();
+        let mut out = format!("{kind} {seq} {id} {} {}", user.len(), origin.len()).into_bytes();
+        // A traceparent is `00-<hex>-<hex>-<hex>`: no spaces or newlines.
+        if let Some(trace) = event.trace.as_deref().filter(|t| !t.contains([' ', '\n'])) {
+            out.push(b' ');
+            out.extend_from_slice(trace.as_bytes());
+        }
+        out.push(b'\n');
         out.reserve(user.len() + origin.len() + frame.len());
         out.extend_from_slice(user.as_bytes());
         out.extend_from_slice(origin.as_bytes());
@@ -544,6 +552,7 @@ impl Message {
         let _id = fields.next()?;
         let user_len: usize = fields.next()?.parse().ok()?;
         let origin_len: usize = fields.next()?.parse().ok()?;
+        let trace = fields.next().map(str::to_string);
         let body = &bytes[newline + 1..];
         if body.len() < user_len + origin_len {
             return None;
@@ -558,7 +567,7 @@ impl Message {
             "h" => Delivery::Head { seq },
             _ => return None,
         };
-        Some(Message { user: user.into(), origin: origin.to_string(), delivery })
+        Some(Message { user: user.into(), origin: origin.to_string(), delivery, trace })
     }
 }
 
@@ -640,7 +649,22 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<PushInfo>) {
             Some(m) if m.origin == shared.node_id => {}
             Some(m) => {
                 shared.metrics.broker_received.inc();
-                shared.hub.deliver(&m.user, &m.delivery);
+                match &m.trace {
+                    None => {
+                        shared.hub.deliver(&m.user, &m.delivery);
+                    }
+                    Some(trace) => {
+                        let span = tracing::info_span!(
+                            "broker.deliver",
+                            otel.kind = "consumer",
+                            node_id = %shared.node_id,
+                            sessions = tracing::field::Empty,
+                        );
+                        crate::telemetry::trace_export::continue_from(&span, trace);
+                        let sessions = span.in_scope(|| shared.hub.deliver(&m.user, &m.delivery));
+                        span.record("sessions", sessions);
+                    }
+                }
             }
             None => tracing::warn!("ignored a malformed message on a Herald channel"),
         }
@@ -854,6 +878,7 @@ mod tests {
                 user_id: user.into(),
                 id: Some("0190-abc".into()),
                 delivery: Delivery::Notification { seq: 42, frame: Frame::from_static("{\"type\":\"notification\"}") },
+                trace: None,
             };
             let bytes = Message::encode(&event, "node 1");
             assert_eq!(Message::user_of(&bytes).as_deref(), Some(user));
@@ -861,6 +886,14 @@ mod tests {
             assert_eq!(&*m.user, user);
             assert_eq!(m.origin, "node 1");
             assert_eq!(m.delivery_seq(), Some(42));
+            assert_eq!(m.trace, None);
+
+            let parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+            let traced = Event { trace: Some(parent.into()), ..event };
+            let bytes = Message::encode(&traced, "node 1");
+            assert_eq!(Message::user_of(&bytes).as_deref(), Some(user));
+            let m = Message::decode(&bytes).unwrap();
+            assert_eq!((&*m.user, m.trace.as_deref(), m.delivery_seq()), (user, Some(parent), Some(42)));
         }
         assert!(Message::decode(b"garbage").is_none());
         assert!(Message::decode(b"n 1 x 99 1\nshort").is_none());

@@ -235,6 +235,7 @@ async fn deliver(state: &AppState, appended: Vec<Appended>) -> Result<(), JobErr
                     user_id: a.notification.user_id.clone(),
                     delivery: Delivery::Notification { seq: a.notification.seq, frame: a.notification.frame().into() },
                     id: Some(a.notification.id),
+                    trace: None,
                 })
                 .collect::<Vec<_>>()
         })

@@ -14,11 +14,13 @@ use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::Response;
+use axum::Extension;
 use herald_protocol::Seq;
 
 use super::session::{self, SessionContext};
 use crate::api::error::ApiError;
 use crate::api::extract::ClientIp;
+use crate::api::request::RequestId;
 use crate::auth::{bearer, AuthError};
 use crate::limit::{Refusal, SessionPermits};
 use crate::telemetry::Outcome;
@@ -41,6 +43,7 @@ const WRITE_BUFFER: usize = 8 * 1024;
 pub async fn upgrade(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
+    request_id: Option<Extension<RequestId>>,
     headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
     ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
@@ -52,7 +55,8 @@ pub async fn upgrade(
         Err(e) => e.code,
     };
     state.metrics.handshakes.get_or_create(&Outcome { outcome }).inc();
-    let (ctx, permits) = checked?;
+    let (mut ctx, permits) = checked?;
+    ctx.request_id = request_id.map(|Extension(RequestId(id))| id).unwrap_or_default();
     let ws =
         ws.map_err(|e| ApiError::bad_request("not_websocket", format!("not a WebSocket upgrade: {}", e.body_text())))?;
 
@@ -96,6 +100,7 @@ async fn check(
         user: user.user_id,
         expires_at: user.expires_at,
         since,
+        request_id: String::new(),
     };
     Ok((ctx, permits))
 }

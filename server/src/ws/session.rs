@@ -52,6 +52,8 @@ pub struct SessionContext {
     /// `exp` of the current token, unix seconds.
     pub expires_at: i64,
     pub since: Option<Seq>,
+    /// The handshake request's id, on every log line of the session.
+    pub request_id: String,
 }
 
 struct Session {
@@ -73,7 +75,7 @@ struct Session {
 /// Runs a session to its end and closes the socket with the matching code.
 /// `permits` hold the session's places under the caps until it ends.
 pub async fn run(ws: WebSocket, ctx: SessionContext, permits: SessionPermits, state: AppState) {
-    let span = tracing::debug_span!("ws_session", session_id = %ctx.session_id, user_id = %ctx.user);
+    let span = tracing::debug_span!("ws_session", request_id = %ctx.request_id, session_id = %ctx.session_id, user_id = %ctx.user);
     async move {
         let mut registration = state.hub.register(&ctx.user, state.settings.outbox_capacity);
         state.metrics.sessions_active.inc();
@@ -403,7 +405,8 @@ fn is_too_large(e: axum::Error) -> bool {
 pub async fn mark_read(state: &AppState, user: &Arc<str>, mark: ReadMark) -> Result<(), crate::store::StoreError> {
     state.store.mark_read(user, &mark).await?;
     let frame = serde_json::to_string(&ServerFrame::Read(mark)).expect("read frames always serialize");
-    let event = Event { user_id: user.clone(), id: None, delivery: Delivery::Read { frame: frame.into() } };
+    let event =
+        Event { user_id: user.clone(), id: None, delivery: Delivery::Read { frame: frame.into() }, trace: None };
     if let Err(e) = state.broker.publish(vec![event]).await {
         tracing::warn!(error = %e, "read mark stored but not broadcast");
     }

@@ -3,6 +3,7 @@
 //! Rust client. No sleeps wait for start-up: the listener is bound first.
 #![allow(dead_code)]
 
+pub mod nginx;
 pub mod tls;
 
 use std::collections::HashMap;

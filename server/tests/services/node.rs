@@ -54,15 +54,17 @@ impl Node {
         Node { name: name.to_string(), child, addr: None, dir, tmp: Some(tmp), exit: None, _reaper: reaper }
     }
 
-    /// Waits (at most [`START_DEADLINE`]) for the `listening … addr=` line.
+    /// Waits (at most [`START_DEADLINE`]) for the `listening … addr=` line
+    /// (or its JSON form, `"addr":"…"`).
     pub fn wait_listening(&mut self) {
         let deadline = Instant::now() + START_DEADLINE;
         loop {
             let log = self.log();
-            let addr = log
-                .lines()
-                .filter(|l| l.contains("listening"))
-                .find_map(|l| l.split("addr=").nth(1)?.split_whitespace().next()?.parse::<SocketAddr>().ok());
+            let addr = log.lines().filter(|l| l.contains("listening")).find_map(|l| {
+                let text = || l.split("addr=").nth(1)?.split_whitespace().next()?.parse::<SocketAddr>().ok();
+                let json = || l.split("\"addr\":\"").nth(1)?.split('"').next()?.parse::<SocketAddr>().ok();
+                text().or_else(json)
+            });
             if let Some(addr) = addr {
                 self.addr = Some(addr);
                 return;
