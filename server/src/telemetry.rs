@@ -170,6 +170,33 @@ pub struct Outcome {
     pub outcome: &'static str,
 }
 
+/// Client frame kinds (a fixed set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FrameKind {
+    pub kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StoreOp {
+    pub op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PoolState {
+    pub state: &'static str,
+}
+
+/// `route` is the matched template (or `unmatched`), never a raw path.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HttpRequest {
+    pub route: String,
+    pub status: u16,
+}
+
+fn store_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0005, 2.0, 14))
+}
+
 /// Which abuse limit (see [`crate::limit`]).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct Limit {
@@ -209,6 +236,12 @@ pub struct Metrics {
     pub digests_closed: Counter,
     pub rate_limited: Family<Limit, Counter>,
     pub rate_limit_fallbacks: Family<Limit, Counter>,
+    pub frames_received: Family<FrameKind, Counter>,
+    pub frames_sent: Counter,
+    pub truncations: Counter,
+    pub store_seconds: Family<StoreOp, Histogram, fn() -> Histogram>,
+    pub db_pool_connections: Family<PoolState, Gauge>,
+    pub http_requests: Family<HttpRequest, Counter>,
 }
 
 impl Metrics {
@@ -351,8 +384,47 @@ impl Metrics {
                 "Cluster-wide limit checks decided locally because Redis failed or was slow",
                 Family::default(),
             ),
+            frames_received: registered(
+                &mut r,
+                "herald_frames_received",
+                "Client WebSocket frames, by type (ping, read, refresh, bad, control)",
+                Family::default(),
+            ),
+            frames_sent: registered(&mut r, "herald_frames_sent", "WebSocket frames written to clients", Counter::default()),
+            truncations: registered(
+                &mut r,
+                "herald_truncations",
+                "Resumes whose `since` was older than retention (welcome with truncated)",
+                Counter::default(),
+            ),
+            store_seconds: registered(
+                &mut r,
+                "herald_store_seconds",
+                "Store reads and writes outside the publish path, by operation",
+                Family::new_with_constructor(store_histogram as fn() -> Histogram),
+            ),
+            db_pool_connections: registered(
+                &mut r,
+                "herald_db_pool_connections",
+                "Store pool connections by state (idle, busy), sampled at scrape",
+                Family::default(),
+            ),
+            http_requests: registered(
+                &mut r,
+                "herald_http_requests",
+                "HTTP requests by route template and status code",
+                Family::default(),
+            ),
             registry: r,
         }
+    }
+
+    /// Runs `fut` (a store call), timing it as `op`.
+    pub async fn store_op<T>(&self, op: &'static str, fut: impl std::future::Future<Output = T>) -> T {
+        let started = std::time::Instant::now();
+        let out = fut.await;
+        self.store_seconds.get_or_create(&StoreOp { op }).observe(started.elapsed().as_secs_f64());
+        out
     }
 
     /// Prometheus text exposition.

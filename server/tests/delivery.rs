@@ -278,6 +278,7 @@ async fn retention_purges_old_notifications_and_since_below_them_is_truncated() 
     assert_eq!(next_notification(&mut alice).await.seq, 4);
     let caught_up = server.connect_since("alice", 3).await;
     assert!(!caught_up.welcome().truncated, "since just below the oldest kept is not truncated");
+    assert_eq!(server.metric("herald_truncations_total").await, 1.0);
     server.stop().await;
 }
 

@@ -13,7 +13,8 @@ use std::sync::{Arc, Mutex};
 
 use axum::body::Bytes;
 use axum::routing::post;
-use common::{eventually, next_notification, API_KEY, WAIT};
+use common::{eventually, next, next_notification, TestServer, API_KEY, WAIT};
+use herald_client::{ClientFrame, ServerFrame};
 use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
 use opentelemetry_proto::tonic::common::v1::any_value::Value as AnyValue;
 use prost::Message;
@@ -210,4 +211,38 @@ async fn json_logs_carry_the_request_id_which_the_response_echoes() {
     assert!(lines > 5, "{log}");
     assert_eq!(refusal.expect("the refusal line")["code"], "missing_api_key");
     assert!(session_lines >= 2, "the session's open/close lines name its request: {log}");
+}
+
+#[tokio::test]
+async fn metrics_count_frames_store_calls_pool_and_requests_by_route() {
+    let server = TestServer::start().await;
+    for i in 1..=3 {
+        server.publish("alice", "t", json!(i)).await;
+    }
+    let mut alice = server.connect_since("alice", 0).await;
+    for seq in 1..=3 {
+        assert_eq!(next_notification(&mut alice).await.seq, seq);
+    }
+    alice.send(&ClientFrame::Ping { reference: Some(json!(1)) }).await.unwrap();
+    assert!(matches!(next(&mut alice).await, ServerFrame::Pong { .. }));
+    alice.send_text("not json").await.unwrap();
+    assert!(matches!(next(&mut alice).await, ServerFrame::Error { .. }));
+    let unread = reqwest::Client::new()
+        .get(format!("{}/v1/me/unread", server.http()))
+        .bearer_auth(server.token("alice"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(unread.status(), 200);
+
+    assert_eq!(server.metric("herald_frames_received_total{kind=\"ping\"}").await, 1.0);
+    assert_eq!(server.metric("herald_frames_received_total{kind=\"bad\"}").await, 1.0);
+    // welcome + 3 replayed + pong + error
+    assert!(server.metric("herald_frames_sent_total").await >= 6.0);
+    assert!(server.metric("herald_store_seconds_count{op=\"after\"}").await >= 1.0);
+    assert_eq!(server.metric("herald_store_seconds_count{op=\"unread\"}").await, 1.0);
+    assert!(server.metric("herald_db_pool_connections{state=\"idle\"}").await >= 1.0);
+    assert_eq!(server.metric("herald_http_requests_total{route=\"/v1/notifications\",status=\"201\"}").await, 3.0);
+    assert_eq!(server.metric("herald_http_requests_total{route=\"/v1/me/unread\",status=\"200\"}").await, 1.0);
+    server.stop().await;
 }

@@ -47,8 +47,8 @@ pub async fn list(
         limit: limit(p.limit)?,
         unread_only: p.unread.unwrap_or(false),
     };
-    let found = state.store.list(&user.user_id, &query).await?;
-    let head = state.store.head(&user.user_id).await?;
+    let found = state.metrics.store_op("list", state.store.list(&user.user_id, &query)).await?;
+    let head = state.metrics.store_op("head", state.store.head(&user.user_id)).await?;
     Ok(Json(NotificationPage { notifications: found.iter().map(|n| n.to_api()).collect(), last_seq: head.last_seq }))
 }
 
@@ -66,8 +66,9 @@ pub async fn user_history(
     UserPath(user): UserPath,
     QueryParams(p): QueryParams<HistoryParams>,
 ) -> Result<Json<NotificationPage>, ApiError> {
-    let found = state.store.after(&user, p.after_seq.unwrap_or(0), None, limit(p.limit)?).await?;
-    let head = state.store.head(&user).await?;
+    let read = state.store.after(&user, p.after_seq.unwrap_or(0), None, limit(p.limit)?);
+    let found = state.metrics.store_op("after", read).await?;
+    let head = state.metrics.store_op("head", state.store.head(&user)).await?;
     Ok(Json(NotificationPage { notifications: found.iter().map(|n| n.to_api()).collect(), last_seq: head.last_seq }))
 }
 
@@ -91,7 +92,7 @@ pub async fn mark_read(
 
 /// `GET /v1/me/unread`.
 pub async fn unread(State(state): State<AppState>, User(user): User) -> Result<Json<UnreadCounts>, ApiError> {
-    let counts = state.store.unread(&user.user_id).await?;
+    let counts = state.metrics.store_op("unread", state.store.unread(&user.user_id)).await?;
     Ok(Json(UnreadCounts { total: counts.total, by_topic: counts.by_topic.into_iter().collect() }))
 }
 

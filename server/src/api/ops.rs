@@ -10,6 +10,7 @@ use serde_json::json;
 use tokio::time::timeout;
 
 use super::error::ApiError;
+use crate::telemetry::PoolState;
 use crate::AppState;
 
 /// A probe answers within this, whatever the database does (load balancers
@@ -45,5 +46,9 @@ pub async fn readyz(State(state): State<AppState>) -> Result<Json<serde_json::Va
 
 /// Prometheus text format.
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    let (busy, idle) = state.store.pool_usage();
+    let pool = &state.metrics.db_pool_connections;
+    pool.get_or_create(&PoolState { state: "busy" }).set(busy.into());
+    pool.get_or_create(&PoolState { state: "idle" }).set(idle.into());
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode())
 }

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use super::error::{rate_headers, ApiError};
 use super::extract::{JsonBody, Publisher};
 use crate::broker::Event;
+use crate::config::Settings;
 use crate::hub::Delivery;
 use crate::store::jobs::{DigestEntry, NewJob};
 use crate::store::{now_ms, rfc3339_ms, NewNotification};
@@ -53,7 +54,7 @@ pub(crate) async fn publish_request(
     request: PublishRequest<Box<RawValue>>,
 ) -> Result<Response, ApiError> {
     let received = Instant::now();
-    let users = validate(state, &request)?;
+    let users = validate(&state.settings, &request)?;
     if request.digest.is_some() {
         return digest(state, request, users).await;
     }
@@ -186,8 +187,18 @@ async fn digest(
 }
 
 /// Checks a publish; returns its distinct user ids in request order.
-fn validate(state: &AppState, request: &PublishRequest<Box<RawValue>>) -> Result<Vec<String>, ApiError> {
-    let settings = &state.settings;
+/// A publish body as `POST /v1/notifications` reads it: JSON into the
+/// request type, then [`validate`]. The fuzz targets and property tests
+/// drive this; it never panics, whatever the bytes.
+pub fn parse_body(settings: &Settings, body: &[u8]) -> Result<(PublishRequest<Box<RawValue>>, Vec<String>), ApiError> {
+    let request: PublishRequest<Box<RawValue>> = serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request("bad_request", format!("the body is not a publish request: {e}")))?;
+    let users = validate(settings, &request)?;
+    Ok((request, users))
+}
+
+/// Checks a publish against the spec and the settings; the de-duplicated users.
+pub fn validate(settings: &Settings, request: &PublishRequest<Box<RawValue>>) -> Result<Vec<String>, ApiError> {
     let invalid = |code, message: String| ApiError::unprocessable(code, message);
     let users: Vec<String> = match (&request.user_id, &request.user_ids) {
         (Some(one), None) => vec![one.clone()],

@@ -5,13 +5,15 @@
 //! The id is the caller's `x-request-id` when it is a sane token (1–128
 //! visible ASCII characters), else a new UUIDv7; the response echoes it.
 
-use axum::extract::{MatchedPath, Request};
+use std::sync::Arc;
+
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::HeaderValue;
 use axum::middleware::Next;
 use axum::response::Response;
 use tracing::Instrument;
 
-use crate::telemetry::trace_export;
+use crate::telemetry::{trace_export, HttpRequest, Metrics};
 
 pub const REQUEST_ID: &str = "x-request-id";
 
@@ -19,7 +21,7 @@ pub const REQUEST_ID: &str = "x-request-id";
 #[derive(Clone, Debug)]
 pub struct RequestId(pub String);
 
-pub async fn traced(mut request: Request, next: Next) -> Response {
+pub async fn traced(State(metrics): State<Arc<Metrics>>, mut request: Request, next: Next) -> Response {
     let id = request
         .headers()
         .get(REQUEST_ID)
@@ -42,6 +44,7 @@ pub async fn traced(mut request: Request, next: Next) -> Response {
     request.extensions_mut().insert(RequestId(id.clone()));
     let mut response = next.run(request).instrument(span.clone()).await;
     span.record("http.response.status_code", response.status().as_u16());
+    metrics.http_requests.get_or_create(&HttpRequest { route, status: response.status().as_u16() }).inc();
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }

@@ -834,7 +834,7 @@ async fn repair_loop(shared: Arc<Shared>) {
         let users = shared.hub.users();
         for chunk in users.chunks(REPAIR_BATCH) {
             let names: Vec<Arc<str>> = chunk.iter().map(|(u, _)| u.clone()).collect();
-            match shared.store.last_seqs(&names).await {
+            match shared.metrics.store_op("last_seqs", shared.store.last_seqs(&names)).await {
                 Ok(newest) => {
                     for ((user, seen), newest) in chunk.iter().zip(newest) {
                         if newest > *seen {

@@ -179,6 +179,9 @@ pub trait Store: JobStore + Send + Sync + 'static {
 
     /// Finishes queued writes and closes connections.
     async fn close(&self);
+
+    /// Connections in the pool: `(busy, idle)`.
+    fn pool_usage(&self) -> (u32, u32);
 }
 
 pub fn now_ms() -> i64 {

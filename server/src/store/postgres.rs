@@ -181,6 +181,11 @@ fn rows(user: &str, rows: Vec<PgRow>) -> Result<Vec<StoredNotification>, StoreEr
 
 #[async_trait]
 impl Store for PostgresStore {
+    fn pool_usage(&self) -> (u32, u32) {
+        let idle = self.pool.num_idle() as u32;
+        (self.pool.size().saturating_sub(idle), idle)
+    }
+
     async fn append(&self, batch: Vec<NewNotification>) -> Result<Vec<Appended>, StoreError> {
         if batch.is_empty() {
             return Ok(Vec::new());

@@ -292,6 +292,11 @@ fn rows(user: &str, rows: Vec<SqliteRow>) -> Result<Vec<StoredNotification>, Sto
 
 #[async_trait]
 impl Store for SqliteStore {
+    fn pool_usage(&self) -> (u32, u32) {
+        let idle = self.pool.num_idle() as u32;
+        (self.pool.size().saturating_sub(idle), idle)
+    }
+
     async fn append(&self, batch: Vec<NewNotification>) -> Result<Vec<Appended>, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.writer

@@ -27,7 +27,7 @@ use super::protocol::{self, BadFrame};
 use crate::broker::Event;
 use crate::hub::Delivery;
 use crate::limit::SessionPermits;
-use crate::telemetry::Limit;
+use crate::telemetry::{FrameKind, Limit};
 use crate::AppState;
 
 /// Notifications read from the store per query while catching up.
@@ -121,8 +121,16 @@ impl Session {
         // With Redis: wait (bounded) until this node hears the user's channel,
         // so what commits after the head read below arrives live.
         self.state.broker.subscribed(&self.ctx.user).await;
-        let head = self.state.store.head(&self.ctx.user).await.map_err(|e| self.failed(e))?;
+        let head = self
+            .state
+            .metrics
+            .store_op("head", self.state.store.head(&self.ctx.user))
+            .await
+            .map_err(|e| self.failed(e))?;
         let truncated = self.ctx.since.is_some_and(|since| since + 1 < head.oldest_seq);
+        if truncated {
+            self.state.metrics.truncations.inc();
+        }
         let welcome = ServerFrame::Welcome(Welcome {
             session_id: self.ctx.session_id.clone(),
             user_id: self.ctx.user.to_string(),
@@ -152,12 +160,8 @@ impl Session {
             if self.state.shutdown.is_cancelled() {
                 return Err(SessionEnd::Shutdown);
             }
-            let page = self
-                .state
-                .store
-                .after(&self.ctx.user, self.cursor, up_to, REPLAY_PAGE)
-                .await
-                .map_err(|e| self.failed(e))?;
+            let read = self.state.store.after(&self.ctx.user, self.cursor, up_to, REPLAY_PAGE);
+            let page = self.state.metrics.store_op("after", read).await.map_err(|e| self.failed(e))?;
             let Some(last) = page.last() else { return Ok(()) };
             let full = page.len() as u32 == REPLAY_PAGE;
             self.cursor = last.seq;
@@ -280,16 +284,34 @@ impl Session {
             None => Err(SessionEnd::ClientGone),
             Some(Err(e)) => Err(if is_too_large(e) { SessionEnd::TooLarge } else { SessionEnd::ClientGone }),
             Some(Ok(Message::Close(_))) => Err(SessionEnd::ClientClosed),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => Ok(()),
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+                self.frame_seen("control");
+                Ok(())
+            }
             Some(Ok(Message::Binary(_))) => {
+                self.frame_seen("bad");
                 self.refuse(BadFrame { reference: None, code: "bad_frame", message: "frames are JSON text".into() })
                     .await
             }
             Some(Ok(Message::Text(t))) => match protocol::parse(&t) {
-                Ok(frame) => self.on_frame(frame).await,
-                Err(bad) => self.refuse(bad).await,
+                Ok(frame) => {
+                    self.frame_seen(match &frame {
+                        ClientFrame::Ping { .. } => "ping",
+                        ClientFrame::Read { .. } => "read",
+                        ClientFrame::Refresh { .. } => "refresh",
+                    });
+                    self.on_frame(frame).await
+                }
+                Err(bad) => {
+                    self.frame_seen("bad");
+                    self.refuse(bad).await
+                }
             },
         }
+    }
+
+    fn frame_seen(&self, kind: &'static str) {
+        self.state.metrics.frames_received.get_or_create(&FrameKind { kind }).inc();
     }
 
     async fn on_frame(&mut self, frame: ClientFrame) -> Result<(), SessionEnd> {
@@ -348,6 +370,7 @@ impl Session {
     /// heartbeats, or an outbox overflow while it waits, ends the session.
     async fn send(&mut self, messages: Vec<Message>) -> Result<(), SessionEnd> {
         let Session { ws, lagged, state, heartbeat, .. } = self;
+        state.metrics.frames_sent.inc_by(messages.len() as u64);
         let write = async {
             for m in messages {
                 ws.feed(m).await?;
@@ -403,7 +426,7 @@ fn is_too_large(e: axum::Error) -> bool {
 
 /// Persists a read mark, then tells every session of the user (on any node).
 pub async fn mark_read(state: &AppState, user: &Arc<str>, mark: ReadMark) -> Result<(), crate::store::StoreError> {
-    state.store.mark_read(user, &mark).await?;
+    state.metrics.store_op("mark_read", state.store.mark_read(user, &mark)).await?;
     let frame = serde_json::to_string(&ServerFrame::Read(mark)).expect("read frames always serialize");
     let event =
         Event { user_id: user.clone(), id: None, delivery: Delivery::Read { frame: frame.into() }, trace: None };
