@@ -1,0 +1,27 @@
+/** Every error the SDK reports or throws. `code` is stable; `message` is for people. */
+export class HeraldError extends Error {
+  /**
+   * The server's error code (`invalid_token`, `token_expired`, `rate_limited`, …;
+   * see docs/protocol.md) or one of the SDK's own: `forbidden` (close 4003),
+   * `network`, `bad_response`, `token_provider_failed`, `connection_lost`,
+   * `not_connected`, `closed`, `invalid_argument`, `policy_violation` (1008),
+   * `frame_too_large` (1009).
+   */
+  readonly code: string;
+  /** The HTTP status, for errors from the HTTP API. */
+  readonly status?: number;
+  /** The WebSocket close code, for errors that ended a connection. */
+  readonly closeCode?: number;
+
+  constructor(code: string, message: string, details: { status?: number; closeCode?: number; cause?: unknown } = {}) {
+    super(message);
+    this.name = 'HeraldError';
+    this.code = code;
+    if (details.status !== undefined) this.status = details.status;
+    if (details.closeCode !== undefined) this.closeCode = details.closeCode;
+    if (details.cause !== undefined) (this as { cause?: unknown }).cause = details.cause;
+  }
+}
+
+/** The codes of a refused user token, on the HTTP API and at the handshake. */
+export const TOKEN_CODES: ReadonlySet<string> = new Set(['missing_token', 'invalid_token', 'token_expired']);

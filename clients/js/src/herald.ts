@@ -1,0 +1,75 @@
+// The public face of the SDK.
+
+import { Core } from './core.js';
+import type { Inbox } from './inbox.js';
+import type { ConnectionState, HeraldEvents, HeraldOptions, ReadMark } from './types.js';
+
+/**
+ * A user's live notifications from a Herald server.
+ *
+ * ```js
+ * const herald = new Herald({ url: 'https://herald.example.com', token: () => getJwt() });
+ * herald.on('notification', (n) => show(n));
+ * await herald.connect();
+ * ```
+ *
+ * It reconnects by itself (full-jitter backoff, by close code), resumes after
+ * the last seq it saw (kept in `localStorage`), refreshes the token in-band
+ * when the server warns that it expires, and shares one connection among all
+ * tabs of the origin.
+ */
+export class Herald {
+  /** The user's inbox over the HTTP API. */
+  readonly inbox: Inbox;
+  private readonly core: Core;
+
+  constructor(options: HeraldOptions) {
+    this.core = new Core(options);
+    this.inbox = this.core.inbox;
+  }
+
+  /** `connecting`, `open`, `reconnecting` or `closed` (also before `connect()`). */
+  get state(): ConnectionState {
+    return this.core.state;
+  }
+
+  /** The newest seq this client has seen (or started after); `null` before the first connection. */
+  get lastSeq(): number | null {
+    return this.core.cursor.value;
+  }
+
+  /** Whether this tab holds the connection (always, without tab sharing). */
+  get isLeader(): boolean {
+    return this.core.isLeader;
+  }
+
+  /** Listens to `name`; returns the function that stops listening. */
+  on<K extends keyof HeraldEvents>(name: K, fn: (value: HeraldEvents[K]) => void): () => void {
+    return this.core.emitter.on(name, fn);
+  }
+
+  /**
+   * Starts connecting; resolves once the connection is open (this tab's, or
+   * the leader tab's). Rejects only if the client is closed first — by
+   * `close()`, or by the server refusing the user (4003) — or the token
+   * provider fails before the first connection. Calling it again is harmless.
+   */
+  connect(): Promise<void> {
+    return this.core.connect();
+  }
+
+  /** Stops: closes this tab's socket (another tab then takes over the group) and reconnects no more. */
+  close(): void {
+    this.core.close();
+  }
+
+  /**
+   * Marks notifications read: `{ seqs: [12, 13] }` or `{ up_to_seq: 13 }`.
+   * Goes over the socket with the `read` frame when it is open (from a
+   * follower tab, through the leader's), else over HTTP. Every session of the
+   * user, this one included, then gets a `read` event.
+   */
+  markRead(mark: ReadMark): Promise<void> {
+    return this.core.markRead(mark);
+  }
+}
