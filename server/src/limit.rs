@@ -4,7 +4,7 @@
 //! |---|---|---|---|
 //! | handshakes per IP (rate) | client IP | cluster-wide with Redis, else per node | 429 `rate_limited` before the upgrade |
 //! | open sessions per IP (cap) | client IP | per node | 429 `rate_limited` before the upgrade |
-//! | open sessions per user (cap) | `sub` | per node | 429 `rate_limited` before the upgrade |
+//! | open sessions per user (cap) | `sub` | per node, and across the cluster through the presence counts with Redis (`ws::handshake`) | 429 `rate_limited` before the upgrade |
 //! | client frames per session (rate) | session | the session's node | close 4029 |
 //! | publishes per API key (rate) | the key's hash | cluster-wide with Redis, else per node | 429 `rate_limited` with `X-RateLimit-*` |
 //!

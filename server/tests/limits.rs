@@ -220,3 +220,34 @@ async fn oversized_headers_get_431_with_the_error_body() {
     assert_eq!(ok.unwrap().status(), 200);
     server.stop().await;
 }
+
+#[tokio::test]
+async fn with_redis_the_sessions_per_user_cap_counts_every_node() {
+    let url = services::redis_url();
+    let prefix = services::unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for node in ["a", "b"] {
+        let vars = [
+            ("HERALD_REDIS_URL", url.as_str()),
+            ("HERALD_REDIS_PREFIX", prefix.as_str()),
+            ("HERALD_NODE_ID", node),
+            ("HERALD_LIMIT_SESSIONS_PER_USER", "2"),
+        ];
+        nodes.push(TestServer::start_in(dir.path(), &vars).await);
+    }
+    let _one = nodes[0].connect("alice").await;
+    let _two = nodes[0].connect("alice").await;
+    // Node b learns of node a's sessions through the presence counts.
+    eventually("node b refuses a third session of alice", || async {
+        raw(upgrade(&nodes[1], "alice", "ignored")).await.status == 429
+    })
+    .await;
+    assert_eq!(nodes[1].metric("herald_rate_limited_total{limit=\"sessions_per_user\"}").await, 1.0);
+    // Other users are not affected.
+    let _bob = nodes[1].connect("bob").await;
+    for node in nodes {
+        node.stop().await;
+    }
+    services::delete_prefix(&url, &prefix);
+}

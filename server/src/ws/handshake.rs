@@ -23,6 +23,7 @@ use crate::api::extract::ClientIp;
 use crate::api::request::RequestId;
 use crate::auth::{bearer, AuthError};
 use crate::limit::{Refusal, SessionPermits};
+use crate::telemetry::Limit;
 use crate::telemetry::Outcome;
 use crate::AppState;
 
@@ -95,6 +96,7 @@ async fn check(
             })?),
         };
     let permits = state.limits.admit(ip, &user.user_id).map_err(refused)?;
+    cluster_sessions_per_user(state, &user.user_id).await.map_err(refused)?;
     let ctx = SessionContext {
         session_id: uuid::Uuid::now_v7().to_string(),
         user: user.user_id,
@@ -103,6 +105,26 @@ async fn check(
         request_id: String::new(),
     };
     Ok((ctx, permits))
+}
+
+/// With Redis, the per-user cap also counts the user's sessions on the other
+/// nodes (the presence counts, refreshed every 250 ms, so a burst across
+/// nodes may overshoot briefly). Fails open when Redis is slow or down.
+async fn cluster_sessions_per_user(state: &AppState, user: &str) -> Result<(), Refusal> {
+    let (Some(max), Some(_)) = (state.settings.limits.sessions_per_user, &state.settings.redis_url) else {
+        return Ok(());
+    };
+    match tokio::time::timeout(crate::limit::SHARED_TIMEOUT, state.broker.presence(user)).await {
+        Ok(Ok(open)) if open as usize >= max => {
+            state.metrics.rate_limited.get_or_create(&Limit { limit: "sessions_per_user" }).inc();
+            Err(Refusal::SessionsPerUser(max))
+        }
+        Ok(Ok(_)) => Ok(()),
+        _ => {
+            state.metrics.rate_limit_fallbacks.get_or_create(&Limit { limit: "sessions_per_user" }).inc();
+            Ok(())
+        }
+    }
 }
 
 fn refused(refusal: Refusal) -> ApiError {
@@ -117,11 +139,9 @@ fn refused(refusal: Refusal) -> ApiError {
             CAP_RETRY_AFTER_SECS,
             None,
         ),
-        Refusal::SessionsPerUser(max) => ApiError::rate_limited(
-            format!("this user already has {max} open sessions on this node"),
-            CAP_RETRY_AFTER_SECS,
-            None,
-        ),
+        Refusal::SessionsPerUser(max) => {
+            ApiError::rate_limited(format!("this user already has {max} open sessions"), CAP_RETRY_AFTER_SECS, None)
+        }
     }
 }
 
