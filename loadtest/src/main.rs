@@ -1,89 +1,50 @@
 //! `herald-loadtest`: the load generator for Herald.
 //!
-//! - `check`: one publish read back over a WebSocket.
-//! - `ping-under-fanout`: ping round trips with and without a large fan-out
-//!   job running (the worker-pool benchmark, see docs/BENCHMARKS.md).
+//! Scenarios (each writes `result.json`, `summary.md` and a chart under
+//! `--out`, default `target/loadtest/<scenario>-<timestamp>/`, and prints a
+//! progress line every second):
 //!
-//! The other scenarios (`idle`, `unicast`, `fanout`, `storm`, `slow`) arrive
-//! with the load-test issue.
+//! - `idle`: hold N authenticated connections; handshakes/s, drops, server RSS per connection.
+//! - `unicast`: open-loop publishing to random users; publish → deliver latency, deliveries/s.
+//! - `fanout`: large-audience jobs (202) and bursts; deliveries/s, time to the last delivery.
+//! - `storm`: everyone drops, misses M notifications, reconnects with `since`; catch-up times.
+//! - `slow`: some clients stop reading; they get 1013 and recover; the others' latency.
+//!
+//! And two small tools: `check` (one publish read back) and
+//! `ping-under-fanout` (the worker-pool benchmark in docs/BENCHMARKS.md).
+//!
+//! Layout: [`fleet`] holds the clients in worker processes (this binary
+//! re-executed as `herald-loadtest worker`); [`publish`] drives the HTTP
+//! API; [`verify`] checks every user's seqs; [`report`], [`chart`] and
+//! [`progress`] are the output.
 
+mod args;
+mod chart;
+mod cli;
+mod fleet;
+mod hist;
 mod ping;
+mod procstat;
+mod progress;
+mod publish;
+mod report;
+mod scenario;
+mod verify;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 
-#[derive(Parser)]
-#[command(name = "herald-loadtest", about = "Load generator for Herald")]
-struct Cli {
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand)]
-enum Command {
-    /// Publish one notification and read it back over a WebSocket.
-    Check {
-        /// The node, e.g. http://127.0.0.1:8080.
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
-        #[arg(long)]
-        api_key: String,
-        /// A user token for `--user`.
-        #[arg(long)]
-        token: String,
-        #[arg(long, default_value = "alice")]
-        user: String,
-    },
-    /// WebSocket ping round trips, idle and while a large-audience job runs.
-    PingUnderFanout {
-        #[arg(long, default_value = "http://127.0.0.1:8080")]
-        url: String,
-        #[arg(long)]
-        api_key: String,
-        /// The node's HERALD_JWT_SECRET, to mint the sessions' tokens.
-        #[arg(long)]
-        jwt_secret: String,
-        #[arg(long, default_value_t = 200)]
-        sessions: usize,
-        #[arg(long, default_value_t = 100)]
-        interval_ms: u64,
-        /// Length of the idle phase.
-        #[arg(long, default_value_t = 10)]
-        seconds: u64,
-        #[arg(long, default_value_t = 100_000)]
-        audience: usize,
-    },
-}
-
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
-        Command::PingUnderFanout { url, api_key, jwt_secret, sessions, interval_ms, seconds, audience } => {
-            ping::run(ping::Args {
-                url,
-                api_key,
-                jwt_secret,
-                sessions,
-                interval: std::time::Duration::from_millis(interval_ms),
-                seconds,
-                audience,
-            })
-            .await
-        }
-        Command::Check { url, api_key, token, user } => {
-            let ws = url.replacen("http", "ws", 1);
-            let mut session = herald_client::Connect::new(ws, token).connect().await?;
-            let published = herald_client::Publisher::new(&url, api_key)
-                .publish_one(&user, "loadtest.check", serde_json::json!({"check": true}))
-                .await?;
-            let started = std::time::Instant::now();
-            loop {
-                if let herald_client::ServerFrame::Notification(n) = session.next_frame().await? {
-                    if n.seq == published.seq {
-                        println!("seq {} delivered in {:?}", n.seq, started.elapsed());
-                        return Ok(());
-                    }
-                }
-            }
-        }
+fn main() -> anyhow::Result<()> {
+    let cli = cli::Cli::parse();
+    if let cli::Command::Worker = cli.command {
+        // One thread per worker process: the coordinator starts as many as needed.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+        let result = runtime.block_on(fleet::worker::main());
+        // Do not wait for the blocking thread parked on stdin.
+        runtime.shutdown_background();
+        return result;
     }
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let code = runtime.block_on(cli::run(cli.command))?;
+    runtime.shutdown_background();
+    std::process::exit(code);
 }

@@ -1,0 +1,189 @@
+//! A smoke run of every scenario, seconds long and with small numbers,
+//! against a real `herald` (the debug binary, built here if needed) on a
+//! fresh SQLite database. Each asserts that the run wrote its results and
+//! its summary, and that no notification was lost or repeated.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const SECRET: &str = "smoke-secret-0123456789abcdef";
+const KEY: &str = "smoke-key";
+
+/// `<target>/<profile>/herald`, built from the workspace on first use.
+fn herald_binary() -> &'static Path {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        // This test runs as <target>/<profile>/deps/smoke-<hash>.
+        let exe = std::env::current_exe().unwrap();
+        let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "-p", "herald-server", "--bin", "herald"]);
+        if profile_dir.file_name().is_some_and(|n| n == "release") {
+            build.arg("--release");
+        }
+        let status = build.current_dir(env!("CARGO_MANIFEST_DIR")).status().expect("running cargo build");
+        assert!(status.success(), "building herald failed");
+        let bin = profile_dir.join("herald");
+        assert!(bin.exists(), "no herald binary at {}", bin.display());
+        bin
+    })
+}
+
+/// A herald process on a free port; killed on drop.
+struct Herald {
+    child: Child,
+    url: String,
+    dir: tempfile::TempDir,
+}
+
+impl Herald {
+    fn start(vars: &[(&str, &str)]) -> Herald {
+        let dir = tempfile::tempdir().unwrap();
+        let stderr = dir.path().join("herald.log");
+        let mut cmd = Command::new(herald_binary());
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("HERALD_LISTEN", "127.0.0.1:0")
+            .env("HERALD_DATABASE_URL", format!("sqlite://{}/herald.db", dir.path().display()))
+            .env("HERALD_JWT_SECRET", SECRET)
+            .env("HERALD_API_KEYS", KEY)
+            .env("HERALD_LIMIT_HANDSHAKES_PER_IP", "off")
+            .env("HERALD_LIMIT_SESSIONS_PER_IP", "off")
+            .env("HERALD_LOG", "info");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let mut child =
+            cmd.stdout(Stdio::null()).stderr(std::fs::File::create(&stderr).unwrap()).spawn().expect("starting herald");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let log = std::fs::read_to_string(&stderr).unwrap_or_default();
+            if let Some(port) = log
+                .lines()
+                .find(|l| l.contains("listening"))
+                .and_then(|l| l.split("addr=127.0.0.1:").nth(1))
+                .and_then(|r| r.split_whitespace().next())
+            {
+                return Herald { child, url: format!("http://127.0.0.1:{port}"), dir };
+            }
+            if Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+                let _ = child.kill();
+                panic!("herald did not start: {log}");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs a scenario against this node; returns its exit status and result folder.
+    fn loadtest(&self, scenario: &str, args: &[&str]) -> (i32, PathBuf) {
+        let out = self.dir.path().join(scenario);
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_herald-loadtest"));
+        cmd.arg(scenario)
+            .args(["--url", &self.url, "--jwt-secret", SECRET, "--api-key", KEY])
+            .args(["--herald-pid", &self.child.id().to_string()])
+            .arg("--out")
+            .arg(&out)
+            .args(["--ramp-rate", "0"])
+            .args(args);
+        if source_ip_bindable() {
+            cmd.args(["--source-ips", "127.0.0.2"]);
+        }
+        let output = cmd.output().expect("running herald-loadtest");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        eprintln!("{stderr}");
+        (output.status.code().unwrap_or(-1), out)
+    }
+}
+
+impl Drop for Herald {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn source_ip_bindable() -> bool {
+    std::net::TcpListener::bind("127.0.0.2:0").is_ok()
+}
+
+/// The result and summary exist; the run lost and repeated nothing.
+fn check(status: i32, out: &Path) -> Value {
+    let summary = std::fs::read_to_string(out.join("summary.md")).expect("summary.md");
+    assert!(summary.contains("## Targets"), "{summary}");
+    let result: Value = serde_json::from_slice(&std::fs::read(out.join("result.json")).expect("result.json")).unwrap();
+    if let Some(v) = result.get("verification") {
+        assert_eq!(v["lost"], 0, "{v}");
+        assert_eq!(v["duplicates"], 0, "{v}");
+        assert_eq!(v["gaps"], 0, "{v}");
+        assert_eq!(v["ok"], true, "{v}");
+        assert!(v["expected"].as_u64().unwrap() > 0, "nothing was published: {v}");
+    }
+    assert_eq!(status, 0, "{summary}");
+    result
+}
+
+#[test]
+fn idle_holds_every_connection() {
+    let herald = Herald::start(&[]);
+    let (status, out) = herald.loadtest("idle", &["--connections", "200", "--processes", "2", "--duration", "2s"]);
+    let r = check(status, &out);
+    assert_eq!(r["connected"]["open"], 200);
+    assert_eq!(r["drops"], 0);
+    assert!(r["server_rss_per_connection_kib"].as_f64().is_some());
+    assert!(out.join("connections.svg").exists());
+}
+
+#[test]
+fn unicast_delivers_every_publish_in_order() {
+    let herald = Herald::start(&[]);
+    let args = ["--connections", "100", "--processes", "2", "--rate", "300", "--duration", "3s"];
+    let (status, out) = herald.loadtest("unicast", &args);
+    let r = check(status, &out);
+    assert!(r["latency"]["count"].as_u64().unwrap() > 0);
+    assert!(out.join("latency.svg").exists());
+}
+
+#[test]
+fn unicast_batched() {
+    let herald = Herald::start(&[]);
+    let args = ["--connections", "60", "--rate", "600", "--batch", "10", "--duration", "2s"];
+    let (status, out) = herald.loadtest("unicast", &args);
+    check(status, &out);
+}
+
+#[test]
+fn fanout_jobs_and_bursts_reach_everyone() {
+    let herald = Herald::start(&[]);
+    let args = ["--connections", "100", "--processes", "2", "--audience", "1500", "--jobs", "1", "--bursts", "1"];
+    let (status, out) = herald.loadtest("fanout", &args);
+    let r = check(status, &out);
+    assert_eq!(r["rounds"].as_array().unwrap().len(), 2);
+    assert_eq!(r["verification"]["expected"], 200);
+}
+
+#[test]
+fn storm_clients_catch_up_exactly() {
+    let herald = Herald::start(&[]);
+    let (status, out) =
+        herald.loadtest("storm", &["--connections", "100", "--processes", "2", "--missed", "10", "--batch", "50"]);
+    let r = check(status, &out);
+    assert_eq!(r["caught_up"], 100);
+    assert_eq!(r["verification"]["expected"], 1000);
+    assert!(out.join("catch-up.svg").exists());
+}
+
+#[test]
+fn slow_clients_get_1013_and_recover() {
+    // One-second heartbeats: a stalled session is given up within ~3 s.
+    let herald = Herald::start(&[("HERALD_HEARTBEAT_SECS", "1")]);
+    let args = ["--connections", "60", "--processes", "2", "--rate", "100", "--duration", "3s", "--flood-rate", "500"];
+    let (status, out) = herald.loadtest("slow", &args);
+    let r = check(status, &out);
+    assert_eq!(r["stalled"], 6);
+    assert_eq!(r["closed_by_server"], 6);
+    assert_eq!(r["readers_dropped"], 0);
+}
