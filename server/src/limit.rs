@@ -316,6 +316,9 @@ pub struct Limits {
     publishes: Option<KeyedRate>,
     per_ip: Option<Arc<Cap<IpAddr>>>,
     per_user: Option<Arc<Cap<Arc<str>>>>,
+    /// One clock for every session's frame limiter (making one per session
+    /// calibrates a new clock each time).
+    clock: governor::clock::DefaultClock,
     metrics: Arc<Metrics>,
 }
 
@@ -329,6 +332,7 @@ impl Limits {
             publishes: rate("publishes_per_key", settings.publishes_per_key),
             per_ip: settings.sessions_per_ip.map(Cap::new),
             per_user: settings.sessions_per_user.map(Cap::new),
+            clock: governor::clock::DefaultClock::default(),
             settings,
             metrics,
         }
@@ -375,7 +379,7 @@ impl Limits {
 
     /// A new session's frame limiter, if frames are limited.
     pub fn frame_limiter(&self) -> Option<governor::DefaultDirectRateLimiter> {
-        self.settings.frames_per_session.map(|r| governor::RateLimiter::direct(r.quota()))
+        self.settings.frames_per_session.map(|r| governor::RateLimiter::direct_with_clock(r.quota(), self.clock.clone()))
     }
 
     /// The client's IP: the peer, or what a trusted proxy forwarded.

@@ -36,8 +36,9 @@ pub const BEARER_PREFIX: &str = "herald.bearer.";
 const CAP_RETRY_AFTER_SECS: u64 = 5;
 
 /// tungstenite's read buffer: small, because it is allocated per connection
-/// (its 128 KiB default would cost ~136 KiB per idle connection).
-const READ_BUFFER: usize = 4 * 1024;
+/// (its 128 KiB default would cost ~136 KiB per idle connection). Client
+/// frames are small; a large one just takes several reads.
+const READ_BUFFER: usize = 1024;
 /// Outgoing frames are gathered up to this size before a socket write.
 const WRITE_BUFFER: usize = 8 * 1024;
 

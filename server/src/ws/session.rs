@@ -93,7 +93,7 @@ pub async fn run(ws: WebSocket, ctx: SessionContext, permits: SessionPermits, st
             state: state.clone(),
         };
         tracing::debug!("session open");
-        let end = match session.start().await {
+        let end = match Box::pin(session.start()).await {
             Ok(()) => session.serve(&mut registration.outbox).await,
             Err(end) => end,
         };
@@ -186,13 +186,15 @@ impl Session {
                 _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
                 _ = lagged.cancelled() => Err(SessionEnd::Lagged),
                 _ = sleep_until(expire_at) => Err(SessionEnd::TokenExpired),
-                _ = sleep_until(warn_at), if !self.warned => self.warn_expiry().await,
-                _ = heartbeat.tick() => self.on_heartbeat().await,
+                // The handlers' futures are boxed: inline, the largest of
+                // them would size every idle session's task.
+                _ = sleep_until(warn_at), if !self.warned => Box::pin(self.warn_expiry()).await,
+                _ = heartbeat.tick() => Box::pin(self.on_heartbeat()).await,
                 delivery = outbox.recv() => match delivery {
-                    Some(d) => self.forward(d, outbox).await,
+                    Some(d) => Box::pin(self.forward(d, outbox)).await,
                     None => Err(SessionEnd::Internal),
                 },
-                message = self.ws.recv() => self.on_message(message).await,
+                message = self.ws.recv() => Box::pin(self.on_message(message)).await,
             };
             if let Err(end) = step {
                 return end;
