@@ -379,7 +379,9 @@ impl Limits {
 
     /// A new session's frame limiter, if frames are limited.
     pub fn frame_limiter(&self) -> Option<governor::DefaultDirectRateLimiter> {
-        self.settings.frames_per_session.map(|r| governor::RateLimiter::direct_with_clock(r.quota(), self.clock.clone()))
+        self.settings
+            .frames_per_session
+            .map(|r| governor::RateLimiter::direct_with_clock(r.quota(), self.clock.clone()))
     }
 
     /// The client's IP: the peer, or what a trusted proxy forwarded.
