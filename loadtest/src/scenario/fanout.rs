@@ -16,7 +16,7 @@ use std::time::Duration;
 use hdrhistogram::Histogram;
 use serde::Serialize;
 
-use super::{exit_code, Bench, ClientSetup, Connected};
+use super::{exit_code, Bench, ClientSetup, Connected, Started};
 use crate::args::{Clients, Common};
 use crate::chart::{Chart, XScale};
 use crate::cli::Publishing;
@@ -27,7 +27,7 @@ use crate::procstat::ServerUsage;
 use crate::progress::Sample;
 use crate::publish::{Job, PublishStats, Publishers};
 use crate::report::{targets_table, Target};
-use crate::verify::{verify, Expected, Verification};
+use crate::verify::{verify, Verification};
 
 pub struct Args {
     pub common: Common,
@@ -73,11 +73,8 @@ struct Result {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let prefix = args.common.prefix();
-    let expected = Arc::new(Expected::new(args.clients.connections));
-    let pubs = Publishers::new(&args.common.http_urls(), &args.common.api_key, &prefix, expected.clone());
-    let (bench, setup) = Bench::start("fanout", &args.common, &args.clients, &prefix, Some(pubs.clone())).await?;
-    let connected = bench.connect_all(args.clients.ramp_rate).await?;
+    let Started { bench, setup, pubs, expected, connected } =
+        Bench::start_publishing("fanout", &args.common, &args.clients).await?;
     let by_node = bench.targets_by_node(&bench.fleet.reports().await?);
     let from = bench.herald.sample();
     let mut rounds = Vec::new();

@@ -24,6 +24,16 @@ use crate::procstat::{Herald, ServerUsage};
 use crate::progress::{Progress, Sample};
 use crate::publish::Publishers;
 use crate::report::Run;
+use crate::verify::Expected;
+
+/// What [`Bench::start_publishing`] hands a scenario.
+pub struct Started {
+    pub bench: Bench,
+    pub setup: ClientSetup,
+    pub pubs: Arc<Publishers>,
+    pub expected: Arc<Expected>,
+    pub connected: Connected,
+}
 
 /// A scenario's running parts.
 pub struct Bench {
@@ -104,6 +114,21 @@ impl Bench {
             rss_before_kib,
         };
         Ok((bench, setup))
+    }
+
+    /// The start every publishing scenario shares: publishers counting what
+    /// each user should get, the worker processes, every client connected.
+    pub async fn start_publishing(
+        scenario: &'static str,
+        common: &Common,
+        clients: &Clients,
+    ) -> anyhow::Result<Started> {
+        let prefix = common.prefix();
+        let expected = Arc::new(Expected::new(clients.connections));
+        let pubs = Publishers::new(&common.http_urls(), &common.api_key, &prefix, expected.clone());
+        let (bench, setup) = Bench::start(scenario, common, clients, &prefix, Some(pubs.clone())).await?;
+        let connected = bench.connect_all(clients.ramp_rate).await?;
+        Ok(Started { bench, setup, pubs, expected, connected })
     }
 
     /// Connects every client at `rate`, waiting until all are open (or stuck).

@@ -17,7 +17,7 @@ use futures_util::StreamExt;
 use serde::Serialize;
 use tokio::time::Instant;
 
-use super::{exit_code, Bench, ClientSetup, Connected};
+use super::{exit_code, Bench, ClientSetup, Connected, Started};
 use crate::args::{Clients, Common};
 use crate::chart::{Chart, XScale};
 use crate::cli::Publishing;
@@ -29,7 +29,7 @@ use crate::procstat::ServerUsage;
 use crate::progress::Sample;
 use crate::publish::{open_loop, Job, OpenLoop, Plan, PublishStats, Publishers};
 use crate::report::{targets_table, Target};
-use crate::verify::{verify, Expected, Verification};
+use crate::verify::{verify, Verification};
 
 pub struct Args {
     pub common: Common,
@@ -75,11 +75,8 @@ struct Result {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let prefix = args.common.prefix();
-    let expected = Arc::new(Expected::new(args.clients.connections));
-    let pubs = Publishers::new(&args.common.http_urls(), &args.common.api_key, &prefix, expected.clone());
-    let (bench, setup) = Bench::start("slow", &args.common, &args.clients, &prefix, Some(pubs.clone())).await?;
-    let connected = bench.connect_all(args.clients.ramp_rate).await?;
+    let Started { bench, setup, pubs, expected, connected } =
+        Bench::start_publishing("slow", &args.common, &args.clients).await?;
     let by_node = bench.targets_by_node(&bench.fleet.reports().await?);
     let stride = (1.0 / args.slow_fraction.clamp(1e-6, 1.0)).round().max(1.0) as u32;
     let stalled: Vec<u32> = by_node.iter().flatten().copied().filter(|j| j % stride == 0).collect();

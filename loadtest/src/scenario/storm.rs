@@ -4,12 +4,11 @@
 //! client has caught up, per-client catch-up times, and checks that each got
 //! exactly the seqs it missed, in order.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{exit_code, Bench, ClientSetup, Connected};
+use super::{exit_code, Bench, ClientSetup, Connected, Started};
 use crate::args::{Clients, Common};
 use crate::chart::{Chart, XScale};
 use crate::cli::Publishing;
@@ -18,9 +17,9 @@ use crate::fleet::Command;
 use crate::hist::{cdf, merge, thousands, Percentiles};
 use crate::procstat::ServerUsage;
 use crate::progress::Sample;
-use crate::publish::{Job, PublishStats, Publishers};
+use crate::publish::{Job, PublishStats};
 use crate::report::{targets_table, Target};
-use crate::verify::{verify, Expected, Verification};
+use crate::verify::{verify, Verification};
 
 pub struct Args {
     pub common: Common,
@@ -62,11 +61,8 @@ struct Result {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let prefix = args.common.prefix();
-    let expected = Arc::new(Expected::new(args.clients.connections));
-    let pubs = Publishers::new(&args.common.http_urls(), &args.common.api_key, &prefix, expected.clone());
-    let (bench, setup) = Bench::start("storm", &args.common, &args.clients, &prefix, Some(pubs.clone())).await?;
-    let connected = bench.connect_all(args.clients.ramp_rate).await?;
+    let Started { bench, setup, pubs, expected, connected } =
+        Bench::start_publishing("storm", &args.common, &args.clients).await?;
     let first = bench.fleet.reports().await?;
     let by_node = bench.targets_by_node(&first);
     let first_handshakes = merge(first.iter().map(|r| &r.handshake));

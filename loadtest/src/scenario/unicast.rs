@@ -4,20 +4,19 @@
 //! deliver latency, and every user's seqs are checked against what the
 //! server acknowledged.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::{exit_code, Bench, ClientSetup, Connected};
+use super::{exit_code, Bench, ClientSetup, Connected, Started};
 use crate::args::{Clients, Common};
 use crate::chart::{Chart, XScale};
 use crate::hist::{merge, percentile_curve, thousands, Percentiles};
 use crate::procstat::ServerUsage;
 use crate::progress::{mean_over, Sample};
-use crate::publish::{open_loop, OpenLoop, Plan, PublishStats, Publishers};
+use crate::publish::{open_loop, OpenLoop, Plan, PublishStats};
 use crate::report::{targets_table, Target};
-use crate::verify::{verify, Expected, Verification};
+use crate::verify::{verify, Verification};
 
 pub struct Args {
     pub common: Common,
@@ -53,11 +52,8 @@ struct Result {
 }
 
 pub async fn run(args: Args) -> anyhow::Result<i32> {
-    let prefix = args.common.prefix();
-    let expected = Arc::new(Expected::new(args.clients.connections));
-    let pubs = Publishers::new(&args.common.http_urls(), &args.common.api_key, &prefix, expected.clone());
-    let (bench, setup) = Bench::start("unicast", &args.common, &args.clients, &prefix, Some(pubs.clone())).await?;
-    let connected = bench.connect_all(args.clients.ramp_rate).await?;
+    let Started { bench, setup, pubs, expected, connected } =
+        Bench::start_publishing("unicast", &args.common, &args.clients).await?;
     let targets = bench.targets_by_node(&bench.fleet.reports().await?);
 
     bench.progress.phase("publish");
