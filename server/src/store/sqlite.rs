@@ -1,16 +1,16 @@
 //! The embedded default store: one SQLite file in WAL mode.
 //!
-//! Appends go through one writer task that owns one connection and commits
-//! whatever has queued up in a single `BEGIN IMMEDIATE` transaction (group
-//! commit): SQLite has one writer at a time anyway, and one fsync then covers
-//! many publishes. Inside it, a few multi-row statements read the counters
-//! and the repeated idempotency keys, insert the new notifications and write
-//! the counters back; seqs are decided in Rust ([`super::plan`]). `synchronous=FULL`, so a commit survives power loss.
-//! Reads use a small pool; WAL lets them run beside the writer.
+//! Appends go through one writer thread that owns one connection and commits
+//! whatever has queued up in a single transaction (group commit, [`writer`]);
+//! `synchronous=FULL`, so a commit survives power loss. The reads on every
+//! session's path run on reader threads of their own ([`reader`]); the rest
+//! (inbox, read marks, jobs, migrations) use a small sqlx pool. WAL lets the
+//! readers run beside the writer.
 
 mod jobs;
+mod reader;
+mod writer;
 
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,10 +19,8 @@ use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
 use serde_json::value::RawValue;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
-use tokio::sync::{mpsc, oneshot};
+use sqlx::{ConnectOptions, Row, SqlitePool};
 
-use super::plan::{Key, Plan};
 use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoredNotification, Unread};
 
 /// `SELECT <the columns from_row reads> FROM notifications <rest>`.
@@ -46,26 +44,15 @@ fn from_row(user: &Arc<str>, row: &SqliteRow) -> Result<StoredNotification, sqlx
     })
 }
 
-/// Most notifications committed in one group transaction.
-const MAX_GROUP: usize = 2048;
-/// Requests waiting for the writer; a full queue makes publishers wait.
-const WRITE_QUEUE: usize = 1024;
-
-type AppendReply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
-
-enum WriteMsg {
-    Append(Vec<NewNotification>, AppendReply),
-    Close(oneshot::Sender<()>),
-}
-
 pub struct SqliteStore {
     pool: SqlitePool,
-    writer: mpsc::Sender<WriteMsg>,
+    writer: writer::Writer,
+    readers: reader::Readers,
 }
 
 impl SqliteStore {
     /// Opens (creating if missing) and migrates the database, then starts the
-    /// writer. Several processes opening one new file at once can see
+    /// writer and reader threads. Several processes opening one new file at once can see
     /// `SQLITE_BUSY` before any busy handler applies (the switch to WAL, a
     /// migration recorded twice), so opening is retried for a few seconds.
     pub async fn open(url: &str, pool_size: u32) -> Result<SqliteStore, StoreError> {
@@ -77,7 +64,7 @@ impl SqliteStore {
             .busy_timeout(Duration::from_secs(5))
             .log_statements(tracing::log::LevelFilter::Trace);
         let mut attempt = 0;
-        let (pool, conn) = loop {
+        let pool = loop {
             attempt += 1;
             match open_once(&options, pool_size).await {
                 Ok(opened) => break opened,
@@ -88,16 +75,21 @@ impl SqliteStore {
                 Err(e) => return Err(e),
             }
         };
-        let (tx, rx) = mpsc::channel(WRITE_QUEUE);
-        tokio::spawn(write_loop(conn, rx));
-        Ok(SqliteStore { pool, writer: tx })
+        let threads = async {
+            let file = database_file(&pool).await?;
+            Ok((writer::Writer::start(&file)?, reader::Readers::start(file, pool_size as usize)?))
+        };
+        match threads.await {
+            Ok((writer, readers)) => Ok(SqliteStore { pool, writer, readers }),
+            Err(e) => {
+                pool.close().await;
+                Err(e)
+            }
+        }
     }
 }
 
-async fn open_once(
-    options: &SqliteConnectOptions,
-    pool_size: u32,
-) -> Result<(SqlitePool, SqliteConnection), StoreError> {
+async fn open_once(options: &SqliteConnectOptions, pool_size: u32) -> Result<SqlitePool, StoreError> {
     let pool = SqlitePoolOptions::new()
         .max_connections(pool_size)
         .acquire_timeout(Duration::from_secs(5))
@@ -107,182 +99,17 @@ async fn open_once(
         pool.close().await;
         return Err(StoreError::Internal(format!("migrations failed: {e}")));
     }
-    let conn = options.connect().await?;
-    Ok((pool, conn))
+    Ok(pool)
 }
 
-async fn write_loop(mut conn: SqliteConnection, mut rx: mpsc::Receiver<WriteMsg>) {
-    let mut closing = None;
-    while let Some(first) = rx.recv().await {
-        let mut group = Vec::new();
-        let mut size = 0;
-        let mut next = Some(first);
-        while let Some(msg) = next.take() {
-            match msg {
-                WriteMsg::Append(batch, reply) => {
-                    size += batch.len();
-                    group.push((batch, reply));
-                }
-                WriteMsg::Close(done) => {
-                    closing = Some(done);
-                    break;
-                }
-            }
-            if size < MAX_GROUP {
-                next = rx.try_recv().ok();
-            }
-        }
-        if !group.is_empty() {
-            commit_group(&mut conn, group).await;
-        }
-        if closing.is_some() {
-            break;
-        }
+/// The path of the file the pool opened, for the writer and reader threads to open too.
+async fn database_file(pool: &SqlitePool) -> Result<std::path::PathBuf, StoreError> {
+    let file: String =
+        sqlx::query_scalar("SELECT file FROM pragma_database_list WHERE name = 'main'").fetch_one(pool).await?;
+    if file.is_empty() {
+        return Err(StoreError::Internal("the SQLite database has no file".into()));
     }
-    let _ = conn.close().await;
-    if let Some(done) = closing {
-        let _ = done.send(());
-    }
-}
-
-async fn commit_group(conn: &mut SqliteConnection, group: Vec<(Vec<NewNotification>, AppendReply)>) {
-    let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
-    let result = async {
-        sqlx::query("BEGIN IMMEDIATE").execute(&mut *conn).await?;
-        let last_seqs = counters(conn, &batches).await?;
-        let earlier = earlier_keys(conn, &batches).await?;
-        let plan = Plan::new(&batches, last_seqs, earlier)?;
-        write(conn, &plan).await?;
-        sqlx::query("COMMIT").execute(&mut *conn).await?;
-        Ok::<_, sqlx::Error>(plan.outcomes)
-    }
-    .await;
-    match result {
-        Ok(outcomes) => {
-            for (reply, out) in replies.into_iter().zip(outcomes) {
-                let _ = reply.send(Ok(out));
-            }
-        }
-        Err(e) => {
-            let _ = sqlx::query("ROLLBACK").execute(&mut *conn).await;
-            let err = StoreError::from(e);
-            tracing::error!(error = %err, "group commit failed; nothing of it was stored");
-            for reply in replies {
-                let _ = reply.send(Err(err.clone()));
-            }
-        }
-    }
-}
-
-/// Most rows one multi-row statement carries. Smaller statements take the
-/// largest power of two that fits, so a handful of statements are prepared
-/// (and cached) in all, whatever the group's size.
-const ROWS_PER_STATEMENT: usize = 256;
-
-fn statement_chunks<T>(items: &[T]) -> impl Iterator<Item = &[T]> {
-    let mut rest = items;
-    std::iter::from_fn(move || {
-        if rest.is_empty() {
-            return None;
-        }
-        let n = ROWS_PER_STATEMENT.min(1 << rest.len().ilog2());
-        let (chunk, tail) = rest.split_at(n);
-        rest = tail;
-        Some(chunk)
-    })
-}
-
-/// `row` repeated `n` times, comma-separated: the `VALUES` list of a chunk.
-fn repeated(row: &str, n: usize) -> String {
-    vec![row; n].join(",")
-}
-
-/// The group's users' `last_seq` (0 for a user never seen). The writer holds
-/// SQLite's write lock from `BEGIN IMMEDIATE`, so no one else moves them.
-async fn counters(
-    conn: &mut SqliteConnection,
-    batches: &[Vec<NewNotification>],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let mut users: Vec<&str> = batches.iter().flatten().map(|n| &*n.user_id).collect();
-    users.sort_unstable();
-    users.dedup();
-    let mut last_seqs: HashMap<String, i64> = users.iter().map(|u| (u.to_string(), 0)).collect();
-    for chunk in statement_chunks(&users) {
-        let sql = format!("SELECT user_id, last_seq FROM users WHERE user_id IN ({})", repeated("?", chunk.len()));
-        let mut query = sqlx::query_as::<_, (String, i64)>(&sql);
-        for user in chunk {
-            query = query.bind(*user);
-        }
-        for (user, last) in query.fetch_all(&mut *conn).await? {
-            last_seqs.insert(user, last);
-        }
-    }
-    Ok(last_seqs)
-}
-
-/// The stored notifications whose (user, idempotency key) the group repeats.
-async fn earlier_keys(
-    conn: &mut SqliteConnection,
-    batches: &[Vec<NewNotification>],
-) -> Result<HashMap<Key, StoredNotification>, sqlx::Error> {
-    let keyed: Vec<(&str, &str)> =
-        batches.iter().flatten().filter_map(|n| n.idempotency_key.as_deref().map(|k| (&*n.user_id, k))).collect();
-    let mut earlier = HashMap::new();
-    for chunk in statement_chunks(&keyed) {
-        let sql = format!(
-            "SELECT user_id, idempotency_key, seq, id, topic, payload, created_at, read FROM notifications
-             WHERE (user_id, idempotency_key) IN (VALUES {})",
-            repeated("(?, ?)", chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for (user, key) in chunk {
-            query = query.bind(*user).bind(*key);
-        }
-        for row in query.fetch_all(&mut *conn).await? {
-            let user: Arc<str> = row.try_get::<String, _>("user_id")?.into();
-            let key: Arc<str> = row.try_get::<String, _>("idempotency_key")?.into();
-            earlier.insert((user.clone(), key), from_row(&user, &row)?);
-        }
-    }
-    Ok(earlier)
-}
-
-/// Inserts the new notifications and writes the counters back, many rows a statement.
-async fn write(conn: &mut SqliteConnection, plan: &Plan<'_>) -> Result<(), sqlx::Error> {
-    let rows = &plan.rows;
-    let indexes: Vec<usize> = (0..rows.users.len()).collect();
-    for chunk in statement_chunks(&indexes) {
-        let sql = format!(
-            "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, idempotency_key) VALUES {}",
-            repeated("(?, ?, ?, ?, ?, ?, ?)", chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for &i in chunk {
-            query = query
-                .bind(rows.users[i])
-                .bind(rows.seqs[i])
-                .bind(rows.ids[i])
-                .bind(rows.topics[i])
-                .bind(rows.payloads[i])
-                .bind(rows.created[i])
-                .bind(rows.keys[i]);
-        }
-        query.execute(&mut *conn).await?;
-    }
-    let counters: Vec<(&str, i64)> = plan.counters.iter().map(|(u, s)| (*u, *s)).collect();
-    for chunk in statement_chunks(&counters) {
-        let sql = format!(
-            "INSERT INTO users (user_id, last_seq) VALUES {}
-             ON CONFLICT (user_id) DO UPDATE SET last_seq = excluded.last_seq",
-            repeated("(?, ?)", chunk.len())
-        );
-        let mut query = sqlx::query(&sql);
-        for (user, last) in chunk {
-            query = query.bind(*user).bind(*last);
-        }
-        query.execute(&mut *conn).await?;
-    }
-    Ok(())
+    Ok(file.into())
 }
 
 fn rows(user: &str, rows: Vec<SqliteRow>) -> Result<Vec<StoredNotification>, StoreError> {
@@ -298,43 +125,15 @@ impl Store for SqliteStore {
     }
 
     async fn append(&self, batch: Vec<NewNotification>) -> Result<Vec<Appended>, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.writer
-            .send(WriteMsg::Append(batch, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
-        answer.await.map_err(|_| StoreError::Unavailable("the store closed before committing".into()))?
+        self.writer.append(batch).await
     }
 
     async fn head(&self, user: &str) -> Result<Head, StoreError> {
-        let row = sqlx::query(
-            "SELECT u.last_seq AS last_seq,
-                    (SELECT MIN(seq) FROM notifications n WHERE n.user_id = u.user_id) AS oldest
-             FROM users u WHERE u.user_id = ?",
-        )
-        .bind(user)
-        .fetch_optional(&self.pool)
-        .await?;
-        Ok(match row {
-            None => Head { last_seq: 0, oldest_seq: 1 },
-            Some(row) => {
-                let last_seq: i64 = row.try_get("last_seq")?;
-                let oldest: Option<i64> = row.try_get("oldest")?;
-                Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) }
-            }
-        })
+        self.readers.head(user).await
     }
 
     async fn last_seqs(&self, users: &[Arc<str>]) -> Result<Vec<Seq>, StoreError> {
-        let list = serde_json::to_string(&users.iter().map(|u| &**u).collect::<Vec<&str>>())
-            .map_err(|e| StoreError::Internal(e.to_string()))?;
-        let found: Vec<(String, i64)> =
-            sqlx::query_as("SELECT user_id, last_seq FROM users WHERE user_id IN (SELECT value FROM json_each(?))")
-                .bind(list)
-                .fetch_all(&self.pool)
-                .await?;
-        let found: std::collections::HashMap<String, i64> = found.into_iter().collect();
-        Ok(users.iter().map(|u| found.get(&**u).copied().unwrap_or(0)).collect())
+        self.readers.last_seqs(users).await
     }
 
     async fn after(
@@ -344,14 +143,7 @@ impl Store for SqliteStore {
         up_to: Option<Seq>,
         limit: u32,
     ) -> Result<Vec<StoredNotification>, StoreError> {
-        let found = sqlx::query(select!("WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?"))
-            .bind(user)
-            .bind(after)
-            .bind(up_to.unwrap_or(i64::MAX))
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        rows(user, found)
+        self.readers.after(user, after, up_to.unwrap_or(Seq::MAX), limit).await
     }
 
     async fn list(&self, user: &str, q: &ListQuery) -> Result<Vec<StoredNotification>, StoreError> {
@@ -425,7 +217,7 @@ impl Store for SqliteStore {
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        if self.writer.is_closed() {
+        if self.writer.is_stopped() {
             return Err(StoreError::Unavailable("the writer has stopped".into()));
         }
         sqlx::query("SELECT 1").execute(&self.pool).await?;
@@ -433,10 +225,8 @@ impl Store for SqliteStore {
     }
 
     async fn close(&self) {
-        let (done, closed) = oneshot::channel();
-        if self.writer.send(WriteMsg::Close(done)).await.is_ok() {
-            let _ = closed.await;
-        }
+        self.writer.close().await;
+        self.readers.close().await;
         self.pool.close().await;
     }
 }

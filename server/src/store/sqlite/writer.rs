@@ -1,0 +1,200 @@
+//! The one writer: a thread of its own with one connection, committing
+//! whatever has queued up in a single `BEGIN IMMEDIATE` transaction (group
+//! commit). SQLite has one writer at a time anyway, and one fsync then
+//! covers many publishes. Inside it, the group's counters and repeated
+//! idempotency keys are read, seqs decided in Rust ([`crate::store::plan`]),
+//! and the rows and counters written with prepared statements; in-process,
+//! a statement costs microseconds, not a hand-off to another thread.
+//!
+//! The queue is bounded ([`QUEUE`]): when it is full, publishers wait.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot};
+
+use super::reader::{open, store_error, NotificationColumns};
+use crate::store::plan::{Key, Plan};
+use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
+
+/// Most notifications committed in one group transaction.
+const MAX_GROUP: usize = 2048;
+/// Requests waiting for the writer; a full queue makes publishers wait.
+const QUEUE: usize = 1024;
+
+type AppendReply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
+
+enum Request {
+    Append(Vec<NewNotification>, AppendReply),
+    Close(oneshot::Sender<()>),
+}
+
+/// A handle on the writer thread.
+pub(super) struct Writer {
+    queue: mpsc::Sender<Request>,
+}
+
+impl Writer {
+    /// Opens the writer's connection (`synchronous=FULL`: a commit survives
+    /// power loss) and starts its thread.
+    pub fn start(path: &Path) -> Result<Writer, StoreError> {
+        let conn = open(path)?;
+        conn.pragma_update(None, "synchronous", "FULL").map_err(store_error)?;
+        let (tx, rx) = mpsc::channel(QUEUE);
+        std::thread::Builder::new()
+            .name("herald-sqlite-writer".into())
+            .spawn(move || run(conn, rx))
+            .map_err(|e| StoreError::Internal(format!("spawning the writer thread: {e}")))?;
+        Ok(Writer { queue: tx })
+    }
+
+    /// Stores `batch` in the next group commit; durable when it answers.
+    pub async fn append(&self, batch: Vec<NewNotification>) -> Result<Vec<Appended>, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .send(Request::Append(batch, reply))
+            .await
+            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("the store closed before committing".into()))?
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.queue.is_closed()
+    }
+
+    /// Commits what is queued, then closes the connection.
+    pub async fn close(&self) {
+        let (done, closed) = oneshot::channel();
+        if self.queue.send(Request::Close(done)).await.is_ok() {
+            let _ = closed.await;
+        }
+    }
+}
+
+fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>) {
+    let mut closing = None;
+    while let Some(first) = queue.blocking_recv() {
+        let mut group = Vec::new();
+        let mut size = 0;
+        let mut next = Some(first);
+        while let Some(request) = next.take() {
+            match request {
+                Request::Append(batch, reply) => {
+                    size += batch.len();
+                    group.push((batch, reply));
+                }
+                Request::Close(done) => {
+                    closing = Some(done);
+                    break;
+                }
+            }
+            if size < MAX_GROUP {
+                next = queue.try_recv().ok();
+            }
+        }
+        if !group.is_empty() {
+            commit_group(&mut conn, group);
+        }
+        if closing.is_some() {
+            break;
+        }
+    }
+    drop(conn);
+    if let Some(done) = closing {
+        let _ = done.send(());
+    }
+}
+
+fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendReply)>) {
+    let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+    let result = (|| {
+        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(store_error)?;
+        let last_seqs = counters(&tx, &batches).map_err(store_error)?;
+        let earlier = earlier_keys(&tx, &batches).map_err(store_error)?;
+        let plan = Plan::new(&batches, last_seqs, earlier)?;
+        write(&tx, &plan).map_err(store_error)?;
+        tx.commit().map_err(store_error)?;
+        Ok::<_, StoreError>(plan.outcomes)
+    })();
+    // A failed transaction rolls back when it is dropped: nothing of the group is stored.
+    match result {
+        Ok(outcomes) => {
+            for (reply, out) in replies.into_iter().zip(outcomes) {
+                let _ = reply.send(Ok(out));
+            }
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "group commit failed; nothing of it was stored");
+            for reply in replies {
+                let _ = reply.send(Err(err.clone()));
+            }
+        }
+    }
+}
+
+/// The group's users' `last_seq` (0 for a user never seen). The writer holds
+/// SQLite's write lock from `BEGIN IMMEDIATE`, so no one else moves them.
+fn counters(conn: &Connection, batches: &[Vec<NewNotification>]) -> rusqlite::Result<HashMap<String, i64>> {
+    let mut statement = conn.prepare_cached("SELECT last_seq FROM users WHERE user_id = ?")?;
+    let mut last_seqs = HashMap::new();
+    for n in batches.iter().flatten() {
+        if !last_seqs.contains_key(&*n.user_id) {
+            let last: Option<i64> = statement.query_row([&*n.user_id], |r| r.get(0)).optional()?;
+            last_seqs.insert(n.user_id.to_string(), last.unwrap_or(0));
+        }
+    }
+    Ok(last_seqs)
+}
+
+/// The stored notifications whose (user, idempotency key) the group repeats.
+fn earlier_keys(
+    conn: &Connection,
+    batches: &[Vec<NewNotification>],
+) -> rusqlite::Result<HashMap<Key, StoredNotification>> {
+    let mut earlier = HashMap::new();
+    let mut keyed = batches.iter().flatten().filter_map(|n| Some((&n.user_id, n.idempotency_key.as_ref()?))).peekable();
+    if keyed.peek().is_none() {
+        return Ok(earlier);
+    }
+    let mut statement = conn.prepare_cached(concat!(
+        "SELECT seq, id, topic, payload, created_at, read FROM notifications",
+        " WHERE user_id = ? AND idempotency_key = ?"
+    ))?;
+    let mut columns = NotificationColumns::default();
+    for (user, key) in keyed {
+        let mut rows = statement.query((&**user, &**key))?;
+        if let Some(row) = rows.next()? {
+            earlier.insert((user.clone(), key.clone()), columns.decode(user, row)?);
+        }
+    }
+    Ok(earlier)
+}
+
+/// Inserts the new notifications and writes the counters back.
+fn write(conn: &Connection, plan: &Plan<'_>) -> rusqlite::Result<()> {
+    let rows = &plan.rows;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, idempotency_key)
+         VALUES (?, ?, ?, ?, ?, ?, ?)",
+    )?;
+    for i in 0..rows.users.len() {
+        insert.execute((
+            rows.users[i],
+            rows.seqs[i],
+            rows.ids[i],
+            rows.topics[i],
+            rows.payloads[i],
+            rows.created[i],
+            rows.keys[i],
+        ))?;
+    }
+    let mut counter = conn.prepare_cached(
+        "INSERT INTO users (user_id, last_seq) VALUES (?, ?)
+         ON CONFLICT (user_id) DO UPDATE SET last_seq = excluded.last_seq",
+    )?;
+    for (user, last) in &plan.counters {
+        counter.execute((user, last))?;
+    }
+    Ok(())
+}
