@@ -80,6 +80,11 @@ pub fn verify(reports: &[Report], expected: &Expected, publish_errors: u64) -> V
 }
 
 impl Verification {
+    /// The summary's paragraph: passed or FAILED, and [`Verification::line`].
+    pub fn paragraph(&self) -> String {
+        format!("**Delivery check: {}** — {}\n\n", if self.ok { "passed" } else { "FAILED" }, self.line())
+    }
+
     /// One line for the summary and the console.
     pub fn line(&self) -> String {
         format!(

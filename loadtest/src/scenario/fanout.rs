@@ -266,11 +266,7 @@ fn write(bench: &Bench, r: &Result, jobs: &Histogram<u64>, bursts: &Histogram<u6
         r.job_latency.row("jobs: publish → deliver"),
         r.burst_latency.row("bursts: publish → deliver")
     );
-    md += &format!(
-        "**Delivery check: {}** — {}\n\n",
-        if r.verification.ok { "passed" } else { "FAILED" },
-        r.verification.line()
-    );
+    md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![latency by percentile](latency.svg)\n";
     bench.run.write_file("summary.md", &md)?;

@@ -310,11 +310,7 @@ fn summary(bench: &Bench, r: &Result, args: &Args) -> String {
         r.latency.row("readers: publish → deliver"),
         r.recovery.row("stalled: reconnect → caught up")
     );
-    md += &format!(
-        "**Delivery check: {}** — {}\n\n",
-        if r.verification.ok { "passed" } else { "FAILED" },
-        r.verification.line()
-    );
+    md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![readers' latency by percentile](latency.svg)\n";
     md

@@ -189,11 +189,7 @@ fn summary(bench: &Bench, r: &Result) -> String {
         r.catch_up.row("catch-up per client (own reconnect → caught up)"),
         r.catch_up_since_storm.row("catch-up since the storm began")
     );
-    md += &format!(
-        "**Delivery check: {}** — {}\n\n",
-        if r.verification.ok { "passed" } else { "FAILED" },
-        r.verification.line()
-    );
+    md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![clients caught up over time](catch-up.svg)\n";
     md

@@ -180,11 +180,7 @@ fn summary(bench: &Bench, r: &Result) -> String {
     md += "\n";
     md += &r.http_round_trip.row("HTTP publish round trip");
     md += "\n\n";
-    md += &format!(
-        "**Delivery check: {}** — {}\n\n",
-        if r.verification.ok { "passed" } else { "FAILED" },
-        r.verification.line()
-    );
+    md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![latency by percentile](latency.svg)\n";
     md

@@ -2,9 +2,9 @@
 //!
 //! Appends go through one writer thread that owns one connection and commits
 //! whatever has queued up in a single transaction (group commit, [`writer`]);
-//! `synchronous=FULL`, so a commit survives power loss. The reads on every
-//! session's path run on reader threads of their own ([`reader`]); the rest
-//! (inbox, read marks, jobs, migrations) use a small sqlx pool. WAL lets the
+//! `synchronous=FULL`, so a commit survives power loss. Reads of
+//! notifications run on reader threads of their own ([`reader`]); the rest
+//! (unread counts, read marks, retention, jobs, migrations) use a small sqlx pool. WAL lets the
 //! readers run beside the writer.
 
 mod jobs;
@@ -17,32 +17,10 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
-use serde_json::value::RawValue;
-use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
 use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoredNotification, Unread};
-
-/// `SELECT <the columns from_row reads> FROM notifications <rest>`.
-macro_rules! select {
-    ($rest:literal) => {
-        concat!("SELECT seq, id, topic, payload, created_at, read FROM notifications ", $rest)
-    };
-}
-
-fn from_row(user: &Arc<str>, row: &SqliteRow) -> Result<StoredNotification, sqlx::Error> {
-    let payload: String = row.try_get("payload")?;
-    let payload = RawValue::from_string(payload).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-    Ok(StoredNotification {
-        user_id: user.clone(),
-        seq: row.try_get("seq")?,
-        id: row.try_get("id")?,
-        topic: row.try_get::<String, _>("topic")?.into(),
-        payload: Arc::from(payload),
-        created_at_ms: row.try_get("created_at")?,
-        read: row.try_get::<i64, _>("read")? != 0,
-    })
-}
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -112,11 +90,6 @@ async fn database_file(pool: &SqlitePool) -> Result<std::path::PathBuf, StoreErr
     Ok(file.into())
 }
 
-fn rows(user: &str, rows: Vec<SqliteRow>) -> Result<Vec<StoredNotification>, StoreError> {
-    let user: Arc<str> = user.into();
-    Ok(rows.iter().map(|r| from_row(&user, r)).collect::<Result<_, _>>()?)
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     fn pool_usage(&self) -> (u32, u32) {
@@ -147,17 +120,7 @@ impl Store for SqliteStore {
     }
 
     async fn list(&self, user: &str, q: &ListQuery) -> Result<Vec<StoredNotification>, StoreError> {
-        let found = sqlx::query(select!(
-            "WHERE user_id = ? AND seq < ? AND seq > ? AND (read = 0 OR ? = 0) ORDER BY seq DESC LIMIT ?"
-        ))
-        .bind(user)
-        .bind(q.before_seq.unwrap_or(i64::MAX))
-        .bind(q.after_seq.unwrap_or(0))
-        .bind(q.unread_only)
-        .bind(q.limit)
-        .fetch_all(&self.pool)
-        .await?;
-        rows(user, found)
+        self.readers.list(user, q).await
     }
 
     async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<u64, StoreError> {

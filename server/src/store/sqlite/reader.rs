@@ -1,6 +1,7 @@
-//! The reads on every session's path — `head`, `after` (replay) and
-//! `last_seqs` (the repair pass) — on reader threads of their own, each with
-//! its own connection (rusqlite, on the same SQLite library sqlx links).
+//! The reads of notifications — `head`, `after` (replay), `last_seqs` (the
+//! repair pass) and `list` (the inbox) — on reader threads of their own,
+//! each with its own connection (rusqlite, on the same SQLite library sqlx
+//! links).
 //!
 //! Why not the sqlx pool: sqlx runs each SQLite connection on a worker
 //! thread and hands every result row back through a channel, so a replay of
@@ -21,7 +22,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use crate::store::{Head, StoreError, StoredNotification};
+use crate::store::{Head, ListQuery, StoreError, StoredNotification};
 
 /// Requests waiting for a reader thread.
 const QUEUE: usize = 4096;
@@ -34,6 +35,7 @@ enum Request {
     Head { user: Arc<str>, reply: Reply<Head> },
     After { user: Arc<str>, after: Seq, up_to: Seq, limit: u32, reply: Reply<Vec<StoredNotification>> },
     LastSeqs { users: Vec<Arc<str>>, reply: Reply<Vec<Seq>> },
+    List { user: Arc<str>, query: ListQuery, reply: Reply<Vec<StoredNotification>> },
 }
 
 /// A handle on the reader threads; they end when the store closes.
@@ -92,6 +94,11 @@ impl Readers {
         self.ask(|reply| Request::LastSeqs { users, reply }).await
     }
 
+    pub async fn list(&self, user: &str, query: &ListQuery) -> Result<Vec<StoredNotification>, StoreError> {
+        let (user, query) = (user.into(), query.clone());
+        self.ask(|reply| Request::List { user, query, reply }).await
+    }
+
     /// Answers what is queued, refuses anything new, and waits until every
     /// reader thread has closed its connection.
     pub async fn close(&self) {
@@ -109,7 +116,7 @@ impl Drop for Readers {
     }
 }
 
-fn closed() -> StoreError {
+pub(super) fn closed() -> StoreError {
     StoreError::Unavailable("the store is closed".into())
 }
 
@@ -133,6 +140,9 @@ fn serve(conn: Connection, queue: async_channel::Receiver<Request>) {
             Request::LastSeqs { users, reply } => {
                 let _ = reply.send(last_seqs(&conn, &users).map_err(store_error));
             }
+            Request::List { user, query, reply } => {
+                let _ = reply.send(list(&conn, &user, &query).map_err(store_error));
+            }
         }
     }
 }
@@ -149,6 +159,13 @@ fn head(conn: &Connection, user: &str) -> rusqlite::Result<Head> {
     })
 }
 
+/// `SELECT` of the columns [`NotificationColumns`] decodes, then `rest`.
+macro_rules! select {
+    ($rest:literal) => {
+        concat!("SELECT seq, id, topic, payload, created_at, read FROM notifications ", $rest)
+    };
+}
+
 fn notifications_after(
     conn: &Connection,
     user: &Arc<str>,
@@ -156,11 +173,23 @@ fn notifications_after(
     up_to: Seq,
     limit: u32,
 ) -> rusqlite::Result<Vec<StoredNotification>> {
-    let mut statement = conn.prepare_cached(
-        "SELECT seq, id, topic, payload, created_at, read FROM notifications
-         WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?",
-    )?;
-    let mut rows = statement.query((&**user, after, up_to, limit))?;
+    let mut statement =
+        conn.prepare_cached(select!("WHERE user_id = ? AND seq > ? AND seq <= ? ORDER BY seq LIMIT ?"))?;
+    let found = decode_all(user, statement.query((&**user, after, up_to, limit))?);
+    found
+}
+
+/// The inbox listing: newest first.
+fn list(conn: &Connection, user: &Arc<str>, q: &ListQuery) -> rusqlite::Result<Vec<StoredNotification>> {
+    let mut statement = conn.prepare_cached(select!(
+        "WHERE user_id = ? AND seq < ? AND seq > ? AND (read = 0 OR ? = 0) ORDER BY seq DESC LIMIT ?"
+    ))?;
+    let before = q.before_seq.unwrap_or(Seq::MAX);
+    let found = decode_all(user, statement.query((&**user, before, q.after_seq.unwrap_or(0), q.unread_only, q.limit))?);
+    found
+}
+
+fn decode_all(user: &Arc<str>, mut rows: rusqlite::Rows<'_>) -> rusqlite::Result<Vec<StoredNotification>> {
     let mut columns = NotificationColumns::default();
     let mut found = Vec::new();
     while let Some(row) = rows.next()? {

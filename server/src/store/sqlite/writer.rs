@@ -14,7 +14,7 @@ use std::path::Path;
 use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::reader::{open, store_error, NotificationColumns};
+use super::reader::{closed, open, store_error, NotificationColumns};
 use crate::store::plan::{Key, Plan};
 use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
 
@@ -52,10 +52,7 @@ impl Writer {
     /// Stores `batch` in the next group commit; durable when it answers.
     pub async fn append(&self, batch: Vec<NewNotification>) -> Result<Vec<Appended>, StoreError> {
         let (reply, answer) = oneshot::channel();
-        self.queue
-            .send(Request::Append(batch, reply))
-            .await
-            .map_err(|_| StoreError::Unavailable("the store is closed".into()))?;
+        self.queue.send(Request::Append(batch, reply)).await.map_err(|_| closed())?;
         answer.await.map_err(|_| StoreError::Unavailable("the store closed before committing".into()))?
     }
 
