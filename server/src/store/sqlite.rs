@@ -40,6 +40,7 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Full)
             .busy_timeout(Duration::from_secs(5))
+            .pragma("wal_autocheckpoint", writer::CHECKPOINT_PAGES.to_string())
             .log_statements(tracing::log::LevelFilter::Trace);
         let mut attempt = 0;
         let pool = loop {

@@ -22,6 +22,17 @@ use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
 const MAX_GROUP: usize = 2048;
 /// Requests waiting for the writer; a full queue makes publishers wait.
 const QUEUE: usize = 1024;
+/// WAL pages (4 KiB) after which a commit copies them back into the
+/// database file (SQLite's default is 1,000). A checkpoint copies each page
+/// once however many commits changed it, and a group commit of random users
+/// writes thousands of pages, many of them the same index and counter pages
+/// as the groups before: at 1,000 nearly every commit paid for a checkpoint
+/// (20% of the writer's time); at 16,384 (a 64 MiB WAL) batched storing went
+/// from ~38k to ~47k notifications/s (docs/BENCHMARKS.md). Every connection
+/// that writes uses the same threshold, so none checkpoints early.
+pub(super) const CHECKPOINT_PAGES: i64 = 16_384;
+/// Once checkpointed, the WAL file is cut back to this size (bytes).
+const WAL_SIZE_LIMIT: i64 = CHECKPOINT_PAGES * 4096;
 
 type AppendReply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
 
@@ -41,6 +52,8 @@ impl Writer {
     pub fn start(path: &Path) -> Result<Writer, StoreError> {
         let conn = open(path)?;
         conn.pragma_update(None, "synchronous", "FULL").map_err(store_error)?;
+        conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES).map_err(store_error)?;
+        conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).map_err(store_error)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("herald-sqlite-writer".into())
