@@ -223,6 +223,68 @@ async fn a_batch_across_a_thousand_users_is_one_transaction() {
     store.close().await;
 }
 
+/// Each group commit writes its users' counters back through the primary
+/// key, whatever the planner knows of the table: an `UPDATE … FROM
+/// UNNEST(…)`, planned once per connection while the table was small, went
+/// on joining by scanning the whole table on every commit after it had grown
+/// to thousands of rows (docs/BENCHMARKS.md).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn group_commits_never_scan_the_users_table() {
+    let db = TestDb::create().await;
+    let users: Vec<String> = (0..5000).map(|i| format!("user-{i:04}")).collect();
+    let store = store(&db).await;
+    let small_commits = |range: std::ops::Range<usize>| {
+        let store = store.clone();
+        let users = users.clone();
+        async move {
+            for round in range {
+                let batch = users[round * 10..round * 10 + 10].iter().map(|u| note(u, "t", "1", None)).collect();
+                store.append(batch).await.unwrap();
+            }
+        }
+    };
+    small_commits(0..40).await;
+    store.append(users.iter().map(|u| note(u, "t", "2", None)).collect()).await.unwrap();
+    small_commits(0..40).await;
+    // A closing backend flushes its table statistics; read them after that.
+    store.close().await;
+    let stats = users_table_stats(&db, 400 + 5000 + 400).await;
+    // Building the table's primary key in the migration counts as one scan.
+    assert!(stats.seq_scan <= 1, "commits scanned the users table: {stats:?}");
+    assert!(stats.idx_scan > 0, "the counters were not found through the key: {stats:?}");
+}
+
+#[derive(Debug)]
+struct TableStats {
+    seq_scan: i64,
+    idx_scan: i64,
+}
+
+/// The `users` table's scan counts, once the statistics show `inserted`
+/// notifications (the store's backends have flushed theirs).
+async fn users_table_stats(db: &TestDb, inserted: i64) -> TableStats {
+    let mut conn = PgConnection::connect(&db.url).await.expect("connect to the test database");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (seen,): (i64,) =
+            sqlx::query_as("SELECT n_tup_ins FROM pg_stat_user_tables WHERE relname = 'notifications'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        if seen >= inserted {
+            let (seq_scan, idx_scan): (i64, i64) = sqlx::query_as(
+                "SELECT seq_scan, COALESCE(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'users'",
+            )
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
+            return TableStats { seq_scan, idx_scan };
+        }
+        assert!(Instant::now() < deadline, "statistics never showed {inserted} inserts (saw {seen})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_behave_like_the_embedded_store() {
     let db = TestDb::create().await;
