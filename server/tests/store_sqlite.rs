@@ -73,3 +73,67 @@ async fn a_closed_store_refuses_reads_as_unavailable_and_lets_go_of_the_file() {
     assert_eq!(again.head("alice").await.unwrap().last_seq, 1);
     again.close().await;
 }
+
+/// A database made before the counters were clustered (migration 0003)
+/// keeps every user's counter through the upgrade, and seqs go on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_survive_the_upgrade_to_a_clustered_users_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/herald.db?mode=rwc", dir.path().display());
+    let earlier = dir.path().join("earlier-migrations");
+    std::fs::create_dir(&earlier).unwrap();
+    for name in ["0001_notifications.sql", "0002_jobs.sql"] {
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/sqlite").join(name);
+        std::fs::copy(from, earlier.join(name)).unwrap();
+    }
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(earlier.as_path()).await.unwrap().run(&pool).await.unwrap();
+    // alice's notifications were purged (her counter stays); bob has two.
+    sqlx::query("INSERT INTO users (user_id, last_seq) VALUES ('alice', 7), ('bob', 2)").execute(&pool).await.unwrap();
+    sqlx::query(
+        "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at)
+         VALUES ('bob', 1, 'b1', 't', '1', 0), ('bob', 2, 'b2', 't', '2', 0)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let store = open(&url, &options()).await.unwrap();
+    let asked: Vec<Arc<str>> = vec!["alice".into(), "bob".into(), "carol".into()];
+    assert_eq!(store.last_seqs(&asked).await.unwrap(), [7, 2, 0]);
+    assert_eq!(store.head("alice").await.unwrap().last_seq, 7);
+    let out =
+        store.append(vec![note("alice", "8", None), note("bob", "3", None), note("carol", "1", None)]).await.unwrap();
+    assert_eq!(out.iter().map(|a| a.notification.seq).collect::<Vec<_>>(), [8, 3, 1]);
+    assert_eq!(store.after("bob", 0, None, 10).await.unwrap().iter().map(|n| n.seq).collect::<Vec<_>>(), [1, 2, 3]);
+    store.close().await;
+
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let (sql,): (String,) =
+        sqlx::query_as("SELECT sql FROM sqlite_master WHERE name = 'users'").fetch_one(&pool).await.unwrap();
+    assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+    pool.close().await;
+}
+
+/// Two stores on one file, as two processes sharing it: each writer keeps a
+/// copy of the counters it wrote, and must notice the other's commits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_writers_on_one_file_never_hand_out_a_seq_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/herald.db", dir.path().display());
+    let a = open(&url, &options()).await.unwrap();
+    let b = open(&url, &options()).await.unwrap();
+    let mut seqs = Vec::new();
+    for round in 0..5 {
+        for store in [&a, &b] {
+            let out =
+                store.append(vec![note("alice", &round.to_string(), None), note("bob", "0", None)]).await.unwrap();
+            seqs.push(out[0].notification.seq);
+        }
+    }
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    assert_eq!(a.head("bob").await.unwrap().last_seq, 10);
+    a.close().await;
+    b.close().await;
+}
