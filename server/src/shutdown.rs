@@ -48,9 +48,15 @@ pub async fn serve(state: AppState, listener: TcpListener) {
         },
     };
 
+    // Shutdown first: with no drain grace the server can finish in the same
+    // instant, and that is the drain, not a failure. A finished server's
+    // handle must not be awaited again (it panics).
+    let mut server_done = false;
     tokio::select! {
+        biased;
         _ = shutdown.cancelled() => {}
         result = &mut server => {
+            server_done = true;
             tracing::error!(?result, "the HTTP server stopped on its own");
             shutdown.cancel();
         }
@@ -58,7 +64,9 @@ pub async fn serve(state: AppState, listener: TcpListener) {
     tracing::info!(sessions = state.metrics.sessions_active.get(), "draining");
     let deadline = Instant::now() + settings.shutdown_deadline;
     let drained = timeout_at(deadline, async {
-        let _ = (&mut server).await;
+        if !server_done {
+            let _ = (&mut server).await;
+        }
         state.sessions.close();
         state.sessions.wait().await;
         // Workers finish the batch in hand and hand their jobs back.
