@@ -116,8 +116,9 @@ async fn counters_survive_the_upgrade_to_a_clustered_users_table() {
     pool.close().await;
 }
 
-/// Two stores on one file, as two processes sharing it: each writer keeps a
-/// copy of the counters it wrote, and must notice the other's commits.
+/// Two stores on one file, as two processes sharing it: each writer must
+/// build on the counters the other committed (a writer that kept its own
+/// copy of them would have to notice the other's commits).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_writers_on_one_file_never_hand_out_a_seq_twice() {
     let dir = tempfile::tempdir().unwrap();
