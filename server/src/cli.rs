@@ -123,8 +123,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let _tracing = telemetry::init_tracing(&settings);
     let shutdown = CancellationToken::new();
     let state = AppState::build(settings.clone(), shutdown.clone()).await?;
-    let listener = tokio::net::TcpListener::bind(settings.listen)
-        .await
+    let listener = crate::listen::bind(settings.listen)
         .map_err(|e| anyhow::anyhow!("HERALD_LISTEN: cannot listen on {}: {e}", settings.listen))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, node_id = %settings.node_id, store = %settings.database_display(), "listening");

@@ -9,11 +9,17 @@
 //! - every request carries the TCP peer as `ConnectInfo<SocketAddr>` (the
 //!   limits' client IP, see [`crate::limit`]).
 //!
+//! The listening socket ([`bind`]) has a backlog of [`BACKLOG`], not the
+//! 128 that `TcpListener::bind` asks for: in a reconnect storm thousands of
+//! clients connect at once, and a SYN that finds the accept queue full is
+//! dropped and retried by the client only after a second.
+//!
 //! On `stop_accepting` the loop stops accepting, asks every connection to
 //! finish its request in flight and close, and waits for them. Upgraded
 //! WebSockets are not connections any more: shutdown drains them itself.
 
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::time::Duration;
@@ -27,11 +33,25 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use tokio::net::{TcpListener, TcpSocket};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::api::error::ApiError;
+
+/// Connections the kernel completes and queues before `accept` takes them;
+/// Linux caps it at `net.core.somaxconn` (4096 by default since 5.4).
+pub const BACKLOG: u32 = 4096;
+
+/// Listens on `addr` (`SO_REUSEADDR`, as `TcpListener::bind` sets it) with a
+/// backlog of [`BACKLOG`].
+pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
 
 /// What each connection is served with.
 #[derive(Clone, Copy, Debug)]
@@ -100,4 +120,29 @@ pub async fn header_size(State(max): State<usize>, request: Request, next: Next)
         ));
     }
     Ok(next.run(request).await)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// With `TcpListener::bind`'s 128, the connects beyond 129 would hang:
+    /// the kernel drops a SYN while the accept queue is full.
+    #[tokio::test]
+    async fn a_burst_of_connects_waits_in_the_backlog_while_nothing_accepts() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let somaxconn: usize = std::fs::read_to_string("/proc/sys/net/core/somaxconn")
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0);
+        let burst = somaxconn.min(1000);
+        assert!(burst > 128, "net.core.somaxconn is {somaxconn}; this test needs more than 128");
+        let connects =
+            (0..burst).map(|_| tokio::time::timeout(Duration::from_secs(5), tokio::net::TcpStream::connect(addr)));
+        let results = futures_util::future::join_all(connects).await;
+        let queued = results.iter().filter(|r| matches!(r, Ok(Ok(_)))).count();
+        assert_eq!(queued, burst, "connections completed while nothing accepted");
+        drop(listener);
+    }
 }
