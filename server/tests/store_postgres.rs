@@ -334,6 +334,7 @@ async fn reads_behave_like_the_embedded_store() {
     // Retention: the oldest three go; the counter stays.
     assert_eq!(store.purge(2_000).await.unwrap(), 3);
     assert_eq!(store.head("alice").await.unwrap(), Head { last_seq: 5, oldest_seq: 4 });
+    common::assert_resume_at_head_5_oldest_4(&*store, "alice").await;
     assert_eq!(store.purge(i64::MAX).await.unwrap(), 3);
     assert_eq!(store.head("alice").await.unwrap(), Head { last_seq: 5, oldest_seq: 6 });
     assert!(store.after("alice", 0, None, 10).await.unwrap().is_empty());

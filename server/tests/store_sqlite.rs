@@ -1,6 +1,8 @@
 //! The embedded SQLite store on a real file: the reader threads beside the
 //! writer, and closing.
 
+mod common;
+
 use std::sync::Arc;
 
 use herald_server::store::{open, NewNotification, Store, StoreError, StoreOptions};
@@ -19,6 +21,24 @@ fn note(user: &str, payload: &str, key: Option<&str>) -> NewNotification {
         created_at_ms: herald_server::store::now_ms(),
         idempotency_key: key.map(Into::into),
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_gives_the_head_and_the_first_page_in_one_request() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let store = open(&url, &options()).await.unwrap();
+    let (head, page) = store.resume("alice", Some(0), 10).await.unwrap();
+    assert_eq!((head.last_seq, head.oldest_seq, page.len()), (0, 1, 0));
+    for i in 0..5 {
+        let mut n = note("alice", &i.to_string(), None);
+        n.created_at_ms = if i < 3 { 1_000 } else { herald_server::store::now_ms() };
+        store.append(vec![n]).await.unwrap();
+    }
+    store.append(vec![note("bob", "1", None)]).await.unwrap();
+    assert_eq!(store.purge(2_000).await.unwrap(), 3);
+    common::assert_resume_at_head_5_oldest_4(&*store, "alice").await;
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -115,6 +115,19 @@ pub struct Head {
     pub oldest_seq: Seq,
 }
 
+impl Head {
+    /// The last seq a session that says `since` has already seen: `since`
+    /// itself, but never before the oldest retained seq (older ones are
+    /// gone; the welcome says `truncated`) and never beyond `last_seq` (a seq
+    /// no commit has handed out cannot be real). `last_seq` without `since`.
+    pub fn resume_after(&self, since: Option<Seq>) -> Seq {
+        match since {
+            Some(since) => since.max(self.oldest_seq - 1).min(self.last_seq),
+            None => self.last_seq,
+        }
+    }
+}
+
 /// Filters of the inbox listing (newest first).
 #[derive(Debug, Clone, Default)]
 pub struct ListQuery {
@@ -144,6 +157,25 @@ pub trait Store: JobStore + Send + Sync + 'static {
 
     /// The user's newest and oldest retained seq.
     async fn head(&self, user: &str) -> Result<Head, StoreError>;
+
+    /// What a session starts with: the user's head and, when it says
+    /// `since`, the first `limit` notifications after
+    /// [`Head::resume_after`] — what [`Store::head`] then [`Store::after`]
+    /// answer. A store may answer both in one request (the SQLite readers
+    /// do: one hand-off to a reader thread per reconnect, not two).
+    async fn resume(
+        &self,
+        user: &str,
+        since: Option<Seq>,
+        limit: u32,
+    ) -> Result<(Head, Vec<StoredNotification>), StoreError> {
+        let head = self.head(user).await?;
+        let page = match since {
+            Some(_) => self.after(user, head.resume_after(since), None, limit).await?,
+            None => Vec::new(),
+        };
+        Ok((head, page))
+    }
 
     /// The newest committed seq of each user (0 for a user with none), in
     /// the order of `users` — one query for many users, for the periodic

@@ -106,6 +106,15 @@ impl Store for SqliteStore {
         self.readers.head(user).await
     }
 
+    async fn resume(
+        &self,
+        user: &str,
+        since: Option<Seq>,
+        limit: u32,
+    ) -> Result<(Head, Vec<StoredNotification>), StoreError> {
+        self.readers.resume(user, since, limit).await
+    }
+
     async fn last_seqs(&self, users: &[Arc<str>]) -> Result<Vec<Seq>, StoreError> {
         self.readers.last_seqs(users).await
     }

@@ -27,6 +27,7 @@ use super::protocol::{self, BadFrame};
 use crate::broker::Event;
 use crate::hub::Delivery;
 use crate::limit::SessionPermits;
+use crate::store::StoredNotification;
 use crate::telemetry::{FrameKind, Limit};
 use crate::AppState;
 
@@ -116,17 +117,14 @@ fn text(frame: &ServerFrame) -> Message {
 }
 
 impl Session {
-    /// Welcome, then replay from `since`.
+    /// Welcome, then replay from `since`: the welcome and the first page of
+    /// the replay come from one store request and go out in one flush.
     async fn start(&mut self) -> Result<(), SessionEnd> {
         // With Redis: wait (bounded) until this node hears the user's channel,
         // so what commits after the head read below arrives live.
         self.state.broker.subscribed(&self.ctx.user).await;
-        let head = self
-            .state
-            .metrics
-            .store_op("head", self.state.store.head(&self.ctx.user))
-            .await
-            .map_err(|e| self.failed(e))?;
+        let read = self.state.store.resume(&self.ctx.user, self.ctx.since, REPLAY_PAGE);
+        let (head, page) = self.state.metrics.store_op("resume", read).await.map_err(|e| self.failed(e))?;
         let truncated = self.ctx.since.is_some_and(|since| since + 1 < head.oldest_seq);
         if truncated {
             self.state.metrics.truncations.inc();
@@ -141,14 +139,12 @@ impl Session {
             truncated,
             oldest_seq: truncated.then_some(head.oldest_seq),
         });
-        self.send(vec![text(&welcome)]).await?;
-        // A `since` beyond the newest seq cannot be real (seqs come from
-        // commits): resume from the head, which `last_seq` shows the client.
-        self.cursor = match self.ctx.since {
-            Some(since) => since.max(head.oldest_seq - 1).min(head.last_seq),
-            None => head.last_seq,
-        };
-        if self.ctx.since.is_some() {
+        self.cursor = head.resume_after(self.ctx.since);
+        let mut frames = Vec::with_capacity(1 + page.len());
+        frames.push(text(&welcome));
+        let more = self.add_page(page, &mut frames);
+        self.send(frames).await?;
+        if more {
             self.replay_to(None).await?;
         }
         Ok(())
@@ -162,16 +158,26 @@ impl Session {
             }
             let read = self.state.store.after(&self.ctx.user, self.cursor, up_to, REPLAY_PAGE);
             let page = self.state.metrics.store_op("after", read).await.map_err(|e| self.failed(e))?;
-            let Some(last) = page.last() else { return Ok(()) };
-            let full = page.len() as u32 == REPLAY_PAGE;
-            self.cursor = last.seq;
-            self.state.metrics.notifications_replayed.inc_by(page.len() as u64);
-            self.state.metrics.notifications_delivered.inc_by(page.len() as u64);
-            self.send(page.iter().map(|n| Message::Text(n.frame().into())).collect()).await?;
-            if !full {
+            let mut frames = Vec::with_capacity(page.len());
+            let more = self.add_page(page, &mut frames);
+            if !frames.is_empty() {
+                self.send(frames).await?;
+            }
+            if !more {
                 return Ok(());
             }
         }
+    }
+
+    /// Adds a replay page's frames to `frames` and moves `cursor` to its
+    /// last seq. True when the page was full: more may follow.
+    fn add_page(&mut self, page: Vec<StoredNotification>, frames: &mut Vec<Message>) -> bool {
+        let Some(last) = page.last() else { return false };
+        self.cursor = last.seq;
+        self.state.metrics.notifications_replayed.inc_by(page.len() as u64);
+        self.state.metrics.notifications_delivered.inc_by(page.len() as u64);
+        frames.extend(page.iter().map(|n| Message::Text(n.frame().into())));
+        page.len() as u32 == REPLAY_PAGE
     }
 
     async fn serve(&mut self, outbox: &mut mpsc::Receiver<Delivery>) -> SessionEnd {

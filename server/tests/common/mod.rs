@@ -21,6 +21,27 @@ pub const API_KEY: &str = "test-api-key";
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// `Store::resume` for `user` whose head is seq 5 with 1–3 purged (oldest
+/// 4): the head, and from the oldest retained seq on whatever `since` says
+/// (a `since` past the head resumes at the head).
+pub async fn assert_resume_at_head_5_oldest_4(store: &dyn herald_server::store::Store, user: &str) {
+    let head = herald_server::store::Head { last_seq: 5, oldest_seq: 4 };
+    for (since, limit, expected) in [
+        (None, 10, vec![]),
+        (Some(0), 10, vec![4, 5]),
+        (Some(0), 1, vec![4]),
+        (Some(3), 10, vec![4, 5]),
+        (Some(4), 10, vec![5]),
+        (Some(5), 10, vec![]),
+        (Some(99), 10, vec![]),
+        (Some(0), 0, vec![]),
+    ] {
+        let (found, page) = store.resume(user, since, limit).await.unwrap();
+        let seqs: Vec<i64> = page.iter().map(|n| n.seq).collect();
+        assert_eq!((found, seqs), (head, expected), "resume since {since:?}, limit {limit}");
+    }
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: PathBuf,

@@ -34,6 +34,7 @@ type Reply<T> = oneshot::Sender<Result<T, StoreError>>;
 enum Request {
     Head { user: Arc<str>, reply: Reply<Head> },
     After { user: Arc<str>, after: Seq, up_to: Seq, limit: u32, reply: Reply<Vec<StoredNotification>> },
+    Resume { user: Arc<str>, since: Option<Seq>, limit: u32, reply: Reply<(Head, Vec<StoredNotification>)> },
     LastSeqs { users: Vec<Arc<str>>, reply: Reply<Vec<Seq>> },
     List { user: Arc<str>, query: ListQuery, reply: Reply<Vec<StoredNotification>> },
 }
@@ -89,6 +90,17 @@ impl Readers {
         self.ask(|reply| Request::After { user, after, up_to, limit, reply }).await
     }
 
+    /// [`crate::store::Store::resume`] in one hand-off.
+    pub async fn resume(
+        &self,
+        user: &str,
+        since: Option<Seq>,
+        limit: u32,
+    ) -> Result<(Head, Vec<StoredNotification>), StoreError> {
+        let user = user.into();
+        self.ask(|reply| Request::Resume { user, since, limit, reply }).await
+    }
+
     pub async fn last_seqs(&self, users: &[Arc<str>]) -> Result<Vec<Seq>, StoreError> {
         let users = users.to_vec();
         self.ask(|reply| Request::LastSeqs { users, reply }).await
@@ -137,6 +149,9 @@ fn serve(conn: Connection, queue: async_channel::Receiver<Request>) {
             Request::After { user, after, up_to, limit, reply } => {
                 let _ = reply.send(notifications_after(&conn, &user, after, up_to, limit).map_err(store_error));
             }
+            Request::Resume { user, since, limit, reply } => {
+                let _ = reply.send(resume(&conn, &user, since, limit).map_err(store_error));
+            }
             Request::LastSeqs { users, reply } => {
                 let _ = reply.send(last_seqs(&conn, &users).map_err(store_error));
             }
@@ -157,6 +172,20 @@ fn head(conn: &Connection, user: &str) -> rusqlite::Result<Head> {
         None => Head { last_seq: 0, oldest_seq: 1 },
         Some((last_seq, oldest)) => Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) },
     })
+}
+
+fn resume(
+    conn: &Connection,
+    user: &Arc<str>,
+    since: Option<Seq>,
+    limit: u32,
+) -> rusqlite::Result<(Head, Vec<StoredNotification>)> {
+    let head = head(conn, user)?;
+    let page = match since {
+        Some(_) => notifications_after(conn, user, head.resume_after(since), Seq::MAX, limit)?,
+        None => Vec::new(),
+    };
+    Ok((head, page))
 }
 
 /// `SELECT` of the columns [`NotificationColumns`] decodes, then `rest`.
