@@ -440,9 +440,14 @@ async fn last_seqs_answer_in_the_order_asked() {
 async fn the_store_recovers_when_postgres_drops_its_connections() {
     let db = TestDb::create().await;
     let store = store(&db).await;
-    store.append(vec![note("rex", "t", "1", None)]).await.unwrap();
-    assert_eq!(store.head("rex").await.unwrap().last_seq, 1);
-    // What a PostgreSQL restart does to every open connection.
+    // The writers (two with a pool of four) take turns and each keeps the
+    // connection it committed on.
+    for n in 1..=4 {
+        store.append(vec![note("rex", "t", &n.to_string(), None)]).await.unwrap();
+    }
+    assert_eq!(store.head("rex").await.unwrap().last_seq, 4);
+    // What a PostgreSQL restart does to every open connection, the kept
+    // ones included: each is found dead at BEGIN and replaced.
     let mut admin = db.admin().await;
     sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
         .bind(&db.name)
@@ -450,9 +455,11 @@ async fn the_store_recovers_when_postgres_drops_its_connections() {
         .await
         .unwrap();
     let _ = admin.close().await;
-    let out = store.append(vec![note("rex", "t", "2", None)]).await.unwrap();
-    assert_eq!(out[0].notification.seq, 2);
-    assert_eq!(seqs(&all_of(&*store, "rex").await), [1, 2]);
+    for n in 5..=8 {
+        let out = store.append(vec![note("rex", "t", &n.to_string(), None)]).await.unwrap();
+        assert_eq!(out[0].notification.seq, n);
+    }
+    assert_eq!(seqs(&all_of(&*store, "rex").await), (1..=8).collect::<Vec<_>>());
     store.ping().await.unwrap();
     store.close().await;
 }

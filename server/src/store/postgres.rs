@@ -96,8 +96,10 @@ impl PostgresStore {
         let closing = CancellationToken::new();
         let tasks = TaskTracker::new();
         let (writes, queue) = mpsc::channel(writer::QUEUE);
-        let writers = writer::Writers::new(pool.clone(), queue, closing.clone(), deadline);
-        for _ in 0..(options.pool_size / 2).clamp(1, 4) {
+        let writer_tasks = (options.pool_size / 2).clamp(1, 4);
+        let hold = options.pool_size >= 2 * writer_tasks;
+        let writers = writer::Writers::new(pool.clone(), queue, closing.clone(), deadline, hold);
+        for _ in 0..writer_tasks {
             tasks.spawn(writers.clone().run());
         }
         let (reads, queue) = mpsc::channel(reader::QUEUE);

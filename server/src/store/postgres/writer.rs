@@ -9,12 +9,19 @@
 //! 4. one statement inserting every new notification and writing back the
 //!    counters;
 //! 5. `COMMIT`.
+//!
+//! Each writer keeps its connection from one group to the next (when the
+//! pool has room for that): sqlx pings a connection when it leaves the pool
+//! and again when it comes back, two round trips per group on top of these
+//! four. A kept connection found dead at `BEGIN` (PostgreSQL restarted) is
+//! swapped for a fresh one and the group begun again; nothing of it had run.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::pool::PoolConnection;
+use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::sync::CancellationToken;
 
@@ -44,17 +51,34 @@ pub(super) struct Writers {
     queue: Arc<Mutex<mpsc::Receiver<Request>>>,
     closing: CancellationToken,
     deadline: Duration,
+    /// Whether a writer keeps its connection between groups.
+    hold: bool,
 }
 
+/// A writer's connection between groups.
+type Held = Option<PoolConnection<Postgres>>;
+
 impl Writers {
-    pub fn new(pool: PgPool, queue: mpsc::Receiver<Request>, closing: CancellationToken, deadline: Duration) -> Self {
-        Writers { pool, queue: Arc::new(Mutex::new(queue)), closing, deadline }
+    /// `hold`: each writer keeps a connection; only when the pool has
+    /// others for the readers.
+    pub fn new(
+        pool: PgPool,
+        queue: mpsc::Receiver<Request>,
+        closing: CancellationToken,
+        deadline: Duration,
+        hold: bool,
+    ) -> Self {
+        Writers { pool, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold }
     }
 
     /// Commits groups until the store closes and the queue is drained.
     pub async fn run(self) {
+        let mut held = None;
         while let Some(group) = self.next_group().await {
-            self.commit_group(group).await;
+            self.commit_group(group, &mut held).await;
+            if !self.hold {
+                held = None;
+            }
         }
     }
 
@@ -79,9 +103,9 @@ impl Writers {
         Some(group)
     }
 
-    async fn commit_group(&self, group: Vec<Request>) {
+    async fn commit_group(&self, group: Vec<Request>, held: &mut Held) {
         let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|r| (r.batch, r.reply)).unzip();
-        let result = match tokio::time::timeout(self.deadline, commit_with_retry(&self.pool, &batches)).await {
+        let result = match tokio::time::timeout(self.deadline, commit_with_retry(&self.pool, held, &batches)).await {
             Ok(result) => result,
             Err(_) => Err(StoreError::Unavailable("the append timed out; it may or may not have been stored".into())),
         };
@@ -105,10 +129,14 @@ impl Writers {
     }
 }
 
-async fn commit_with_retry(pool: &PgPool, batches: &[Vec<NewNotification>]) -> Result<Vec<Vec<Appended>>, StoreError> {
+async fn commit_with_retry(
+    pool: &PgPool,
+    held: &mut Held,
+    batches: &[Vec<NewNotification>],
+) -> Result<Vec<Vec<Appended>>, StoreError> {
     let mut attempt = 1;
     loop {
-        match commit(pool, batches).await {
+        match commit_on_held(pool, held, batches).await {
             Err(e) if attempt < ATTEMPTS && is_conflict(&e) => {
                 tracing::debug!(error = %e, attempt, "group commit conflicted; retrying");
                 tokio::time::sleep(Duration::from_millis(rand::random_range(1..10) * u64::from(attempt))).await;
@@ -125,11 +153,62 @@ fn is_conflict(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(db) if matches!(db.code().as_deref(), Some("40P01" | "40001")))
 }
 
-async fn commit(pool: &PgPool, batches: &[Vec<NewNotification>]) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
+/// Where a group's transaction failed.
+enum Failed {
+    /// At `BEGIN`: nothing of the group ran.
+    Begin(sqlx::Error),
+    After(sqlx::Error),
+}
+
+/// Commits on the held connection (taking one from the pool when none is
+/// held), and keeps it if the commit succeeded. A held connection that
+/// fails at `BEGIN` is dropped and the group begun once more on a fresh one.
+/// After any other failure the connection goes back to the pool, whose
+/// check on return closes it if it is broken.
+async fn commit_on_held(
+    pool: &PgPool,
+    held: &mut Held,
+    batches: &[Vec<NewNotification>],
+) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
+    let (mut conn, was_held) = match held.take() {
+        Some(conn) => (conn, true),
+        None => (pool.acquire().await?, false),
+    };
+    let result = match commit(&mut conn, batches).await {
+        Err(Failed::Begin(e)) if was_held => {
+            tracing::debug!(error = %e, "a kept connection failed at BEGIN; taking a fresh one");
+            drop(conn);
+            conn = pool.acquire().await?;
+            commit(&mut conn, batches).await
+        }
+        result => result,
+    };
+    match result {
+        Ok(outcomes) => {
+            *held = Some(conn);
+            Ok(outcomes)
+        }
+        Err(Failed::Begin(e) | Failed::After(e)) => Err(e),
+    }
+}
+
+async fn commit(conn: &mut PgConnection, batches: &[Vec<NewNotification>]) -> Result<Vec<Vec<Appended>>, Failed> {
+    let mut tx = conn.begin().await.map_err(Failed::Begin)?;
+    let outcomes = transact(&mut tx, batches).await.map_err(Failed::After)?;
+    // An error here, connection loss included, is an error to the caller:
+    // the outcome is unknown, so it is never reported as stored.
+    tx.commit().await.map_err(Failed::After)?;
+    Ok(outcomes)
+}
+
+/// Steps 2–4 of the module doc.
+async fn transact(
+    tx: &mut Transaction<'_, Postgres>,
+    batches: &[Vec<NewNotification>],
+) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
     let mut users: Vec<&str> = batches.iter().flatten().map(|n| &*n.user_id).collect();
     users.sort_unstable();
     users.dedup();
-    let mut tx = pool.begin().await?;
     // `DO UPDATE` (rather than `DO NOTHING`) locks existing rows until
     // COMMIT, in the order of `ORDER BY`; the same order on every node.
     let counters: Vec<(String, i64)> = sqlx::query_as(
@@ -139,16 +218,13 @@ async fn commit(pool: &PgPool, batches: &[Vec<NewNotification>]) -> Result<Vec<V
          RETURNING user_id, last_seq",
     )
     .bind(&users)
-    .fetch_all(&mut *tx)
+    .fetch_all(&mut **tx)
     .await?;
-    let earlier = earlier_keys(&mut tx, batches).await?;
+    let earlier = earlier_keys(tx, batches).await?;
     let plan = Plan::new(batches, counters.into_iter().collect(), earlier)?;
     if !plan.rows.users.is_empty() {
-        write(&plan, &mut tx).await?;
+        write(&plan, tx).await?;
     }
-    // An error here, connection loss included, is an error to the caller:
-    // the outcome is unknown, so it is never reported as stored.
-    tx.commit().await?;
     Ok(plan.outcomes)
 }
 
