@@ -206,6 +206,15 @@ async fn a_batch_across_a_thousand_users_is_one_transaction() {
     }
     assert!(out[..1000].iter().all(|o| o.notification.seq == 1));
     assert_eq!(out[1000].notification.seq, 2);
+    // What is stored under each seq is what the answer said.
+    let answered: Vec<(i64, &str)> = out
+        .iter()
+        .filter(|o| &*o.notification.user_id == "user-0500")
+        .map(|o| (o.notification.seq, &*o.notification.id))
+        .collect();
+    let stored = all_of(&*store, "user-0500").await;
+    assert_eq!(stored.iter().map(|n| (n.seq, &*n.id)).collect::<Vec<_>>(), answered);
+    assert_eq!(stored[1].payload.get(), r#"{"n":2}"#);
     let names: Vec<Arc<str>> = users.iter().map(|u| u.as_str().into()).collect();
     let last = store.last_seqs(&names).await.unwrap();
     assert_eq!(last.iter().filter(|&&s| s == 1).count(), 999);

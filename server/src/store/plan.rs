@@ -78,7 +78,7 @@ impl<'a> Plan<'a> {
 }
 
 impl<'a> Rows<'a> {
-    fn push(&mut self, n: &'a NewNotification, seq: i64) {
+    pub(crate) fn push(&mut self, n: &'a NewNotification, seq: i64) {
         self.users.push(&n.user_id);
         self.seqs.push(seq);
         self.ids.push(&n.id);
