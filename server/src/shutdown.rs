@@ -35,7 +35,7 @@ pub async fn serve(state: AppState, listener: TcpListener) {
     };
     let mut server = match &settings.tls {
         None => tokio::spawn(async move {
-            crate::listen::serve(listener, app, limits, stop_accepting).await;
+            crate::listen::serve(crate::listen::no_delay(listener), app, limits, stop_accepting).await;
             Ok(())
         }),
         // The files were checked with the settings; they can still change before this.
