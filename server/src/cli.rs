@@ -126,10 +126,12 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
     let listener = crate::listen::bind(settings.listen)
         .map_err(|e| anyhow::anyhow!("HERALD_LISTEN: cannot listen on {}: {e}", settings.listen))?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, node_id = %settings.node_id, store = %settings.database_display(), "listening");
+    // The banner first: whoever waits for the "listening" line (scripts,
+    // the tests) then finds the whole banner already written.
     if settings.dev_mode {
         print_dev_banner(&settings, addr);
     }
+    tracing::info!(%addr, node_id = %settings.node_id, store = %settings.database_display(), "listening");
     tokio::spawn(async move {
         shutdown::signal().await;
         tracing::info!("signal received; draining (a second signal exits at once)");
