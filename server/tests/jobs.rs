@@ -128,7 +128,9 @@ async fn a_large_audience_is_a_job_that_reaches_connected_users_in_order(db: Db)
     assert_eq!(server.metric("herald_job_seconds_count").await, 1.0);
     assert_eq!(server.metric("herald_jobs_running").await, 0.0);
     assert_eq!(server.metric("herald_worker_queue_depth").await, 0.0);
-    assert!(server.metric("herald_runtime_lag_seconds_count").await > 0.0);
+    // It samples every 100 ms; on a fast machine all of the above can take less.
+    eventually("the lag probe has sampled", || async { server.metric("herald_runtime_lag_seconds_count").await > 0.0 })
+        .await;
     server.stop().await;
 }
 
