@@ -249,16 +249,17 @@ async fn transact_unkeyed(
     batches: &[Vec<NewNotification>],
 ) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
     let mut counts: HashMap<&str, i64> = HashMap::new();
-    let mut rows = Rows::default();
-    let mut index = Vec::new();
     for n in batches.iter().flatten() {
-        let count = counts.entry(&n.user_id).or_default();
-        index.push(*count);
-        *count += 1;
-        rows.push(n, 0);
+        *counts.entry(&n.user_id).or_default() += 1;
     }
-    // `k`, in the seqs column: the user's count less one less the index.
-    rows.seqs = rows.users.iter().zip(index).map(|(u, i)| counts[u] - 1 - i).collect();
+    // `k`, in the seqs column: how many of the user's notifications are left after this one.
+    let mut rows = Rows::default();
+    let mut left = counts.clone();
+    for n in batches.iter().flatten() {
+        let k = left.get_mut(&*n.user_id).expect("counted above");
+        *k -= 1;
+        rows.push(n, *k);
+    }
     let mut users: Vec<(&str, i64)> = counts.iter().map(|(u, c)| (*u, *c)).collect();
     users.sort_unstable();
     let (users, added): (Vec<&str>, Vec<i64>) = users.into_iter().unzip();
