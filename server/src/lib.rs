@@ -62,9 +62,20 @@ use store::{Store, StoreError};
 use telemetry::Metrics;
 use worker::pool::Pool;
 
-/// Everything a handler or session needs; cheap to clone.
+/// Everything a handler or session needs: one reference-counted handle, so a
+/// clone per request or session is one atomic increment (see [`Node`]).
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Node>);
+
+impl std::ops::Deref for AppState {
+    type Target = Node;
+    fn deref(&self) -> &Node {
+        &self.0
+    }
+}
+
+/// The node's shared parts, reached through [`AppState`].
+pub struct Node {
     pub settings: Arc<Settings>,
     pub store: Arc<dyn Store>,
     pub broker: Arc<dyn Broker>,
@@ -123,7 +134,7 @@ impl AppState {
         };
         let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
         let limits = Arc::new(Limits::new(settings.limits.clone(), shared, metrics.clone()));
-        Ok(AppState {
+        Ok(AppState(Arc::new(Node {
             limits,
             verifier: Arc::new(Verifier::new(&settings.jwt)?),
             api_keys: Arc::new(ApiKeys::new(&settings.api_keys)),
@@ -136,7 +147,7 @@ impl AppState {
             metrics,
             shutdown,
             sessions: TaskTracker::new(),
-        })
+        })))
     }
 }
 
