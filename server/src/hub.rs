@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// An encoded text frame: cloning it shares the bytes.
-pub type Frame = axum::extract::ws::Utf8Bytes;
+pub type Frame = tokio_tungstenite::tungstenite::Utf8Bytes;
 
 /// What the hub hands a session. Frames are encoded once and shared.
 #[derive(Debug, Clone)]

@@ -399,6 +399,53 @@ async fn refusals_come_before_the_upgrade_with_the_spec_status_and_body() {
 }
 
 #[tokio::test]
+async fn a_request_that_is_not_a_websocket_upgrade_gets_400_not_websocket() {
+    let server = TestServer::start().await;
+    let valid = server.token("alice");
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/ws", server.http());
+    assert_refused(&raw(http.get(&url).bearer_auth(&valid)).await, 400, "not_websocket");
+    let without = |name: &'static str| {
+        let mut request = http.get(&url).bearer_auth(&valid);
+        for (header, value) in [
+            ("connection", "Upgrade"),
+            ("upgrade", "websocket"),
+            ("sec-websocket-version", "13"),
+            ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+        ] {
+            if header != name {
+                request = request.header(header, value);
+            }
+        }
+        request
+    };
+    for missing in ["connection", "upgrade", "sec-websocket-version", "sec-websocket-key"] {
+        assert_refused(&raw(without(missing)).await, 400, "not_websocket");
+    }
+    let old_version = without("sec-websocket-version").header("sec-websocket-version", "8");
+    assert_refused(&raw(old_version).await, 400, "not_websocket");
+    let other_upgrade = without("upgrade").header("upgrade", "h2c");
+    assert_refused(&raw(other_upgrade).await, 400, "not_websocket");
+
+    // Accepted: the RFC 6455 example key gets the RFC's accept value, and the
+    // answer names herald.v1 only when the client offered it.
+    let answer = raw(upgrade(&server, "").bearer_auth(&valid)).await;
+    assert_eq!(answer.status, 101);
+    assert_eq!(answer.headers["sec-websocket-accept"], "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+    assert!(answer.headers.get("sec-websocket-protocol").is_none());
+    // Firefox sends `Connection: keep-alive, Upgrade`.
+    let offered = without("connection")
+        .header("connection", "keep-alive, Upgrade")
+        .header("sec-websocket-protocol", "chat, herald.v1");
+    let answer = raw(offered).await;
+    assert_eq!(answer.status, 101);
+    assert_eq!(answer.headers["sec-websocket-protocol"], "herald.v1");
+    assert_eq!(handshakes(&server, "accepted").await, 2.0);
+    assert_eq!(handshakes(&server, "not_websocket").await, 7.0);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn refused_handshakes_are_counted_by_outcome() {
     let server = TestServer::start().await;
     let (invalid, missing, accepted_before) = (

@@ -9,15 +9,20 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 
-use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{Query, State};
-use axum::http::{header, HeaderMap, StatusCode};
+use axum::body::Body;
+use axum::extract::{Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Version};
 use axum::response::Response;
 use axum::Extension;
 use herald_protocol::Seq;
+use hyper::upgrade::OnUpgrade;
+use hyper_util::rt::TokioIo;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::{Role, WebSocketConfig};
+use tokio_tungstenite::WebSocketStream;
 
 use super::session::{self, SessionContext};
+use super::stream::{self, FlushBuffered};
 use crate::api::error::ApiError;
 use crate::api::extract::ClientIp;
 use crate::api::request::RequestId;
@@ -39,41 +44,103 @@ const CAP_RETRY_AFTER_SECS: u64 = 5;
 /// (its 128 KiB default would cost ~136 KiB per idle connection). Client
 /// frames are small; a large one just takes several reads.
 const READ_BUFFER: usize = 1024;
-/// Outgoing frames are gathered up to this size before a socket write.
-const WRITE_BUFFER: usize = 8 * 1024;
 
 pub async fn upgrade(
     State(state): State<AppState>,
     ClientIp(ip): ClientIp,
     request_id: Option<Extension<RequestId>>,
-    headers: HeaderMap,
     query: Result<Query<HashMap<String, String>>, axum::extract::rejection::QueryRejection>,
-    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
     let query = query.map(|Query(q)| q).unwrap_or_default();
-    let checked = check(&state, ip, &headers, &query).await;
+    let checked = check(&state, ip, request.headers(), &query).await.and_then(|admitted| {
+        let upgrade = Upgrade::from_request(&mut request)
+            .map_err(|why| ApiError::bad_request("not_websocket", format!("not a WebSocket upgrade: {why}")))?;
+        Ok((admitted, upgrade))
+    });
     let outcome = match &checked {
         Ok(_) => "accepted",
         Err(e) => e.code,
     };
     state.metrics.handshakes.get_or_create(&Outcome { outcome }).inc();
-    let (mut ctx, permits) = checked?;
+    let ((mut ctx, permits), upgrade) = checked?;
     ctx.request_id = request_id.map(|Extension(RequestId(id))| id).unwrap_or_default();
-    let ws =
-        ws.map_err(|e| ApiError::bad_request("not_websocket", format!("not a WebSocket upgrade: {}", e.body_text())))?;
 
     let max_frame = state.settings.max_frame_bytes;
     let max_out = state.settings.max_payload_bytes + 16 * 1024;
-    let sessions = state.sessions.clone();
-    Ok(ws
-        .protocols([SUBPROTOCOL])
+    // Frames go straight through to `FlushBuffered`, which gathers a flush's
+    // worth and lets it go afterwards (see `stream`).
+    let config = WebSocketConfig::default()
         .read_buffer_size(READ_BUFFER)
-        .write_buffer_size(WRITE_BUFFER)
-        .max_write_buffer_size(WRITE_BUFFER + 2 * max_out)
-        .max_message_size(max_frame)
-        .max_frame_size(max_frame)
-        .on_failed_upgrade(|e| tracing::debug!(error = %e, "upgrade failed"))
-        .on_upgrade(move |socket| sessions.track_future(session::run(socket, ctx, permits, state))))
+        .write_buffer_size(0)
+        .max_write_buffer_size(stream::MAX_BUFFER + 2 * max_out)
+        .max_message_size(Some(max_frame))
+        .max_frame_size(Some(max_frame));
+    let sessions = state.sessions.clone();
+    let response = upgrade.response();
+    tokio::spawn(sessions.track_future(async move {
+        let upgraded = match upgrade.on_upgrade.await {
+            Ok(upgraded) => upgraded,
+            Err(e) => return tracing::debug!(error = %e, "upgrade failed"),
+        };
+        let io = FlushBuffered::new(TokioIo::new(upgraded));
+        let socket = WebSocketStream::from_raw_socket(io, Role::Server, Some(config)).await;
+        session::run(socket, ctx, permits, state).await
+    }));
+    Ok(response)
+}
+
+/// A well-formed HTTP/1.1 upgrade request (RFC 6455 §4.2.1), taken apart.
+struct Upgrade {
+    key: HeaderValue,
+    /// Whether the client offered [`SUBPROTOCOL`], which the answer then names.
+    herald_protocol: bool,
+    on_upgrade: OnUpgrade,
+}
+
+impl Upgrade {
+    fn from_request(request: &mut Request) -> Result<Upgrade, &'static str> {
+        let headers = request.headers();
+        if request.version() != Version::HTTP_11 {
+            return Err("WebSocket needs HTTP/1.1");
+        }
+        let has = |name: header::HeaderName, token: &str| {
+            headers
+                .get_all(name)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .any(|t| t.trim().eq_ignore_ascii_case(token))
+        };
+        if !has(header::CONNECTION, "upgrade") {
+            return Err("the Connection header does not include `upgrade`");
+        }
+        if !has(header::UPGRADE, "websocket") {
+            return Err("the Upgrade header is not `websocket`");
+        }
+        if headers.get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+            return Err("Sec-WebSocket-Version must be 13");
+        }
+        let key = headers.get(header::SEC_WEBSOCKET_KEY).ok_or("Sec-WebSocket-Key is missing")?.clone();
+        let herald_protocol = has(header::SEC_WEBSOCKET_PROTOCOL, SUBPROTOCOL);
+        let on_upgrade = request.extensions_mut().remove::<OnUpgrade>().ok_or("this connection cannot be upgraded")?;
+        Ok(Upgrade { key, herald_protocol, on_upgrade })
+    }
+
+    /// `101 Switching Protocols`, with the accept key and our subprotocol.
+    fn response(&self) -> Response {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+        let headers = response.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        let accept = derive_accept_key(self.key.as_bytes());
+        headers.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).expect("base64 is a valid header"));
+        if self.herald_protocol {
+            headers.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+        }
+        response
+    }
 }
 
 async fn check(

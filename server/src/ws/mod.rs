@@ -7,3 +7,4 @@ pub mod close;
 pub mod handshake;
 pub mod protocol;
 pub mod session;
+pub mod stream;

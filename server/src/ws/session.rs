@@ -14,16 +14,21 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use futures_util::SinkExt;
+use futures_util::{SinkExt, StreamExt};
 use herald_protocol::{ClientFrame, ReadMark, Seq, ServerFrame, Welcome};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
 use tokio::time::{interval_at, sleep, sleep_until, timeout, Instant, MissedTickBehavior};
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
+use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::close::SessionEnd;
 use super::protocol::{self, BadFrame};
+use super::stream::FlushBuffered;
 use crate::broker::Event;
 use crate::hub::Delivery;
 use crate::limit::SessionPermits;
@@ -44,6 +49,9 @@ const EXPIRY_WARNING: Duration = Duration::from_secs(60);
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The same while the node drains: the 1001 is out, the peer's answer is a courtesy.
 const CLOSE_TIMEOUT_DRAINING: Duration = Duration::from_secs(1);
+
+/// The upgraded connection, as a session reads and writes it.
+pub type WebSocket = WebSocketStream<FlushBuffered<TokioIo<Upgraded>>>;
 
 /// What the handshake verified; the only input a session trusts.
 #[derive(Debug, Clone)]
@@ -200,7 +208,7 @@ impl Session {
                     Some(d) => Box::pin(self.forward(d, outbox)).await,
                     None => Err(SessionEnd::Internal),
                 },
-                message = self.ws.recv() => Box::pin(self.on_message(message)).await,
+                message = self.ws.next() => Box::pin(self.on_message(message)).await,
             };
             if let Err(end) = step {
                 return end;
@@ -280,7 +288,7 @@ impl Session {
         self.replay_to(Some(seq)).await
     }
 
-    async fn on_message(&mut self, message: Option<Result<Message, axum::Error>>) -> Result<(), SessionEnd> {
+    async fn on_message(&mut self, message: Option<Result<Message, WsError>>) -> Result<(), SessionEnd> {
         self.last_heard = Instant::now();
         if let (Some(Ok(m)), Some(frames)) = (&message, &self.frames) {
             if !matches!(m, Message::Close(_)) && frames.check().is_err() {
@@ -292,7 +300,8 @@ impl Session {
             None => Err(SessionEnd::ClientGone),
             Some(Err(e)) => Err(if is_too_large(e) { SessionEnd::TooLarge } else { SessionEnd::ClientGone }),
             Some(Ok(Message::Close(_))) => Err(SessionEnd::ClientClosed),
-            Some(Ok(Message::Ping(_) | Message::Pong(_))) => {
+            // tungstenite answers pings itself; raw frames only exist on the way out.
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
                 self.frame_seen("control");
                 Ok(())
             }
@@ -397,11 +406,11 @@ impl Session {
     /// the peer's, so the TCP close cannot reset away the frame it has not read.
     async fn close(&mut self, end: SessionEnd) {
         let Some((code, reason)) = end.close_frame() else { return };
-        let frame = CloseFrame { code, reason: Utf8Bytes::from_static(reason) };
+        let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
         let wait = if end == SessionEnd::Shutdown { CLOSE_TIMEOUT_DRAINING } else { CLOSE_TIMEOUT };
         let _ = timeout(wait, async {
             if self.ws.send(Message::Close(Some(frame))).await.is_ok() {
-                while let Some(Ok(message)) = self.ws.recv().await {
+                while let Some(Ok(message)) = self.ws.next().await {
                     if matches!(message, Message::Close(_)) {
                         break;
                     }
@@ -424,12 +433,9 @@ fn ok(reference: Option<serde_json::Value>) -> ServerFrame {
     ServerFrame::Ok { reference: reference.unwrap_or(serde_json::Value::Null) }
 }
 
-fn is_too_large(e: axum::Error) -> bool {
-    use tokio_tungstenite::tungstenite::error::{CapacityError, Error};
-    match e.into_inner().downcast::<Error>() {
-        Ok(e) => matches!(*e, Error::Capacity(CapacityError::MessageTooLong { .. })),
-        Err(_) => false,
-    }
+fn is_too_large(e: WsError) -> bool {
+    use tokio_tungstenite::tungstenite::error::CapacityError;
+    matches!(e, WsError::Capacity(CapacityError::MessageTooLong { .. }))
 }
 
 /// Persists a read mark, then tells every session of the user (on any node).
