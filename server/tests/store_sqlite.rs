@@ -136,6 +136,69 @@ async fn counters_survive_the_upgrade_to_a_clustered_users_table() {
     pool.close().await;
 }
 
+/// A database made before the notifications were clustered by user
+/// (migration 0004) keeps every row, with its read state and idempotency
+/// key, through the upgrade; seqs go on, repeats are still recognised, and
+/// retention still purges by age.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn notifications_survive_the_upgrade_to_a_clustered_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/herald.db?mode=rwc", dir.path().display());
+    let earlier = dir.path().join("earlier-migrations");
+    std::fs::create_dir(&earlier).unwrap();
+    for name in ["0001_notifications.sql", "0002_jobs.sql", "0003_users_without_rowid.sql"] {
+        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/sqlite").join(name);
+        std::fs::copy(from, earlier.join(name)).unwrap();
+    }
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::migrate::Migrator::new(earlier.as_path()).await.unwrap().run(&pool).await.unwrap();
+    sqlx::query("INSERT INTO users (user_id, last_seq) VALUES ('alice', 3), ('bob', 1)").execute(&pool).await.unwrap();
+    // Interleaved as commits would leave them: alice 1, bob 1, alice 2, alice 3.
+    sqlx::query(
+        "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, read, idempotency_key) VALUES
+         ('alice', 1, 'a1', 'old', '{\"n\":1}', 1000, 1, NULL),
+         ('bob',   1, 'b1', 't',   '[1]',        5000, 0, 'bob-key'),
+         ('alice', 2, 'a2', 't',   '\"two\"',   5000, 0, 'alice-key'),
+         ('alice', 3, 'a3', 'u',   '3',          5000, 0, NULL)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let store = open(&url, &options()).await.unwrap();
+    let alice = store.after("alice", 0, None, 10).await.unwrap();
+    let rows: Vec<_> = alice.iter().map(|n| (n.seq, n.id.as_str(), &*n.topic, n.payload.get(), n.read)).collect();
+    assert_eq!(
+        rows,
+        [(1, "a1", "old", r#"{"n":1}"#, true), (2, "a2", "t", r#""two""#, false), (3, "a3", "u", "3", false)]
+    );
+    assert_eq!(store.unread("alice").await.unwrap().total, 2);
+    // A repeat of a stored idempotency key answers with the stored row.
+    let repeat = store.append(vec![note("alice", "9", Some("alice-key"))]).await.unwrap();
+    assert_eq!((repeat[0].notification.seq, repeat[0].notification.id.as_str()), (2, "a2"));
+    let next = store.append(vec![note("alice", "4", None), note("bob", "2", Some("bob-key-2"))]).await.unwrap();
+    assert_eq!(next.iter().map(|a| a.notification.seq).collect::<Vec<_>>(), [4, 2]);
+    // Retention: only alice's first notification is older than 2 s.
+    assert_eq!(store.purge(2000).await.unwrap(), 1);
+    assert_eq!(store.after("alice", 0, None, 10).await.unwrap().iter().map(|n| n.seq).collect::<Vec<_>>(), [2, 3, 4]);
+    store.close().await;
+
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let (sql,): (String,) =
+        sqlx::query_as("SELECT sql FROM sqlite_master WHERE name = 'notifications'").fetch_one(&pool).await.unwrap();
+    assert!(sql.contains("WITHOUT ROWID"), "{sql}");
+    let (indexes,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications'
+           AND name IN ('notifications_idempotency', 'notifications_created_at', 'notifications_unread')",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert_eq!(indexes, 3);
+    pool.close().await;
+}
+
 /// Two stores on one file, as two processes sharing it: each writer must
 /// build on the counters the other committed (a writer that kept its own
 /// copy of them would have to notice the other's commits).

@@ -176,8 +176,8 @@ impl Store for SqliteStore {
         let mut total = 0;
         loop {
             let done = sqlx::query(
-                "DELETE FROM notifications WHERE rowid IN
-                   (SELECT rowid FROM notifications WHERE created_at < ? LIMIT 1000)",
+                "DELETE FROM notifications WHERE (user_id, seq) IN
+                   (SELECT user_id, seq FROM notifications WHERE created_at < ? LIMIT 1000)",
             )
             .bind(before_ms)
             .execute(&self.pool)
