@@ -94,20 +94,28 @@ async fn a_closed_store_refuses_reads_as_unavailable_and_lets_go_of_the_file() {
     again.close().await;
 }
 
-/// A database made before the counters were clustered (migration 0003)
-/// keeps every user's counter through the upgrade, and seqs go on from it.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_survive_the_upgrade_to_a_clustered_users_table() {
+/// A database in a temporary folder, made by only the `migrations` named,
+/// as an older release left it: the folder (keep it alive), its URL, and a
+/// pool on it to fill it with.
+async fn migrated_up_to(migrations: &[&str]) -> (tempfile::TempDir, String, sqlx::SqlitePool) {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/herald.db?mode=rwc", dir.path().display());
     let earlier = dir.path().join("earlier-migrations");
     std::fs::create_dir(&earlier).unwrap();
-    for name in ["0001_notifications.sql", "0002_jobs.sql"] {
+    for name in migrations {
         let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/sqlite").join(name);
         std::fs::copy(from, earlier.join(name)).unwrap();
     }
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
     sqlx::migrate::Migrator::new(earlier.as_path()).await.unwrap().run(&pool).await.unwrap();
+    (dir, url, pool)
+}
+
+/// A database made before the counters were clustered (migration 0003)
+/// keeps every user's counter through the upgrade, and seqs go on from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_survive_the_upgrade_to_a_clustered_users_table() {
+    let (_dir, url, pool) = migrated_up_to(&["0001_notifications.sql", "0002_jobs.sql"]).await;
     // alice's notifications were purged (her counter stays); bob has two.
     sqlx::query("INSERT INTO users (user_id, last_seq) VALUES ('alice', 7), ('bob', 2)").execute(&pool).await.unwrap();
     sqlx::query(
@@ -142,16 +150,8 @@ async fn counters_survive_the_upgrade_to_a_clustered_users_table() {
 /// retention still purges by age.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn notifications_survive_the_upgrade_to_a_clustered_table() {
-    let dir = tempfile::tempdir().unwrap();
-    let url = format!("sqlite://{}/herald.db?mode=rwc", dir.path().display());
-    let earlier = dir.path().join("earlier-migrations");
-    std::fs::create_dir(&earlier).unwrap();
-    for name in ["0001_notifications.sql", "0002_jobs.sql", "0003_users_without_rowid.sql"] {
-        let from = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../migrations/sqlite").join(name);
-        std::fs::copy(from, earlier.join(name)).unwrap();
-    }
-    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    sqlx::migrate::Migrator::new(earlier.as_path()).await.unwrap().run(&pool).await.unwrap();
+    let (_dir, url, pool) =
+        migrated_up_to(&["0001_notifications.sql", "0002_jobs.sql", "0003_users_without_rowid.sql"]).await;
     sqlx::query("INSERT INTO users (user_id, last_seq) VALUES ('alice', 3), ('bob', 1)").execute(&pool).await.unwrap();
     // Interleaved as commits would leave them: alice 1, bob 1, alice 2, alice 3.
     sqlx::query(
