@@ -20,6 +20,26 @@ async fn ping_gets_pong_with_the_ref() {
     server.stop().await;
 }
 
+/// A WebSocket-level ping (RFC 6455 §5.5.2, what non-browser clients and
+/// proxies send) is answered at once with its payload, with nothing else to
+/// flush it out: the session's writes are buffered until a flush.
+#[tokio::test]
+async fn a_protocol_ping_gets_its_pong_at_once() {
+    use futures_util::{SinkExt, StreamExt};
+    let server = TestServer::start().await;
+    let url = format!("{}/v1/ws?access_token={}", server.ws(), server.token("alice"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let welcome = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(matches!(&welcome, Message::Text(t) if t.contains("\"welcome\"")), "{welcome:?}");
+    for payload in [&b"first"[..], &b"second"[..]] {
+        ws.send(Message::Ping(payload.to_vec().into())).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
+        let answer = answer.expect("no pong within 5 s").unwrap().unwrap();
+        assert_eq!(answer, Message::Pong(payload.to_vec().into()));
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn malformed_and_unknown_frames_get_an_error_and_the_session_stays() {
     let server = TestServer::start().await;
