@@ -104,14 +104,7 @@ impl Upgrade {
         if request.version() != Version::HTTP_11 {
             return Err("WebSocket needs HTTP/1.1");
         }
-        let has = |name: header::HeaderName, token: &str| {
-            headers
-                .get_all(name)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .flat_map(|v| v.split(','))
-                .any(|t| t.trim().eq_ignore_ascii_case(token))
-        };
+        let has = |name, token: &str| list(headers, name).any(|t| t.eq_ignore_ascii_case(token));
         if !has(header::CONNECTION, "upgrade") {
             return Err("the Connection header does not include `upgrade`");
         }
@@ -231,14 +224,16 @@ fn token<'a>(headers: &'a HeaderMap, query: &'a HashMap<String, String>) -> Opti
     if let Some(t) = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer) {
         return Some(t);
     }
-    let from_protocol = headers
-        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .find_map(|p| p.trim().strip_prefix(BEARER_PREFIX))
+    let from_protocol = list(headers, header::SEC_WEBSOCKET_PROTOCOL)
+        .find_map(|p| p.strip_prefix(BEARER_PREFIX))
         .filter(|t| !t.is_empty());
     from_protocol.or_else(|| query.get("access_token").map(String::as_str).filter(|t| !t.is_empty()))
+}
+
+/// The trimmed elements of a comma-separated header, over all its lines
+/// (`Connection`, `Upgrade`, `Sec-WebSocket-Protocol`).
+fn list(headers: &HeaderMap, name: header::HeaderName) -> impl Iterator<Item = &str> {
+    headers.get_all(name).into_iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).map(str::trim)
 }
 
 #[cfg(test)]
