@@ -1,18 +1,18 @@
 //! The hub: which sessions of which users live on this node, and the
 //! hand-off of events to their outboxes.
 //!
-//! A session registers with a bounded outbox. [`Hub::deliver`] never waits:
-//! when a session's outbox is full, that session is marked lagging and ends
-//! with 1013 — its client resumes with `since` and loses nothing, and no
+//! A session registers with a bounded [`Outbox`]. [`Hub::deliver`] never
+//! waits: when a session's outbox is full, that session is marked lagging and
+//! ends with 1013 — its client resumes with `since` and loses nothing, and no
 //! other session is slowed down by it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
 use herald_protocol::Seq;
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 
 /// An encoded text frame: cloning it shares the bytes.
 pub type Frame = tokio_tungstenite::tungstenite::Utf8Bytes;
@@ -44,10 +44,102 @@ impl Interest for NoInterest {
     fn changed(&self, _: &Arc<str>) {}
 }
 
+/// A session's queue of deliveries, bounded by `capacity`. Pushing never
+/// waits: one delivery too many marks the outbox *lagged* (and drops what it
+/// holds, since the session ends with 1013 and its client resumes with
+/// `since`). Empty, it holds no buffer, so an idle session pays only for the
+/// handle; a buffer grown by a burst is freed once drained.
+///
+/// One session reads it, from one task: [`recv`](Self::recv) in its loop,
+/// [`lagged`](Self::lagged) while it writes.
+#[derive(Clone)]
+pub struct Outbox {
+    shared: Arc<OutboxShared>,
+}
+
+struct OutboxShared {
+    queue: Mutex<Queue>,
+    /// Told after every push and at the overflow.
+    ready: Notify,
+}
+
+struct Queue {
+    items: VecDeque<Delivery>,
+    capacity: usize,
+    lagged: bool,
+}
+
+/// The outbox overflowed: the session must end with 1013.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lagged;
+
+/// A drained buffer larger than this is freed rather than kept.
+const KEEP_BUFFER: usize = 16;
+
+impl Outbox {
+    fn new(capacity: usize) -> Outbox {
+        let queue = Queue { items: VecDeque::new(), capacity: capacity.max(1), lagged: false };
+        Outbox { shared: Arc::new(OutboxShared { queue: Mutex::new(queue), ready: Notify::new() }) }
+    }
+
+    /// Queues `delivery`; `false` when the outbox is (or just became) lagged.
+    fn push(&self, delivery: &Delivery) -> bool {
+        let taken = {
+            let mut q = self.shared.queue.lock().expect("outbox lock");
+            if q.lagged {
+                return false;
+            }
+            if q.items.len() < q.capacity {
+                q.items.push_back(delivery.clone());
+                true
+            } else {
+                q.lagged = true;
+                q.items = VecDeque::new();
+                false
+            }
+        };
+        self.shared.ready.notify_one();
+        taken
+    }
+
+    /// The next delivery, waiting for one; `Err(Lagged)` once it overflowed.
+    pub async fn recv(&self) -> Result<Delivery, Lagged> {
+        loop {
+            if let Some(next) = self.try_recv()? {
+                return Ok(next);
+            }
+            self.shared.ready.notified().await;
+        }
+    }
+
+    /// The next delivery if one is queued.
+    pub fn try_recv(&self) -> Result<Option<Delivery>, Lagged> {
+        let mut q = self.shared.queue.lock().expect("outbox lock");
+        if q.lagged {
+            return Err(Lagged);
+        }
+        let next = q.items.pop_front();
+        if q.items.is_empty() && q.items.capacity() > KEEP_BUFFER {
+            q.items = VecDeque::new();
+        }
+        Ok(next)
+    }
+
+    /// Resolves once the outbox has overflowed (deliveries stay queued).
+    pub async fn lagged(&self) {
+        while !self.is_lagged() {
+            self.shared.ready.notified().await;
+        }
+    }
+
+    pub fn is_lagged(&self) -> bool {
+        self.shared.queue.lock().expect("outbox lock").lagged
+    }
+}
+
 struct Subscriber {
     id: u64,
-    outbox: mpsc::Sender<Delivery>,
-    lagged: CancellationToken,
+    outbox: Outbox,
 }
 
 #[derive(Default)]
@@ -74,9 +166,7 @@ pub struct Registration {
     hub: Hub,
     user: Arc<str>,
     id: u64,
-    pub outbox: mpsc::Receiver<Delivery>,
-    /// Cancelled when the outbox overflowed.
-    pub lagged: CancellationToken,
+    pub outbox: Outbox,
 }
 
 impl Hub {
@@ -86,16 +176,11 @@ impl Hub {
 
     /// Registers a session of `user` with an outbox of `capacity` deliveries.
     pub fn register(&self, user: &Arc<str>, capacity: usize) -> Registration {
-        let (tx, rx) = mpsc::channel(capacity);
-        let lagged = CancellationToken::new();
+        let outbox = Outbox::new(capacity);
         let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        self.shared.users.entry(user.clone()).or_default().sessions.push(Subscriber {
-            id,
-            outbox: tx,
-            lagged: lagged.clone(),
-        });
+        self.shared.users.entry(user.clone()).or_default().sessions.push(Subscriber { id, outbox: outbox.clone() });
         self.shared.interest.changed(user);
-        Registration { hub: self.clone(), user: user.clone(), id, outbox: rx, lagged }
+        Registration { hub: self.clone(), user: user.clone(), id, outbox }
     }
 
     /// Hands `delivery` to every local session of `user` without waiting.
@@ -105,15 +190,7 @@ impl Hub {
         if let Delivery::Notification { seq, .. } | Delivery::Head { seq } = delivery {
             local.latest = local.latest.max(*seq);
         }
-        let mut taken = 0;
-        for s in local.sessions.iter() {
-            match s.outbox.try_send(delivery.clone()) {
-                Ok(()) => taken += 1,
-                Err(mpsc::error::TrySendError::Full(_)) => s.lagged.cancel(),
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-            }
-        }
-        taken
+        local.sessions.iter().filter(|s| s.outbox.push(delivery)).count()
     }
 
     /// Sessions of `user` on this node.
@@ -161,6 +238,13 @@ mod tests {
         }
     }
 
+    /// A hub with one session, alice's, with an outbox of `capacity`.
+    fn alice_alone(capacity: usize) -> (Hub, Registration) {
+        let hub = Hub::new(Arc::new(NoInterest));
+        let reg = hub.register(&"alice".into(), capacity);
+        (hub, reg)
+    }
+
     fn frame(seq: Seq) -> Delivery {
         Delivery::Notification { seq, frame: Frame::from(format!("{seq}")) }
     }
@@ -171,13 +255,13 @@ mod tests {
         let hub = Hub::new(interest.clone());
         let _ = interest.1.set(hub.clone());
         let alice: Arc<str> = "alice".into();
-        let mut a1 = hub.register(&alice, 8);
-        let mut a2 = hub.register(&alice, 8);
-        let mut b = hub.register(&"bob".into(), 8);
+        let a1 = hub.register(&alice, 8);
+        let a2 = hub.register(&alice, 8);
+        let b = hub.register(&"bob".into(), 8);
         assert_eq!(hub.deliver("alice", &frame(1)), 2);
-        assert!(matches!(a1.outbox.recv().await, Some(Delivery::Notification { seq: 1, .. })));
-        assert!(matches!(a2.outbox.recv().await, Some(Delivery::Notification { seq: 1, .. })));
-        assert!(b.outbox.try_recv().is_err());
+        assert!(matches!(a1.outbox.recv().await, Ok(Delivery::Notification { seq: 1, .. })));
+        assert!(matches!(a2.outbox.recv().await, Ok(Delivery::Notification { seq: 1, .. })));
+        assert!(matches!(b.outbox.try_recv(), Ok(None)));
         drop(a1);
         assert_eq!(hub.local_sessions("alice"), 1);
         drop(a2);
@@ -195,12 +279,65 @@ mod tests {
         let hub = Hub::new(Arc::new(NoInterest));
         let user: Arc<str> = "alice".into();
         let slow = hub.register(&user, 2);
-        let mut fast = hub.register(&user, 16);
+        let fast = hub.register(&user, 16);
         for seq in 1..=3 {
             hub.deliver("alice", &frame(seq));
             fast.outbox.recv().await.unwrap();
         }
-        assert!(slow.lagged.is_cancelled());
-        assert!(!fast.lagged.is_cancelled());
+        assert!(slow.outbox.is_lagged());
+        assert!(!fast.outbox.is_lagged());
+        assert_eq!(slow.outbox.recv().await.unwrap_err(), Lagged);
+        // Lagged is for good: later deliveries are refused, not queued.
+        assert_eq!(hub.deliver("alice", &frame(4)), 1);
+        assert!(matches!(fast.outbox.recv().await, Ok(Delivery::Notification { seq: 4, .. })));
+    }
+
+    #[tokio::test]
+    async fn an_outbox_keeps_order_wakes_its_reader_and_frees_a_drained_burst() {
+        let (hub, reg) = alice_alone(1024);
+        let reader = {
+            let outbox = reg.outbox.clone();
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                while seqs.len() < 3 {
+                    if let Ok(Delivery::Notification { seq, .. }) = outbox.recv().await {
+                        seqs.push(seq);
+                    }
+                }
+                seqs
+            })
+        };
+        tokio::task::yield_now().await;
+        for seq in 1..=3 {
+            hub.deliver("alice", &frame(seq));
+        }
+        assert_eq!(reader.await.unwrap(), vec![1, 2, 3]);
+
+        for seq in 4..=500 {
+            hub.deliver("alice", &frame(seq));
+        }
+        assert!(reg.outbox.shared.queue.lock().unwrap().items.capacity() >= 497);
+        let mut next = 4;
+        while let Some(d) = reg.outbox.try_recv().unwrap() {
+            assert!(matches!(d, Delivery::Notification { seq, .. } if seq == next));
+            next += 1;
+        }
+        assert_eq!(next, 501);
+        assert_eq!(reg.outbox.shared.queue.lock().unwrap().items.capacity(), 0, "the burst's buffer is freed");
+    }
+
+    #[tokio::test]
+    async fn a_writer_waiting_on_lagged_wakes_at_the_overflow_and_not_before() {
+        let (hub, reg) = alice_alone(2);
+        let waiter = {
+            let outbox = reg.outbox.clone();
+            tokio::spawn(async move { outbox.lagged().await })
+        };
+        hub.deliver("alice", &frame(1));
+        hub.deliver("alice", &frame(2));
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        hub.deliver("alice", &frame(3));
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiter).await.unwrap().unwrap();
     }
 }

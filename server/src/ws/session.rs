@@ -18,19 +18,17 @@ use futures_util::{SinkExt, StreamExt};
 use herald_protocol::{ClientFrame, ReadMark, Seq, ServerFrame, Welcome};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use tokio::sync::mpsc;
 use tokio::time::{interval_at, sleep, sleep_until, timeout, Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message, Utf8Bytes};
 use tokio_tungstenite::WebSocketStream;
-use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::close::SessionEnd;
 use super::protocol::{self, BadFrame};
 use super::stream::FlushBuffered;
 use crate::broker::Event;
-use crate::hub::Delivery;
+use crate::hub::{Delivery, Outbox};
 use crate::limit::SessionPermits;
 use crate::store::StoredNotification;
 use crate::telemetry::{FrameKind, Limit};
@@ -69,7 +67,8 @@ struct Session {
     ws: WebSocket,
     ctx: SessionContext,
     state: AppState,
-    lagged: CancellationToken,
+    /// Where the hub queues this session's deliveries.
+    outbox: Outbox,
     /// The last seq sent to the client.
     cursor: Seq,
     last_heard: Instant,
@@ -86,11 +85,11 @@ struct Session {
 pub async fn run(ws: WebSocket, ctx: SessionContext, permits: SessionPermits, state: AppState) {
     let span = tracing::debug_span!("ws_session", request_id = %ctx.request_id, session_id = %ctx.session_id, user_id = %ctx.user);
     async move {
-        let mut registration = state.hub.register(&ctx.user, state.settings.outbox_capacity);
+        let registration = state.hub.register(&ctx.user, state.settings.outbox_capacity);
         state.metrics.sessions_active.inc();
         let mut session = Session {
             ws,
-            lagged: registration.lagged.clone(),
+            outbox: registration.outbox.clone(),
             cursor: 0,
             last_heard: Instant::now(),
             heartbeat: Duration::from_secs(state.settings.heartbeat_secs),
@@ -103,7 +102,7 @@ pub async fn run(ws: WebSocket, ctx: SessionContext, permits: SessionPermits, st
         };
         tracing::debug!("session open");
         let end = match Box::pin(session.start()).await {
-            Ok(()) => session.serve(&mut registration.outbox).await,
+            Ok(()) => session.serve().await,
             Err(end) => end,
         };
         drop(registration);
@@ -188,9 +187,9 @@ impl Session {
         page.len() as u32 == REPLAY_PAGE
     }
 
-    async fn serve(&mut self, outbox: &mut mpsc::Receiver<Delivery>) -> SessionEnd {
+    async fn serve(&mut self) -> SessionEnd {
         let shutdown = self.state.shutdown.clone();
-        let lagged = self.lagged.clone();
+        let outbox = self.outbox.clone();
         let mut heartbeat = interval_at(Instant::now() + self.heartbeat, self.heartbeat);
         heartbeat.set_missed_tick_behavior(MissedTickBehavior::Delay);
         loop {
@@ -198,15 +197,14 @@ impl Session {
             let step = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Err(SessionEnd::Shutdown),
-                _ = lagged.cancelled() => Err(SessionEnd::Lagged),
                 _ = sleep_until(expire_at) => Err(SessionEnd::TokenExpired),
                 // The handlers' futures are boxed: inline, the largest of
                 // them would size every idle session's task.
                 _ = sleep_until(warn_at), if !self.warned => Box::pin(self.warn_expiry()).await,
                 _ = heartbeat.tick() => Box::pin(self.on_heartbeat()).await,
                 delivery = outbox.recv() => match delivery {
-                    Some(d) => Box::pin(self.forward(d, outbox)).await,
-                    None => Err(SessionEnd::Internal),
+                    Ok(d) => Box::pin(self.forward(d)).await,
+                    Err(_) => Err(SessionEnd::Lagged),
                 },
                 message = self.ws.next() => Box::pin(self.on_message(message)).await,
             };
@@ -237,13 +235,13 @@ impl Session {
     }
 
     /// Sends `first` and whatever else is queued, in one flush.
-    async fn forward(&mut self, first: Delivery, outbox: &mut mpsc::Receiver<Delivery>) -> Result<(), SessionEnd> {
+    async fn forward(&mut self, first: Delivery) -> Result<(), SessionEnd> {
         let mut batch = Vec::new();
         self.take(first, &mut batch).await?;
         while batch.len() < WRITE_BATCH {
-            match outbox.try_recv() {
-                Ok(d) => self.take(d, &mut batch).await?,
-                Err(_) => break,
+            match self.outbox.try_recv().map_err(|_| SessionEnd::Lagged)? {
+                Some(d) => self.take(d, &mut batch).await?,
+                None => break,
             }
         }
         if batch.is_empty() {
@@ -386,7 +384,7 @@ impl Session {
     /// Writes frames and flushes once. A write that stalls past three
     /// heartbeats, or an outbox overflow while it waits, ends the session.
     async fn send(&mut self, messages: Vec<Message>) -> Result<(), SessionEnd> {
-        let Session { ws, lagged, state, heartbeat, .. } = self;
+        let Session { ws, outbox, state, heartbeat, .. } = self;
         state.metrics.frames_sent.inc_by(messages.len() as u64);
         let write = async {
             for m in messages {
@@ -396,7 +394,7 @@ impl Session {
         };
         tokio::select! {
             result = write => result.map_err(|_| SessionEnd::ClientGone),
-            _ = lagged.cancelled() => Err(SessionEnd::Lagged),
+            _ = outbox.lagged() => Err(SessionEnd::Lagged),
             _ = state.shutdown.cancelled() => Err(SessionEnd::Shutdown),
             _ = sleep(*heartbeat * 3) => Err(SessionEnd::Lagged),
         }
