@@ -176,7 +176,10 @@ struct Flood {
 }
 
 /// Floods the stalled clients until the server has closed each (then lets
-/// it read again), or until `--slow-timeout`.
+/// it read again), or until `--slow-timeout`. The presence checks run beside
+/// the flood, every [`CHECK_EVERY`], not between its rounds: a closed client
+/// must read again within the server's close timeout (5 s) to find its 1013,
+/// and a flood round can take that long on a busy node.
 async fn flood_until_closed(
     bench: &Bench,
     pubs: &Arc<Publishers>,
@@ -186,44 +189,61 @@ async fn flood_until_closed(
     let http = reqwest::Client::new();
     let urls = args.common.http_urls();
     let started = Instant::now();
-    let mut pending: Vec<u32> = stalled.to_vec();
-    let mut out = Flood { closed: 0, notifications: 0, time_to_close: histogram() };
-    let mut next_check = Instant::now() + Duration::from_millis(500);
+    let pending = std::sync::Mutex::new(stalled.to_vec());
+    let running = || !pending.lock().unwrap().is_empty() && started.elapsed() < args.slow_timeout;
     let tick = Duration::from_millis(100);
-    while !pending.is_empty() && started.elapsed() < args.slow_timeout {
-        // This tick's share of --flood-rate: every pending client `rounds`
-        // times, or (more pending than the budget) a rotating window of them.
-        let budget = (args.flood_rate * tick.as_secs_f64()).max(1.0) as usize;
-        let rounds = (budget / pending.len()).max(1);
-        let shift = budget.min(pending.len()) % pending.len();
-        pending.rotate_left(shift);
-        let window = &pending[..budget.min(pending.len())];
-        let mut jobs = Vec::new();
-        for _ in 0..rounds {
-            for node in 0..bench.nodes {
-                let mine: Vec<u32> = window.iter().copied().filter(|j| *j as usize % bench.nodes == node).collect();
-                for users in mine.chunks(1000) {
-                    jobs.push(Job { node, users: users.to_vec(), sent_ns: unix_ns(), pad: args.flood_bytes });
+    let flood = async {
+        let mut notifications = 0u64;
+        while running() {
+            // This tick's share of --flood-rate: every pending client `rounds`
+            // times, or (more pending than the budget) a rotating window of them.
+            let (window, rounds): (Vec<u32>, usize) = {
+                let mut pending = pending.lock().unwrap();
+                if pending.is_empty() {
+                    break;
+                }
+                let budget = (args.flood_rate * tick.as_secs_f64()).max(1.0) as usize;
+                let rounds = (budget / pending.len()).max(1);
+                let shift = budget.min(pending.len()) % pending.len();
+                pending.rotate_left(shift);
+                (pending[..budget.min(pending.len())].to_vec(), rounds)
+            };
+            let mut jobs = Vec::new();
+            for _ in 0..rounds {
+                for node in 0..bench.nodes {
+                    let mine: Vec<u32> = window.iter().copied().filter(|j| *j as usize % bench.nodes == node).collect();
+                    for users in mine.chunks(1000) {
+                        jobs.push(Job { node, users: users.to_vec(), sent_ns: unix_ns(), pad: args.flood_bytes });
+                    }
                 }
             }
+            notifications += jobs.iter().map(|j| j.users.len() as u64).sum::<u64>();
+            let round = Instant::now();
+            pubs.run_all(jobs, args.publishing.publishers.min(8)).await;
+            tokio::time::sleep_until(round + tick).await;
         }
-        out.notifications += jobs.iter().map(|j| j.users.len() as u64).sum::<u64>();
-        let round = Instant::now();
-        pubs.run_all(jobs, args.publishing.publishers.min(8)).await;
-        if Instant::now() >= next_check {
-            let gone = closed_sessions(&http, &urls, &args.common.api_key, &bench.prefix, &pending).await;
-            if !gone.is_empty() {
-                for _ in &gone {
-                    out.time_to_close.saturating_record(started.elapsed().as_micros() as u64);
-                }
-                out.closed += gone.len() as u64;
-                pending.retain(|j| !gone.contains(j));
-                bench.fleet.to_clients(&gone, |clients| Command::Resume { clients }).await?;
+        notifications
+    };
+    let watch = async {
+        let mut time_to_close = histogram();
+        while running() {
+            tokio::time::sleep(CHECK_EVERY).await;
+            let users = pending.lock().unwrap().clone();
+            let gone = closed_sessions(&http, &urls, &args.common.api_key, &bench.prefix, &users).await;
+            if gone.is_empty() {
+                continue;
             }
-            next_check = Instant::now() + Duration::from_millis(500);
+            for _ in &gone {
+                time_to_close.saturating_record(started.elapsed().as_micros() as u64);
+            }
+            pending.lock().unwrap().retain(|j| !gone.contains(j));
+            bench.fleet.to_clients(&gone, |clients| Command::Resume { clients }).await?;
         }
-        tokio::time::sleep_until(round + tick).await;
-    }
+        anyhow::Ok(time_to_close)
+    };
+    let (notifications, time_to_close) = tokio::join!(flood, watch);
+    let time_to_close = time_to_close?;
+    let pending = pending.into_inner().unwrap();
     if !pending.is_empty() {
         eprintln!(
             "{} stalled clients were not closed within {:?}; letting them read",
@@ -232,9 +252,13 @@ async fn flood_until_closed(
         );
         bench.fleet.to_clients(&pending, |clients| Command::Resume { clients }).await?;
     }
-    eprintln!("the server closed {} of {} stalled clients", out.closed, stalled.len());
-    Ok(out)
+    let closed = (stalled.len() - pending.len()) as u64;
+    eprintln!("the server closed {closed} of {} stalled clients", stalled.len());
+    Ok(Flood { closed, notifications, time_to_close })
 }
+
+/// How often the stalled clients' presence is checked while the flood runs.
+const CHECK_EVERY: Duration = Duration::from_millis(250);
 
 /// The clients among `users` with no session on the server (presence 0).
 async fn closed_sessions(http: &reqwest::Client, urls: &[String], key: &str, prefix: &str, users: &[u32]) -> Vec<u32> {
