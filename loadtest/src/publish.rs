@@ -269,7 +269,9 @@ fn pace(
     let mut rng = rand::rngs::StdRng::from_rng(&mut rand::rng());
     let mut k: u64 = 0;
     let mut out = OpenLoop::default();
-    let mut woke = start;
+    // The earliest the next wake-up may be: a slice after the last one's
+    // *planned* time, so that at ≤ 5,000/s every publish leaves on time.
+    let mut not_before = start;
     loop {
         let due = per_request.mul_f64(k as f64);
         if due >= plan.duration {
@@ -283,11 +285,11 @@ fn pace(
             );
             break;
         }
-        let wake = (start + due).max(woke + PACE_SLICE);
+        let wake = (start + due).max(not_before);
         if let Some(wait) = wake.checked_duration_since(std::time::Instant::now()) {
             std::thread::sleep(wait);
         }
-        woke = std::time::Instant::now();
+        not_before = wake + PACE_SLICE;
         // Everything due by now goes out.
         let now = start.elapsed();
         while per_request.mul_f64(k as f64) <= now && per_request.mul_f64(k as f64) < plan.duration {
