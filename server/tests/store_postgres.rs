@@ -263,6 +263,36 @@ async fn group_commits_never_scan_the_users_table() {
     assert!(stats.idx_scan > 0, "the counters were not found through the key: {stats:?}");
 }
 
+/// Every append updates its users' counter rows; the `users` table leaves
+/// room on its pages (migration 0003) so that those updates stay on the
+/// page (HOT: no new index entry, pruned as the page fills) instead of
+/// scattering new row versions and index entries over the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counter_updates_stay_on_their_page() {
+    let db = TestDb::create().await;
+    let users: Vec<String> = (0..2000).map(|i| format!("user-{i:04}")).collect();
+    let store = store(&db).await;
+    for round in 0..10 {
+        store.append(users.iter().map(|u| note(u, "t", &round.to_string(), None)).collect()).await.unwrap();
+    }
+    store.close().await;
+    let mut conn = PgConnection::connect(&db.url).await.expect("connect to the test database");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let (updated, hot) = loop {
+        let (updated, hot): (i64, i64) =
+            sqlx::query_as("SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'users'")
+                .fetch_one(&mut conn)
+                .await
+                .unwrap();
+        if updated >= 9 * 2000 {
+            break (updated, hot);
+        }
+        assert!(Instant::now() < deadline, "statistics never showed the updates (saw {updated})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(hot * 10 >= updated * 9, "only {hot} of {updated} counter updates were HOT");
+}
+
 #[derive(Debug)]
 struct TableStats {
     seq_scan: i64,
