@@ -140,7 +140,10 @@ pub fn encode_notification(
     read: bool,
 ) -> String {
     let frame = NotificationOut { r#type: "notification", seq, id, topic, payload, created_at, read };
-    serde_json::to_string(&frame).expect("a notification frame always serializes")
+    // Sized once: the field names and punctuation take under 100 bytes.
+    let mut out = Vec::with_capacity(100 + id.len() + topic.len() + payload.get().len() + created_at.len());
+    serde_json::to_writer(&mut out, &frame).expect("a notification frame always serializes");
+    String::from_utf8(out).expect("serde_json writes UTF-8")
 }
 
 /// Close codes (spec §2, "Liveness and close codes").
