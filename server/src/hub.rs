@@ -125,7 +125,9 @@ impl Outbox {
         Ok(next)
     }
 
-    /// Resolves once the outbox has overflowed (deliveries stay queued).
+    /// Resolves once the outbox has overflowed. Every push wakes it to look
+    /// again, so a session waiting here on a slow socket re-checks once per
+    /// delivery; it reads nothing, so what is queued stays for `recv`.
     pub async fn lagged(&self) {
         while !self.is_lagged() {
             self.shared.ready.notified().await;
