@@ -94,6 +94,16 @@ async fn a_closed_store_refuses_reads_as_unavailable_and_lets_go_of_the_file() {
     again.close().await;
 }
 
+/// The `CREATE TABLE` statement SQLite keeps for `table`.
+async fn table_sql(pool: &sqlx::SqlitePool, table: &str) -> String {
+    let (sql,): (String,) = sqlx::query_as("SELECT sql FROM sqlite_master WHERE name = ?")
+        .bind(table)
+        .fetch_one(pool)
+        .await
+        .expect("the table exists");
+    sql
+}
+
 /// A database in a temporary folder, made by only the `migrations` named,
 /// as an older release left it: the folder (keep it alive), its URL, and a
 /// pool on it to fill it with.
@@ -138,8 +148,7 @@ async fn counters_survive_the_upgrade_to_a_clustered_users_table() {
     store.close().await;
 
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let (sql,): (String,) =
-        sqlx::query_as("SELECT sql FROM sqlite_master WHERE name = 'users'").fetch_one(&pool).await.unwrap();
+    let sql = table_sql(&pool, "users").await;
     assert!(sql.contains("WITHOUT ROWID"), "{sql}");
     pool.close().await;
 }
@@ -185,8 +194,7 @@ async fn notifications_survive_the_upgrade_to_a_clustered_table() {
     store.close().await;
 
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
-    let (sql,): (String,) =
-        sqlx::query_as("SELECT sql FROM sqlite_master WHERE name = 'notifications'").fetch_one(&pool).await.unwrap();
+    let sql = table_sql(&pool, "notifications").await;
     assert!(sql.contains("WITHOUT ROWID"), "{sql}");
     let (indexes,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications'
