@@ -485,15 +485,11 @@ async fn the_store_recovers_when_postgres_drops_its_connections() {
         store.append(vec![note("rex", "t", &n.to_string(), None)]).await.unwrap();
     }
     assert_eq!(store.head("rex").await.unwrap().last_seq, 4);
+    // Kept connections idle for longer than a second are probed with BEGIN.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
     // What a PostgreSQL restart does to every open connection, the kept
     // ones included: each is found dead at BEGIN and replaced.
-    let mut admin = db.admin().await;
-    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1")
-        .bind(&db.name)
-        .execute(&mut admin)
-        .await
-        .unwrap();
-    let _ = admin.close().await;
+    terminate_connections(&db).await;
     for n in 5..=8 {
         let out = store.append(vec![note("rex", "t", &n.to_string(), None)]).await.unwrap();
         assert_eq!(out[0].notification.seq, n);
@@ -501,6 +497,38 @@ async fn the_store_recovers_when_postgres_drops_its_connections() {
     assert_eq!(seqs(&all_of(&*store, "rex").await), (1..=8).collect::<Vec<_>>());
     store.ping().await.unwrap();
     store.close().await;
+}
+
+/// A connection used within the last second commits an unkeyed group as one
+/// statement, with no `BEGIN` to find it dead first. Killed under it, the
+/// group's outcome is unknown: an error, never a success, and never stored
+/// twice by a retry; the next group runs on a fresh connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_connection_killed_under_a_group_fails_it_once() {
+    let db = TestDb::create().await;
+    // A pool of two: one writer, which keeps its connection.
+    let store = open(&db.url, &StoreOptions { pool_size: 2, ..options() }).await.unwrap();
+    store.append(vec![note("rex", "t", "1", None)]).await.unwrap();
+    terminate_connections(&db).await;
+    let err = store.append(vec![note("rex", "t", "2", None)]).await.expect_err("the kept connection is dead");
+    assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    let out = store.append(vec![note("rex", "t", "3", None)]).await.unwrap();
+    assert_eq!(out[0].notification.seq, 2);
+    let stored = all_of(&*store, "rex").await;
+    assert_eq!(seqs(&stored), [1, 2]);
+    assert_eq!(stored[1].payload.get(), "3");
+    store.close().await;
+}
+
+/// What a PostgreSQL restart does to every open connection of the test's database.
+async fn terminate_connections(db: &TestDb) {
+    let mut admin = db.admin().await;
+    sqlx::query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = $1")
+        .bind(&db.name)
+        .execute(&mut admin)
+        .await
+        .unwrap();
+    let _ = admin.close().await;
 }
 
 #[tokio::test]

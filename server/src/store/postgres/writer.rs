@@ -11,14 +11,19 @@
 //! 5. `COMMIT`.
 //!
 //! A group without idempotency keys (the usual case) needs no step 3, and
-//! steps 2 and 4 become one statement ([`transact_unkeyed`]): three round
-//! trips per group instead of four.
+//! steps 2 and 4 become one statement ([`transact_unkeyed`]). One statement
+//! is a transaction of its own, so on a connection known to be alive that
+//! statement is the whole commit: one round trip per group instead of four.
 //!
 //! Each writer keeps its connection from one group to the next (when the
 //! pool has room for that): sqlx pings a connection when it leaves the pool
-//! and again when it comes back, two round trips per group on top of these
-//! four. A kept connection found dead at `BEGIN` (PostgreSQL restarted) is
-//! swapped for a fresh one and the group begun again; nothing of it had run.
+//! and again when it comes back, two round trips per group on top of these.
+//! A kept connection that has been idle longer than [`FRESH`] may have died
+//! meanwhile (PostgreSQL restarted), so its group starts with `BEGIN`: one
+//! found dead there is swapped for a fresh one and the group begun again,
+//! since nothing of it had run. A connection used within [`FRESH`] skips
+//! that check, as pgx's pool does; if it dies under the statement, the
+//! outcome is unknown and every request of the group gets an error.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -29,6 +34,7 @@ use sqlx::postgres::PgArguments;
 use sqlx::query::Query;
 use sqlx::{Connection, PgConnection, PgPool, Postgres, Row, Transaction};
 use tokio::sync::{mpsc, oneshot, Mutex};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::from_row;
@@ -42,6 +48,9 @@ const MAX_GROUP: usize = 2048;
 pub(super) const QUEUE: usize = 1024;
 /// Attempts of a group that lost a deadlock or serialization conflict.
 const ATTEMPTS: u32 = 4;
+/// A kept connection last used this recently is taken to be alive: its
+/// unkeyed groups commit as one statement, without a `BEGIN` to probe it.
+const FRESH: Duration = Duration::from_secs(1);
 
 pub(super) struct Request {
     pub batch: Vec<NewNotification>,
@@ -61,8 +70,8 @@ pub(super) struct Writers {
     hold: bool,
 }
 
-/// A writer's connection between groups.
-type Held = Option<PoolConnection<Postgres>>;
+/// A writer's connection between groups, and when it last answered.
+type Held = Option<(PoolConnection<Postgres>, Instant)>;
 
 impl Writers {
     /// `hold`: each writer keeps a connection; only when the pool has
@@ -176,29 +185,40 @@ async fn commit_on_held(
     held: &mut Held,
     batches: &[Vec<NewNotification>],
 ) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
-    let (mut conn, was_held) = match held.take() {
-        Some(conn) => (conn, true),
-        None => (pool.acquire().await?, false),
+    let (mut conn, was_held, alive) = match held.take() {
+        Some((conn, used)) => (conn, true, used.elapsed() < FRESH),
+        None => (pool.acquire().await?, false, true),
     };
-    let result = match commit(&mut conn, batches).await {
+    let result = match commit(&mut conn, batches, alive).await {
         Err(Failed::Begin(e)) if was_held => {
             tracing::debug!(error = %e, "a kept connection failed at BEGIN; taking a fresh one");
             drop(conn);
             conn = pool.acquire().await?;
-            commit(&mut conn, batches).await
+            commit(&mut conn, batches, true).await
         }
         result => result,
     };
     match result {
         Ok(outcomes) => {
-            *held = Some(conn);
+            *held = Some((conn, Instant::now()));
             Ok(outcomes)
         }
         Err(Failed::Begin(e) | Failed::After(e)) => Err(e),
     }
 }
 
-async fn commit(conn: &mut PgConnection, batches: &[Vec<NewNotification>]) -> Result<Vec<Vec<Appended>>, Failed> {
+/// `alive`: the connection just came from the pool (which checked it) or
+/// answered within [`FRESH`].
+async fn commit(
+    conn: &mut PgConnection,
+    batches: &[Vec<NewNotification>],
+    alive: bool,
+) -> Result<Vec<Vec<Appended>>, Failed> {
+    if alive && unkeyed(batches) {
+        // PostgreSQL commits the statement when it ends; an error, connection
+        // loss included, leaves the outcome unknown, as a failed COMMIT does.
+        return transact_unkeyed(conn, batches).await.map_err(Failed::After);
+    }
     let mut tx = conn.begin().await.map_err(Failed::Begin)?;
     let outcomes = transact(&mut tx, batches).await.map_err(Failed::After)?;
     // An error here, connection loss included, is an error to the caller:
@@ -212,7 +232,7 @@ async fn transact(
     tx: &mut Transaction<'_, Postgres>,
     batches: &[Vec<NewNotification>],
 ) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
-    if batches.iter().flatten().all(|n| n.idempotency_key.is_none()) {
+    if unkeyed(batches) {
         return transact_unkeyed(tx, batches).await;
     }
     let mut users: Vec<&str> = batches.iter().flatten().map(|n| &*n.user_id).collect();
@@ -237,6 +257,10 @@ async fn transact(
     Ok(plan.outcomes)
 }
 
+fn unkeyed(batches: &[Vec<NewNotification>]) -> bool {
+    batches.iter().flatten().all(|n| n.idempotency_key.is_none())
+}
+
 /// A group without idempotency keys stores every notification, so steps 2
 /// and 4 are one statement: the upsert locks each counter row (sorted, as
 /// in step 2) and adds the user's count in this group to it; the insert
@@ -245,7 +269,7 @@ async fn transact(
 /// `last_seq - k`: the old `last_seq + 1`, `+ 2`, … in request order, which
 /// is what [`Plan::new`] then answers from the old values.
 async fn transact_unkeyed(
-    tx: &mut Transaction<'_, Postgres>,
+    conn: &mut PgConnection,
     batches: &[Vec<NewNotification>],
 ) -> Result<Vec<Vec<Appended>>, sqlx::Error> {
     let mut counts: HashMap<&str, i64> = HashMap::new();
@@ -281,7 +305,7 @@ async fn transact_unkeyed(
     .bind(&users)
     .bind(&added);
     let mut before = HashMap::with_capacity(users.len());
-    for row in bind_rows(query, &rows).fetch_all(&mut **tx).await? {
+    for row in bind_rows(query, &rows).fetch_all(&mut *conn).await? {
         let user: String = row.try_get(0)?;
         let last: i64 = row.try_get(1)?;
         let added = counts.get(&*user).copied().unwrap_or(0);
