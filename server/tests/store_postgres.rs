@@ -290,7 +290,11 @@ async fn counter_updates_stay_on_their_page() {
         assert!(Instant::now() < deadline, "statistics never showed the updates (saw {updated})");
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
-    assert!(hot * 10 >= updated * 9, "only {hot} of {updated} counter updates were HOT");
+    // Alone this sees ≥ 90% HOT, and 12% without the migration. Pruning a
+    // page waits for the oldest snapshot of the whole cluster to move past
+    // the dead versions, so other tests' transactions lower it (88% seen
+    // under the full suite): half keeps the two cases apart.
+    assert!(hot * 2 >= updated, "only {hot} of {updated} counter updates were HOT");
 }
 
 #[derive(Debug)]
