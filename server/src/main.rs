@@ -3,7 +3,7 @@
 use clap::Parser;
 
 /// mimalloc rather than glibc's malloc: 8–20% less CPU per publish and per
-/// storm, for ≈0.6 KiB more RSS per idle session (docs/BENCHMARKS.md,
+/// storm, for 0.6–1.0 KiB more RSS per idle session (docs/BENCHMARKS.md,
 /// "mimalloc, third try").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
