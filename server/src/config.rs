@@ -119,6 +119,8 @@ pub struct Settings {
     pub outbox_capacity: usize,
     /// Connections in the store's pool.
     pub db_pool_size: u32,
+    /// Page cache of the SQLite writer's connection, in MiB.
+    pub sqlite_cache_mib: u32,
     /// Longest a database statement may run.
     pub db_statement_timeout: Duration,
     /// Longest a request waits for a database connection.
@@ -301,6 +303,7 @@ const KEYS: &[&str] = &[
     "job_lease",
     "outbox_capacity",
     "db_pool_size",
+    "sqlite_cache_mib",
     "db_statement_timeout",
     "db_connect_timeout",
     "redis_prefix",
@@ -473,6 +476,7 @@ impl Settings {
             job_lease: src.duration("job_lease", Duration::from_secs(30))?,
             outbox_capacity: src.number("outbox_capacity", 1024usize, 1)?,
             db_pool_size: src.number("db_pool_size", if postgres { 16u32 } else { 8 }, 1)?,
+            sqlite_cache_mib: src.number("sqlite_cache_mib", 64u32, 1)?,
             db_statement_timeout: src.duration("db_statement_timeout", Duration::from_secs(5))?,
             db_connect_timeout: src.duration("db_connect_timeout", Duration::from_secs(5))?,
             redis_prefix: src.string("redis_prefix").unwrap_or_else(|| "herald".into()),
@@ -541,6 +545,7 @@ impl Settings {
     pub fn store_options(&self) -> crate::store::StoreOptions {
         crate::store::StoreOptions {
             pool_size: self.db_pool_size,
+            sqlite_cache_mib: self.sqlite_cache_mib,
             statement_timeout: self.db_statement_timeout,
             connect_timeout: self.db_connect_timeout,
         }
@@ -568,6 +573,7 @@ mod tests {
         assert_eq!(s.database_url, "sqlite://herald.db");
         assert_eq!(s.heartbeat_secs, 25);
         assert_eq!(s.retention, Duration::from_secs(30 * 24 * 3600));
+        assert_eq!(s.store_options().sqlite_cache_mib, 64);
         assert!(!s.dev_mode);
     }
 
@@ -575,6 +581,8 @@ mod tests {
     fn an_error_names_the_variable() {
         let e = load(&[("HERALD_HEARTBEAT_SECS", "soon")]).err().unwrap();
         assert_eq!(e.name, "HERALD_HEARTBEAT_SECS");
+        let e = load(&[("HERALD_SQLITE_CACHE_MIB", "0")]).err().unwrap();
+        assert_eq!(e.name, "HERALD_SQLITE_CACHE_MIB");
         let e = load(&[("HERALD_LISTEN", "nowhere")]).err().unwrap();
         assert!(e.to_string().starts_with("HERALD_LISTEN: "), "{e}");
     }

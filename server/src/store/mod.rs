@@ -273,6 +273,10 @@ pub struct StoreOptions {
     /// Connections in the pool (PostgreSQL: writers and readers together;
     /// SQLite: readers, beside its one writer).
     pub pool_size: u32,
+    /// SQLite: the page cache of its writer's connection, in MiB. A group
+    /// commit of random users writes a leaf per notification; pages the
+    /// cache does not hold are read back from the file first.
+    pub sqlite_cache_mib: u32,
     /// Longest a statement may run before the database cancels it.
     pub statement_timeout: Duration,
     /// Longest a request waits for a connection (or to connect).
@@ -283,6 +287,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             pool_size: 8,
+            sqlite_cache_mib: 64,
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
         }
@@ -299,7 +304,7 @@ pub async fn open(database_url: &str, options: &StoreOptions) -> Result<Arc<dyn 
     if is_postgres(database_url) {
         postgres::open(database_url, options).await
     } else {
-        Ok(Arc::new(sqlite::SqliteStore::open(database_url, options.pool_size).await?))
+        Ok(Arc::new(sqlite::SqliteStore::open(database_url, options).await?))
     }
 }
 

@@ -20,7 +20,7 @@ use herald_protocol::{ReadMark, Seq};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
-use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoredNotification, Unread};
+use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoreOptions, StoredNotification, Unread};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -33,7 +33,8 @@ impl SqliteStore {
     /// writer and reader threads. Several processes opening one new file at once can see
     /// `SQLITE_BUSY` before any busy handler applies (the switch to WAL, a
     /// migration recorded twice), so opening is retried for a few seconds.
-    pub async fn open(url: &str, pool_size: u32) -> Result<SqliteStore, StoreError> {
+    pub async fn open(url: &str, options: &StoreOptions) -> Result<SqliteStore, StoreError> {
+        let (pool_size, cache_mib) = (options.pool_size, options.sqlite_cache_mib);
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?
             .create_if_missing(true)
@@ -56,7 +57,7 @@ impl SqliteStore {
         };
         let threads = async {
             let file = database_file(&pool).await?;
-            Ok((writer::Writer::start(&file)?, reader::Readers::start(file, pool_size as usize)?))
+            Ok((writer::Writer::start(&file, cache_mib)?, reader::Readers::start(file, pool_size as usize)?))
         };
         match threads.await {
             Ok((writer, readers)) => Ok(SqliteStore { pool, writer, readers }),
