@@ -33,8 +33,8 @@ impl SqliteStore {
     /// writer and reader threads. Several processes opening one new file at once can see
     /// `SQLITE_BUSY` before any busy handler applies (the switch to WAL, a
     /// migration recorded twice), so opening is retried for a few seconds.
-    pub async fn open(url: &str, options: &StoreOptions) -> Result<SqliteStore, StoreError> {
-        let (pool_size, cache_mib) = (options.pool_size, options.sqlite_cache_mib);
+    pub async fn open(url: &str, store: &StoreOptions) -> Result<SqliteStore, StoreError> {
+        let (pool_size, cache_mib) = (store.pool_size, store.sqlite_cache_mib);
         let options = SqliteConnectOptions::from_str(url)
             .map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?
             .create_if_missing(true)
