@@ -65,6 +65,12 @@ async fn a_since_beyond_the_newest_seq_resumes_from_the_newest() {
     assert_eq!(alice.welcome().last_seq, 1);
     server.publish("alice", "t", json!(2)).await;
     assert_eq!(next_notification(&mut alice).await.seq, 2);
+    // The largest `since` there is: nothing was lost, so nothing is truncated.
+    let mut again = server.connect_since("alice", i64::MAX).await;
+    let welcome = again.welcome();
+    assert_eq!((welcome.last_seq, welcome.truncated, welcome.oldest_seq), (2, false, None));
+    server.publish("alice", "t", json!(3)).await;
+    assert_eq!(next_notification(&mut again).await.seq, 3);
     server.stop().await;
 }
 
@@ -223,6 +229,18 @@ async fn bad_publishes_get_the_spec_error_and_store_nothing() {
             "invalid_digest",
         ),
         (r#"{"user_id":"alice","topic":"t","payload":{},"digest":{"key":"k"}}"#.into(), 422, "invalid_request"),
+        // JSON, but not readable back by serde_json (the Rust client): a
+        // number beyond a double, lone surrogates, nesting past 128.
+        (r#"{"user_id":"alice","topic":"t","payload":{"n":1e400}}"#.into(), 422, "invalid_payload"),
+        (r#"{"user_id":"alice","topic":"t","payload":[-1E+999]}"#.into(), 422, "invalid_payload"),
+        (r#"{"user_id":"alice","topic":"t","payload":{"s":"\ud800"}}"#.into(), 422, "invalid_payload"),
+        (r#"{"user_id":"alice","topic":"t","payload":"\udc00 trail first"}"#.into(), 422, "invalid_payload"),
+        (r#"{"user_id":"alice","topic":"t","payload":{"\ud83dx":1}}"#.into(), 422, "invalid_payload"),
+        (
+            format!(r#"{{"user_id":"alice","topic":"t","payload":{}{}}}"#, "[".repeat(200), "]".repeat(200)),
+            422,
+            "invalid_payload",
+        ),
         (format!(r#"{{"user_id":"alice","topic":"t","payload":"{big}"}}"#), 413, "payload_too_large"),
         (format!(r#"{{"user_id":"alice","topic":"t","payload":"{}"}}"#, "y".repeat(4 << 20)), 413, "payload_too_large"),
     ];
@@ -249,6 +267,52 @@ async fn bad_publishes_get_the_spec_error_and_store_nothing() {
     assert!(history.notifications.is_empty());
     assert_eq!(history.last_seq, 0, "a refused publish used a seq");
     assert_eq!(server.publish("alice", "t", json!({})).await.seq, 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn payloads_come_back_byte_for_byte_in_frames_and_in_the_history() {
+    let server = TestServer::start().await;
+    let http = reqwest::Client::new();
+    // What a `Value` would rewrite: a big integer, -0, exponents, key order,
+    // spacing, an escaped surrogate pair, nesting up to serde_json's limit.
+    let payloads = [
+        r#"{"z":1,"a":[123456789012345678901234567890, -0, 1.0e2, 0.1]}"#.to_string(),
+        r#"{ "emoji" : "\ud83d\ude00", "esc":"\u00e9\n" }"#.to_string(),
+        format!("{}1{}", "[".repeat(127), "]".repeat(127)),
+    ];
+    for payload in &payloads {
+        let body = format!(r#"{{"user_id":"alice","topic":"t","payload":{payload}}}"#);
+        let answer = http
+            .post(format!("{}/v1/notifications", server.http()))
+            .bearer_auth(API_KEY)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 201, "{payload:.60}");
+    }
+    let text = |path: &str, bearer: String| {
+        let request = http.get(format!("{}{path}", server.http())).bearer_auth(bearer);
+        async move { request.send().await.unwrap().text().await.unwrap() }
+    };
+    let history = text("/v1/users/alice/notifications", API_KEY.into()).await;
+    let inbox = text("/v1/me/notifications", server.token("alice")).await;
+    use futures_util::StreamExt;
+    let url = format!("{}/v1/ws?since=0&access_token={}", server.ws(), server.token("alice"));
+    let (mut alice, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let mut frames = Vec::new();
+    while frames.len() < 1 + payloads.len() {
+        let frame = tokio::time::timeout(WAIT, alice.next()).await.expect("a frame").unwrap().unwrap();
+        frames.push(frame.into_text().unwrap().to_string());
+    }
+    for (payload, frame) in payloads.iter().zip(&frames[1..]) {
+        let field = format!(r#""payload":{payload},"#);
+        assert!(history.contains(&field), "history rewrote {payload:.60}: {history:.300}");
+        assert!(inbox.contains(&field), "inbox rewrote {payload:.60}");
+        assert!(frame.contains(&field), "the frame rewrote {payload:.60}: {frame:.300}");
+    }
     server.stop().await;
 }
 

@@ -148,6 +148,86 @@ async fn a_short_token_gets_token_expiring_then_4001_at_exp() {
     server.stop().await;
 }
 
+/// An `exp` far beyond any clock (up to `i64::MAX` seconds) is simply a long
+/// life, not an overflow that ends the session at once.
+#[tokio::test]
+async fn a_token_expiring_in_the_far_future_keeps_its_session() {
+    let server = TestServer::start().await;
+    for exp in [10_i64.pow(16), i64::MAX / 1000 + 1, i64::MAX] {
+        let claims = json!({"sub": "alice", "exp": exp});
+        let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes());
+        let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key).unwrap();
+        let mut alice = Connect::new(server.ws(), token).connect().await.unwrap();
+        assert_eq!(alice.welcome().token_expires_at, exp);
+        let quiet = alice.next_frame_within(Duration::from_secs(1)).await;
+        assert!(matches!(quiet, Ok(None)), "exp {exp}: {quiet:?}");
+        alice.send(&ClientFrame::Ping { reference: None }).await.unwrap();
+        assert!(matches!(next(&mut alice).await, ServerFrame::Pong { .. }), "exp {exp}");
+    }
+    server.stop().await;
+}
+
+/// A client's close frame is answered with the server's (RFC 6455 §5.5.1),
+/// so the client sees a clean close, not 1006.
+#[tokio::test]
+async fn a_clients_close_is_echoed() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+    use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+    let server = TestServer::start().await;
+    let url = format!("{}/v1/ws?access_token={}", server.ws(), server.token("alice"));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let welcome = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+    assert!(matches!(&welcome, Message::Text(t) if t.contains("\"welcome\"")), "{welcome:?}");
+    ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))).await.unwrap();
+    let echo = tokio::time::timeout(WAIT, ws.next()).await.expect("an answer to the close");
+    match echo {
+        Some(Ok(Message::Close(Some(frame)))) => assert_eq!(frame.code, CloseCode::Normal),
+        other => panic!("expected the close echoed, got {other:?}"),
+    }
+    server.stop().await;
+}
+
+/// Frames that break the WebSocket protocol itself close the session with
+/// the RFC's codes — 1007 for text that is not UTF-8, 1002 for the rest —
+/// instead of dropping the connection; the node goes on serving.
+#[tokio::test]
+async fn protocol_violations_close_with_1002_or_1007() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let server = TestServer::start().await;
+    let cases = [
+        (
+            "text that is not UTF-8",
+            Frame::message(&b"{\"type\":\"ping\",\"x\":\"\xff\"}"[..], OpCode::Data(Data::Text), true),
+            1007,
+        ),
+        ("a reserved opcode", Frame::message(&b"x"[..], OpCode::Data(Data::Reserved(3)), true), 1002),
+        ("a control frame over 125 bytes", Frame::ping(vec![b'p'; 126]), 1002),
+        (
+            "a continuation with nothing to continue",
+            Frame::message(&b"x"[..], OpCode::Data(Data::Continue), true),
+            1002,
+        ),
+    ];
+    for (what, frame, code) in cases {
+        let url = format!("{}/v1/ws?access_token={}", server.ws(), server.token("alice"));
+        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+        let _welcome = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        ws.send(Message::Frame(frame)).await.unwrap();
+        let answer = tokio::time::timeout(WAIT, ws.next()).await.expect("an answer");
+        match answer {
+            Some(Ok(Message::Close(Some(close)))) => assert_eq!(u16::from(close.code), code, "{what}"),
+            other => panic!("{what}: expected close {code}, got {other:?}"),
+        }
+    }
+    let mut alice = server.connect("alice").await;
+    alice.send(&ClientFrame::Ping { reference: None }).await.unwrap();
+    assert!(matches!(next(&mut alice).await, ServerFrame::Pong { .. }));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn refresh_with_the_same_sub_extends_the_session() {
     let server = TestServer::start().await;

@@ -93,8 +93,8 @@ pub struct Published {
 /// A page of a user's history: `GET /v1/me/notifications`,
 /// `GET /v1/users/{id}/notifications`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct NotificationPage {
-    pub notifications: Vec<Notification>,
+pub struct NotificationPage<P = Value> {
+    pub notifications: Vec<Notification<P>>,
     /// The user's newest committed seq.
     pub last_seq: Seq,
 }

@@ -71,12 +71,14 @@ fn is_false(b: &bool) -> bool {
 }
 
 /// A stored notification as clients see it, in frames and in the inbox API.
+/// `P` is the payload's representation: clients use [`Value`]; the server
+/// sends the stored JSON text as it was published.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Notification {
+pub struct Notification<P = Value> {
     pub seq: Seq,
     pub id: String,
     pub topic: String,
-    pub payload: Value,
+    pub payload: P,
     /// RFC 3339, UTC, millisecond precision.
     pub created_at: String,
     pub read: bool,
@@ -152,6 +154,11 @@ pub mod close {
     pub const NORMAL: u16 = 1000;
     /// The node is going away (shutdown): reconnect, with `since`, to any node.
     pub const GOING_AWAY: u16 = 1001;
+    /// The client broke the WebSocket protocol (RFC 6455 §7.4.1): an
+    /// unmasked frame, a reserved opcode or bit, a bad control frame.
+    pub const PROTOCOL_ERROR: u16 = 1002;
+    /// A text frame that is not UTF-8 (RFC 6455 §8.1).
+    pub const INVALID_DATA: u16 = 1007;
     pub const POLICY_VIOLATION: u16 = 1008;
     pub const TOO_LARGE: u16 = 1009;
     pub const INTERNAL_ERROR: u16 = 1011;

@@ -8,6 +8,7 @@ use axum::Json;
 use herald_protocol::http::{NotificationPage, UnreadCounts};
 use herald_protocol::Seq;
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::extract::{ApiKey, JsonBody, QueryParams, User, UserPath};
@@ -16,6 +17,9 @@ use crate::ws::protocol::read_mark;
 use crate::AppState;
 
 const DEFAULT_LIMIT: u32 = 50;
+
+/// A page as it is sent: payloads as stored, byte for byte.
+type Page = NotificationPage<Box<RawValue>>;
 const MAX_LIMIT: u32 = 500;
 
 fn limit(raw: Option<u32>) -> Result<u32, ApiError> {
@@ -40,7 +44,7 @@ pub async fn list(
     State(state): State<AppState>,
     User(user): User,
     QueryParams(p): QueryParams<ListParams>,
-) -> Result<Json<NotificationPage>, ApiError> {
+) -> Result<Json<Page>, ApiError> {
     let query = ListQuery {
         before_seq: p.before_seq,
         after_seq: p.after_seq,
@@ -65,7 +69,7 @@ pub async fn user_history(
     _: ApiKey,
     UserPath(user): UserPath,
     QueryParams(p): QueryParams<HistoryParams>,
-) -> Result<Json<NotificationPage>, ApiError> {
+) -> Result<Json<Page>, ApiError> {
     let read = state.store.after(&user, p.after_seq.unwrap_or(0), None, limit(p.limit)?);
     let found = state.metrics.store_op("after", read).await?;
     let head = state.metrics.store_op("head", state.store.head(&user)).await?;

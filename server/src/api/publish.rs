@@ -234,6 +234,9 @@ pub fn validate(settings: &Settings, request: &PublishRequest<Box<RawValue>>) ->
     if request.payload.get() == "null" {
         return Err(invalid("invalid_request", "`payload` is required".into()));
     }
+    if let Err(e) = serde_json::from_str::<Portable>(request.payload.get()) {
+        return Err(invalid("invalid_payload", format!("`payload` is JSON that clients cannot read back: {e}")));
+    }
     if let Some(key) = &request.idempotency_key {
         if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains(char::is_control) {
             return Err(invalid(
@@ -256,6 +259,63 @@ pub fn validate(settings: &Settings, request: &PublishRequest<Box<RawValue>>) ->
     Ok(users)
 }
 
+/// A payload every client can parse as it was sent. JSON allows numbers no
+/// double holds (`1e400`), strings with a lone UTF-16 surrogate (`"\ud800"`)
+/// and nesting of any depth; serde_json (the Rust client, and the server's
+/// own reader) refuses all three, so a notification carrying one would stop
+/// that user's Rust client at every replay. `deserialize_any` makes
+/// serde_json parse each number and string (where skipping would not), and
+/// its recursion limit bounds the nesting (127 levels); nothing is allocated.
+struct Portable;
+
+impl<'de> serde::Deserialize<'de> for Portable {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Portable, D::Error> {
+        deserializer.deserialize_any(Portable)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Portable {
+    type Value = Portable;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_unit<E>(self) -> Result<Portable, E> {
+        Ok(Portable)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut items: A) -> Result<Portable, A::Error> {
+        while items.next_element::<Portable>()?.is_some() {}
+        Ok(Portable)
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut entries: A) -> Result<Portable, A::Error> {
+        while entries.next_entry::<Portable, Portable>()?.is_some() {}
+        Ok(Portable)
+    }
+}
+
 /// A user id: 1 to 256 bytes of UTF-8 (spec §2, the `sub` claim), without
 /// control characters (PostgreSQL text cannot hold NUL, and no real id has them).
 pub fn check_user_id(user: &str) -> Result<(), String> {
@@ -263,5 +323,41 @@ pub fn check_user_id(user: &str) -> Result<(), String> {
         Err("a user id is 1 to 256 bytes, without control characters".into())
     } else {
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Portable;
+
+    fn portable(json: &str) -> bool {
+        serde_json::from_str::<Portable>(json).is_ok()
+    }
+
+    /// Portable accepts exactly what a `serde_json::Value` (the Rust
+    /// client's reading) accepts.
+    #[test]
+    fn portable_payloads_are_those_serde_json_reads_back() {
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        let cases = [
+            r#"{"a":[1,-0,1.5e308,18446744073709551615,123456789012345678901234567890,true,null,"x"]}"#.to_string(),
+            r#""\ud83d\ude00 a pair""#.into(),
+            r#"{"k":"v","k":"w"}"#.into(),
+            "1e400".into(),
+            "[-1e309]".into(),
+            r#""\ud800""#.into(),
+            r#""\udc00""#.into(),
+            r#"{"\ud83d x":1}"#.into(),
+            r#""\ud83d\u0041""#.into(),
+            deep(127),
+            deep(128),
+            deep(10_000),
+        ];
+        for json in &cases {
+            let value = serde_json::from_str::<serde_json::Value>(json).is_ok();
+            assert_eq!(portable(json), value, "{json:.60}");
+        }
+        assert!(portable(&deep(127)) && !portable(&deep(128)));
+        assert!(!portable("1e400") && !portable(r#""\ud800""#));
     }
 }

@@ -84,13 +84,13 @@ impl StoredNotification {
         )
     }
 
-    /// As the inbox API shows it.
-    pub fn to_api(&self) -> herald_protocol::Notification {
+    /// As the inbox API shows it: the payload byte-exact, as in frames.
+    pub fn to_api(&self) -> herald_protocol::Notification<Box<RawValue>> {
         herald_protocol::Notification {
             seq: self.seq,
             id: self.id.clone(),
             topic: self.topic.to_string(),
-            payload: serde_json::from_str(self.payload.get()).unwrap_or(serde_json::Value::Null),
+            payload: (*self.payload).to_owned(),
             created_at: rfc3339_ms(self.created_at_ms),
             read: self.read,
         }

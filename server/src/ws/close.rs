@@ -23,6 +23,10 @@ pub enum SessionEnd {
     PolicyViolation,
     /// A client frame above the size limit.
     TooLarge,
+    /// The client broke the WebSocket protocol itself.
+    ProtocolError,
+    /// A text frame that is not UTF-8.
+    InvalidUtf8,
     /// The client sent frames faster than `HERALD_LIMIT_FRAMES_PER_SESSION`.
     RateLimited,
     /// The store could not be reached (PostgreSQL down): try again later.
@@ -43,6 +47,8 @@ impl SessionEnd {
             SessionEnd::RefreshRefused => (close::TOKEN_EXPIRED, "refresh refused"),
             SessionEnd::PolicyViolation => (close::POLICY_VIOLATION, "too many bad frames"),
             SessionEnd::TooLarge => (close::TOO_LARGE, "frame too large"),
+            SessionEnd::ProtocolError => (close::PROTOCOL_ERROR, "WebSocket protocol error"),
+            SessionEnd::InvalidUtf8 => (close::INVALID_DATA, "text frame is not UTF-8"),
             SessionEnd::RateLimited => (close::RATE_LIMITED, "too many frames; slow down"),
             SessionEnd::StoreUnavailable => (close::TRY_AGAIN_LATER, "store unavailable; reconnect with since"),
             SessionEnd::Internal => (close::INTERNAL_ERROR, "internal error; reconnect with since"),

@@ -43,6 +43,9 @@ const MAX_STRIKES: u32 = 10;
 const STRIKE_WINDOW: Duration = Duration::from_secs(60);
 /// `token_expiring` is sent this long before `exp`.
 const EXPIRY_WARNING: Duration = Duration::from_secs(60);
+/// A token expiring later than this (ten years) is treated as expiring then:
+/// a far `exp` must not overflow the instant the session waits for.
+const MAX_EXPIRY_WAIT_MS: i64 = 10 * 365 * 24 * 3600 * 1000;
 /// How long a close frame may take to go out, and the peer's close to come back.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// The same while the node drains: the 1001 is out, the peer's answer is a courtesy.
@@ -132,7 +135,7 @@ impl Session {
         self.state.broker.subscribed(&self.ctx.user).await;
         let read = self.state.store.resume(&self.ctx.user, self.ctx.since, REPLAY_PAGE);
         let (head, page) = self.state.metrics.store_op("resume", read).await.map_err(|e| self.failed(e))?;
-        let truncated = self.ctx.since.is_some_and(|since| since + 1 < head.oldest_seq);
+        let truncated = self.ctx.since.is_some_and(|since| since < head.oldest_seq - 1);
         if truncated {
             self.state.metrics.truncations.inc();
         }
@@ -217,8 +220,11 @@ impl Session {
     /// Deadlines from the token's `exp` (plus the configured leeway).
     fn expiry_instants(&self) -> (Instant, Instant) {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
-        let exp_ms = (self.ctx.expires_at + self.state.settings.jwt.leeway_secs as i64) * 1000;
-        let expire_at = Instant::now() + Duration::from_millis((exp_ms - now_ms).max(0) as u64);
+        // Saturating: a token may say it expires in the year 300 million.
+        let leeway = i64::try_from(self.state.settings.jwt.leeway_secs).unwrap_or(i64::MAX);
+        let exp_ms = self.ctx.expires_at.saturating_add(leeway).saturating_mul(1000);
+        let wait = Duration::from_millis(exp_ms.saturating_sub(now_ms).clamp(0, MAX_EXPIRY_WAIT_MS) as u64);
+        let expire_at = Instant::now() + wait;
         (expire_at.checked_sub(EXPIRY_WARNING).unwrap_or_else(Instant::now), expire_at)
     }
 
@@ -296,7 +302,7 @@ impl Session {
         }
         match message {
             None => Err(SessionEnd::ClientGone),
-            Some(Err(e)) => Err(if is_too_large(e) { SessionEnd::TooLarge } else { SessionEnd::ClientGone }),
+            Some(Err(e)) => Err(read_failure(e)),
             Some(Ok(Message::Close(_))) => Err(SessionEnd::ClientClosed),
             // tungstenite answers pings itself; raw frames only exist on the way out.
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => {
@@ -403,6 +409,18 @@ impl Session {
     /// The closing handshake: send our close frame, then wait (bounded) for
     /// the peer's, so the TCP close cannot reset away the frame it has not read.
     async fn close(&mut self, end: SessionEnd) {
+        if end == SessionEnd::ClientClosed {
+            // tungstenite has queued the echo of the client's close frame
+            // (RFC 6455 §5.5.1). Its flush writes the echo into our buffer
+            // and, the handshake being over, skips flushing the socket; so
+            // flush that too, or the client sees 1006, not its clean close.
+            let _ = timeout(CLOSE_TIMEOUT, async {
+                let _ = self.ws.flush().await;
+                let _ = tokio::io::AsyncWriteExt::flush(self.ws.get_mut()).await;
+            })
+            .await;
+            return;
+        }
         let Some((code, reason)) = end.close_frame() else { return };
         let frame = CloseFrame { code: code.into(), reason: Utf8Bytes::from_static(reason) };
         let wait = if end == SessionEnd::Shutdown { CLOSE_TIMEOUT_DRAINING } else { CLOSE_TIMEOUT };
@@ -431,9 +449,18 @@ fn ok(reference: Option<serde_json::Value>) -> ServerFrame {
     ServerFrame::Ok { reference: reference.unwrap_or(serde_json::Value::Null) }
 }
 
-fn is_too_large(e: WsError) -> bool {
+/// Why a read failed, as the close the client is owed: a frame over the
+/// limit, a protocol violation or text that is not UTF-8 get their close
+/// code; anything else (the connection reset, the stream ended) means
+/// nobody is left to tell.
+fn read_failure(e: WsError) -> SessionEnd {
     use tokio_tungstenite::tungstenite::error::CapacityError;
-    matches!(e, WsError::Capacity(CapacityError::MessageTooLong { .. }))
+    match e {
+        WsError::Capacity(CapacityError::MessageTooLong { .. }) => SessionEnd::TooLarge,
+        WsError::Protocol(_) => SessionEnd::ProtocolError,
+        WsError::Utf8(_) => SessionEnd::InvalidUtf8,
+        _ => SessionEnd::ClientGone,
+    }
 }
 
 /// Persists a read mark, then tells every session of the user (on any node).
