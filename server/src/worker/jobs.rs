@@ -16,6 +16,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio::time::{sleep, Instant};
+use tracing::Instrument;
 
 use crate::broker::Event;
 use crate::hub::Delivery;
@@ -137,14 +138,18 @@ async fn run_job(state: &AppState, owner: &str, job: Job) {
     metrics.jobs_running.inc();
     let started = Instant::now();
     let span = tracing::info_span!("job", job_id = %job.id, kind = %job.kind, attempt = job.attempts);
-    let result = {
-        let _enter = span.enter();
+    // `instrument`, not `span.enter()`: a guard held across an await would
+    // put whatever else that thread runs meanwhile (other requests) in the
+    // job's span, and in its trace.
+    let result = async {
         tracing::info!(done = job.done, total = job.total, "job claimed");
         match job.kind.as_str() {
             FANOUT => fanout(state, owner, &job).await,
             other => Err(JobError::Permanent(format!("unknown job kind `{other}`"))),
         }
-    };
+    }
+    .instrument(span.clone())
+    .await;
     metrics.jobs_running.dec();
     let outcome = match result {
         Ok(Step::Completed) => {
