@@ -263,8 +263,10 @@ async fn a_digest_window_open_across_a_restart_still_closes_once_on_postgres() {
 async fn job_refusals_have_the_spec_body() {
     let server = TestServer::start_with(&[("HERALD_MAX_USER_IDS", "2"), ("HERALD_MAX_AUDIENCE", "5")]).await;
     let http = reqwest::Client::new();
-    let answer = raw(http.get(format!("{}/v1/jobs/nope", server.http())).bearer_auth(API_KEY)).await;
-    assert_eq!((answer.status, answer.error_code()), (404, "job_not_found"));
+    for id in ["nope", "%FF", "%00", &"x".repeat(65)] {
+        let answer = raw(http.get(format!("{}/v1/jobs/{id}", server.http())).bearer_auth(API_KEY)).await;
+        assert_eq!((answer.status, answer.error_code()), (404, "job_not_found"), "{id:.10}");
+    }
     let answer = raw(http.get(format!("{}/v1/jobs/nope", server.http()))).await;
     assert_eq!((answer.status, answer.error_code()), (401, "missing_api_key"));
     let answer = raw(http.post(format!("{}/v1/notifications", server.http())).bearer_auth(API_KEY).json(&request(

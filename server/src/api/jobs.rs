@@ -1,5 +1,6 @@
 //! `GET /v1/jobs/{id}` (API key): a large-audience publish's state and progress.
 
+use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::Json;
@@ -13,9 +14,11 @@ use crate::AppState;
 pub async fn status(
     State(state): State<AppState>,
     _: ApiKey,
-    Path(id): Path<String>,
+    id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "no job with this id");
+    // An id that does not decode (`%FF`) names no job either.
+    let Ok(Path(id)) = id else { return Err(not_found()) };
     if id.is_empty() || id.len() > 64 || id.contains(char::is_control) {
         return Err(not_found());
     }
