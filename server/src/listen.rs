@@ -3,6 +3,7 @@
 //!
 //! - a request's headers must arrive within `HERALD_HEADER_TIMEOUT`, or the
 //!   connection is closed (slowloris; it also bounds a WebSocket handshake);
+//!   so must a new connection's first bytes ([`FirstBytesDeadline`]);
 //! - a request head above twice `HERALD_MAX_HEADER_BYTES` is refused by hyper
 //!   with a bare 431; up to that, [`header_size`] refuses above
 //!   `HERALD_MAX_HEADER_BYTES` with the spec's error body;
@@ -21,7 +22,8 @@
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
-use std::pin::pin;
+use std::pin::{pin, Pin};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -34,7 +36,9 @@ use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -100,7 +104,8 @@ where
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_header_bytes * 2);
             builder.http2().timer(TokioTimer::new()).max_header_list_size((limits.max_header_bytes * 2) as u32);
-            let mut connection = pin!(builder.serve_connection_with_upgrades(TokioIo::new(io), service));
+            let io = TokioIo::new(FirstBytesDeadline::new(io, limits.header_timeout));
+            let mut connection = pin!(builder.serve_connection_with_upgrades(io, service));
             tokio::select! {
                 result = connection.as_mut() => {
                     if let Err(e) = result {
@@ -117,6 +122,69 @@ where
     finish.cancel();
     connections.close();
     connections.wait().await;
+}
+
+/// A connection whose first bytes must arrive within a deadline. hyper's
+/// header timeout starts only once a request has begun, and the HTTP/1-or-2
+/// detection in front of it waits for the first bytes without a limit, so a
+/// client that connects and says nothing would hold its socket (and a file
+/// descriptor) forever. Once any byte has arrived the deadline is gone and
+/// reads and writes pass straight through.
+struct FirstBytesDeadline<Io> {
+    io: Io,
+    deadline: Option<Pin<Box<Sleep>>>,
+}
+
+impl<Io> FirstBytesDeadline<Io> {
+    fn new(io: Io, within: Duration) -> Self {
+        FirstBytesDeadline { io, deadline: Some(Box::pin(tokio::time::sleep(within))) }
+    }
+}
+
+impl<Io: AsyncRead + Unpin> AsyncRead for FirstBytesDeadline<Io> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let read = Pin::new(&mut this.io).poll_read(cx, buf);
+        let Some(deadline) = this.deadline.as_mut() else { return read };
+        match read {
+            Poll::Ready(Ok(())) if buf.filled().len() > before => this.deadline = None,
+            Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no request within the header timeout",
+                )));
+            }
+            _ => {}
+        }
+        read
+    }
+}
+
+impl<Io: AsyncWrite + Unpin> AsyncWrite for FirstBytesDeadline<Io> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
 }
 
 /// Refuses a request whose head is larger than `max_header_bytes` with 431

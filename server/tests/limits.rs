@@ -205,6 +205,25 @@ async fn a_client_that_sends_its_headers_too_slowly_is_disconnected() {
     server.stop().await;
 }
 
+/// A connection that never sends a byte is closed after the header timeout
+/// too (before the first byte, hyper's own timeout is not running yet).
+#[tokio::test]
+async fn a_client_that_connects_and_says_nothing_is_disconnected() {
+    let server = TestServer::start_with(&[("HERALD_HEADER_TIMEOUT", "500ms")]).await;
+    let mut silent = tokio::net::TcpStream::connect(server.http().trim_start_matches("http://")).await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, silent.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the silent connection was still open after {WAIT:?}");
+    // One that waits less than the timeout, then asks, is served.
+    let mut prompt = tokio::net::TcpStream::connect(server.http().trim_start_matches("http://")).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    prompt.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, prompt.read_to_end(&mut answer)).await.unwrap().unwrap();
+    assert!(answer.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&answer));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_headers_get_431_with_the_error_body() {
     let server = TestServer::start_with(&[("HERALD_MAX_HEADER_BYTES", "8192")]).await;
