@@ -4,8 +4,10 @@
 //! - a request's headers must arrive within `HERALD_HEADER_TIMEOUT`, or the
 //!   connection is closed (slowloris; it also bounds a WebSocket handshake);
 //!   so must a new connection's first bytes ([`FirstBytesDeadline`]);
-//! - a request head above twice `HERALD_MAX_HEADER_BYTES` is refused by hyper
-//!   with a bare 431; up to that, [`header_size`] refuses above
+//! - a request head above twice `HERALD_MAX_HEADER_BYTES`, or with more than
+//!   hyper's 100 header fields, is refused by hyper with a bare 431 (raising
+//!   the field limit would put two heap buffers of that many slots into
+//!   every request's parse); up to that, [`header_size`] refuses above
 //!   `HERALD_MAX_HEADER_BYTES` with the spec's error body;
 //! - every request carries the TCP peer as `ConnectInfo<SocketAddr>` (the
 //!   limits' client IP, see [`crate::limit`]).
