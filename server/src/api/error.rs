@@ -137,8 +137,10 @@ pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
     headers.insert("x-ratelimit-reset", HeaderValue::from(rate.reset_after.as_secs_f64().ceil() as u64));
 }
 
-/// Logs refusals: server errors at `error` with their internal detail,
-/// client errors at `debug`. Logs the route template, never the URI.
+/// Logs refusals: internal errors at `error` with their internal detail,
+/// the other server errors (503: the store or broker away, a node draining —
+/// states an operator expects and fixes elsewhere) at `warn`, client errors
+/// at `debug`. Logs the route template, never the URI.
 pub async fn log_errors(request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let method = request.method().clone();
@@ -146,8 +148,10 @@ pub async fn log_errors(request: Request, next: Next) -> Response {
     if let Some(logged) = response.extensions().get::<Logged>() {
         let route = route.as_deref().unwrap_or("unmatched");
         let status = response.status().as_u16();
-        if response.status().is_server_error() {
+        if response.status() == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(%method, route, status, code = logged.code, detail = logged.internal.as_deref().unwrap_or(""), "request failed");
+        } else if response.status().is_server_error() {
+            tracing::warn!(%method, route, status, code = logged.code, "request refused: unavailable");
         } else {
             tracing::debug!(%method, route, status, code = logged.code, "request refused");
         }
