@@ -184,6 +184,11 @@ impl Verifier {
     pub fn verify(&self, token: &str) -> Result<UserToken, AuthError> {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|_| AuthError::Invalid("malformed token or unknown algorithm"))?;
+        // RFC 7515 §4.1.11: a recipient that does not understand an extension
+        // listed in `crit` must refuse the token; Herald understands none.
+        if header.crit.is_some() {
+            return Err(AuthError::Invalid("critical header extensions are not supported"));
+        }
         let key = match Family::of(header.alg) {
             None if is_hmac(header.alg) => {
                 self.secret.as_ref().ok_or(AuthError::Invalid("HMAC tokens are not accepted here"))?
@@ -311,6 +316,21 @@ mod tests {
         // {"alg":"none","typ":"JWT"}.{"sub":"alice","exp":9999999999}.
         let t = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIn0.eyJzdWIiOiJhbGljZSIsImV4cCI6OTk5OTk5OTk5OX0.";
         assert!(matches!(verifier("0123456789abcdef").verify(t), Err(AuthError::Invalid(_))));
+    }
+
+    #[test]
+    fn a_token_with_critical_extensions_is_refused() {
+        let v = verifier("0123456789abcdef");
+        let claims = serde_json::json!({"sub": "alice", "exp": unix_now() + 60});
+        let key = EncodingKey::from_secret(b"0123456789abcdef");
+        for crit in [vec!["b64".to_string()], vec!["exp".into()], vec![]] {
+            let mut header = Header::new(Algorithm::HS256);
+            header.crit = Some(crit.clone());
+            let token = jsonwebtoken::encode(&header, &claims, &key).unwrap();
+            assert!(matches!(v.verify(&token), Err(AuthError::Invalid(_))), "crit {crit:?}");
+        }
+        let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
+        assert!(v.verify(&token).is_ok());
     }
 
     #[test]
