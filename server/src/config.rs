@@ -142,6 +142,9 @@ pub struct Settings {
     /// Longest a client may take to send a request's headers (slowloris);
     /// the connection is closed after it.
     pub header_timeout: Duration,
+    /// Longest a client may take to send a JSON request body once its
+    /// headers are in (408 after it).
+    pub body_timeout: Duration,
     /// Largest request head (request line and headers), in bytes (431 above it).
     pub max_header_bytes: usize,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`: export traces there (OTLP over HTTP).
@@ -316,6 +319,7 @@ const KEYS: &[&str] = &[
     "limit_publishes_per_key",
     "trusted_proxies",
     "header_timeout",
+    "body_timeout",
     "max_header_bytes",
     "otel_exporter_otlp_endpoint",
 ];
@@ -503,11 +507,15 @@ impl Settings {
                 })?,
             },
             header_timeout: src.duration("header_timeout", Duration::from_secs(10))?,
+            body_timeout: src.duration("body_timeout", Duration::from_secs(30))?,
             max_header_bytes: src.number("max_header_bytes", 16 * 1024usize, 8 * 1024)?,
             otel_endpoint: src.string("otel_exporter_otlp_endpoint"),
         };
         if settings.header_timeout < Duration::from_millis(100) {
             return Err(src.error("header_timeout", "must be at least 100ms"));
+        }
+        if settings.body_timeout < Duration::from_millis(100) {
+            return Err(src.error("body_timeout", "must be at least 100ms"));
         }
         if settings.retention.is_zero() {
             return Err(src.error("retention", "must be longer than zero"));
@@ -574,6 +582,7 @@ mod tests {
         assert_eq!(s.heartbeat_secs, 25);
         assert_eq!(s.retention, Duration::from_secs(30 * 24 * 3600));
         assert_eq!(s.store_options().sqlite_cache_mib, 64);
+        assert_eq!((s.header_timeout, s.body_timeout), (Duration::from_secs(10), Duration::from_secs(30)));
         assert!(!s.dev_mode);
     }
 
@@ -583,6 +592,8 @@ mod tests {
         assert_eq!(e.name, "HERALD_HEARTBEAT_SECS");
         let e = load(&[("HERALD_SQLITE_CACHE_MIB", "0")]).err().unwrap();
         assert_eq!(e.name, "HERALD_SQLITE_CACHE_MIB");
+        let e = load(&[("HERALD_BODY_TIMEOUT", "10ms")]).err().unwrap();
+        assert_eq!(e.name, "HERALD_BODY_TIMEOUT");
         let e = load(&[("HERALD_LISTEN", "nowhere")]).err().unwrap();
         assert!(e.to_string().starts_with("HERALD_LISTEN: "), "{e}");
     }

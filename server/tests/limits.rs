@@ -224,6 +224,29 @@ async fn a_client_that_connects_and_says_nothing_is_disconnected() {
     server.stop().await;
 }
 
+/// A publisher that sends its headers and then stalls the body gets 408
+/// with the error body after `HERALD_BODY_TIMEOUT`, and nothing is stored.
+#[tokio::test]
+async fn a_body_that_stalls_gets_408_and_stores_nothing() {
+    let server = TestServer::start_with(&[("HERALD_BODY_TIMEOUT", "500ms")]).await;
+    let mut tcp = tokio::net::TcpStream::connect(server.http().trim_start_matches("http://")).await.unwrap();
+    let body = r#"{"user_id":"alice","topic":"t","payload":{}}"#;
+    let head = format!(
+        "POST /v1/notifications HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    tcp.write_all(&body.as_bytes()[..10]).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(WAIT, tcp.read_to_end(&mut answer)).await.expect("answered and closed").unwrap();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""code":"request_timeout""#), "{answer}");
+    assert_eq!(server.publisher().history("alice", 0, 10).await.unwrap().last_seq, 0);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn oversized_headers_get_431_with_the_error_body() {
     let server = TestServer::start_with(&[("HERALD_MAX_HEADER_BYTES", "8192")]).await;

@@ -90,13 +90,22 @@ impl FromRequestParts<AppState> for User {
 /// A JSON body; malformed → 400, well-formed but wrong → 422, too big → 413.
 pub struct JsonBody<T>(pub T);
 
-impl<T: DeserializeOwned, S: Send + Sync> FromRequest<S> for JsonBody<T> {
+/// The body must arrive within `HERALD_BODY_TIMEOUT` once the headers are
+/// in, or the request gets 408 `request_timeout` (a client that stalls
+/// its body would otherwise hold the connection for as long as it likes).
+impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     type Rejection = ApiError;
 
-    async fn from_request(req: Request, state: &S) -> Result<Self, ApiError> {
-        match axum::Json::<T>::from_request(req, state).await {
-            Ok(axum::Json(value)) => Ok(JsonBody(value)),
-            Err(rejection) => Err(json_error(rejection)),
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let read = axum::Json::<T>::from_request(req, state);
+        match tokio::time::timeout(state.settings.body_timeout, read).await {
+            Ok(Ok(axum::Json(value))) => Ok(JsonBody(value)),
+            Ok(Err(rejection)) => Err(json_error(rejection)),
+            Err(_) => Err(ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!("the request body did not arrive within {:?}", state.settings.body_timeout),
+            )),
         }
     }
 }
