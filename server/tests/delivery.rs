@@ -299,15 +299,9 @@ async fn payloads_come_back_byte_for_byte_in_frames_and_in_the_history() {
     };
     let history = text("/v1/users/alice/notifications", API_KEY.into()).await;
     let inbox = text("/v1/me/notifications", server.token("alice")).await;
-    use futures_util::StreamExt;
-    let url = format!("{}/v1/ws?since=0&access_token={}", server.ws(), server.token("alice"));
-    let (mut alice, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let mut frames = Vec::new();
-    while frames.len() < 1 + payloads.len() {
-        let frame = tokio::time::timeout(WAIT, alice.next()).await.expect("a frame").unwrap().unwrap();
-        frames.push(frame.into_text().unwrap().to_string());
-    }
-    for (payload, frame) in payloads.iter().zip(&frames[1..]) {
+    let (mut alice, _welcome) = raw_session(&server, "alice", "since=0").await;
+    for payload in &payloads {
+        let frame = raw_text(&mut alice).await;
         let field = format!(r#""payload":{payload},"#);
         assert!(history.contains(&field), "history rewrote {payload:.60}: {history:.300}");
         assert!(inbox.contains(&field), "inbox rewrote {payload:.60}");

@@ -27,10 +27,7 @@ async fn ping_gets_pong_with_the_ref() {
 async fn a_protocol_ping_gets_its_pong_at_once() {
     use futures_util::{SinkExt, StreamExt};
     let server = TestServer::start().await;
-    let url = format!("{}/v1/ws?access_token={}", server.ws(), server.token("alice"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let welcome = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap().unwrap().unwrap();
-    assert!(matches!(&welcome, Message::Text(t) if t.contains("\"welcome\"")), "{welcome:?}");
+    let (mut ws, _welcome) = raw_session(&server, "alice", "").await;
     for payload in [&b"first"[..], &b"second"[..]] {
         ws.send(Message::Ping(payload.to_vec().into())).await.unwrap();
         let answer = tokio::time::timeout(Duration::from_secs(5), ws.next()).await;
@@ -175,10 +172,7 @@ async fn a_clients_close_is_echoed() {
     use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
     use tokio_tungstenite::tungstenite::protocol::CloseFrame;
     let server = TestServer::start().await;
-    let url = format!("{}/v1/ws?access_token={}", server.ws(), server.token("alice"));
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let welcome = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
-    assert!(matches!(&welcome, Message::Text(t) if t.contains("\"welcome\"")), "{welcome:?}");
+    let (mut ws, _welcome) = raw_session(&server, "alice", "").await;
     ws.send(Message::Close(Some(CloseFrame { code: CloseCode::Normal, reason: "bye".into() }))).await.unwrap();
     let echo = tokio::time::timeout(WAIT, ws.next()).await.expect("an answer to the close");
     match echo {
@@ -212,9 +206,7 @@ async fn protocol_violations_close_with_1002_or_1007() {
         ),
     ];
     for (what, frame, code) in cases {
-        let url = format!("{}/v1/ws?access_token={}", server.ws(), server.token("alice"));
-        let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-        let _welcome = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
+        let (mut ws, _welcome) = raw_session(&server, "alice", "").await;
         ws.send(Message::Frame(frame)).await.unwrap();
         let answer = tokio::time::timeout(WAIT, ws.next()).await.expect("an answer");
         match answer {

@@ -143,6 +143,29 @@ impl TestServer {
     }
 }
 
+/// A session over a bare tokio-tungstenite socket, for frames the Rust
+/// client would not send or would parse away; `query` is added to the URL
+/// (`since=0`, say). Returns the socket and the welcome frame's text.
+pub async fn raw_session(server: &TestServer, user: &str, query: &str) -> (RawSession, String) {
+    let url = format!("{}/v1/ws?access_token={}&{query}", server.ws(), server.token(user));
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.expect("the upgrade succeeds");
+    let welcome = raw_text(&mut ws).await;
+    assert!(welcome.contains(r#""type":"welcome""#), "{welcome}");
+    (ws, welcome)
+}
+
+pub type RawSession = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// The next message of a raw session, which must be text.
+pub async fn raw_text(ws: &mut RawSession) -> String {
+    use futures_util::StreamExt;
+    let message = tokio::time::timeout(WAIT, ws.next()).await.expect("a message in time");
+    match message {
+        Some(Ok(tokio_tungstenite::tungstenite::Message::Text(text))) => text.to_string(),
+        other => panic!("expected a text message, got {other:?}"),
+    }
+}
+
 /// The next frame, failing the test after [`WAIT`].
 pub async fn next(session: &mut Session) -> ServerFrame {
     match session.next_frame_within(WAIT).await {
