@@ -7,7 +7,7 @@
 //! | 4001 token expired / refresh refused | a new token from the provider, reconnect at once |
 //! | 401 at the handshake with a cached token | the same |
 //! | 1013, 1011, 1000, 4029, dropped, dead, refused 5xx/429/408, timeout | backoff, then reconnect with `since` |
-//! | 4003, 1008, 1009, refused 4xx, TLS failure, 401 with a new token | stop with [`Event::Error`] |
+//! | 4003, 1008, 1009, 1002, 1007, refused 4xx, TLS failure, 401 with a new token | stop with [`Event::Error`] |
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -240,9 +240,11 @@ impl Driver {
     /// The spec's close codes: whom to blame and when to come back.
     fn after_close(&mut self, code: u16, reason: String) -> Next {
         match code {
-            close::FORBIDDEN | close::POLICY_VIOLATION | close::TOO_LARGE => {
-                Next::Stop(Some(Error::Closed { code, reason }))
-            }
+            close::FORBIDDEN
+            | close::POLICY_VIOLATION
+            | close::TOO_LARGE
+            | close::PROTOCOL_ERROR
+            | close::INVALID_DATA => Next::Stop(Some(Error::Closed { code, reason })),
             close::GOING_AWAY => {
                 self.attempt = 0;
                 self.backoff(Some(code), reason)
