@@ -107,9 +107,24 @@ async fn bad_inbox_requests_get_the_spec_error() {
     let http = reqwest::Client::new();
     let token = server.token("alice");
     let list = |q: &str| http.get(format!("{}/v1/me/notifications?{q}", server.http())).bearer_auth(&token);
-    for q in ["limit=0", "limit=501", "limit=abc", "before_seq=x", "unread=maybe", "colour=red"] {
+    for q in [
+        "limit=0",
+        "limit=501",
+        "limit=abc",
+        "before_seq=x",
+        "before_seq=-1",
+        "after_seq=-5",
+        "unread=maybe",
+        "colour=red",
+    ] {
         let answer = raw(list(q)).await;
         assert_eq!((answer.status, answer.error_code()), (400, "invalid_query"), "for {q}");
+    }
+    let history =
+        |q: &str| http.get(format!("{}/v1/users/alice/notifications?{q}", server.http())).bearer_auth(API_KEY);
+    for q in ["after_seq=-1", "limit=0"] {
+        let answer = raw(history(q)).await;
+        assert_eq!((answer.status, answer.error_code()), (400, "invalid_query"), "history {q}");
     }
     let read = |body: &'static str| {
         http.post(format!("{}/v1/me/notifications/read", server.http()))

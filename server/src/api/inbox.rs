@@ -22,6 +22,15 @@ const DEFAULT_LIMIT: u32 = 50;
 type Page = NotificationPage<Box<RawValue>>;
 const MAX_LIMIT: u32 = 500;
 
+/// A seq bound in a query: seqs start at 1, so a negative one is a mistake
+/// (as a negative `since` is at the handshake), not "no bound".
+fn seq_bound(name: &str, raw: Option<Seq>) -> Result<Option<Seq>, ApiError> {
+    match raw {
+        Some(n) if n < 0 => Err(ApiError::bad_request("invalid_query", format!("`{name}` is 0 or more"))),
+        other => Ok(other),
+    }
+}
+
 fn limit(raw: Option<u32>) -> Result<u32, ApiError> {
     match raw {
         None => Ok(DEFAULT_LIMIT),
@@ -46,8 +55,8 @@ pub async fn list(
     QueryParams(p): QueryParams<ListParams>,
 ) -> Result<Json<Page>, ApiError> {
     let query = ListQuery {
-        before_seq: p.before_seq,
-        after_seq: p.after_seq,
+        before_seq: seq_bound("before_seq", p.before_seq)?,
+        after_seq: seq_bound("after_seq", p.after_seq)?,
         limit: limit(p.limit)?,
         unread_only: p.unread.unwrap_or(false),
     };
@@ -70,7 +79,8 @@ pub async fn user_history(
     UserPath(user): UserPath,
     QueryParams(p): QueryParams<HistoryParams>,
 ) -> Result<Json<Page>, ApiError> {
-    let read = state.store.after(&user, p.after_seq.unwrap_or(0), None, limit(p.limit)?);
+    let after = seq_bound("after_seq", p.after_seq)?.unwrap_or(0);
+    let read = state.store.after(&user, after, None, limit(p.limit)?);
     let found = state.metrics.store_op("after", read).await?;
     let head = state.metrics.store_op("head", state.store.head(&user)).await?;
     Ok(Json(NotificationPage { notifications: found.iter().map(|n| n.to_api()).collect(), last_seq: head.last_seq }))
