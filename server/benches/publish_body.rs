@@ -30,7 +30,7 @@ fn main() {
     let one = br#"{"user_id":"lt0b7117e6-100","topic":"loadtest","payload":{"sent_ns":1764980000000000000,"pad":""}}"#;
     // A richer payload: nested objects, escapes, numbers (≈1 KiB).
     let item = r#"{"order":{"id":"A-1029","total":129.95,"lines":[{"sku":"x\u00e9-1","qty":2},{"sku":"y-2","qty":1}]},"note":"line\nbreak","ok":true}"#;
-    let rich = format!(r#"{{"user_id":"alice","topic":"orders","payload":[{}]}}"#, vec![item; 8].join(","));
+    let rich = format!(r#"{{"user_id":"alice","topic":"orders","payload":[{}]}}"#, [item; 8].join(","));
     // 1,000 users, as the batched load runs publish.
     let users: Vec<String> = (0..1000).map(|i| format!("\"lt0b7117e6-{i}\"")).collect();
     let batch =
