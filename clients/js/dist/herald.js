@@ -28,6 +28,10 @@ function closeAction(code) {
       return { kind: "backoff", error: "policy_violation" };
     case 1009:
       return { kind: "backoff", error: "frame_too_large" };
+    case 1002:
+      return { kind: "backoff", error: "protocol_error" };
+    case 1007:
+      return { kind: "backoff", error: "invalid_data" };
     default:
       return { kind: "backoff" };
   }

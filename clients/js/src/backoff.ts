@@ -57,6 +57,10 @@ export function closeAction(code: number): CloseAction {
       return { kind: 'backoff', error: 'policy_violation' };
     case 1009:
       return { kind: 'backoff', error: 'frame_too_large' };
+    case 1002:
+      return { kind: 'backoff', error: 'protocol_error' };
+    case 1007:
+      return { kind: 'backoff', error: 'invalid_data' };
     default:
       // 1013 (overloaded, or this session fell behind), 1011, 4029, 1006
       // (dropped or refused at the handshake), anything unknown.

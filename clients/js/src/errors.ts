@@ -5,7 +5,8 @@ export class HeraldError extends Error {
    * see docs/protocol.md) or one of the SDK's own: `forbidden` (close 4003),
    * `network`, `bad_response`, `token_provider_failed`, `connection_lost`,
    * `not_connected`, `closed`, `invalid_argument`, `policy_violation` (1008),
-   * `frame_too_large` (1009).
+   * `frame_too_large` (1009), `protocol_error` (1002), `invalid_data` (1007:
+   * text that is not UTF-8).
    */
   readonly code: string;
   /** The HTTP status, for errors from the HTTP API. */

@@ -27,6 +27,8 @@ test('close codes: 4003 stops, 4001 new token, 1001 prompt, the rest back off', 
   assert.deepEqual(closeAction(1001), { kind: 'prompt' });
   for (const code of [1006, 1011, 1013, 4029, 1000, 4999]) assert.equal(closeAction(code).kind, 'backoff', `${code}`);
   assert.deepEqual(closeAction(1008), { kind: 'backoff', error: 'policy_violation' });
+  assert.deepEqual(closeAction(1002), { kind: 'backoff', error: 'protocol_error' });
+  assert.deepEqual(closeAction(1007), { kind: 'backoff', error: 'invalid_data' });
 });
 
 // ------------------------------------------------------------------ a scripted WebSocket
