@@ -435,7 +435,16 @@ async fn a_reconnect_storm_of_five_hundred_sessions_is_answered() {
             let got = store.after(&user, since, Some(head.last_seq), limit).await.unwrap();
             let want: Vec<i64> = (since + 1..=n).take(limit as usize).collect();
             assert_eq!(seqs(&got), want, "after({user}, {since}) limit {limit}");
-            for m in &got {
+            let mut pages = vec![got];
+            // The same through `resume`, batched with the others: one
+            // statement answers the head and the first page.
+            let since = (s % 4 != 3).then_some(since);
+            let (head, got) = store.resume(&user, since, limit).await.unwrap();
+            assert_eq!(head, Head { last_seq: n, oldest_seq: 1 }, "resumed head of {user}");
+            let want: Vec<i64> = since.map_or(vec![], |since| (since + 1..=n).take(limit as usize).collect());
+            assert_eq!(seqs(&got), want, "resume({user}, {since:?}) limit {limit}");
+            pages.push(got);
+            for m in pages.iter().flatten() {
                 assert_eq!(m.payload.get(), format!("[{},{}]", s % 50, m.seq));
                 assert_eq!(&*m.user_id, user);
             }

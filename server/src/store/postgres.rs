@@ -22,10 +22,11 @@
 //! unknown outcome (connection lost during COMMIT, deadline passed) is an
 //! error, never `Ok`.
 //!
-//! **Batched replay reads** ([`reader`]): `head` and `after` — what every
-//! reconnecting session asks — are gathered by one task into batches that
-//! run as one query each (`= ANY`, `UNNEST … CROSS JOIN LATERAL`), a few
-//! batches at a time, so a reconnect storm costs a handful of queries.
+//! **Batched replay reads** ([`reader`]): `resume` (a reconnecting
+//! session's head and first page, from one statement), `head` and `after`
+//! are gathered by one task into batches that run as one query each
+//! (`= ANY`, `UNNEST … LATERAL`), a few batches at a time, so a reconnect
+//! storm costs a handful of queries.
 //!
 //! Connection failures, timeouts and PostgreSQL's "not now" errors map to
 //! [`StoreError::Unavailable`] (see [`is_unavailable`]); every database call
@@ -200,6 +201,17 @@ impl Store for PostgresStore {
     async fn head(&self, user: &str) -> Result<Head, StoreError> {
         let (reply, answer) = oneshot::channel();
         self.read(reader::Request::Head { user: user.into(), reply }, answer).await
+    }
+
+    async fn resume(
+        &self,
+        user: &str,
+        since: Option<Seq>,
+        limit: u32,
+    ) -> Result<(Head, Vec<StoredNotification>), StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let query = reader::ResumeQuery { user: user.into(), since, limit };
+        self.read(reader::Request::Resume { query, reply }, answer).await
     }
 
     async fn last_seqs(&self, users: &[Arc<str>]) -> Result<Vec<Seq>, StoreError> {

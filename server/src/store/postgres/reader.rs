@@ -1,16 +1,17 @@
 //! Batched replay reads: when many sessions reconnect at once, each asks for
-//! its `head` and what it missed (`after`). One task gathers whatever is
-//! queued (up to [`MAX_BATCH`] requests) and answers the whole batch with one
-//! query per kind; at most `in_flight` batches run at once, and while they
-//! do, the next batch grows.
+//! its head and the first page of what it missed (`resume`), and later pages
+//! (`after`). One task gathers whatever is queued (up to [`MAX_BATCH`]
+//! requests) and answers the whole batch with one query per kind; at most
+//! `in_flight` batches run at once, and while they do, the next batch grows.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use herald_protocol::Seq;
+use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
-use tokio::sync::{mpsc, oneshot, Semaphore};
+use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use super::from_row;
@@ -30,13 +31,27 @@ pub(super) struct AfterQuery {
     pub limit: u32,
 }
 
+pub(super) struct ResumeQuery {
+    pub user: Arc<str>,
+    pub since: Option<Seq>,
+    pub limit: u32,
+}
+
 pub(super) enum Request {
     Head { user: Arc<str>, reply: Reply<Head> },
     After { query: AfterQuery, reply: Reply<Vec<StoredNotification>> },
+    Resume { query: ResumeQuery, reply: Reply<(Head, Vec<StoredNotification>)> },
 }
 
 /// Gathers batches until the store closes, then answers what is queued and
 /// waits for the batches still running.
+///
+/// A request that finds nothing running goes at once, alone if need be.
+/// One that finds a batch running waits for it to finish (or for its own
+/// batch to fill) before its batch starts: in a reconnect storm each
+/// statement then carries dozens or hundreds of reconnects rather than a
+/// handful, and each statement has a fixed cost in PostgreSQL (measured in
+/// docs/BENCHMARKS.md: 3,591 statements for 19,800 reconnects before).
 pub(super) async fn run(
     pool: PgPool,
     mut queue: mpsc::Receiver<Request>,
@@ -45,6 +60,7 @@ pub(super) async fn run(
     deadline: Duration,
 ) {
     let permits = Arc::new(Semaphore::new(in_flight));
+    let finished = Arc::new(Notify::new());
     loop {
         let first = tokio::select! {
             biased;
@@ -55,29 +71,57 @@ pub(super) async fn run(
             }
         };
         let Some(first) = first else { break };
-        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            let Ok(next) = queue.try_recv() else { break };
-            batch.push(next);
+        take_queued(&mut queue, &mut batch);
+        while batch.len() < MAX_BATCH && permits.available_permits() < in_flight {
+            tokio::select! {
+                biased;
+                _ = finished.notified() => break,
+                _ = closing.cancelled() => break,
+                request = queue.recv() => match request {
+                    Some(request) => {
+                        batch.push(request);
+                        take_queued(&mut queue, &mut batch);
+                    }
+                    None => break,
+                },
+            }
         }
+        let permit = permits.clone().acquire_owned().await.expect("the semaphore is never closed");
         let pool = pool.clone();
+        let finished = finished.clone();
         tokio::spawn(async move {
             answer(&pool, batch, deadline).await;
             drop(permit);
+            finished.notify_one();
         });
     }
     let _ = permits.acquire_many(in_flight as u32).await;
 }
 
+/// Adds what is queued to `batch`, up to [`MAX_BATCH`].
+fn take_queued(queue: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>) {
+    while batch.len() < MAX_BATCH {
+        let Ok(next) = queue.try_recv() else { break };
+        batch.push(next);
+    }
+}
+
 async fn answer(pool: &PgPool, batch: Vec<Request>, deadline: Duration) {
     let mut heads = Vec::new();
     let mut afters = Vec::new();
+    let mut resumes = Vec::new();
     for request in batch {
         match request {
             Request::Head { user, reply } => heads.push((user, reply)),
             Request::After { query, reply } => afters.push((query, reply)),
+            Request::Resume { query, reply } => resumes.push((query, reply)),
         }
+    }
+    if !resumes.is_empty() {
+        let queries: Vec<&ResumeQuery> = resumes.iter().map(|(q, _)| q).collect();
+        let found = within(deadline, resumes_of(pool, &queries)).await;
+        reply_each(resumes, found);
     }
     if !heads.is_empty() {
         let users: Vec<&str> = heads.iter().map(|(u, _)| &**u).collect();
@@ -92,14 +136,20 @@ async fn answer(pool: &PgPool, batch: Vec<Request>, deadline: Duration) {
     }
     if !afters.is_empty() {
         let queries: Vec<&AfterQuery> = afters.iter().map(|(q, _)| q).collect();
-        match within(deadline, afters_of(pool, &queries)).await {
-            Ok(found) => {
-                for ((_, reply), found) in afters.into_iter().zip(found) {
-                    let _ = reply.send(Ok(found));
-                }
+        let found = within(deadline, afters_of(pool, &queries)).await;
+        reply_each(afters, found);
+    }
+}
+
+/// Sends each request its answer (in the order of `requests`), or every one the error.
+fn reply_each<Q, T>(requests: Vec<(Q, Reply<T>)>, found: Result<Vec<T>, StoreError>) {
+    match found {
+        Ok(found) => {
+            for ((_, reply), found) in requests.into_iter().zip(found) {
+                let _ = reply.send(Ok(found));
             }
-            Err(e) => afters.into_iter().for_each(|(_, reply)| drop(reply.send(Err(e.clone())))),
         }
+        Err(e) => requests.into_iter().for_each(|(_, reply)| drop(reply.send(Err(e.clone())))),
     }
 }
 
@@ -125,11 +175,75 @@ async fn heads_of(pool: &PgPool, users: &[&str]) -> Result<HashMap<String, Head>
     .await?;
     let mut heads = HashMap::with_capacity(found.len());
     for row in found {
-        let last_seq: i64 = row.try_get("last_seq")?;
-        let oldest: Option<i64> = row.try_get("oldest")?;
-        heads.insert(row.try_get("user_id")?, Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) });
+        heads.insert(row.try_get("user_id")?, head_of(&row)?);
     }
     Ok(heads)
+}
+
+/// The answer to each resume, in the order of `queries`: the user's head
+/// and the first `limit` notifications after [`Head::resume_after`], from
+/// one statement, so from one snapshot — no seq beyond the head it read can
+/// be in the page. A user without a counter row has `last_seq` 0; without
+/// `since`, the page is empty (`LIMIT 0`).
+async fn resumes_of(
+    pool: &PgPool,
+    queries: &[&ResumeQuery],
+) -> Result<Vec<(Head, Vec<StoredNotification>)>, sqlx::Error> {
+    let users: Vec<&str> = queries.iter().map(|q| &*q.user).collect();
+    let sinces: Vec<i64> = queries.iter().map(|q| q.since.unwrap_or(0)).collect();
+    let limits: Vec<i64> = queries.iter().map(|q| if q.since.is_some() { i64::from(q.limit) } else { 0 }).collect();
+    let found = sqlx::query(
+        "SELECT q.i, h.last_seq, h.oldest, n.seq, n.id, n.topic, n.payload, n.created_at, n.read
+         FROM UNNEST($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS q(u, s, l, i)
+         LEFT JOIN LATERAL (
+             SELECT u.last_seq,
+                    (SELECT MIN(m.seq) FROM notifications m WHERE m.user_id = u.user_id) AS oldest
+             FROM users u WHERE u.user_id = q.u
+         ) h ON true
+         LEFT JOIN LATERAL (
+             SELECT seq, id, topic, payload, created_at, read FROM notifications
+             WHERE user_id = q.u AND seq > GREATEST(q.s, h.oldest - 1)
+             ORDER BY seq LIMIT q.l
+         ) n ON true
+         ORDER BY q.i, n.seq",
+    )
+    .bind(&users)
+    .bind(&sinces)
+    .bind(&limits)
+    .fetch_all(pool)
+    .await?;
+    let mut answers: Vec<Option<(Head, Vec<StoredNotification>)>> = queries.iter().map(|_| None).collect();
+    for row in found {
+        let index = answer_index(&row, queries.len())?;
+        if answers[index].is_none() {
+            answers[index] = Some((head_of(&row)?, Vec::new()));
+        }
+        let (_, page) = answers[index].as_mut().expect("set above");
+        if row.try_get::<Option<i64>, _>("seq")?.is_some() {
+            page.push(from_row(&queries[index].user, &row)?);
+        }
+    }
+    answers
+        .into_iter()
+        .map(|a| a.ok_or_else(|| sqlx::Error::Protocol("a batched resume went unanswered".into())))
+        .collect()
+}
+
+/// The head in a row with `last_seq` and `oldest` (`last_seq` null: no
+/// counter row; `oldest` null: nothing retained).
+fn head_of(row: &PgRow) -> Result<Head, sqlx::Error> {
+    let last_seq = row.try_get::<Option<i64>, _>("last_seq")?.unwrap_or(0);
+    let oldest: Option<i64> = row.try_get("oldest")?;
+    Ok(Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) })
+}
+
+/// Which query of the batch (`q.i`, from 1) a row answers, as an index.
+fn answer_index(row: &PgRow, queries: usize) -> Result<usize, sqlx::Error> {
+    let i: i64 = row.try_get("i")?;
+    usize::try_from(i - 1)
+        .ok()
+        .filter(|&i| i < queries)
+        .ok_or_else(|| sqlx::Error::Protocol(format!("batched read answered unknown query {i}")))
 }
 
 /// The answer to each query, in the order of `queries`.
@@ -156,9 +270,7 @@ async fn afters_of(pool: &PgPool, queries: &[&AfterQuery]) -> Result<Vec<Vec<Sto
     .await?;
     let mut answers: Vec<Vec<StoredNotification>> = queries.iter().map(|_| Vec::new()).collect();
     for row in found {
-        let i: i64 = row.try_get("i")?;
-        let index = usize::try_from(i - 1).ok().filter(|&i| i < queries.len());
-        let index = index.ok_or_else(|| sqlx::Error::Protocol(format!("batched read answered unknown query {i}")))?;
+        let index = answer_index(&row, queries.len())?;
         answers[index].push(from_row(&queries[index].user, &row)?);
     }
     Ok(answers)
