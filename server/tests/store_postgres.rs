@@ -508,6 +508,10 @@ async fn the_store_recovers_when_postgres_drops_its_connections() {
         assert_eq!(out[0].notification.seq, n);
     }
     assert_eq!(seqs(&all_of(&*store, "rex").await), (1..=8).collect::<Vec<_>>());
+    // The batched reads recover too (a reconnecting session's `resume`).
+    terminate_connections(&db).await;
+    let (head, page) = store.resume("rex", Some(6), 10).await.unwrap();
+    assert_eq!((head, seqs(&page)), (Head { last_seq: 8, oldest_seq: 1 }, vec![7, 8]));
     store.ping().await.unwrap();
     store.close().await;
 }

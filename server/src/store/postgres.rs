@@ -23,8 +23,8 @@
 //! error, never `Ok`.
 //!
 //! **Batched replay reads** ([`reader`]): `resume` (a reconnecting
-//! session's head and first page, from one statement), `head` and `after`
-//! are gathered by one task into batches that run as one query each
+//! session's head and first page, from one statement; `head` is a resume
+//! without a page) and `after` are gathered by one task into batches that run as one query each
 //! (`= ANY`, `UNNEST … LATERAL`), a few batches at a time, so a reconnect
 //! storm costs a handful of queries.
 //!
@@ -199,8 +199,7 @@ impl Store for PostgresStore {
     }
 
     async fn head(&self, user: &str) -> Result<Head, StoreError> {
-        let (reply, answer) = oneshot::channel();
-        self.read(reader::Request::Head { user: user.into(), reply }, answer).await
+        Ok(self.resume(user, None, 0).await?.0)
     }
 
     async fn resume(

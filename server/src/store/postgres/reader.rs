@@ -1,10 +1,9 @@
 //! Batched replay reads: when many sessions reconnect at once, each asks for
-//! its head and the first page of what it missed (`resume`), and later pages
-//! (`after`). One task gathers whatever is queued (up to [`MAX_BATCH`]
+//! its head and the first page of what it missed (`resume`; `head` is a
+//! resume without a page), and later pages (`after`). One task gathers whatever is queued (up to [`MAX_BATCH`]
 //! requests) and answers the whole batch with one query per kind; at most
 //! `in_flight` batches run at once, and while they do, the next batch grows.
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -38,7 +37,6 @@ pub(super) struct ResumeQuery {
 }
 
 pub(super) enum Request {
-    Head { user: Arc<str>, reply: Reply<Head> },
     After { query: AfterQuery, reply: Reply<Vec<StoredNotification>> },
     Resume { query: ResumeQuery, reply: Reply<(Head, Vec<StoredNotification>)> },
 }
@@ -108,12 +106,10 @@ fn take_queued(queue: &mut mpsc::Receiver<Request>, batch: &mut Vec<Request>) {
 }
 
 async fn answer(pool: &PgPool, batch: Vec<Request>, deadline: Duration) {
-    let mut heads = Vec::new();
     let mut afters = Vec::new();
     let mut resumes = Vec::new();
     for request in batch {
         match request {
-            Request::Head { user, reply } => heads.push((user, reply)),
             Request::After { query, reply } => afters.push((query, reply)),
             Request::Resume { query, reply } => resumes.push((query, reply)),
         }
@@ -122,17 +118,6 @@ async fn answer(pool: &PgPool, batch: Vec<Request>, deadline: Duration) {
         let queries: Vec<&ResumeQuery> = resumes.iter().map(|(q, _)| q).collect();
         let found = within(deadline, resumes_of(pool, &queries)).await;
         reply_each(resumes, found);
-    }
-    if !heads.is_empty() {
-        let users: Vec<&str> = heads.iter().map(|(u, _)| &**u).collect();
-        match within(deadline, heads_of(pool, &users)).await {
-            Ok(found) => {
-                for (user, reply) in heads {
-                    let _ = reply.send(Ok(found.get(&*user).copied().unwrap_or(Head { last_seq: 0, oldest_seq: 1 })));
-                }
-            }
-            Err(e) => heads.into_iter().for_each(|(_, reply)| drop(reply.send(Err(e.clone())))),
-        }
     }
     if !afters.is_empty() {
         let queries: Vec<&AfterQuery> = afters.iter().map(|(q, _)| q).collect();
@@ -161,23 +146,6 @@ async fn within<T>(
         Ok(result) => Ok(result?),
         Err(_) => Err(StoreError::Unavailable("the read timed out".into())),
     }
-}
-
-/// The head of every user that has a counter row.
-async fn heads_of(pool: &PgPool, users: &[&str]) -> Result<HashMap<String, Head>, sqlx::Error> {
-    let found = sqlx::query(
-        "SELECT u.user_id, u.last_seq,
-                (SELECT MIN(n.seq) FROM notifications n WHERE n.user_id = u.user_id) AS oldest
-         FROM users u WHERE u.user_id = ANY($1)",
-    )
-    .bind(users)
-    .fetch_all(pool)
-    .await?;
-    let mut heads = HashMap::with_capacity(found.len());
-    for row in found {
-        heads.insert(row.try_get("user_id")?, head_of(&row)?);
-    }
-    Ok(heads)
 }
 
 /// The answer to each resume, in the order of `queries`: the user's head
