@@ -33,6 +33,12 @@ mod verify;
 
 use clap::Parser;
 
+/// mimalloc, as herald itself: the load generator shares the box with the
+/// server, and glibc's malloc was an eighth of its publishing process's CPU
+/// (docs/BENCHMARKS.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> anyhow::Result<()> {
     let cli = cli::Cli::parse();
     if let cli::Command::Worker = cli.command {
