@@ -4,9 +4,11 @@
 use axum::extract::rejection::{JsonRejection, QueryRejection};
 use std::net::{IpAddr, SocketAddr};
 
-use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request};
+use axum::extract::{ConnectInfo, FromRequest, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
+use axum::middleware::Next;
+use axum::response::Response;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -110,6 +112,23 @@ impl<T: DeserializeOwned> FromRequest<AppState> for JsonBody<T> {
     }
 }
 
+/// Refuses a body whose `Content-Length` is over `limit` from the headers
+/// alone (413), before any of it is read, so a client that sent `Expect:
+/// 100-continue` is not told to go on and upload it. A body without a
+/// length (chunked) is cut off at the limit while it is read
+/// (`DefaultBodyLimit`, the same 413).
+pub async fn declared_length(State(limit): State<usize>, request: Request, next: Next) -> Result<Response, ApiError> {
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    Ok(next.run(request).await)
+}
+
+fn too_large() -> ApiError {
+    ApiError::too_large("the request body is too large")
+}
+
 fn json_error(rejection: JsonRejection) -> ApiError {
     match rejection {
         JsonRejection::JsonDataError(e) => ApiError::unprocessable("invalid_request", e.body_text()),
@@ -117,9 +136,7 @@ fn json_error(rejection: JsonRejection) -> ApiError {
         JsonRejection::MissingJsonContentType(_) => {
             ApiError::bad_request("bad_request", "send Content-Type: application/json")
         }
-        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::too_large("the request body is too large")
-        }
+        other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => too_large(),
         other => ApiError::bad_request("bad_request", other.body_text()),
     }
 }

@@ -26,14 +26,19 @@ pub fn router(state: AppState) -> Router {
     // at most 256 bytes). Everything else is small.
     let publish_limit = settings.max_payload_bytes + settings.max_audience * 260 + 64 * 1024;
     let body_limit = settings.max_payload_bytes + 64 * 1024;
+    // Where a body is read, one declared over the limit is refused before it is sent.
+    let declared = |limit| middleware::from_fn_with_state(limit, extract::declared_length);
     Router::new()
         .route("/v1/ws", get(crate::ws::handshake::upgrade))
-        .route("/v1/notifications", post(publish::publish).layer(DefaultBodyLimit::max(publish_limit)))
+        .route(
+            "/v1/notifications",
+            post(publish::publish).layer(DefaultBodyLimit::max(publish_limit)).layer(declared(publish_limit)),
+        )
         .route("/v1/jobs/{id}", get(jobs::status))
         .route("/v1/users/{user_id}/notifications", get(inbox::user_history))
         .route("/v1/users/{user_id}/presence", get(inbox::presence))
         .route("/v1/me/notifications", get(inbox::list))
-        .route("/v1/me/notifications/read", post(inbox::mark_read))
+        .route("/v1/me/notifications/read", post(inbox::mark_read).layer(declared(body_limit)))
         .route("/v1/me/unread", get(inbox::unread))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
