@@ -28,7 +28,8 @@
 //! local sessions, with a TTL it refreshes, and its name in the sorted set
 //! `{prefix}:nodes` scored by when it expires. A reader sums the user's
 //! count over the live nodes, so a dead node's sessions stop counting after
-//! `presence_ttl`.
+//! `presence_ttl`. The list of live nodes is read at most once per
+//! maintenance tick (every handshake asks, for the sessions-per-user cap).
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -282,6 +283,8 @@ struct Shared {
     signals: Arc<Signals>,
     /// Users whose channel this node is subscribed to (confirmed).
     subscribed: Mutex<HashSet<Arc<str>>>,
+    /// The live nodes as last read, and when: see [`Shared::live_nodes`].
+    live_nodes: Mutex<Option<(Instant, Arc<[String]>)>>,
     publisher: Conn,
     subscriber: Conn,
     outgoing: mpsc::Sender<Vec<u8>>,
@@ -335,6 +338,7 @@ impl RedisBroker {
             changes,
             signals,
             subscribed: Mutex::new(HashSet::new()),
+            live_nodes: Mutex::new(None),
             publisher,
             subscriber,
             outgoing,
@@ -390,6 +394,24 @@ impl Shared {
 
     fn nodes_key(&self) -> String {
         format!("{}:nodes", self.prefix)
+    }
+
+    /// The nodes whose presence counts are live, read from Redis at most
+    /// once per [`MAINTAIN_TICK`]. Every handshake asks (the cluster-wide
+    /// sessions-per-user cap), and the counts it then reads lag by as much
+    /// anyway: each node rewrites its own once per tick. A node that just
+    /// died stays listed that much longer, but its count expires with it.
+    async fn live_nodes(&self) -> RedisResult<Arc<[String]>> {
+        let cached = self.live_nodes.lock().expect("live nodes").clone();
+        if let Some((_, nodes)) = cached.filter(|(read_at, _)| read_at.elapsed() < MAINTAIN_TICK) {
+            return Ok(nodes);
+        }
+        let mut conn = self.publisher.clone();
+        let nodes: Vec<String> =
+            conn.query(redis::cmd("ZRANGEBYSCORE").arg(self.nodes_key()).arg(now_ms()).arg("+inf")).await?;
+        let nodes: Arc<[String]> = nodes.into();
+        *self.live_nodes.lock().expect("live nodes") = Some((Instant::now(), nodes.clone()));
+        Ok(nodes)
     }
 
     fn is_subscribed(&self, user: &str) -> bool {
@@ -478,11 +500,7 @@ impl Broker for RedisBroker {
     async fn presence(&self, user: &str) -> Result<u64, BrokerError> {
         let shared = &self.shared;
         let unavailable = |e: redis::RedisError| BrokerError::Unavailable(e.to_string());
-        let mut conn = shared.publisher.clone();
-        let nodes: Vec<String> = conn
-            .query(redis::cmd("ZRANGEBYSCORE").arg(shared.nodes_key()).arg(now_ms()).arg("+inf"))
-            .await
-            .map_err(unavailable)?;
+        let nodes = shared.live_nodes().await.map_err(unavailable)?;
         let counts = join_all(nodes.iter().map(|node| {
             let mut conn = shared.publisher.clone();
             let key = shared.presence_key(node);
