@@ -118,6 +118,8 @@ async fn in_dev_mode_a_user_publishes_to_themselves_only() {
     assert_eq!((bad_topic.status, bad_topic.error_code()), (422, "invalid_topic"));
     let no_payload = publish(Some(token("alice")), json!({"topic": "demo"})).await;
     assert_eq!((no_payload.status, no_payload.error_code()), (422, "invalid_request"));
+    let too_large = post_head_only(&addr, "/demo/publish", &token("alice"), 4 << 20).await;
+    assert!(too_large.starts_with("HTTP/1.1 413"), "{too_large}");
 
     // Bob got nothing; alice's next seq is 2, so nothing else was stored for her.
     let ok = publish(Some(token("bob")), json!({"topic": "mine", "payload": "x"})).await;

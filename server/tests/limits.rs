@@ -253,17 +253,9 @@ async fn a_body_that_stalls_gets_408_and_stores_nothing() {
 #[tokio::test]
 async fn a_body_declared_too_large_is_refused_before_it_is_sent() {
     let server = TestServer::start().await;
+    let addr = server.addr.to_string();
     for (path, declared) in [("/v1/notifications", 64 << 20), ("/v1/me/notifications/read", 4 << 20)] {
-        let mut tcp = tokio::net::TcpStream::connect(server.http().trim_start_matches("http://")).await.unwrap();
-        let head = format!(
-            "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
-             Content-Type: application/json\r\nContent-Length: {declared}\r\nExpect: 100-continue\r\n\r\n"
-        );
-        tcp.write_all(head.as_bytes()).await.unwrap();
-        // Not a byte of the body: the answer must come from the headers alone.
-        let mut answer = vec![0u8; 4096];
-        let n = tokio::time::timeout(WAIT, tcp.read(&mut answer)).await.expect("answered").unwrap();
-        let answer = String::from_utf8_lossy(&answer[..n]);
+        let answer = post_head_only(&addr, path, API_KEY, declared).await;
         assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {answer}");
         assert!(answer.contains(r#""code":"payload_too_large""#), "{path}: {answer}");
     }

@@ -42,6 +42,22 @@ pub async fn assert_resume_at_head_5_oldest_4(store: &dyn herald_server::store::
     }
 }
 
+/// Sends only the head of a POST to `path` declaring a `declared`-byte JSON
+/// body with `Expect: 100-continue` (authorized with `bearer`), and returns
+/// the first bytes the node answers — without a byte of the body sent.
+pub async fn post_head_only(addr: &str, path: &str, bearer: &str, declared: usize) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {bearer}\r\n\
+         Content-Type: application/json\r\nContent-Length: {declared}\r\nExpect: 100-continue\r\n\r\n"
+    );
+    tcp.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = vec![0u8; 4096];
+    let n = tokio::time::timeout(WAIT, tcp.read(&mut answer)).await.expect("an answer to the head alone").unwrap();
+    String::from_utf8_lossy(&answer[..n]).into_owned()
+}
+
 pub struct TestServer {
     pub addr: SocketAddr,
     pub dir: PathBuf,
