@@ -18,6 +18,8 @@ use crate::store::{Head, StoreError, StoredNotification};
 
 /// Most requests answered by one batch.
 const MAX_BATCH: usize = 256;
+/// Longest a batch waits for a running one to finish before it starts anyway.
+const MAX_GROW: Duration = Duration::from_millis(50);
 /// Requests waiting for a batch; a full queue makes readers wait.
 pub(super) const QUEUE: usize = 4096;
 
@@ -45,11 +47,13 @@ pub(super) enum Request {
 /// waits for the batches still running.
 ///
 /// A request that finds nothing running goes at once, alone if need be.
-/// One that finds a batch running waits for it to finish (or for its own
-/// batch to fill) before its batch starts: in a reconnect storm each
-/// statement then carries dozens or hundreds of reconnects rather than a
-/// handful, and each statement has a fixed cost in PostgreSQL (measured in
-/// docs/BENCHMARKS.md: 3,591 statements for 19,800 reconnects before).
+/// One that finds a batch running waits for it to finish, for its own batch
+/// to fill, or [`MAX_GROW`], whichever comes first, before its batch
+/// starts: in a reconnect storm each statement then carries many reconnects
+/// rather than a handful, and each statement has a fixed cost in PostgreSQL
+/// (docs/BENCHMARKS.md: 3,591 statements for 19,800 reconnects before, 1,787
+/// after), while a batch stuck on a slow statement holds the others up by
+/// [`MAX_GROW`] at most.
 pub(super) async fn run(
     pool: PgPool,
     mut queue: mpsc::Receiver<Request>,
@@ -71,11 +75,13 @@ pub(super) async fn run(
         let Some(first) = first else { break };
         let mut batch = vec![first];
         take_queued(&mut queue, &mut batch);
+        let grown = tokio::time::Instant::now() + MAX_GROW;
         while batch.len() < MAX_BATCH && permits.available_permits() < in_flight {
             tokio::select! {
                 biased;
                 _ = finished.notified() => break,
                 _ = closing.cancelled() => break,
+                _ = tokio::time::sleep_until(grown) => break,
                 request = queue.recv() => match request {
                     Some(request) => {
                         batch.push(request);
