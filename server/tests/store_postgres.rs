@@ -455,6 +455,37 @@ async fn a_reconnect_storm_of_five_hundred_sessions_is_answered() {
     store.close().await;
 }
 
+/// A batch stuck on a lock does not hold up the reads queued behind it:
+/// they start on another connection once they have waited their bounded
+/// while, and are answered while the stuck one still waits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stuck_batch_does_not_hold_up_the_next() {
+    let db = TestDb::create().await;
+    let store = open(&db.url, &StoreOptions { pool_size: 8, ..StoreOptions::default() }).await.unwrap();
+    store.append(vec![note("ann", "t", "1", None)]).await.unwrap();
+    // `resume` reads `users`; `after` does not. Hold `users` locked.
+    let mut locker = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
+    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE").execute(&mut locker).await.unwrap();
+    let stuck = tokio::spawn({
+        let store = store.clone();
+        async move { store.resume("ann", Some(0), 10).await }
+    });
+    let mut admin = db.admin().await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + common::WAIT;
+    while sqlx::query_scalar::<_, i64>(waiting).bind(&db.name).fetch_one(&mut admin).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "the resume never reached the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(seqs(&store.after("ann", 0, None, 10).await.unwrap()), [1]);
+    assert!(!stuck.is_finished(), "the read behind it was answered only once the stuck batch was");
+    sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
+    let (head, page) = stuck.await.unwrap().unwrap();
+    assert_eq!((head.last_seq, seqs(&page)), (1, vec![1]));
+    store.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn payloads_and_timestamps_round_trip_byte_exact() {
     let db = TestDb::create().await;
