@@ -17,10 +17,10 @@ use crate::ws::protocol::read_mark;
 use crate::AppState;
 
 const DEFAULT_LIMIT: u32 = 50;
+const MAX_LIMIT: u32 = 500;
 
 /// A page as it is sent: payloads as stored, byte for byte.
 type Page = NotificationPage<Box<RawValue>>;
-const MAX_LIMIT: u32 = 500;
 
 /// A seq bound in a query: seqs start at 1, so a negative one is a mistake
 /// (as a negative `since` is at the handshake), not "no bound".
