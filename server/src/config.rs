@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::broker::redis::{RedisTarget, RedisTls};
 use crate::limit::{LimitSettings, Rate};
 use crate::tls::TlsFiles;
 use rand::Rng;
@@ -86,6 +87,8 @@ pub struct Settings {
     pub listen: SocketAddr,
     pub database_url: String,
     pub redis_url: Option<String>,
+    /// CA and client certificate for `rediss://` (empty: built-in roots).
+    pub redis_tls: RedisTls,
     pub jwt: JwtSettings,
     pub api_keys: Vec<String>,
     /// `None`: any Origin may open a WebSocket.
@@ -168,6 +171,7 @@ impl std::fmt::Debug for Settings {
             .field("listen", &self.listen)
             .field("database_url", &redact_url(&self.database_url))
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("redis_tls", &self.redis_tls)
             .field("jwt", &self.jwt)
             .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
             .field("allowed_origins", &self.allowed_origins)
@@ -280,6 +284,9 @@ const KEYS: &[&str] = &[
     "listen",
     "database_url",
     "redis_url",
+    "redis_tls_ca",
+    "redis_tls_cert",
+    "redis_tls_key",
     "jwt_secret",
     "jwt_public_keys",
     "jwt_issuer",
@@ -373,6 +380,41 @@ fn default_node_id() -> String {
     format!("{host}-{}", random_token(3))
 }
 
+/// Checks `HERALD_REDIS_URL` and reads the certificates a `rediss://` URL
+/// may use; they are refused with any other URL, where they would be ignored.
+fn redis_tls(src: &Source, url: Option<&str>) -> Result<RedisTls, ConfigError> {
+    let target = match url {
+        Some(url) => Some(RedisTarget::parse(url).map_err(|e| src.error("redis_url", e))?),
+        None => None,
+    };
+    let ca = src.string("redis_tls_ca").map(PathBuf::from);
+    let client = match (src.string("redis_tls_cert"), src.string("redis_tls_key")) {
+        (None, None) => None,
+        (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+        (Some(_), None) => {
+            return Err(src.error("redis_tls_key", "HERALD_REDIS_TLS_CERT is set: give the private key too"))
+        }
+        (None, Some(_)) => {
+            return Err(src.error("redis_tls_cert", "HERALD_REDIS_TLS_KEY is set: give the certificate too"))
+        }
+    };
+    if ca.is_none() && client.is_none() {
+        return Ok(RedisTls::default());
+    }
+    let set = if ca.is_some() { "redis_tls_ca" } else { "redis_tls_cert" };
+    if !target.is_some_and(|t| t.is_tls()) {
+        return Err(src.error(set, "applies to TLS connections only: HERALD_REDIS_URL must be rediss://"));
+    }
+    let mut tls = RedisTls::default();
+    if let Some(ca) = &ca {
+        tls = tls.with_ca(ca).map_err(|e| src.error("redis_tls_ca", e))?;
+    }
+    if let Some((cert, key)) = &client {
+        tls = tls.with_client(cert, key).map_err(|e| src.error("redis_tls_cert", e))?;
+    }
+    Ok(tls)
+}
+
 impl Settings {
     /// Reads and validates every setting. Nothing is bound or opened here
     /// except the files settings point at (key files), which are parsed.
@@ -395,11 +437,7 @@ impl Settings {
             return Err(src.error("database_url", "an in-memory SQLite database loses every notification; give a file"));
         }
         let redis_url = src.string("redis_url");
-        if let Some(url) = &redis_url {
-            if let Err(e) = crate::broker::redis::RedisTarget::parse(url) {
-                return Err(src.error("redis_url", e));
-            }
-        }
+        let redis_tls = redis_tls(&src, redis_url.as_deref())?;
         let tls = match (src.string("tls_cert"), src.string("tls_key")) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
@@ -461,6 +499,7 @@ impl Settings {
             listen,
             database_url,
             redis_url,
+            redis_tls,
             jwt,
             api_keys,
             allowed_origins: src.list("allowed_origins"),

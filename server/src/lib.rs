@@ -123,6 +123,7 @@ impl AppState {
                     prefix: settings.redis_prefix.clone(),
                     repair_interval: settings.repair_interval,
                     presence_ttl: settings.presence_ttl,
+                    tls: settings.redis_tls.clone(),
                 };
                 let broker =
                     RedisBroker::connect(&target, options, hub.clone(), changes, store.clone(), metrics.clone())

@@ -48,24 +48,35 @@ impl TlsFiles {
     /// Reads and checks both files: a PEM chain (leaf first) and a PEM
     /// private key (PKCS#8, PKCS#1 or SEC1) that belongs to the leaf.
     pub fn load(&self) -> Result<Arc<CertifiedKey>, String> {
-        let chain = CertificateDer::pem_file_iter(&self.cert)
-            .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
-            .map_err(|e| format!("cannot read certificates from {}: {e}", self.cert.display()))?;
-        if chain.is_empty() {
-            return Err(format!("{} holds no PEM certificate", self.cert.display()));
-        }
-        let key = PrivateKeyDer::from_pem_file(&self.key)
-            .map_err(|e| format!("cannot read a private key from {}: {e}", self.key.display()))?;
-        let certified = CertifiedKey::from_der(chain, key, &default_provider()).map_err(|e| {
-            format!("{} and {} do not form a usable pair: {e}", self.cert.display(), self.key.display())
-        })?;
-        Ok(Arc::new(certified))
+        read_pair(&self.cert, &self.key)
     }
 
     fn modified(&self) -> Option<(SystemTime, SystemTime)> {
         let at = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
         Some((at(&self.cert)?, at(&self.key)?))
     }
+}
+
+/// The PEM certificates in `path`: at least one, every one readable.
+pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    Ok(certs)
+}
+
+/// A PEM chain (leaf first) in `cert` and the PEM private key (PKCS#8,
+/// PKCS#1 or SEC1) in `key` that belongs to its leaf.
+pub fn read_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
+    let chain = read_certificates(cert)?;
+    let private = PrivateKeyDer::from_pem_file(key)
+        .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
+    let certified = CertifiedKey::from_der(chain, private, &default_provider())
+        .map_err(|e| format!("{} and {} do not form a usable pair: {e}", cert.display(), key.display()))?;
+    Ok(Arc::new(certified))
 }
 
 /// The certificate being served, swapped when the files change.

@@ -32,6 +32,7 @@
 //! maintenance tick (every handshake asks, for the sessions-per-user cap).
 
 use std::collections::HashSet;
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -41,7 +42,10 @@ use futures_util::future::join_all;
 use herald_protocol::Seq;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
-use redis::{FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisResult, Value};
+use redis::{
+    ClientTlsConfig, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisResult,
+    TlsCertificates, Value,
+};
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{interval, sleep, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
@@ -72,16 +76,20 @@ const MAINTAIN_TICK: Duration = Duration::from_millis(250);
 /// Where Redis is, from `HERALD_REDIS_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisTarget {
-    /// `redis://[user:pass@]host:port[/db]`
+    /// `redis://[user:pass@]host:port[/db]`, or `rediss://…` over TLS
     Single(String),
-    /// `redis+cluster://[user:pass@]host:port,host:port,…` — seed nodes of a
-    /// Redis Cluster; sharded pub/sub (Redis 7+).
+    /// `redis+cluster://[user:pass@]host:port,host:port,…` (or
+    /// `rediss+cluster://…` over TLS) — seed nodes of a Redis Cluster;
+    /// sharded pub/sub (Redis 7+).
     Cluster(Vec<String>),
 }
 
 impl RedisTarget {
     pub fn parse(url: &str) -> Result<RedisTarget, String> {
-        let target = if let Some(rest) = url.strip_prefix("redis+cluster://") {
+        let cluster = [("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")]
+            .into_iter()
+            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
+        let target = if let Some((rest, scheme)) = cluster {
             let (credentials, hosts) = match rest.rfind('@') {
                 Some(at) => (&rest[..=at], &rest[at + 1..]),
                 None => ("", rest),
@@ -90,18 +98,25 @@ impl RedisTarget {
                 .split(',')
                 .map(str::trim)
                 .filter(|h| !h.is_empty())
-                .map(|h| format!("redis://{credentials}{h}"))
+                .map(|h| format!("{scheme}{credentials}{h}"))
                 .collect();
             if nodes.is_empty() {
                 return Err("redis+cluster:// needs at least one HOST:PORT".into());
             }
             RedisTarget::Cluster(nodes)
-        } else if url.starts_with("redis://") || url.starts_with("redis+unix://") || url.starts_with("unix://") {
+        } else if ["redis://", "rediss://", "redis+unix://", "unix://"].iter().any(|s| url.starts_with(s)) {
+            if url.contains("#insecure") {
+                return Err("#insecure (no certificate check) is not supported: trust the server's CA with \
+                            HERALD_REDIS_TLS_CA instead"
+                    .into());
+            }
             RedisTarget::Single(url.to_string())
-        } else if url.starts_with("rediss://") {
-            return Err("rediss:// (TLS to Redis) is not supported yet; use redis:// on a private network".into());
         } else {
-            return Err("expected redis://HOST:PORT or redis+cluster://HOST:PORT,HOST:PORT,…".into());
+            return Err(
+                "expected redis://HOST:PORT, rediss://HOST:PORT (TLS) or redis+cluster://HOST:PORT,HOST:PORT,… \
+                        (rediss+cluster:// for TLS)"
+                    .into(),
+            );
         };
         for url in target.urls() {
             url.as_str().into_connection_info().map_err(|e| format!("not a Redis URL: {e}"))?;
@@ -109,11 +124,72 @@ impl RedisTarget {
         Ok(target)
     }
 
+    /// Whether the connections use TLS (`rediss://`, `rediss+cluster://`).
+    pub fn is_tls(&self) -> bool {
+        self.urls().iter().all(|url| url.starts_with("rediss://"))
+    }
+
     fn urls(&self) -> Vec<String> {
         match self {
             RedisTarget::Single(url) => vec![url.clone()],
             RedisTarget::Cluster(nodes) => nodes.clone(),
         }
+    }
+}
+
+/// What a `rediss://` connection trusts and presents, read at start from
+/// `HERALD_REDIS_TLS_CA` (PEM CA certificates trusted instead of the
+/// built-in web PKI roots) and `HERALD_REDIS_TLS_CERT` / `_KEY` (a PEM
+/// client certificate and its key, for servers that require one). Empty:
+/// the built-in roots, no client certificate.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct RedisTls {
+    ca_pem: Option<Vec<u8>>,
+    client: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl RedisTls {
+    /// Trusts the CA certificates in `path` (PEM, at least one) instead of
+    /// the built-in roots.
+    pub fn with_ca(mut self, path: &Path) -> Result<RedisTls, String> {
+        crate::tls::read_certificates(path)?;
+        self.ca_pem = Some(read(path)?);
+        Ok(self)
+    }
+
+    /// Presents the chain in `cert` (leaf first) and its leaf's key in `key`
+    /// (PEM) to a server that asks for a client certificate.
+    pub fn with_client(mut self, cert: &Path, key: &Path) -> Result<RedisTls, String> {
+        crate::tls::read_pair(cert, key)?;
+        self.client = Some((read(cert)?, read(key)?));
+        Ok(self)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ca_pem.is_none() && self.client.is_none()
+    }
+
+    fn certificates(&self) -> Option<TlsCertificates> {
+        (!self.is_empty()).then(|| TlsCertificates {
+            client_tls: self
+                .client
+                .clone()
+                .map(|(client_cert, client_key)| ClientTlsConfig { client_cert, client_key }),
+            root_cert: self.ca_pem.clone(),
+        })
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.as_ref().map(|_| "from HERALD_REDIS_TLS_CA"))
+            .field("client_certificate", &self.client.is_some())
+            .finish()
     }
 }
 
@@ -132,10 +208,13 @@ fn resp3(url: &str) -> RedisResult<redis::ConnectionInfo> {
 
 impl Conn {
     /// Connects; `push` receives pub/sub messages (only the subscriber has one).
-    async fn connect(target: &RedisTarget, push: Option<PushSink>) -> RedisResult<Conn> {
+    async fn connect(target: &RedisTarget, tls: &RedisTls, push: Option<PushSink>) -> RedisResult<Conn> {
         match target {
             RedisTarget::Single(url) => {
-                let client = redis::Client::open(resp3(url)?)?;
+                let client = match tls.certificates() {
+                    Some(certificates) => redis::Client::build_with_tls(resp3(url)?, certificates)?,
+                    None => redis::Client::open(resp3(url)?)?,
+                };
                 let mut config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(COMMAND_TIMEOUT))
                     .set_response_timeout(Some(COMMAND_TIMEOUT))
@@ -158,6 +237,9 @@ impl Conn {
                     .max_retry_wait(2000);
                 if let Some(push) = push {
                     builder = builder.push_sender(move |info| push.send(info));
+                }
+                if let Some(certificates) = tls.certificates() {
+                    builder = builder.certs(certificates);
                 }
                 Ok(Conn::Cluster(builder.build()?.get_async_connection().await?))
             }
@@ -304,6 +386,7 @@ pub struct RedisOptions {
     pub prefix: String,
     pub repair_interval: Duration,
     pub presence_ttl: Duration,
+    pub tls: RedisTls,
 }
 
 impl RedisBroker {
@@ -326,8 +409,8 @@ impl RedisBroker {
         let signals = changes.signals.clone();
         let (push_tx, push_rx) = mpsc::channel(RECEIVE_QUEUE);
         let sink = PushSink { queue: push_tx, signals: signals.clone() };
-        let publisher = Conn::connect(target, None).await.map_err(unavailable)?;
-        let subscriber = Conn::connect(target, Some(sink)).await.map_err(unavailable)?;
+        let publisher = Conn::connect(target, &options.tls, None).await.map_err(unavailable)?;
+        let subscriber = Conn::connect(target, &options.tls, Some(sink)).await.map_err(unavailable)?;
         let (outgoing, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
         let shared = Arc::new(Shared {
             node_id: options.node_id,
@@ -885,8 +968,25 @@ mod tests {
             RedisTarget::Cluster(vec!["redis://pw@127.0.0.1:7000".into(), "redis://pw@127.0.0.1:7001".into()])
         );
         assert!(RedisTarget::parse("redis+cluster://").is_err());
-        assert!(RedisTarget::parse("rediss://h:1").unwrap_err().contains("TLS"));
+        assert!(RedisTarget::parse("rediss+cluster://").is_err());
         assert!(RedisTarget::parse("http://h").is_err());
+        assert!(!RedisTarget::parse("redis://h:1").unwrap().is_tls());
+        assert!(!RedisTarget::parse("redis+cluster://h:1,h:2").unwrap().is_tls());
+    }
+
+    #[test]
+    fn rediss_urls_select_tls() {
+        let single = RedisTarget::parse("rediss://user:pw@cache.internal:6380/0").unwrap();
+        assert_eq!(single, RedisTarget::Single("rediss://user:pw@cache.internal:6380/0".into()));
+        assert!(single.is_tls());
+        let cluster = RedisTarget::parse("rediss+cluster://pw@10.0.0.1:7000,10.0.0.2:7000").unwrap();
+        assert_eq!(
+            cluster,
+            RedisTarget::Cluster(vec!["rediss://pw@10.0.0.1:7000".into(), "rediss://pw@10.0.0.2:7000".into()])
+        );
+        assert!(cluster.is_tls());
+        let insecure = RedisTarget::parse("rediss://h:6380/#insecure").unwrap_err();
+        assert!(insecure.contains("HERALD_REDIS_TLS_CA"), "{insecure}");
     }
 
     #[test]

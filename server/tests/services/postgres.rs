@@ -194,11 +194,23 @@ pub struct PrivatePostgres {
     dir: tempfile::TempDir,
     port: u16,
     as_postgres: bool,
+    /// `-c name=value` settings beyond the defaults below.
+    settings: Vec<String>,
     _reaper: Reaper,
 }
 
 impl PrivatePostgres {
     pub fn start() -> PrivatePostgres {
+        PrivatePostgres::start_with(None)
+    }
+
+    /// Like [`start`](Self::start), also offering TLS (`ssl=on`) with the
+    /// PEM chain `cert` and its `key`; clients may still connect without.
+    pub fn start_with_tls(cert: &Path, key: &Path) -> PrivatePostgres {
+        PrivatePostgres::start_with(Some((cert, key)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path)>) -> PrivatePostgres {
         let bin = postgres_bin_dir();
         let dir = tempfile::Builder::new().prefix("herald-pg-").tempdir().expect("a temp dir");
         let as_postgres = is_root();
@@ -207,7 +219,7 @@ impl PrivatePostgres {
             run(Command::new("chown").arg("postgres:").arg(dir.path()));
         }
         let port = free_port();
-        let pg = PrivatePostgres {
+        let mut pg = PrivatePostgres {
             _reaper: Reaper::spawn(&format!(
                 "{}; rm -rf {}",
                 shell_line(
@@ -221,10 +233,32 @@ impl PrivatePostgres {
             dir,
             port,
             as_postgres,
+            settings: Vec::new(),
         };
         pg.tool("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        if let Some((cert, key)) = tls {
+            pg.serve_tls(cert, key);
+        }
         pg.start_again();
         pg
+    }
+
+    /// Copies the pair where the server may read it (PostgreSQL wants the key
+    /// owned by its user and private) and turns `ssl` on.
+    fn serve_tls(&mut self, cert: &Path, key: &Path) {
+        use std::os::unix::fs::PermissionsExt;
+        let (cert_copy, key_copy) = (self.dir.path().join("server.crt"), self.dir.path().join("server.key"));
+        std::fs::copy(cert, &cert_copy).expect("copy the certificate");
+        std::fs::copy(key, &key_copy).expect("copy the key");
+        std::fs::set_permissions(&key_copy, std::fs::Permissions::from_mode(0o600)).expect("chmod the key");
+        if self.as_postgres {
+            run(Command::new("chown").arg("postgres:").arg(&cert_copy).arg(&key_copy));
+        }
+        self.settings.extend([
+            "ssl=on".to_string(),
+            format!("ssl_cert_file={}", path(&cert_copy)),
+            format!("ssl_key_file={}", path(&key_copy)),
+        ]);
     }
 
     fn data(&self) -> String {
@@ -255,11 +289,14 @@ impl PrivatePostgres {
     /// Starts the server (again) on the same port and data, waiting until it
     /// accepts connections.
     pub fn start_again(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -c listen_addresses=127.0.0.1 -c unix_socket_directories={} -c fsync=off -c max_connections=200",
             self.port,
             path(self.dir.path())
         );
+        for setting in &self.settings {
+            options.push_str(&format!(" -c {setting}"));
+        }
         let log = path(&self.dir.path().join("postgres.log"));
         self.tool("pg_ctl", &["start", "-w", "-t", "60", "-D", &self.data(), "-l", &log, "-o", &options]);
         wait_until("the private PostgreSQL accepts connections", Duration::from_secs(30), || {

@@ -152,6 +152,57 @@ impl Drop for PrivateRedis {
     }
 }
 
+/// A Redis of this test's own that speaks TLS only (`--port 0`): it serves
+/// the PEM chain `cert` with `key`, and with `require_client_cert` accepts
+/// only clients presenting a certificate signed by `ca`.
+pub struct TlsRedis {
+    port: u16,
+    child: Child,
+    dir: tempfile::TempDir,
+    _reaper: Reaper,
+}
+
+impl TlsRedis {
+    pub fn start(cert: &Path, key: &Path, ca: &Path, require_client_cert: bool) -> TlsRedis {
+        let dir = tempfile::Builder::new().prefix("herald-redis-tls-").tempdir().expect("a temp dir");
+        let port = free_port();
+        let child = redis_server(
+            port,
+            dir.path(),
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &port.to_string(),
+                "--tls-cert-file",
+                &path(cert),
+                "--tls-key-file",
+                &path(key),
+                "--tls-ca-cert-file",
+                &path(ca),
+                "--tls-auth-clients",
+                if require_client_cert { "yes" } else { "no" },
+            ],
+        );
+        let reaper = Reaper::spawn(&format!("kill -9 {}; rm -rf {}", child.id(), shell_quote(&path(dir.path()))));
+        let redis = TlsRedis { port, child, dir, _reaper: reaper };
+        let addr = format!("127.0.0.1:{port}");
+        wait_until("the TLS Redis listens", Duration::from_secs(10), || super::reachable(&addr));
+        redis
+    }
+
+    /// `rediss://127.0.0.1:<port>` (the test certificates name 127.0.0.1).
+    pub fn url(&self) -> String {
+        format!("rediss://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for TlsRedis {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
+    }
+}
+
 /// A free port `p` whose Redis Cluster bus port `p + 10000` is free too.
 fn free_cluster_port() -> u16 {
     for _ in 0..200 {
