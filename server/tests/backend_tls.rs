@@ -95,29 +95,18 @@ async fn postgres_over_verified_tls_stores_and_replays_and_an_unknown_ca_stops_t
     assert!(log.to_lowercase().contains("certificate"), "the error does not say why:\n{log}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn nodes_fan_out_through_redis_over_tls_with_a_client_certificate() {
-    let dir = tempfile::tempdir().unwrap();
-    let certs = TestCerts::create(dir.path());
-    let ca = ca_file(dir.path(), "ca.pem", &certs);
-    let redis = TlsRedis::start(&certs.cert, &certs.key, &ca, true);
-    let (cert, key) = (certs.cert.to_str().unwrap(), certs.key.to_str().unwrap());
-
-    // The periodic repair (which reads the store) is pushed out of the
-    // test's way, so a notification published on node 0 can only reach
-    // node 1 through Redis.
-    let cluster = Cluster::build()
-        .nodes(2)
-        .redis(redis.url())
-        .env("HERALD_REDIS_TLS_CA", ca.to_str().unwrap())
-        .env("HERALD_REDIS_TLS_CERT", cert)
-        .env("HERALD_REDIS_TLS_KEY", key)
-        .env("HERALD_REPAIR_INTERVAL", "1h")
-        .start();
+/// Two nodes on `redis` (TLS; `extra` settings on top), the periodic repair
+/// (which reads the store) pushed out of the way, so a notification
+/// published on node 0 can only reach node 1 through Redis; presence too.
+async fn nodes_fan_out_through(redis_url: String, extra: &[(&str, &str)]) {
+    let mut build = Cluster::build().nodes(2).redis(redis_url).env("HERALD_REPAIR_INTERVAL", "1h");
+    for (key, value) in extra {
+        build = build.env(key, value);
+    }
+    let cluster = build.start();
     let reader = Reader::spawn(cluster.node(1).connect("alice", None).await, None);
     publish_n(cluster.node(0), "alice", 5).await;
 
-    // Presence counts travel through Redis too: node 0 sees node 1's session.
     let client = reqwest::Client::new();
     let url = format!("{}/v1/users/alice/presence", cluster.node(0).http());
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -131,6 +120,27 @@ async fn nodes_fan_out_through_redis_over_tls_with_a_client_certificate() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     reader.until(5, DEADLINE).await.assert_exactly("alice on node-1, published on node-0", 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_fan_out_through_redis_over_tls_with_a_client_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(dir.path());
+    let ca = ca_file(dir.path(), "ca.pem", &certs);
+    let redis = TlsRedis::start(&certs.cert, &certs.key, &ca, true);
+    let (ca, cert, key) = (ca.to_str().unwrap(), certs.cert.to_str().unwrap(), certs.key.to_str().unwrap());
+    let client = [("HERALD_REDIS_TLS_CERT", cert), ("HERALD_REDIS_TLS_KEY", key)];
+    nodes_fan_out_through(redis.url(), &[("HERALD_REDIS_TLS_CA", ca), client[0], client[1]]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_fan_out_through_a_redis_cluster_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(dir.path());
+    let ca = ca_file(dir.path(), "ca.pem", &certs);
+    let redis = RedisCluster::start_tls(&certs.cert, &certs.key, &ca);
+    assert!(redis.url().starts_with("rediss+cluster://"));
+    nodes_fan_out_through(redis.url(), &[("HERALD_REDIS_TLS_CA", ca.to_str().unwrap())]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -221,10 +221,22 @@ pub struct RedisCluster {
     children: Vec<Child>,
     _reaper: Reaper,
     dir: tempfile::TempDir,
+    /// `redis+cluster` or `rediss+cluster`.
+    scheme: &'static str,
 }
 
 impl RedisCluster {
     pub fn start() -> RedisCluster {
+        RedisCluster::start_with(None)
+    }
+
+    /// Like [`start`](Self::start), speaking TLS only (clients and the
+    /// cluster bus): the PEM chain `cert` with `key`, `ca` for peers.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisCluster {
+        RedisCluster::start_with(Some((cert, key, ca)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path, &Path)>) -> RedisCluster {
         let dir = tempfile::Builder::new().prefix("herald-redis-cluster-").tempdir().expect("a temp dir");
         let mut ports: Vec<u16> = Vec::new();
         while ports.len() < 3 {
@@ -233,26 +245,43 @@ impl RedisCluster {
                 ports.push(port);
             }
         }
+        // redis-cli's own TLS flags, and the servers'.
+        let cli_tls: Vec<String> = match tls {
+            Some((_, _, ca)) => vec!["--tls".into(), "--cacert".into(), path(ca)],
+            None => Vec::new(),
+        };
         let mut children = Vec::new();
         for port in &ports {
             let node_dir = dir.path().join(port.to_string());
             std::fs::create_dir(&node_dir).unwrap();
             let conf = path(&node_dir.join(format!("nodes-{port}.conf")));
-            children.push(redis_server(
-                *port,
-                &node_dir,
-                &["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "5000"],
-            ));
+            let mut args: Vec<String> =
+                ["--cluster-enabled", "yes", "--cluster-config-file", &conf, "--cluster-node-timeout", "5000"]
+                    .map(String::from)
+                    .to_vec();
+            if let Some((cert, key, ca)) = tls {
+                args.extend(["--port".into(), "0".into(), "--tls-port".into(), port.to_string()]);
+                args.extend(["--tls-cluster", "yes", "--tls-auth-clients", "no"].map(String::from));
+                args.extend(["--tls-cert-file".into(), path(cert), "--tls-key-file".into(), path(key)]);
+                args.extend(["--tls-ca-cert-file".into(), path(ca)]);
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            children.push(redis_server(*port, &node_dir, &args));
         }
         let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
         let reaper = Reaper::spawn(&format!("kill -9 {}; rm -rf {}", pids.join(" "), shell_quote(&path(dir.path()))));
-        let cluster = RedisCluster { ports, children, _reaper: reaper, dir };
+        let scheme = if tls.is_some() { "rediss+cluster" } else { "redis+cluster" };
+        let cluster = RedisCluster { ports, children, _reaper: reaper, dir, scheme };
         for port in &cluster.ports {
             let port = *port;
-            wait_until("a Redis Cluster node answers PING", Duration::from_secs(10), || redis_ping(port));
+            wait_until("a Redis Cluster node answers PING", Duration::from_secs(10), || {
+                let ping = Command::new("redis-cli").args(&cli_tls).args(["-p", &port.to_string(), "ping"]).output();
+                ping.map(|o| String::from_utf8_lossy(&o.stdout).contains("PONG")).unwrap_or(false)
+            });
         }
         let addrs: Vec<String> = cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
         run(Command::new("redis-cli")
+            .args(&cli_tls)
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -261,6 +290,7 @@ impl RedisCluster {
         for port in &cluster.ports {
             wait_until("the Redis Cluster reports cluster_state:ok", Duration::from_secs(20), || {
                 Command::new("redis-cli")
+                    .args(&cli_tls)
                     .args(["-p", &port.to_string(), "cluster", "info"])
                     .output()
                     .map(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
@@ -274,10 +304,10 @@ impl RedisCluster {
         &self.ports
     }
 
-    /// `redis+cluster://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C`
+    /// `redis+cluster://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C` (`rediss+cluster://…` over TLS)
     pub fn url(&self) -> String {
         let addrs: Vec<String> = self.ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+cluster://{}", addrs.join(","))
+        format!("{}://{}", self.scheme, addrs.join(","))
     }
 }
 
