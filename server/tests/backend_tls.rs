@@ -220,3 +220,94 @@ fn redis_tls_settings_are_checked_before_anything_starts() {
     let insecure = error(&[("HERALD_REDIS_URL", "rediss://127.0.0.1:6380/#insecure")]);
     assert!(insecure.starts_with("HERALD_REDIS_URL") && insecure.contains("HERALD_REDIS_TLS_CA"), "{insecure}");
 }
+
+/// Listens on `port` in place of PostgreSQL and declines TLS (`N` to the
+/// SSLRequest), as a server restarted without `ssl` would. Ends when dropped.
+struct NoTls {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl NoTls {
+    fn listen(port: u16) -> NoTls {
+        use std::io::{Read, Write};
+        use std::sync::atomic::Ordering;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("the stopped database's port");
+        listener.set_nonblocking(true).unwrap();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = stop.clone();
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((mut conn, _)) => {
+                        conn.set_nonblocking(false).unwrap();
+                        conn.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+                        let mut ssl_request = [0u8; 8];
+                        if conn.read_exact(&mut ssl_request).is_ok() {
+                            let _ = conn.write_all(b"N");
+                        }
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(10)),
+                }
+            }
+        });
+        NoTls { stop, thread: Some(thread) }
+    }
+}
+
+impl Drop for NoTls {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A publish's status and body.
+async fn publish_status(node: &Node) -> (u16, serde_json::Value) {
+    let answer = reqwest::Client::new()
+        .post(format!("{}/v1/notifications", node.http()))
+        .bearer_auth(API_KEY)
+        .json(&json!({ "user_id": "alice", "topic": "t", "payload": {} }))
+        .timeout(DEADLINE)
+        .send()
+        .await
+        .expect("an answer");
+    (answer.status().as_u16(), answer.json().await.unwrap_or_default())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_that_stops_offering_tls_answers_503_not_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(dir.path());
+    let pg = PrivatePostgres::start_with_tls(&certs.cert, &certs.key);
+    let db = TestDatabase::create_on(&pg.url());
+    let url = format!("{}?sslmode=require", db.url());
+    let cluster = Cluster::build()
+        .nodes(1)
+        .postgres_admin(pg.url())
+        .env("HERALD_DATABASE_URL", &url)
+        .env("HERALD_DB_CONNECT_TIMEOUT", "2s")
+        .start();
+    let node = cluster.node(0);
+    assert_eq!(publish_status(node).await.0, 201);
+
+    // The database goes away and what answers on its port declines TLS,
+    // which `sslmode=require` refuses: every new connection fails.
+    pg.stop();
+    let broken = NoTls::listen(pg.port());
+    for _ in 0..3 {
+        let (status, body) = publish_status(node).await;
+        assert_eq!(status, 503, "a publish while the database declines TLS: {body}");
+        assert!(body["error"]["code"].as_str().is_some_and(|c| !c.is_empty()), "not the spec's error body: {body}");
+    }
+    drop(broken);
+
+    pg.start_again();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while publish_status(node).await.0 != 201 {
+        assert!(tokio::time::Instant::now() < deadline, "publishes still fail after the database is back");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

@@ -32,9 +32,9 @@ pub enum StoreError {
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
         match e {
-            // A TLS failure after start (a server restarting mid-handshake) is
-            // as transient as a refused connection; a certificate the node
-            // cannot verify is caught at start, when the pool first connects.
+            // `Tls`: a server that declines the TLS its `sslmode` requires
+            // (failed handshakes come as `Io`). After start, that is a server
+            // restarted or replaced, as transient as a refused connection.
             sqlx::Error::PoolTimedOut
             | sqlx::Error::PoolClosed
             | sqlx::Error::Io(_)
