@@ -261,6 +261,16 @@ impl Source<'_> {
         })
     }
 
+    /// A certificate file and its key file: both or neither.
+    fn cert_and_key(&self, cert: &str, key: &str) -> Result<Option<(PathBuf, PathBuf)>, ConfigError> {
+        match (self.string(cert), self.string(key)) {
+            (None, None) => Ok(None),
+            (Some(c), Some(k)) => Ok(Some((c.into(), k.into()))),
+            (Some(_), None) => Err(self.error(key, format!("{} is set: give the private key too", env_name(cert)))),
+            (None, Some(_)) => Err(self.error(cert, format!("{} is set: give the certificate too", env_name(key)))),
+        }
+    }
+
     fn list(&self, key: &str) -> Option<Vec<String>> {
         self.string(key).map(|v| v.split(',').map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect())
     }
@@ -388,16 +398,7 @@ fn redis_tls(src: &Source, url: Option<&str>) -> Result<RedisTls, ConfigError> {
         None => None,
     };
     let ca = src.string("redis_tls_ca").map(PathBuf::from);
-    let client = match (src.string("redis_tls_cert"), src.string("redis_tls_key")) {
-        (None, None) => None,
-        (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
-        (Some(_), None) => {
-            return Err(src.error("redis_tls_key", "HERALD_REDIS_TLS_CERT is set: give the private key too"))
-        }
-        (None, Some(_)) => {
-            return Err(src.error("redis_tls_cert", "HERALD_REDIS_TLS_KEY is set: give the certificate too"))
-        }
-    };
+    let client = src.cert_and_key("redis_tls_cert", "redis_tls_key")?;
     if ca.is_none() && client.is_none() {
         return Ok(RedisTls::default());
     }
@@ -438,19 +439,17 @@ impl Settings {
         }
         let redis_url = src.string("redis_url");
         let redis_tls = redis_tls(&src, redis_url.as_deref())?;
-        let tls = match (src.string("tls_cert"), src.string("tls_key")) {
-            (None, None) => None,
-            (Some(cert), Some(key)) => {
+        let tls = match src.cert_and_key("tls_cert", "tls_key")? {
+            None => None,
+            Some((cert, key)) => {
                 let reload_every = src.duration("tls_reload_interval", Duration::from_secs(60))?;
                 if reload_every < Duration::from_millis(100) {
                     return Err(src.error("tls_reload_interval", "must be at least 100ms"));
                 }
-                let files = TlsFiles { cert: cert.into(), key: key.into(), reload_every };
+                let files = TlsFiles { cert, key, reload_every };
                 files.load().map_err(|e| src.error("tls_cert", e))?;
                 Some(files)
             }
-            (Some(_), None) => return Err(src.error("tls_key", "HERALD_TLS_CERT is set: give the private key too")),
-            (None, Some(_)) => return Err(src.error("tls_cert", "HERALD_TLS_KEY is set: give the certificate too")),
         };
 
         let mut jwt = JwtSettings {
