@@ -4,7 +4,11 @@
 //! HS* only with `HERALD_JWT_SECRET`, RS*/PS*/ES*/EdDSA only with a public key
 //! from `HERALD_JWT_PUBLIC_KEYS` whose type matches (chosen by `kid`). So a
 //! public key can never be used as an HMAC secret, and `none` never parses.
+//! Public keys come from a file read at start, or from an identity
+//! provider's JWKS endpoint, fetched again as it rotates keys ([`jwks`]).
 //! No function here logs a token.
+
+mod jwks;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -12,6 +16,7 @@ use std::sync::Arc;
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
+use tokio_util::sync::CancellationToken;
 
 use crate::config::JwtSettings;
 
@@ -84,6 +89,8 @@ pub enum KeyFileError {
     Read(String, std::io::Error),
     #[error("{0}")]
     Parse(String),
+    #[error("cannot fetch the JWKS from {0}: {1}")]
+    Fetch(String, String),
 }
 
 impl KeySet {
@@ -148,6 +155,11 @@ impl KeySet {
         Ok(KeySet { keys })
     }
 
+    /// The `kid` of every key (for logs).
+    fn kids(&self) -> Vec<Option<String>> {
+        self.keys.iter().map(|(kid, _)| kid.clone()).collect()
+    }
+
     /// The key named by `kid`; a token without `kid` (or a PEM file's one
     /// key, which has none) needs the file to hold exactly one key.
     fn pick(&self, kid: Option<&str>) -> Option<&PublicKey> {
@@ -160,25 +172,73 @@ impl KeySet {
     }
 }
 
+/// Where public keys come from.
+enum PublicKeys {
+    /// `HERALD_JWT_PUBLIC_KEYS`, read at start.
+    File(Arc<KeySet>),
+    /// `HERALD_JWT_JWKS_URL`, fetched at start and refreshed.
+    Remote(Arc<jwks::RemoteKeys>),
+}
+
+impl PublicKeys {
+    fn current(&self) -> Arc<KeySet> {
+        match self {
+            PublicKeys::File(keys) => keys.clone(),
+            PublicKeys::Remote(keys) => keys.current(),
+        }
+    }
+}
+
+/// The refusal of a token whose `kid` the key set does not hold.
+const UNKNOWN_KID: &str = "unknown kid";
+
 /// Verifies user tokens. Cheap to share behind an `Arc`.
 pub struct Verifier {
     secret: Option<DecodingKey>,
-    public: Option<KeySet>,
+    public: Option<PublicKeys>,
     issuer: Option<String>,
     audience: Option<String>,
     leeway: u64,
 }
 
 impl Verifier {
+    /// A verifier with the secret and the key file of `settings`; a JWKS
+    /// endpoint is fetched by [`fetch_jwks`](Self::fetch_jwks).
     pub fn new(settings: &JwtSettings) -> Result<Verifier, KeyFileError> {
         install_crypto_provider();
+        let file = settings.public_keys.as_deref().map(KeySet::load).transpose()?;
         Ok(Verifier {
             secret: settings.secret.as_ref().map(|s| DecodingKey::from_secret(s.as_bytes())),
-            public: settings.public_keys.as_deref().map(KeySet::load).transpose()?,
+            public: file.map(|keys| PublicKeys::File(Arc::new(keys))),
             issuer: settings.issuer.clone(),
             audience: settings.audience.clone(),
             leeway: settings.leeway_secs,
         })
+    }
+
+    /// With `HERALD_JWT_JWKS_URL`: fetches the key set (an error if that
+    /// fails) and keeps it fresh until `stop`. Without: nothing.
+    pub async fn fetch_jwks(&mut self, settings: &JwtSettings, stop: CancellationToken) -> Result<(), KeyFileError> {
+        if let Some(url) = &settings.jwks_url {
+            let keys = jwks::RemoteKeys::start(url, settings.jwks_refresh, stop).await?;
+            self.public = Some(PublicKeys::Remote(keys));
+        }
+        Ok(())
+    }
+
+    /// [`verify`](Self::verify), except that a token naming a `kid` the
+    /// fetched key set does not hold makes the set be fetched again first
+    /// (rate-limited; see [`jwks`]): a key the provider just rotated in is
+    /// accepted at once.
+    pub async fn verify_fresh(&self, token: &str) -> Result<UserToken, AuthError> {
+        let asked = tokio::time::Instant::now();
+        match self.verify(token) {
+            Err(AuthError::Invalid(UNKNOWN_KID)) => match &self.public {
+                Some(PublicKeys::Remote(keys)) if keys.refresh_for_unknown_kid(asked).await => self.verify(token),
+                _ => Err(AuthError::Invalid(UNKNOWN_KID)),
+            },
+            other => other,
+        }
     }
 
     pub fn verify(&self, token: &str) -> Result<UserToken, AuthError> {
@@ -189,6 +249,7 @@ impl Verifier {
         if header.crit.is_some() {
             return Err(AuthError::Invalid("critical header extensions are not supported"));
         }
+        let public_keys;
         let key = match Family::of(header.alg) {
             None if is_hmac(header.alg) => {
                 self.secret.as_ref().ok_or(AuthError::Invalid("HMAC tokens are not accepted here"))?
@@ -196,7 +257,8 @@ impl Verifier {
             None => return Err(AuthError::Invalid("unsupported algorithm")),
             Some(family) => {
                 let keys = self.public.as_ref().ok_or(AuthError::Invalid("public-key tokens are not accepted here"))?;
-                let key = keys.pick(header.kid.as_deref()).ok_or(AuthError::Invalid("unknown kid"))?;
+                public_keys = keys.current();
+                let key = public_keys.pick(header.kid.as_deref()).ok_or(AuthError::Invalid(UNKNOWN_KID))?;
                 if key.family != family || key.alg.is_some_and(|a| a != header.alg) {
                     return Err(AuthError::Invalid("the algorithm does not match the key"));
                 }

@@ -63,6 +63,10 @@ pub enum LogFormat {
 pub struct JwtSettings {
     pub secret: Option<String>,
     pub public_keys: Option<PathBuf>,
+    /// An identity provider's JWKS endpoint (instead of `public_keys`).
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again.
+    pub jwks_refresh: Duration,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Clock skew allowed on `exp` / `nbf`.
@@ -74,6 +78,8 @@ impl std::fmt::Debug for JwtSettings {
         f.debug_struct("JwtSettings")
             .field("secret", &self.secret.as_ref().map(|_| "<redacted>"))
             .field("public_keys", &self.public_keys)
+            .field("jwks_url", &self.jwks_url)
+            .field("jwks_refresh", &self.jwks_refresh)
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
@@ -299,6 +305,8 @@ const KEYS: &[&str] = &[
     "redis_tls_key",
     "jwt_secret",
     "jwt_public_keys",
+    "jwt_jwks_url",
+    "jwt_jwks_refresh",
     "jwt_issuer",
     "jwt_audience",
     "jwt_leeway_secs",
@@ -416,6 +424,21 @@ fn redis_tls(src: &Source, url: Option<&str>) -> Result<RedisTls, ConfigError> {
     Ok(tls)
 }
 
+/// A JWKS endpoint must be `https://`, except on a loopback host (a local
+/// provider, tests), where `http://` will do: keys fetched in the clear
+/// could be swapped on the way.
+fn check_jwks_url(url: &str) -> Result<(), String> {
+    let parsed = reqwest::Url::parse(url).map_err(|e| format!("not a URL: {e}"))?;
+    let host = parsed.host_str().unwrap_or_default().trim_start_matches('[').trim_end_matches(']');
+    let loopback = host == "localhost" || host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    match parsed.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        "http" => Err("must be https:// (http:// only on a loopback host)".into()),
+        other => Err(format!("must be https://, not {other}://")),
+    }
+}
+
 impl Settings {
     /// Reads and validates every setting. Nothing is bound or opened here
     /// except the files settings point at (key files), which are parsed.
@@ -455,18 +478,21 @@ impl Settings {
         let mut jwt = JwtSettings {
             secret: src.string("jwt_secret"),
             public_keys: src.string("jwt_public_keys").map(PathBuf::from),
+            jwks_url: src.string("jwt_jwks_url"),
+            jwks_refresh: src.duration("jwt_jwks_refresh", Duration::from_secs(300))?,
             issuer: src.string("jwt_issuer"),
             audience: src.string("jwt_audience"),
             leeway_secs: src.number("jwt_leeway_secs", 0u64, 0)?,
         };
         let mut api_keys = src.list("api_keys").unwrap_or_default();
-        let dev_mode = jwt.secret.is_none() && jwt.public_keys.is_none() && api_keys.is_empty();
+        let dev_mode =
+            jwt.secret.is_none() && jwt.public_keys.is_none() && jwt.jwks_url.is_none() && api_keys.is_empty();
         if dev_mode {
             if !listen.ip().is_loopback() {
                 return Err(src.error(
                     "listen",
                     format!(
-                        "dev mode (no HERALD_JWT_SECRET, HERALD_JWT_PUBLIC_KEYS or HERALD_API_KEYS) listens only on loopback, not {}",
+                        "dev mode (no HERALD_JWT_SECRET, HERALD_JWT_PUBLIC_KEYS, HERALD_JWT_JWKS_URL or HERALD_API_KEYS) listens only on loopback, not {}",
                         listen.ip()
                     ),
                 ));
@@ -481,6 +507,15 @@ impl Settings {
         }
         if let Some(path) = &jwt.public_keys {
             crate::auth::KeySet::load(path).map_err(|e| src.error("jwt_public_keys", e.to_string()))?;
+        }
+        if let Some(url) = &jwt.jwks_url {
+            if jwt.public_keys.is_some() {
+                return Err(src.error("jwt_jwks_url", "give HERALD_JWT_PUBLIC_KEYS or HERALD_JWT_JWKS_URL, not both"));
+            }
+            check_jwks_url(url).map_err(|e| src.error("jwt_jwks_url", e))?;
+        }
+        if jwt.jwks_refresh < Duration::from_secs(1) {
+            return Err(src.error("jwt_jwks_refresh", "must be at least 1s"));
         }
 
         let log_format = src.parse("log_format", LogFormat::Text, |v| match v {

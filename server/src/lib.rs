@@ -100,6 +100,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("HERALD_JWT_PUBLIC_KEYS: {0}")]
     Keys(#[from] KeyFileError),
+    #[error("HERALD_JWT_JWKS_URL: {0}")]
+    Jwks(KeyFileError),
     #[error("HERALD_REDIS_URL: {0}")]
     Redis(String),
 }
@@ -133,11 +135,13 @@ impl AppState {
                 (hub, Arc::new(broker), Some(commands))
             }
         };
+        let mut verifier = Verifier::new(&settings.jwt)?;
+        verifier.fetch_jwks(&settings.jwt, shutdown.clone()).await.map_err(StartError::Jwks)?;
         let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
         let limits = Arc::new(Limits::new(settings.limits.clone(), shared, metrics.clone()));
         Ok(AppState(Arc::new(Node {
             limits,
-            verifier: Arc::new(Verifier::new(&settings.jwt)?),
+            verifier: Arc::new(verifier),
             api_keys: Arc::new(ApiKeys::new(&settings.api_keys)),
             settings: Arc::new(settings),
             store,

@@ -640,3 +640,161 @@ async fn no_token_or_api_key_reaches_any_log_line() {
         }
     }
 }
+
+// ---------------------------------------------------------------- JWKS endpoint
+
+/// The fixture JWKS with only the keys named in `kids`.
+fn jwks_of(kids: &[&str]) -> String {
+    let all: Value = serde_json::from_str(&std::fs::read_to_string(key_path("jwks.json")).unwrap()).unwrap();
+    let keys: Vec<Value> = all["keys"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|k| kids.contains(&k["kid"].as_str().unwrap()))
+        .cloned()
+        .collect();
+    assert_eq!(keys.len(), kids.len(), "every kid is a fixture");
+    json!({ "keys": keys }).to_string()
+}
+
+/// An identity provider's JWKS endpoint on loopback: the test changes what it
+/// serves (or makes it fail) and counts the fetches.
+struct JwksEndpoint {
+    url: String,
+    document: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    _server: tokio::task::JoinHandle<()>,
+}
+
+impl JwksEndpoint {
+    async fn start(kids: &[&str]) -> JwksEndpoint {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        use std::sync::{Arc, Mutex};
+        let document = Arc::new(Mutex::new(Some(jwks_of(kids))));
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let (served, counted) = (document.clone(), fetches.clone());
+        let app = axum::Router::new().route(
+            "/.well-known/jwks.json",
+            axum::routing::get(move || {
+                let (served, counted) = (served.clone(), counted.clone());
+                async move {
+                    counted.fetch_add(1, Ordering::SeqCst);
+                    match served.lock().unwrap().clone() {
+                        Some(body) => (axum::http::StatusCode::OK, body),
+                        None => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down".to_string()),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
+        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        JwksEndpoint { url, document, fetches, _server: server }
+    }
+
+    /// Serves the keys `kids` from now on; `None`: answers 500.
+    fn serve(&self, kids: Option<&[&str]>) {
+        *self.document.lock().unwrap() = kids.map(jwks_of);
+    }
+
+    fn fetches(&self) -> usize {
+        self.fetches.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+/// `GET /v1/me/unread` with `token`: its status.
+async fn unread_status(server: &TestServer, token: &str) -> u16 {
+    raw(reqwest::Client::new().get(format!("{}/v1/me/unread", server.http())).bearer_auth(token)).await.status
+}
+
+/// An RS256 token of fixture key `kid`, naming it.
+fn rs256(kid: &str) -> String {
+    signed_by(kid, Algorithm::RS256, Some(kid), &claims("alice"))
+}
+
+/// Longer than the shortest gap between fetches asked for by unknown kids (1 s).
+const PAST_THE_GAP: Duration = Duration::from_millis(1100);
+
+#[tokio::test]
+async fn a_jwks_endpoint_supplies_the_keys_and_a_key_rotated_in_is_accepted_at_once() {
+    let jwks = JwksEndpoint::start(&["rsa-a"]).await;
+    let server = TestServer::start_with(&[("HERALD_JWT_JWKS_URL", &jwks.url), ("HERALD_JWT_JWKS_REFRESH", "1h")]).await;
+    assert_eq!(unread_status(&server, &rs256("rsa-a")).await, 200);
+    assert_eq!(jwks.fetches(), 1, "fetched once, at start");
+
+    // A kid the set does not hold: fetched again, still unknown, refused.
+    tokio::time::sleep(PAST_THE_GAP).await;
+    assert_eq!(unread_status(&server, &rs256("rsa-b")).await, 401);
+    assert_eq!(jwks.fetches(), 2);
+
+    // The provider rotates a key in: the next token naming it is accepted,
+    // over HTTP and at the WebSocket handshake, without waiting for the
+    // periodic refresh (an hour here).
+    jwks.serve(Some(&["rsa-a", "rsa-b"]));
+    tokio::time::sleep(PAST_THE_GAP).await;
+    assert_eq!(unread_status(&server, &rs256("rsa-b")).await, 200);
+    assert_eq!(jwks.fetches(), 3);
+    let session = Connect::new(server.ws(), rs256("rsa-b")).connect().await.expect("a handshake with the new key");
+    assert_eq!(session.welcome().user_id, "alice");
+
+    // Made-up kids cannot make the node hammer the provider: one fetch per gap.
+    let before = jwks.fetches();
+    for i in 0..20 {
+        let token = signed_by("rsa-a", Algorithm::RS256, Some(&format!("made-up-{i}")), &claims("alice"));
+        assert_eq!(unread_status(&server, &token).await, 401);
+    }
+    assert!(jwks.fetches() <= before + 1, "{} fetches for 20 made-up kids", jwks.fetches() - before);
+
+    // The provider fails: the keys fetched before stay in use.
+    jwks.serve(None);
+    tokio::time::sleep(PAST_THE_GAP).await;
+    let token = signed_by("rsa-a", Algorithm::RS256, Some("made-up"), &claims("alice"));
+    assert_eq!(unread_status(&server, &token).await, 401);
+    assert_eq!(unread_status(&server, &rs256("rsa-a")).await, 200);
+    assert_eq!(unread_status(&server, &rs256("rsa-b")).await, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_key_the_provider_withdraws_stops_verifying_at_the_periodic_refresh() {
+    let jwks = JwksEndpoint::start(&["rsa-a", "rsa-b"]).await;
+    let server = TestServer::start_with(&[("HERALD_JWT_JWKS_URL", &jwks.url), ("HERALD_JWT_JWKS_REFRESH", "1s")]).await;
+    assert_eq!(unread_status(&server, &rs256("rsa-a")).await, 200);
+    jwks.serve(Some(&["rsa-b"]));
+    eventually("rsa-a is refused after a refresh", || async { unread_status(&server, &rs256("rsa-a")).await == 401 })
+        .await;
+    assert_eq!(unread_status(&server, &rs256("rsa-b")).await, 200);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_node_whose_jwks_cannot_be_fetched_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let jwks = JwksEndpoint::start(&["rsa-a"]).await;
+    jwks.serve(None);
+    for url in [jwks.url.as_str(), "http://127.0.0.1:1/jwks.json"] {
+        let settings = settings(dir.path(), &[("HERALD_JWT_JWKS_URL", url)]);
+        let refused = herald_server::AppState::build(settings, Default::default()).await.err().expect("no start");
+        let message = refused.to_string();
+        assert!(message.starts_with("HERALD_JWT_JWKS_URL: cannot fetch the JWKS from"), "{message}");
+    }
+}
+
+#[test]
+fn jwks_settings_are_checked_before_anything_starts() {
+    let load = |vars: &[(&str, &str)]| {
+        let mut env: std::collections::HashMap<&str, &str> = [("HERALD_API_KEYS", API_KEY)].into_iter().collect();
+        env.extend(vars.iter().copied());
+        herald_server::config::Settings::load(&env, None).map(|s| s.jwt.jwks_url.clone()).map_err(|e| e.to_string())
+    };
+    let good = "https://idp.example.com/.well-known/jwks.json";
+    assert_eq!(load(&[("HERALD_JWT_JWKS_URL", good)]), Ok(Some(good.to_string())));
+    assert!(load(&[("HERALD_JWT_JWKS_URL", "http://[::1]:9000/jwks")]).is_ok(), "http on loopback");
+    let plain = load(&[("HERALD_JWT_JWKS_URL", "http://idp.example.com/jwks")]).unwrap_err();
+    assert!(plain.starts_with("HERALD_JWT_JWKS_URL") && plain.contains("https://"), "{plain}");
+    let both = load(&[("HERALD_JWT_JWKS_URL", good), ("HERALD_JWT_PUBLIC_KEYS", &key_path_str("jwks.json"))]);
+    assert!(both.unwrap_err().contains("not both"));
+    let fast = load(&[("HERALD_JWT_JWKS_URL", good), ("HERALD_JWT_JWKS_REFRESH", "100ms")]).unwrap_err();
+    assert!(fast.starts_with("HERALD_JWT_JWKS_REFRESH"), "{fast}");
+    assert!(load(&[("HERALD_JWT_JWKS_URL", "not a url")]).unwrap_err().starts_with("HERALD_JWT_JWKS_URL"));
+}

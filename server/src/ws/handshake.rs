@@ -148,7 +148,7 @@ async fn check(
     check_origin(state, headers)?;
     state.limits.handshake_rate(ip).await.map_err(refused)?;
     let token = token(headers, query).ok_or(AuthError::Missing)?;
-    let user = state.verifier.verify(token)?;
+    let user = state.verifier.verify_fresh(token).await?;
     let since =
         match query.get("since") {
             None => None,

@@ -1,0 +1,121 @@
+//! Public keys fetched from an identity provider's JWKS endpoint
+//! (`HERALD_JWT_JWKS_URL`), so keys it rotates in are accepted without a
+//! restart.
+//!
+//! The first fetch happens at start and must succeed (the node would
+//! otherwise refuse every public-key token). After that the set is fetched
+//! again every `HERALD_JWT_JWKS_REFRESH`, and at once when a token names a
+//! `kid` the set does not hold — at most once per [`MIN_GAP`], so tokens
+//! with made-up `kid`s cannot turn a node into a load on the provider. A
+//! fetch that fails keeps the set in use; a fetched set that does not parse
+//! is refused the same way.
+
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use tokio::sync::Mutex;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::{KeyFileError, KeySet};
+
+/// Shortest time between two fetches asked for by unknown `kid`s.
+pub const MIN_GAP: Duration = Duration::from_secs(1);
+/// Longest a fetch may take.
+const FETCH_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest JWKS document accepted.
+const MAX_BYTES: usize = 1024 * 1024;
+
+/// The key set in use and how to fetch it again. Cheap to share.
+pub struct RemoteKeys {
+    url: String,
+    client: reqwest::Client,
+    current: RwLock<Arc<KeySet>>,
+    /// When the last fetch finished (successful or not); held while fetching,
+    /// so concurrent callers wait for one fetch instead of each starting one.
+    fetched: Mutex<Instant>,
+}
+
+impl RemoteKeys {
+    /// Fetches the set once (an error if that fails) and starts refreshing
+    /// it every `every` until `stop`.
+    pub async fn start(url: &str, every: Duration, stop: CancellationToken) -> Result<Arc<RemoteKeys>, KeyFileError> {
+        let client = reqwest::Client::builder()
+            .timeout(FETCH_TIMEOUT)
+            .build()
+            .map_err(|e| KeyFileError::Fetch(url.into(), e.to_string()))?;
+        let first = fetch(&client, url).await?;
+        let keys = Arc::new(RemoteKeys {
+            url: url.into(),
+            client,
+            current: RwLock::new(Arc::new(first)),
+            fetched: Mutex::new(Instant::now()),
+        });
+        tokio::spawn(refresh_loop(keys.clone(), every, stop));
+        Ok(keys)
+    }
+
+    /// The set in use.
+    pub fn current(&self) -> Arc<KeySet> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// Fetches the set again unless another fetch finished less than
+    /// [`MIN_GAP`] ago. `true` when the set may have changed since `asked`
+    /// (this call or a concurrent one fetched): worth verifying again.
+    pub async fn refresh_for_unknown_kid(&self, asked: Instant) -> bool {
+        let mut fetched = self.fetched.lock().await;
+        if *fetched > asked {
+            return true;
+        }
+        if fetched.elapsed() < MIN_GAP {
+            return false;
+        }
+        self.refresh(&mut fetched, "a token named a kid the key set does not hold").await;
+        true
+    }
+
+    async fn refresh(&self, fetched: &mut Instant, why: &str) {
+        match fetch(&self.client, &self.url).await {
+            Ok(set) => {
+                let kids = set.kids();
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+                tracing::debug!(url = %self.url, ?kids, why, "JWKS fetched");
+            }
+            Err(e) => tracing::warn!(error = %e, why, "JWKS fetch failed; the keys fetched before stay in use"),
+        }
+        *fetched = Instant::now();
+    }
+}
+
+async fn refresh_loop(keys: Arc<RemoteKeys>, every: Duration, stop: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let mut fetched = keys.fetched.lock().await;
+        keys.refresh(&mut fetched, "periodic refresh").await;
+    }
+}
+
+/// GETs and parses the JWKS at `url`.
+async fn fetch(client: &reqwest::Client, url: &str) -> Result<KeySet, KeyFileError> {
+    let failed = |why: String| KeyFileError::Fetch(url.into(), why);
+    let mut response = client.get(url).send().await.map_err(|e| failed(e.to_string()))?;
+    if !response.status().is_success() {
+        return Err(failed(format!("answered {}", response.status())));
+    }
+    if response.content_length().is_some_and(|n| n > MAX_BYTES as u64) {
+        return Err(failed(format!("the document is larger than {MAX_BYTES} bytes")));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = response.chunk().await.map_err(|e| failed(e.to_string()))? {
+        if body.len() + chunk.len() > MAX_BYTES {
+            return Err(failed(format!("the document is larger than {MAX_BYTES} bytes")));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    let text = String::from_utf8(body).map_err(|_| failed("the document is not UTF-8".into()))?;
+    KeySet::from_jwks(&text).map_err(|e| failed(e.to_string()))
+}
