@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use herald_client::{Connect, Error, Inbox, Publisher, ServerFrame, TokenVia};
+use herald_client::{ClientFrame, Connect, Error, Inbox, Publisher, ServerFrame, TokenVia};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -737,8 +737,19 @@ async fn a_jwks_endpoint_supplies_the_keys_and_a_key_rotated_in_is_accepted_at_o
     let session = Connect::new(server.ws(), rs256("rsa-b")).connect().await.expect("a handshake with the new key");
     assert_eq!(session.welcome().user_id, "alice");
 
-    // Made-up kids cannot make the node hammer the provider: one fetch per gap.
+    // A session's `refresh` frame too: a key rotated in while it was open.
+    let mut session = Connect::new(server.ws(), rs256("rsa-a")).connect().await.unwrap();
+    jwks.serve(Some(&["rsa-a", "rsa-b", "ec-p256"]));
+    tokio::time::sleep(PAST_THE_GAP).await;
+    let token = signed_by("ec-p256", Algorithm::ES256, Some("ec-p256"), &claims("alice"));
+    session.send(&ClientFrame::Refresh { token, reference: Some(json!(1)) }).await.unwrap();
+    match session.next_frame().await.unwrap() {
+        ServerFrame::Ok { reference } => assert_eq!(reference, json!(1)),
+        other => panic!("a refresh with a key rotated in: {other:?}"),
+    }
     let before = jwks.fetches();
+
+    // Made-up kids cannot make the node hammer the provider: one fetch per gap.
     for i in 0..20 {
         let token = signed_by("rsa-a", Algorithm::RS256, Some(&format!("made-up-{i}")), &claims("alice"));
         assert_eq!(unread_status(&server, &token).await, 401);

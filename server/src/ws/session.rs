@@ -346,8 +346,11 @@ impl Session {
         }
     }
 
+    /// A new token for the same user. Verified like a handshake's: a `kid`
+    /// the fetched JWKS does not hold makes it be fetched again first (rare,
+    /// rate-limited; the session waits for it as it waits for a read mark).
     async fn refresh(&mut self, token: &str, reference: Option<serde_json::Value>) -> Result<(), SessionEnd> {
-        match self.state.verifier.verify(token) {
+        match self.state.verifier.verify_fresh(token).await {
             Ok(t) if t.user_id == self.ctx.user => {
                 self.ctx.expires_at = t.expires_at;
                 self.warned = false;
