@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::JwtSettings;
+use crate::telemetry::Metrics;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AuthError {
@@ -218,9 +219,14 @@ impl Verifier {
 
     /// With `HERALD_JWT_JWKS_URL`: fetches the key set (an error if that
     /// fails) and keeps it fresh until `stop`. Without: nothing.
-    pub async fn fetch_jwks(&mut self, settings: &JwtSettings, stop: CancellationToken) -> Result<(), KeyFileError> {
+    pub async fn fetch_jwks(
+        &mut self,
+        settings: &JwtSettings,
+        stop: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Result<(), KeyFileError> {
         if let Some(url) = &settings.jwks_url {
-            let keys = jwks::RemoteKeys::start(url, settings.jwks_refresh, stop).await?;
+            let keys = jwks::RemoteKeys::start(url, settings.jwks_refresh, stop, metrics).await?;
             self.public = Some(PublicKeys::Remote(keys));
         }
         Ok(())

@@ -136,7 +136,7 @@ impl AppState {
             }
         };
         let mut verifier = Verifier::new(&settings.jwt)?;
-        verifier.fetch_jwks(&settings.jwt, shutdown.clone()).await.map_err(StartError::Jwks)?;
+        verifier.fetch_jwks(&settings.jwt, shutdown.clone(), metrics.clone()).await.map_err(StartError::Jwks)?;
         let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
         let limits = Arc::new(Limits::new(settings.limits.clone(), shared, metrics.clone()));
         Ok(AppState(Arc::new(Node {

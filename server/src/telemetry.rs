@@ -242,6 +242,7 @@ pub struct Metrics {
     pub store_seconds: Family<StoreOp, Histogram, fn() -> Histogram>,
     pub db_pool_connections: Family<PoolState, Gauge>,
     pub http_requests: Family<HttpRequest, Counter>,
+    pub jwks_fetches: Family<Outcome, Counter>,
 }
 
 impl Metrics {
@@ -413,6 +414,12 @@ impl Metrics {
                 &mut r,
                 "herald_http_requests",
                 "HTTP requests by route template and status code",
+                Family::default(),
+            ),
+            jwks_fetches: registered(
+                &mut r,
+                "herald_jwks_fetches",
+                "Fetches of the JWKS at HERALD_JWT_JWKS_URL, `ok` or `failed` (a failure keeps the keys in use)",
                 Family::default(),
             ),
             registry: r,

@@ -763,6 +763,8 @@ async fn a_jwks_endpoint_supplies_the_keys_and_a_key_rotated_in_is_accepted_at_o
     assert_eq!(unread_status(&server, &token).await, 401);
     assert_eq!(unread_status(&server, &rs256("rsa-a")).await, 200);
     assert_eq!(unread_status(&server, &rs256("rsa-b")).await, 200);
+    assert_eq!(server.metric("herald_jwks_fetches_total{outcome=\"failed\"}").await, 1.0);
+    assert!(server.metric("herald_jwks_fetches_total{outcome=\"ok\"}").await >= 4.0);
     server.stop().await;
 }
 

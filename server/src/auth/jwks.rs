@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use super::{KeyFileError, KeySet};
+use crate::telemetry::{Metrics, Outcome};
 
 /// Shortest time between two fetches asked for by unknown `kid`s.
 pub const MIN_GAP: Duration = Duration::from_secs(1);
@@ -34,22 +35,31 @@ pub struct RemoteKeys {
     /// When the last fetch finished (successful or not); held while fetching,
     /// so concurrent callers wait for one fetch instead of each starting one.
     fetched: Mutex<Instant>,
+    metrics: Arc<Metrics>,
 }
 
 impl RemoteKeys {
     /// Fetches the set once (an error if that fails) and starts refreshing
     /// it every `every` until `stop`.
-    pub async fn start(url: &str, every: Duration, stop: CancellationToken) -> Result<Arc<RemoteKeys>, KeyFileError> {
+    pub async fn start(
+        url: &str,
+        every: Duration,
+        stop: CancellationToken,
+        metrics: Arc<Metrics>,
+    ) -> Result<Arc<RemoteKeys>, KeyFileError> {
         let client = reqwest::Client::builder()
             .timeout(FETCH_TIMEOUT)
             .build()
             .map_err(|e| KeyFileError::Fetch(url.into(), e.to_string()))?;
-        let first = fetch(&client, url).await?;
+        let first = fetch(&client, url).await;
+        metrics.jwks_fetches.get_or_create(&Outcome { outcome: if first.is_ok() { "ok" } else { "failed" } }).inc();
+        let first = first?;
         let keys = Arc::new(RemoteKeys {
             url: url.into(),
             client,
             current: RwLock::new(Arc::new(first)),
             fetched: Mutex::new(Instant::now()),
+            metrics,
         });
         tokio::spawn(refresh_loop(keys.clone(), every, stop));
         Ok(keys)
@@ -76,14 +86,19 @@ impl RemoteKeys {
     }
 
     async fn refresh(&self, fetched: &mut Instant, why: &str) {
-        match fetch(&self.client, &self.url).await {
+        let outcome = match fetch(&self.client, &self.url).await {
             Ok(set) => {
                 let kids = set.kids();
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
                 tracing::debug!(url = %self.url, ?kids, why, "JWKS fetched");
+                "ok"
             }
-            Err(e) => tracing::warn!(error = %e, why, "JWKS fetch failed; the keys fetched before stay in use"),
-        }
+            Err(e) => {
+                tracing::warn!(error = %e, why, "JWKS fetch failed; the keys fetched before stay in use");
+                "failed"
+            }
+        };
+        self.metrics.jwks_fetches.get_or_create(&Outcome { outcome }).inc();
         *fetched = Instant::now();
     }
 }
