@@ -13,7 +13,7 @@ mod jwks;
 use std::path::Path;
 use std::sync::Arc;
 
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet};
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use tokio_util::sync::CancellationToken;
@@ -118,42 +118,75 @@ impl KeySet {
     }
 
     fn from_jwks(text: &str) -> Result<KeySet, KeyFileError> {
-        let set: JwkSet = serde_json::from_str(text).map_err(|e| KeyFileError::Parse(format!("not a JWKS: {e}")))?;
-        let count = set.keys.len();
-        let mut keys = Vec::with_capacity(count);
-        for (i, jwk) in set.keys.into_iter().enumerate() {
-            let family = match &jwk.algorithm {
-                AlgorithmParameters::RSA(_) => Family::Rsa,
-                AlgorithmParameters::EllipticCurve(_) => Family::Ec,
-                AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
-                AlgorithmParameters::OctetKey(_) => {
-                    return Err(KeyFileError::Parse(format!(
-                        "key {i}: symmetric (oct) keys do not belong in a public key file; use HERALD_JWT_SECRET"
-                    )))
+        Self::parse_jwks(text, false).map(|(keys, _)| keys)
+    }
+
+    /// A JWKS as an identity provider serves it: keys Herald cannot verify
+    /// signatures with — meant for encryption (`use: enc`), symmetric, or of
+    /// a type or algorithm it does not know — are skipped (and named, second)
+    /// rather than refused, since providers list such keys beside their
+    /// signing keys. At least one usable key must remain.
+    fn from_provider_jwks(text: &str) -> Result<(KeySet, Vec<String>), KeyFileError> {
+        Self::parse_jwks(text, true)
+    }
+
+    fn parse_jwks(text: &str, skip_unusable: bool) -> Result<(KeySet, Vec<String>), KeyFileError> {
+        #[derive(Deserialize)]
+        struct Document {
+            keys: Vec<serde_json::Value>,
+        }
+        let document: Document =
+            serde_json::from_str(text).map_err(|e| KeyFileError::Parse(format!("not a JWKS: {e}")))?;
+        let mut keys = Vec::with_capacity(document.keys.len());
+        let mut skipped = Vec::new();
+        for (i, value) in document.keys.into_iter().enumerate() {
+            let kid = value.get("kid").and_then(serde_json::Value::as_str).map(str::to_string);
+            match Self::parse_jwk(value, skip_unusable) {
+                Ok(key) => keys.push((kid, key)),
+                Err(why) if skip_unusable => {
+                    skipped.push(format!("{}: {why}", kid.unwrap_or_else(|| format!("key {i}"))))
                 }
-                _ => return Err(KeyFileError::Parse(format!("key {i}: unsupported key type"))),
-            };
-            let alg = match jwk.common.key_algorithm {
-                Some(a) => Some(
-                    a.to_string()
-                        .parse::<Algorithm>()
-                        .map_err(|_| KeyFileError::Parse(format!("key {i}: unsupported alg {a}")))?,
-                ),
-                None => None,
-            };
-            if alg.is_some_and(|a| Family::of(a) != Some(family)) {
-                return Err(KeyFileError::Parse(format!("key {i}: alg does not match the key type")));
+                Err(why) => return Err(KeyFileError::Parse(format!("key {i}: {why}"))),
             }
-            let key = DecodingKey::from_jwk(&jwk).map_err(|e| KeyFileError::Parse(format!("key {i}: {e}")))?;
-            if jwk.common.key_id.is_none() && count > 1 {
-                return Err(KeyFileError::Parse(format!("key {i}: a JWKS with several keys needs a `kid` on each")));
-            }
-            keys.push((jwk.common.key_id.clone(), PublicKey { key, family, alg }));
         }
         if keys.is_empty() {
-            return Err(KeyFileError::Parse("the JWKS holds no key".into()));
+            let why = if skipped.is_empty() {
+                String::new()
+            } else {
+                format!(" Herald can verify with ({})", skipped.join("; "))
+            };
+            return Err(KeyFileError::Parse(format!("the JWKS holds no key{why}")));
         }
-        Ok(KeySet { keys })
+        if keys.len() > 1 && keys.iter().any(|(kid, _)| kid.is_none()) {
+            return Err(KeyFileError::Parse("a JWKS with several keys needs a `kid` on each".into()));
+        }
+        Ok((KeySet { keys }, skipped))
+    }
+
+    /// One JWK; `signatures_only`: a key marked for encryption is refused too.
+    fn parse_jwk(value: serde_json::Value, signatures_only: bool) -> Result<PublicKey, String> {
+        let jwk: Jwk = serde_json::from_value(value).map_err(|e| format!("not a JWK: {e}"))?;
+        if signatures_only && jwk.common.public_key_use == Some(PublicKeyUse::Encryption) {
+            return Err("meant for encryption (use: enc)".into());
+        }
+        let family = match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Family::Rsa,
+            AlgorithmParameters::EllipticCurve(_) => Family::Ec,
+            AlgorithmParameters::OctetKeyPair(_) => Family::Ed,
+            AlgorithmParameters::OctetKey(_) => {
+                return Err("symmetric (oct) keys do not belong in a public key set; use HERALD_JWT_SECRET".into())
+            }
+            _ => return Err("unsupported key type".into()),
+        };
+        let alg = match jwk.common.key_algorithm {
+            Some(a) => Some(a.to_string().parse::<Algorithm>().map_err(|_| format!("unsupported alg {a}"))?),
+            None => None,
+        };
+        if alg.is_some_and(|a| Family::of(a) != Some(family)) {
+            return Err("alg does not match the key type".into());
+        }
+        let key = DecodingKey::from_jwk(&jwk).map_err(|e| e.to_string())?;
+        Ok(PublicKey { key, family, alg })
     }
 
     /// The `kid` of every key (for logs).

@@ -694,7 +694,11 @@ impl JwksEndpoint {
 
     /// Serves the keys `kids` from now on; `None`: answers 500.
     fn serve(&self, kids: Option<&[&str]>) {
-        *self.document.lock().unwrap() = kids.map(jwks_of);
+        self.serve_document(kids.map(jwks_of));
+    }
+
+    fn serve_document(&self, document: Option<String>) {
+        *self.document.lock().unwrap() = document;
     }
 
     fn fetches(&self) -> usize {
@@ -778,6 +782,31 @@ async fn a_key_the_provider_withdraws_stops_verifying_at_the_periodic_refresh() 
         .await;
     assert_eq!(unread_status(&server, &rs256("rsa-b")).await, 200);
     server.stop().await;
+}
+
+#[tokio::test]
+async fn keys_a_provider_lists_for_other_uses_are_skipped_not_refused() {
+    let mut document: Value = serde_json::from_str(&jwks_of(&["rsa-a", "rsa-b"])).unwrap();
+    let keys = document["keys"].as_array_mut().unwrap();
+    // rsa-b marked as an encryption key, as providers list them beside their signing keys.
+    keys[1]["use"] = json!("enc");
+    keys[1]["alg"] = json!("RSA-OAEP");
+    keys.push(json!({"kty": "oct", "kid": "hmac", "k": "c2VjcmV0LXNlY3JldC1zZWNyZXQ"}));
+    keys.push(json!({"kty": "XYZ", "kid": "from-the-future", "crv": "?"}));
+    let jwks = JwksEndpoint::start(&["rsa-a"]).await;
+    jwks.serve_document(Some(document.to_string()));
+    let server = TestServer::start_with(&[("HERALD_JWT_JWKS_URL", &jwks.url)]).await;
+    assert_eq!(unread_status(&server, &rs256("rsa-a")).await, 200);
+    assert_eq!(unread_status(&server, &rs256("rsa-b")).await, 401, "an encryption key does not verify tokens");
+    server.stop().await;
+
+    // The same document as a file is refused: there, Herald reads what it was given.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("jwks.json");
+    std::fs::write(&file, document.to_string()).unwrap();
+    let mut env: std::collections::HashMap<&str, &str> = [("HERALD_API_KEYS", API_KEY)].into_iter().collect();
+    env.insert("HERALD_JWT_PUBLIC_KEYS", file.to_str().unwrap());
+    assert!(herald_server::config::Settings::load(&env, None).is_err());
 }
 
 #[tokio::test]

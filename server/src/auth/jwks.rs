@@ -132,5 +132,9 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<KeySet, KeyFileErr
         body.extend_from_slice(&chunk);
     }
     let text = String::from_utf8(body).map_err(|_| failed("the document is not UTF-8".into()))?;
-    KeySet::from_jwks(&text).map_err(|e| failed(e.to_string()))
+    let (keys, skipped) = KeySet::from_provider_jwks(&text).map_err(|e| failed(e.to_string()))?;
+    if !skipped.is_empty() {
+        tracing::debug!(url, ?skipped, "JWKS keys not used for verifying tokens");
+    }
+    Ok(keys)
 }
