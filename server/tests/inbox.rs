@@ -194,3 +194,85 @@ async fn readyz_turns_503_when_draining() {
     assert_eq!(raw(reqwest::Client::new().get(format!("{}/healthz", server.http()))).await.status, 200);
     server.stop().await;
 }
+
+// ---------------------------------------------------------------- CORS
+
+const APP: &str = "https://app.example.com";
+
+/// A browser's preflight from `origin` for `method` on `path`.
+async fn preflight(server: &TestServer, path: &str, origin: &str, method: &str) -> Raw {
+    let request = reqwest::Client::new()
+        .request(reqwest::Method::OPTIONS, format!("{}{path}", server.http()))
+        .header("origin", origin)
+        .header("access-control-request-method", method)
+        .header("access-control-request-headers", "authorization,content-type");
+    raw(request).await
+}
+
+fn header<'a>(raw: &'a Raw, name: &str) -> Option<&'a str> {
+    raw.headers.get(name).map(|v| v.to_str().unwrap())
+}
+
+#[tokio::test]
+async fn browser_apps_on_other_origins_may_call_the_users_routes() {
+    let server = TestServer::start().await;
+    for (path, method) in
+        [("/v1/me/unread", "GET"), ("/v1/me/notifications", "GET"), ("/v1/me/notifications/read", "POST")]
+    {
+        let answer = preflight(&server, path, APP, method).await;
+        assert_eq!(answer.status, 204, "preflight of {method} {path}");
+        assert_eq!(header(&answer, "access-control-allow-origin"), Some(APP));
+        assert!(header(&answer, "access-control-allow-methods").unwrap().contains(method));
+        assert!(header(&answer, "access-control-allow-headers").unwrap().contains("authorization"));
+        assert_eq!(header(&answer, "vary"), Some("origin"));
+        assert_eq!(header(&answer, "access-control-allow-credentials"), None, "tokens, not cookies");
+    }
+
+    // The actual requests carry the header too, refusals included, so the
+    // page can read what went wrong.
+    server.publish("alice", "orders", json!({})).await;
+    let from_app = |path: &str| reqwest::Client::new().get(format!("{}{path}", server.http())).header("origin", APP);
+    let answer = raw(from_app("/v1/me/unread").bearer_auth(server.token("alice"))).await;
+    assert_eq!((answer.status, answer.body["total"].as_i64()), (200, Some(1)));
+    assert_eq!(header(&answer, "access-control-allow-origin"), Some(APP));
+    assert!(header(&answer, "access-control-expose-headers").unwrap().contains("retry-after"));
+    let answer = raw(from_app("/v1/me/unread")).await;
+    assert_eq!((answer.status, answer.error_code()), (401, "missing_token"));
+    assert_eq!(header(&answer, "access-control-allow-origin"), Some(APP));
+    let answer = raw(reqwest::Client::new()
+        .post(format!("{}/v1/me/notifications/read", server.http()))
+        .header("origin", APP)
+        .bearer_auth(server.token("alice"))
+        .json(&json!({"up_to_seq": 1})))
+    .await;
+    assert_eq!((answer.status, header(&answer, "access-control-allow-origin")), (204, Some(APP)));
+
+    // Backend routes (API keys) get no CORS: an API key has no place in a browser.
+    assert_ne!(preflight(&server, "/v1/notifications", APP, "POST").await.status, 204);
+    let answer = raw(from_app("/v1/users/alice/presence").bearer_auth(API_KEY)).await;
+    assert_eq!((answer.status, header(&answer, "access-control-allow-origin")), (200, None));
+    // Without an Origin (not a browser), nothing changes.
+    let answer =
+        raw(reqwest::Client::new().get(format!("{}/v1/me/unread", server.http())).bearer_auth(server.token("alice")))
+            .await;
+    assert_eq!((answer.status, header(&answer, "access-control-allow-origin")), (200, None));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn only_the_allowed_origins_may_call_the_users_routes_when_they_are_set() {
+    let server = TestServer::start_with(&[("HERALD_ALLOWED_ORIGINS", APP)]).await;
+    assert_eq!(preflight(&server, "/v1/me/unread", APP, "GET").await.status, 204);
+    let refused = preflight(&server, "/v1/me/unread", "https://evil.example", "GET").await;
+    assert_eq!((refused.status, refused.error_code()), (403, "origin_not_allowed"));
+    assert_eq!(header(&refused, "access-control-allow-origin"), None);
+    // An actual request from elsewhere is answered (it changes nothing), but
+    // without CORS headers, so the browser keeps the answer from that page.
+    let answer = raw(reqwest::Client::new()
+        .get(format!("{}/v1/me/unread", server.http()))
+        .header("origin", "https://evil.example")
+        .bearer_auth(server.token("alice")))
+    .await;
+    assert_eq!((answer.status, header(&answer, "access-control-allow-origin")), (200, None));
+    server.stop().await;
+}

@@ -23,23 +23,24 @@ after(async () => {
 });
 
 /**
- * A page on the server's origin running the SDK from /sdk/herald.js as
- * `window.herald`, with everything it reports in `window.log`. `token` is
- * the provider, run in the test (so tests can count calls and change tokens).
+ * A page on the server's origin (or on `origin`, an app's) running the SDK
+ * from /sdk/herald.js as `window.herald`, with everything it reports in
+ * `window.log`. `token` is the provider, run in the test (so tests can count
+ * calls and change tokens).
  */
-async function openClient(context, { token, options = {}, connect = true }) {
+async function openClient(context, { token, options = {}, connect = true, origin = server.url }) {
   const page = await context.newPage();
   const problems = [];
   page.on('pageerror', (e) => problems.push(e.message));
   page.problems = problems;
   await page.exposeFunction('testToken', token);
-  await page.goto(`${server.url}/healthz`);
+  await page.goto(`${origin}/healthz`);
   await page.evaluate(
-    async ({ options, connect }) => {
+    async ({ options, connect, url }) => {
       const { Herald } = await import('/sdk/herald.js');
       const log = { states: [], seqs: [], notifications: [], reads: [], errors: [], truncated: [] };
       window.log = log;
-      const herald = new Herald({ url: location.origin, token: () => window.testToken(), ...options });
+      const herald = new Herald({ url, token: () => window.testToken(), ...options });
       window.herald = herald;
       herald.on('state', (s) => log.states.push(s));
       herald.on('notification', (n) => {
@@ -51,7 +52,7 @@ async function openClient(context, { token, options = {}, connect = true }) {
       herald.on('truncated', (t) => log.truncated.push(t));
       if (connect) herald.connect().catch((e) => (log.connectError = e.code));
     },
-    { options, connect },
+    { options, connect, url: server.url },
   );
   return page;
 }
@@ -216,6 +217,31 @@ test('marking read on one device updates the other live; HTTP and socket marks b
   assert.equal(await server.presence(user), 2, 'two devices, two sessions');
   await phone.close();
   await laptop.close();
+});
+
+test('an app on another origin uses the socket and the inbox API (CORS)', { timeout: 30_000 }, async () => {
+  const user = 'cora';
+  const context = await newContext(browser);
+  // The same server under another name: another origin for the browser.
+  const app = `https://localhost:${server.port}`;
+  const page = await openClient(context, { token: () => server.token(user), origin: app });
+  assert.equal(await page.evaluate(() => location.origin), app);
+  assert.notEqual(app, server.url);
+  await waitOpen(page);
+  for (const n of range(1, 2)) await publish(server, user, 't', { n });
+  await expectSeqs(page, range(1, 2));
+  assert.equal(await page.evaluate(async () => (await window.herald.inbox.unread()).total), 2);
+  await page.evaluate(() => window.herald.inbox.markRead({ up_to_seq: 1 }));
+  const list = await page.evaluate(() => window.herald.inbox.list({ limit: 10 }));
+  assert.deepEqual(
+    list.notifications.map((n) => [n.seq, n.read]),
+    [
+      [2, false],
+      [1, true],
+    ],
+  );
+  assert.deepEqual(page.problems, []);
+  await context.close();
 });
 
 test('five tabs share one session; when the leader tab closes another takes over and nothing is lost', { timeout: 60_000 }, async () => {

@@ -9,6 +9,7 @@ use axum::{middleware, Router};
 
 use crate::AppState;
 
+pub mod cors;
 mod demo;
 pub mod error;
 pub mod extract;
@@ -20,6 +21,10 @@ pub mod request;
 
 use error::ApiError;
 
+fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+}
+
 pub fn router(state: AppState) -> Router {
     let settings = &state.settings;
     // Publishes: room for the payload plus the largest audience (user ids are
@@ -28,6 +33,16 @@ pub fn router(state: AppState) -> Router {
     let body_limit = settings.max_payload_bytes + 64 * 1024;
     // Where a body is read, one declared over the limit is refused before it is sent.
     let declared = |limit| middleware::from_fn_with_state(limit, extract::declared_length);
+    // The user's own routes, called from browser apps on other origins.
+    // Each takes OPTIONS, so that a preflight reaches the CORS layer.
+    let me = Router::new()
+        .route("/v1/me/notifications", get(inbox::list).options(cors::not_a_preflight))
+        .route(
+            "/v1/me/notifications/read",
+            post(inbox::mark_read).layer(declared(body_limit)).options(cors::not_a_preflight),
+        )
+        .route("/v1/me/unread", get(inbox::unread).options(cors::not_a_preflight))
+        .layer(middleware::from_fn_with_state(state.clone(), cors::cors));
     Router::new()
         .route("/v1/ws", get(crate::ws::handshake::upgrade))
         .route(
@@ -37,21 +52,13 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::status))
         .route("/v1/users/{user_id}/notifications", get(inbox::user_history))
         .route("/v1/users/{user_id}/presence", get(inbox::presence))
-        .route("/v1/me/notifications", get(inbox::list))
-        .route("/v1/me/notifications/read", post(inbox::mark_read).layer(declared(body_limit)))
-        .route("/v1/me/unread", get(inbox::unread))
+        .merge(me)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .merge(demo::routes(settings.dev_mode).route_layer(declared(body_limit)))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .method_not_allowed_fallback(|| async {
-            ApiError::new(
-                StatusCode::METHOD_NOT_ALLOWED,
-                "method_not_allowed",
-                "this endpoint does not take that method",
-            )
-        })
+        .method_not_allowed_fallback(|| async { method_not_allowed() })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(settings.max_header_bytes, crate::listen::header_size))
         .layer(middleware::from_fn(error::log_errors))

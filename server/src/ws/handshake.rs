@@ -207,11 +207,10 @@ fn refused(refusal: Refusal) -> ApiError {
 }
 
 fn check_origin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let (Some(allowed), Some(origin)) = (&state.settings.allowed_origins, headers.get(header::ORIGIN)) else {
+    let Some(origin) = headers.get(header::ORIGIN) else {
         return Ok(());
     };
-    let origin = origin.to_str().unwrap_or("");
-    if allowed.iter().any(|a| a == origin || a == "*") {
+    if crate::api::cors::origin_allowed(&state.settings, origin.to_str().unwrap_or("")) {
         Ok(())
     } else {
         Err(ApiError::new(StatusCode::FORBIDDEN, "origin_not_allowed", "this Origin may not open a WebSocket here"))
