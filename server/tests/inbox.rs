@@ -251,6 +251,10 @@ async fn browser_apps_on_other_origins_may_call_the_users_routes() {
     assert_ne!(preflight(&server, "/v1/notifications", APP, "POST").await.status, 204);
     let answer = raw(from_app("/v1/users/alice/presence").bearer_auth(API_KEY)).await;
     assert_eq!((answer.status, header(&answer, "access-control-allow-origin")), (200, None));
+    // An OPTIONS that is not a preflight learns the methods.
+    let answer =
+        raw(reqwest::Client::new().request(reqwest::Method::OPTIONS, format!("{}/v1/me/unread", server.http()))).await;
+    assert_eq!((answer.status, header(&answer, "allow")), (204, Some("GET, HEAD, OPTIONS")));
     // Without an Origin (not a browser), nothing changes.
     let answer =
         raw(reqwest::Client::new().get(format!("{}/v1/me/unread", server.http())).bearer_auth(server.token("alice")))

@@ -60,9 +60,10 @@ pub async fn cors(State(state): State<AppState>, request: Request, next: Next) -
     response
 }
 
-/// An `OPTIONS` that is not a CORS preflight (those the layer answers).
-pub async fn not_a_preflight() -> ApiError {
-    super::method_not_allowed()
+/// The answer to an `OPTIONS` that is not a CORS preflight (those the layer
+/// answers): 204 with the route's methods in `Allow`.
+pub fn options(allow: &'static str) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move || std::future::ready((StatusCode::NO_CONTENT, [(header::ALLOW, allow)]).into_response())
 }
 
 /// Names `origin` as allowed; the answer depends on it, so caches key on it.

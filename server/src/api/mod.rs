@@ -21,10 +21,6 @@ pub mod request;
 
 use error::ApiError;
 
-fn method_not_allowed() -> ApiError {
-    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
-}
-
 pub fn router(state: AppState) -> Router {
     let settings = &state.settings;
     // Publishes: room for the payload plus the largest audience (user ids are
@@ -36,12 +32,12 @@ pub fn router(state: AppState) -> Router {
     // The user's own routes, called from browser apps on other origins.
     // Each takes OPTIONS, so that a preflight reaches the CORS layer.
     let me = Router::new()
-        .route("/v1/me/notifications", get(inbox::list).options(cors::not_a_preflight))
+        .route("/v1/me/notifications", get(inbox::list).options(cors::options("GET, HEAD, OPTIONS")))
         .route(
             "/v1/me/notifications/read",
-            post(inbox::mark_read).layer(declared(body_limit)).options(cors::not_a_preflight),
+            post(inbox::mark_read).layer(declared(body_limit)).options(cors::options("POST, OPTIONS")),
         )
-        .route("/v1/me/unread", get(inbox::unread).options(cors::not_a_preflight))
+        .route("/v1/me/unread", get(inbox::unread).options(cors::options("GET, HEAD, OPTIONS")))
         .layer(middleware::from_fn_with_state(state.clone(), cors::cors));
     Router::new()
         .route("/v1/ws", get(crate::ws::handshake::upgrade))
@@ -58,7 +54,13 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(ops::metrics))
         .merge(demo::routes(settings.dev_mode).route_layer(declared(body_limit)))
         .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint") })
-        .method_not_allowed_fallback(|| async { method_not_allowed() })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
+        })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(settings.max_header_bytes, crate::listen::header_size))
         .layer(middleware::from_fn(error::log_errors))
