@@ -123,9 +123,10 @@ impl KeySet {
 
     /// A JWKS as an identity provider serves it: keys Herald cannot verify
     /// signatures with — meant for encryption (`use: enc`), symmetric, or of
-    /// a type or algorithm it does not know — are skipped (and named, second)
-    /// rather than refused, since providers list such keys beside their
-    /// signing keys. At least one usable key must remain.
+    /// a type or algorithm it does not know — are skipped rather than
+    /// refused (and listed, with why, in the second value), since providers
+    /// list such keys beside their signing keys. At least one usable key
+    /// must remain.
     fn from_provider_jwks(text: &str) -> Result<(KeySet, Vec<String>), KeyFileError> {
         Self::parse_jwks(text, true)
     }

@@ -6,9 +6,10 @@
 //! otherwise refuse every public-key token). After that the set is fetched
 //! again every `HERALD_JWT_JWKS_REFRESH`, and at once when a token names a
 //! `kid` the set does not hold — at most once per [`MIN_GAP`], so tokens
-//! with made-up `kid`s cannot turn a node into a load on the provider. A
-//! fetch that fails keeps the set in use; a fetched set that does not parse
-//! is refused the same way.
+//! with made-up `kid`s cannot turn a node into a load on the provider; a
+//! request that waits for such a fetch waits at most its timeout
+//! ([`FETCH_TIMEOUT`]). A fetch that fails keeps the set in use; a fetched
+//! set that does not parse is refused the same way.
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -52,7 +53,7 @@ impl RemoteKeys {
             .build()
             .map_err(|e| KeyFileError::Fetch(url.into(), e.to_string()))?;
         let first = fetch(&client, url).await;
-        metrics.jwks_fetches.get_or_create(&Outcome { outcome: if first.is_ok() { "ok" } else { "failed" } }).inc();
+        count(&metrics, first.is_ok());
         let first = first?;
         let keys = Arc::new(RemoteKeys {
             url: url.into(),
@@ -86,21 +87,23 @@ impl RemoteKeys {
     }
 
     async fn refresh(&self, fetched: &mut Instant, why: &str) {
-        let outcome = match fetch(&self.client, &self.url).await {
+        let result = fetch(&self.client, &self.url).await;
+        count(&self.metrics, result.is_ok());
+        match result {
             Ok(set) => {
                 let kids = set.kids();
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
                 tracing::debug!(url = %self.url, ?kids, why, "JWKS fetched");
-                "ok"
             }
-            Err(e) => {
-                tracing::warn!(error = %e, why, "JWKS fetch failed; the keys fetched before stay in use");
-                "failed"
-            }
-        };
-        self.metrics.jwks_fetches.get_or_create(&Outcome { outcome }).inc();
+            Err(e) => tracing::warn!(error = %e, why, "JWKS fetch failed; the keys fetched before stay in use"),
+        }
         *fetched = Instant::now();
     }
+}
+
+/// `herald_jwks_fetches_total{outcome}`.
+fn count(metrics: &Metrics, ok: bool) {
+    metrics.jwks_fetches.get_or_create(&Outcome { outcome: if ok { "ok" } else { "failed" } }).inc();
 }
 
 async fn refresh_loop(keys: Arc<RemoteKeys>, every: Duration, stop: CancellationToken) {
