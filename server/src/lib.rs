@@ -109,7 +109,10 @@ pub enum StartError {
 impl AppState {
     /// Opens the store (running migrations) and wires the node together.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<AppState, StartError> {
-        let store = store::open(&settings.database_url, &settings.store_options()).await?;
+        let store = store::open(&settings.database_url, &settings.store_options()).await.map_err(|e| match e {
+            StoreError::Unavailable(m) => StoreError::Unavailable(tls::with_certificate_hint(m, "sslrootcert=PATH")),
+            other => other,
+        })?;
         let metrics = Arc::new(Metrics::new());
         let (hub, broker, shared): (Hub, Arc<dyn Broker>, _) = match &settings.redis_url {
             None => {
@@ -130,7 +133,9 @@ impl AppState {
                 let broker =
                     RedisBroker::connect(&target, options, hub.clone(), changes, store.clone(), metrics.clone())
                         .await
-                        .map_err(|e| StartError::Redis(e.to_string()))?;
+                        .map_err(|e| {
+                            StartError::Redis(tls::with_certificate_hint(e.to_string(), "HERALD_REDIS_TLS_CA"))
+                        })?;
                 let commands = broker.commands();
                 (hub, Arc::new(broker), Some(commands))
             }

@@ -79,6 +79,20 @@ pub fn read_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
     Ok(Arc::new(certified))
 }
 
+/// `error` (a failed connection to PostgreSQL or Redis) with what to do
+/// when it is a certificate this node cannot verify; `trust` names the
+/// setting that makes it trust the server's CA. The database and Redis
+/// clients wrap rustls' error in their own, so its text is what is left.
+pub fn with_certificate_hint(error: String, trust: &str) -> String {
+    if error.contains("UnknownIssuer") {
+        format!("{error} (the server's certificate is not signed by a CA this node trusts: name the CA with {trust})")
+    } else if error.contains("NotValidForName") {
+        format!("{error} (the server's certificate does not name the host in the URL: connect by a name it lists)")
+    } else {
+        error
+    }
+}
+
 /// The certificate being served, swapped when the files change.
 #[derive(Debug)]
 struct Current(RwLock<Arc<CertifiedKey>>);
