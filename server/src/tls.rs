@@ -57,10 +57,20 @@ impl TlsFiles {
     }
 }
 
+/// The bytes of `path`.
+pub fn read_file(path: &Path) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
+}
+
 /// The PEM certificates in `path`: at least one, every one readable.
 pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+    certificates(path, &read_file(path)?)
+}
+
+/// The PEM certificates in `pem`, read from `path`: at least one.
+pub fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_slice_iter(pem)
+        .collect::<Result<Vec<_>, _>>()
         .map_err(|e| format!("cannot read certificates from {}: {e}", path.display()))?;
     if certs.is_empty() {
         return Err(format!("{} holds no PEM certificate", path.display()));
@@ -71,8 +81,13 @@ pub fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 /// A PEM chain (leaf first) in `cert` and the PEM private key (PKCS#8,
 /// PKCS#1 or SEC1) in `key` that belongs to its leaf.
 pub fn read_pair(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>, String> {
-    let chain = read_certificates(cert)?;
-    let private = PrivateKeyDer::from_pem_file(key)
+    pair((cert, &read_file(cert)?), (key, &read_file(key)?))
+}
+
+/// [`read_pair`] on contents already read: each with the path it came from.
+pub fn pair((cert, cert_pem): (&Path, &[u8]), (key, key_pem): (&Path, &[u8])) -> Result<Arc<CertifiedKey>, String> {
+    let chain = certificates(cert, cert_pem)?;
+    let private = PrivateKeyDer::from_pem_slice(key_pem)
         .map_err(|e| format!("cannot read a private key from {}: {e}", key.display()))?;
     let certified = CertifiedKey::from_der(chain, private, &default_provider())
         .map_err(|e| format!("{} and {} do not form a usable pair: {e}", cert.display(), key.display()))?;

@@ -55,6 +55,7 @@ use super::{Broker, BrokerError, Event};
 use crate::hub::{Delivery, Frame, Hub, Interest};
 use crate::store::{now_ms, Store};
 use crate::telemetry::Metrics;
+use crate::tls;
 
 /// Events queued for the publisher task; beyond this they are dropped (and repaired).
 const PUBLISH_QUEUE: usize = 16_384;
@@ -152,16 +153,18 @@ impl RedisTls {
     /// Trusts the CA certificates in `path` (PEM, at least one) instead of
     /// the built-in roots.
     pub fn with_ca(mut self, path: &Path) -> Result<RedisTls, String> {
-        crate::tls::read_certificates(path)?;
-        self.ca_pem = Some(read(path)?);
+        let pem = tls::read_file(path)?;
+        tls::certificates(path, &pem)?;
+        self.ca_pem = Some(pem);
         Ok(self)
     }
 
     /// Presents the chain in `cert` (leaf first) and its leaf's key in `key`
     /// (PEM) to a server that asks for a client certificate.
     pub fn with_client(mut self, cert: &Path, key: &Path) -> Result<RedisTls, String> {
-        crate::tls::read_pair(cert, key)?;
-        self.client = Some((read(cert)?, read(key)?));
+        let (cert_pem, key_pem) = (tls::read_file(cert)?, tls::read_file(key)?);
+        tls::pair((cert, &cert_pem), (key, &key_pem))?;
+        self.client = Some((cert_pem, key_pem));
         Ok(self)
     }
 
@@ -178,10 +181,6 @@ impl RedisTls {
             root_cert: self.ca_pem.clone(),
         })
     }
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))
 }
 
 impl std::fmt::Debug for RedisTls {
