@@ -8,7 +8,7 @@
 //! provider's JWKS endpoint, fetched again as it rotates keys ([`jwks`]).
 //! No function here logs a token.
 
-mod jwks;
+pub(crate) mod jwks;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -260,7 +260,7 @@ impl Verifier {
         metrics: Arc<Metrics>,
     ) -> Result<(), KeyFileError> {
         if let Some(url) = &settings.jwks_url {
-            let keys = jwks::RemoteKeys::start(url, settings.jwks_refresh, stop, metrics).await?;
+            let keys = jwks::RemoteKeys::start(url, &settings.jwks_ca, settings.jwks_refresh, stop, metrics).await?;
             self.public = Some(PublicKeys::Remote(keys));
         }
         Ok(())

@@ -19,6 +19,7 @@ use crate::broker::redis::{RedisTarget, RedisTls};
 use crate::limit::{LimitSettings, Rate};
 use crate::tls::TlsFiles;
 use rand::Rng;
+use rustls_pki_types::CertificateDer;
 
 /// Where settings come from; [`ProcessEnv`] in production, a map in tests.
 pub trait Env {
@@ -67,6 +68,9 @@ pub struct JwtSettings {
     pub jwks_url: Option<String>,
     /// How often the JWKS is fetched again.
     pub jwks_refresh: Duration,
+    /// CA certificates the JWKS endpoint's certificate must chain to, instead
+    /// of the built-in web PKI roots (empty: the built-in roots).
+    pub jwks_ca: Vec<CertificateDer<'static>>,
     pub issuer: Option<String>,
     pub audience: Option<String>,
     /// Clock skew allowed on `exp` / `nbf`.
@@ -80,6 +84,7 @@ impl std::fmt::Debug for JwtSettings {
             .field("public_keys", &self.public_keys)
             .field("jwks_url", &self.jwks_url.as_deref().map(redact_url))
             .field("jwks_refresh", &self.jwks_refresh)
+            .field("jwks_ca", &format_args!("<{} certificates>", self.jwks_ca.len()))
             .field("issuer", &self.issuer)
             .field("audience", &self.audience)
             .field("leeway_secs", &self.leeway_secs)
@@ -307,6 +312,7 @@ const KEYS: &[&str] = &[
     "jwt_public_keys",
     "jwt_jwks_url",
     "jwt_jwks_refresh",
+    "jwt_jwks_ca",
     "jwt_issuer",
     "jwt_audience",
     "jwt_leeway_secs",
@@ -480,6 +486,7 @@ impl Settings {
             public_keys: src.string("jwt_public_keys").map(PathBuf::from),
             jwks_url: src.string("jwt_jwks_url"),
             jwks_refresh: src.duration("jwt_jwks_refresh", Duration::from_secs(300))?,
+            jwks_ca: Vec::new(),
             issuer: src.string("jwt_issuer"),
             audience: src.string("jwt_audience"),
             leeway_secs: src.number("jwt_leeway_secs", 0u64, 0)?,
@@ -513,6 +520,12 @@ impl Settings {
                 return Err(src.error("jwt_jwks_url", "give HERALD_JWT_PUBLIC_KEYS or HERALD_JWT_JWKS_URL, not both"));
             }
             check_jwks_url(url).map_err(|e| src.error("jwt_jwks_url", e))?;
+        }
+        if let Some(ca) = src.string("jwt_jwks_ca") {
+            if !jwt.jwks_url.as_deref().is_some_and(crate::auth::jwks::is_https) {
+                return Err(src.error("jwt_jwks_ca", "applies to an https:// HERALD_JWT_JWKS_URL only"));
+            }
+            jwt.jwks_ca = crate::tls::read_certificates(Path::new(&ca)).map_err(|e| src.error("jwt_jwks_ca", e))?;
         }
         if jwt.jwks_refresh < Duration::from_secs(1) {
             return Err(src.error("jwt_jwks_refresh", "must be at least 1s"));

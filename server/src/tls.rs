@@ -94,10 +94,10 @@ pub fn pair((cert, cert_pem): (&Path, &[u8]), (key, key_pem): (&Path, &[u8])) ->
     Ok(Arc::new(certified))
 }
 
-/// `error` (a failed connection to PostgreSQL or Redis) with what to do
-/// when it is a certificate this node cannot verify; `trust` names the
-/// setting that makes it trust the server's CA. The database and Redis
-/// clients wrap rustls' error in their own, so its text is what is left.
+/// `error` (a failed connection to PostgreSQL, Redis or the JWKS endpoint)
+/// with what to do when it is a certificate this node cannot verify; `trust`
+/// names the setting that makes it trust the server's CA. Their clients wrap
+/// rustls' error in their own, so its text is what is left.
 pub fn with_certificate_hint(error: String, trust: &str) -> String {
     if error.contains("UnknownIssuer") {
         format!("{error} (the server's certificate is not signed by a CA this node trusts: name the CA with {trust})")

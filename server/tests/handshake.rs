@@ -6,6 +6,7 @@
 //! Keys are fixtures in `tests/fixtures/keys/` (see the README there).
 
 mod common;
+use common::tls::TestCerts;
 use common::*;
 
 use std::path::{Path, PathBuf};
@@ -658,38 +659,78 @@ fn jwks_of(kids: &[&str]) -> String {
 }
 
 /// An identity provider's JWKS endpoint on loopback: the test changes what it
-/// serves (or makes it fail) and counts the fetches.
+/// serves (or makes it fail, or redirect) and counts the fetches.
 struct JwksEndpoint {
     url: String,
     document: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    /// `Some(url)`: answers 302 to `url` instead.
+    redirect: std::sync::Arc<std::sync::Mutex<Option<String>>>,
     fetches: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     _server: tokio::task::JoinHandle<()>,
 }
 
 impl JwksEndpoint {
+    /// Over plain HTTP.
     async fn start(kids: &[&str]) -> JwksEndpoint {
+        Self::start_on(kids, None).await
+    }
+
+    /// Over TLS, with the certificate in `certs` (it names 127.0.0.1).
+    async fn start_tls(kids: &[&str], certs: &TestCerts) -> JwksEndpoint {
+        Self::start_on(kids, Some(certs)).await
+    }
+
+    async fn start_on(kids: &[&str], tls: Option<&TestCerts>) -> JwksEndpoint {
+        use axum::http::{header, StatusCode};
+        use axum::response::IntoResponse;
         use std::sync::atomic::{AtomicUsize, Ordering};
         use std::sync::{Arc, Mutex};
         let document = Arc::new(Mutex::new(Some(jwks_of(kids))));
+        let redirect: Arc<Mutex<Option<String>>> = Arc::default();
         let fetches = Arc::new(AtomicUsize::new(0));
-        let (served, counted) = (document.clone(), fetches.clone());
+        let (served, redirected, counted) = (document.clone(), redirect.clone(), fetches.clone());
         let app = axum::Router::new().route(
             "/.well-known/jwks.json",
             axum::routing::get(move || {
-                let (served, counted) = (served.clone(), counted.clone());
+                let (served, redirected, counted) = (served.clone(), redirected.clone(), counted.clone());
                 async move {
                     counted.fetch_add(1, Ordering::SeqCst);
+                    if let Some(to) = redirected.lock().unwrap().clone() {
+                        return (StatusCode::FOUND, [(header::LOCATION, to)]).into_response();
+                    }
                     match served.lock().unwrap().clone() {
-                        Some(body) => (axum::http::StatusCode::OK, body),
-                        None => (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "down".to_string()),
+                        Some(body) => (StatusCode::OK, body).into_response(),
+                        None => (StatusCode::INTERNAL_SERVER_ERROR, "down").into_response(),
                     }
                 }
             }),
         );
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let url = format!("http://{}/.well-known/jwks.json", listener.local_addr().unwrap());
-        let server = tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        JwksEndpoint { url, document, fetches, _server: server }
+        let at = listener.local_addr().unwrap();
+        let (url, server) = match tls {
+            None => (
+                format!("http://{at}/.well-known/jwks.json"),
+                tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+            ),
+            Some(certs) => {
+                let files = herald_server::tls::TlsFiles {
+                    cert: certs.cert.clone(),
+                    key: certs.key.clone(),
+                    reload_every: Duration::from_secs(3600),
+                };
+                let listener = herald_server::tls::Tls::new(&files).unwrap().listen(listener).unwrap();
+                (
+                    format!("https://{at}/.well-known/jwks.json"),
+                    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
+                )
+            }
+        };
+        JwksEndpoint { url, document, redirect, fetches, _server: server }
+    }
+
+    /// Answers 302 to `to` from now on.
+    fn redirect_to(&self, to: &str) {
+        *self.redirect.lock().unwrap() = Some(to.to_string());
     }
 
     /// Serves the keys `kids` from now on; `None`: answers 500.
@@ -822,6 +863,57 @@ async fn a_node_whose_jwks_cannot_be_fetched_does_not_start() {
     }
 }
 
+/// A provider inside the organisation: its certificate is signed by the
+/// organisation's CA, which `HERALD_JWT_JWKS_CA` names.
+#[tokio::test]
+async fn a_jwks_endpoint_over_tls_is_trusted_through_the_ca_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(dir.path());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let jwks = JwksEndpoint::start_tls(&["rsa-a"], &certs).await;
+
+    let server =
+        TestServer::start_with(&[("HERALD_JWT_JWKS_URL", &jwks.url), ("HERALD_JWT_JWKS_CA", ca.to_str().unwrap())])
+            .await;
+    assert_eq!(unread_status(&server, &rs256("rsa-a")).await, 200);
+    assert_eq!(jwks.fetches(), 1);
+
+    // Without the CA, the built-in roots do not know it: no start, and the
+    // error says what to set.
+    let settings = settings(dir.path(), &[("HERALD_JWT_JWKS_URL", &jwks.url)]);
+    let refused = herald_server::AppState::build(settings, Default::default()).await.err().expect("no start");
+    let message = refused.to_string();
+    assert!(message.contains("UnknownIssuer") && message.contains("HERALD_JWT_JWKS_CA"), "{message}");
+}
+
+/// Keys fetched in the clear could be swapped on the way: an https endpoint
+/// that redirects to http is not followed, while a redirect to another
+/// https URL is.
+#[tokio::test]
+async fn an_https_jwks_url_is_never_left_for_http() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(dir.path());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let in_the_clear = JwksEndpoint::start(&["rsa-a"]).await;
+    let moved_to_tls = JwksEndpoint::start_tls(&["rsa-a"], &certs).await;
+    let front = JwksEndpoint::start_tls(&["rsa-a"], &certs).await;
+    let ca = ca.to_str().unwrap();
+
+    front.redirect_to(&in_the_clear.url);
+    let settings_for = |url: &str| settings(dir.path(), &[("HERALD_JWT_JWKS_URL", url), ("HERALD_JWT_JWKS_CA", ca)]);
+    let refused =
+        herald_server::AppState::build(settings_for(&front.url), Default::default()).await.err().expect("no start");
+    assert!(refused.to_string().starts_with("HERALD_JWT_JWKS_URL: cannot fetch the JWKS from"), "{refused}");
+    assert_eq!(in_the_clear.fetches(), 0, "the redirect to http:// was followed");
+
+    front.redirect_to(&moved_to_tls.url);
+    let server = TestServer::start_with(&[("HERALD_JWT_JWKS_URL", &front.url), ("HERALD_JWT_JWKS_CA", ca)]).await;
+    assert_eq!(unread_status(&server, &rs256("rsa-a")).await, 200);
+    assert_eq!(moved_to_tls.fetches(), 1);
+}
+
 #[test]
 fn jwks_settings_are_checked_before_anything_starts() {
     let load = |vars: &[(&str, &str)]| {
@@ -839,4 +931,15 @@ fn jwks_settings_are_checked_before_anything_starts() {
     let fast = load(&[("HERALD_JWT_JWKS_URL", good), ("HERALD_JWT_JWKS_REFRESH", "100ms")]).unwrap_err();
     assert!(fast.starts_with("HERALD_JWT_JWKS_REFRESH"), "{fast}");
     assert!(load(&[("HERALD_JWT_JWKS_URL", "not a url")]).unwrap_err().starts_with("HERALD_JWT_JWKS_URL"));
+
+    // A CA for the JWKS endpoint: only with an https URL, and it must hold a certificate.
+    let ca = key_path_str("rsa-a.pem");
+    let no_url = load(&[("HERALD_JWT_JWKS_CA", &ca)]).unwrap_err();
+    assert!(no_url.starts_with("HERALD_JWT_JWKS_CA") && no_url.contains("https://"), "{no_url}");
+    let http = load(&[("HERALD_JWT_JWKS_URL", "http://127.0.0.1:9000/jwks"), ("HERALD_JWT_JWKS_CA", &ca)]);
+    assert!(http.unwrap_err().starts_with("HERALD_JWT_JWKS_CA"));
+    let not_a_certificate = load(&[("HERALD_JWT_JWKS_URL", good), ("HERALD_JWT_JWKS_CA", &ca)]).unwrap_err();
+    assert!(not_a_certificate.starts_with("HERALD_JWT_JWKS_CA") && not_a_certificate.contains("no PEM certificate"));
+    let missing = load(&[("HERALD_JWT_JWKS_URL", good), ("HERALD_JWT_JWKS_CA", "/nonexistent/ca.pem")]).unwrap_err();
+    assert!(missing.starts_with("HERALD_JWT_JWKS_CA") && missing.contains("cannot read"), "{missing}");
 }

@@ -10,6 +10,11 @@
 //! request that waits for such a fetch waits at most its timeout
 //! ([`FETCH_TIMEOUT`]). A fetch that fails keeps the set in use; a fetched
 //! set that does not parse is refused the same way.
+//!
+//! An `https://` endpoint is only ever fetched over TLS: a redirect to
+//! `http://` is refused, not followed. Its certificate must chain to the
+//! built-in web PKI roots, or to `HERALD_JWT_JWKS_CA` when that is set (a
+//! provider inside the organisation, signed by its own CA).
 
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -17,6 +22,8 @@ use std::time::Duration;
 use tokio::sync::Mutex;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+
+use rustls_pki_types::CertificateDer;
 
 use super::{KeyFileError, KeySet};
 use crate::telemetry::{Metrics, Outcome};
@@ -41,17 +48,16 @@ pub struct RemoteKeys {
 
 impl RemoteKeys {
     /// Fetches the set once (an error if that fails) and starts refreshing
-    /// it every `every` until `stop`.
+    /// it every `every` until `stop`. `ca`: the CA certificates an https
+    /// endpoint's certificate must chain to (empty: the built-in roots).
     pub async fn start(
         url: &str,
+        ca: &[CertificateDer<'static>],
         every: Duration,
         stop: CancellationToken,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<RemoteKeys>, KeyFileError> {
-        let client = reqwest::Client::builder()
-            .timeout(FETCH_TIMEOUT)
-            .build()
-            .map_err(|e| KeyFileError::Fetch(url.into(), e.to_string()))?;
+        let client = client(url, ca).map_err(|e| KeyFileError::Fetch(url.into(), e.to_string()))?;
         let first = fetch(&client, url).await;
         count(&metrics, first.is_ok());
         let first = first?;
@@ -101,6 +107,36 @@ impl RemoteKeys {
     }
 }
 
+/// Whether `url` is an `https://` URL.
+pub fn is_https(url: &str) -> bool {
+    reqwest::Url::parse(url).is_ok_and(|u| u.scheme() == "https")
+}
+
+/// The HTTP client for `url`: never leaves TLS once on it.
+fn client(url: &str, ca: &[CertificateDer<'static>]) -> reqwest::Result<reqwest::Client> {
+    let mut builder = reqwest::Client::builder().timeout(FETCH_TIMEOUT).https_only(is_https(url));
+    if !ca.is_empty() {
+        builder = builder.tls_built_in_root_certs(false);
+        for cert in ca {
+            builder = builder.add_root_certificate(reqwest::Certificate::from_der(cert)?);
+        }
+    }
+    builder.build()
+}
+
+/// `error` and its sources, one after another: reqwest's own text names
+/// only the URL, the cause (a certificate refused, a redirect to http) is
+/// further down.
+fn with_causes(error: &reqwest::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = std::error::Error::source(error);
+    while let Some(e) = cause {
+        text = format!("{text}: {e}");
+        cause = e.source();
+    }
+    crate::tls::with_certificate_hint(text, "HERALD_JWT_JWKS_CA")
+}
+
 /// `herald_jwks_fetches_total{outcome}`.
 fn count(metrics: &Metrics, ok: bool) {
     metrics.jwks_fetches.get_or_create(&Outcome { outcome: if ok { "ok" } else { "failed" } }).inc();
@@ -120,7 +156,7 @@ async fn refresh_loop(keys: Arc<RemoteKeys>, every: Duration, stop: Cancellation
 /// GETs and parses the JWKS at `url`.
 async fn fetch(client: &reqwest::Client, url: &str) -> Result<KeySet, KeyFileError> {
     let failed = |why: String| KeyFileError::Fetch(url.into(), why);
-    let mut response = client.get(url).send().await.map_err(|e| failed(e.to_string()))?;
+    let mut response = client.get(url).send().await.map_err(|e| failed(with_causes(&e)))?;
     if !response.status().is_success() {
         return Err(failed(format!("answered {}", response.status())));
     }
@@ -128,7 +164,7 @@ async fn fetch(client: &reqwest::Client, url: &str) -> Result<KeySet, KeyFileErr
         return Err(failed(format!("the document is larger than {MAX_BYTES} bytes")));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| failed(e.to_string()))? {
+    while let Some(chunk) = response.chunk().await.map_err(|e| failed(with_causes(&e)))? {
         if body.len() + chunk.len() > MAX_BYTES {
             return Err(failed(format!("the document is larger than {MAX_BYTES} bytes")));
         }
