@@ -8,7 +8,7 @@
 //! provider's JWKS endpoint, fetched again as it rotates keys ([`jwks`]).
 //! No function here logs a token.
 
-pub(crate) mod jwks;
+pub mod jwks;
 
 use std::path::Path;
 use std::sync::Arc;

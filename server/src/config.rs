@@ -100,6 +100,8 @@ pub struct Settings {
     pub redis_url: Option<String>,
     /// CA and client certificate for `rediss://` (empty: built-in roots).
     pub redis_tls: RedisTls,
+    /// For Sentinels that require a password (`redis+sentinel://`).
+    pub redis_sentinel_password: Option<String>,
     pub jwt: JwtSettings,
     pub api_keys: Vec<String>,
     /// `None`: any Origin may open a WebSocket.
@@ -183,6 +185,7 @@ impl std::fmt::Debug for Settings {
             .field("database_url", &redact_url(&self.database_url))
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("redis_tls", &self.redis_tls)
+            .field("redis_sentinel_password", &self.redis_sentinel_password.as_ref().map(|_| "<redacted>"))
             .field("jwt", &self.jwt)
             .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
             .field("allowed_origins", &self.allowed_origins)
@@ -308,6 +311,7 @@ const KEYS: &[&str] = &[
     "redis_tls_ca",
     "redis_tls_cert",
     "redis_tls_key",
+    "redis_sentinel_password",
     "jwt_secret",
     "jwt_public_keys",
     "jwt_jwks_url",
@@ -468,6 +472,15 @@ impl Settings {
         }
         let redis_url = src.string("redis_url");
         let redis_tls = redis_tls(&src, redis_url.as_deref())?;
+        let redis_sentinel_password = src.string("redis_sentinel_password");
+        if redis_sentinel_password.is_some()
+            && !redis_url.as_deref().is_some_and(|url| RedisTarget::parse(url).is_ok_and(|t| t.is_sentinel()))
+        {
+            return Err(src.error(
+                "redis_sentinel_password",
+                "applies to Sentinels only: HERALD_REDIS_URL must be redis+sentinel://",
+            ));
+        }
         let tls = match src.cert_and_key("tls_cert", "tls_key")? {
             None => None,
             Some((cert, key)) => {
@@ -547,6 +560,7 @@ impl Settings {
             database_url,
             redis_url,
             redis_tls,
+            redis_sentinel_password,
             jwt,
             api_keys,
             allowed_origins: src.list("allowed_origins"),

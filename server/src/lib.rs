@@ -129,6 +129,7 @@ impl AppState {
                     repair_interval: settings.repair_interval,
                     presence_ttl: settings.presence_ttl,
                     tls: settings.redis_tls.clone(),
+                    sentinel_password: settings.redis_sentinel_password.clone(),
                 };
                 let broker =
                     RedisBroker::connect(&target, options, hub.clone(), changes, store.clone(), metrics.clone())

@@ -9,6 +9,7 @@ use crate::hub::Delivery;
 
 pub mod memory;
 pub mod redis;
+pub mod sentinel;
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {

@@ -1,4 +1,5 @@
-//! The Redis broker: many nodes share one Redis (or a Redis Cluster).
+//! The Redis broker: many nodes share one Redis (or a Redis Cluster, or the
+//! master a set of Sentinels names: [`super::sentinel`]).
 //!
 //! **Channels.** Each user has a channel, `{prefix}:u:{<user>}`; a node
 //! subscribes to it while the user has a session there. Subscription changes
@@ -42,15 +43,17 @@ use futures_util::future::join_all;
 use herald_protocol::Seq;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
+use redis::sentinel::{SentinelClientBuilder, SentinelServerType};
 use redis::{
-    ClientTlsConfig, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind, RedisResult,
-    TlsCertificates, Value,
+    ClientTlsConfig, ConnectionAddr, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
+    RedisResult, TlsCertificates, TlsMode, Value,
 };
 use tokio::sync::{mpsc, Notify};
 use tokio::time::{interval, sleep, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::sentinel::Followed;
 use super::{Broker, BrokerError, Event};
 use crate::hub::{Delivery, Frame, Hub, Interest};
 use crate::store::{now_ms, Store};
@@ -70,7 +73,7 @@ const REPAIR_BATCH: usize = 1000;
 /// How long a new session waits for its user's subscription before going on.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// Any one Redis command.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// How often the maintenance task wakes without being told to.
 const MAINTAIN_TICK: Duration = Duration::from_millis(250);
 
@@ -83,24 +86,55 @@ pub enum RedisTarget {
     /// `rediss+cluster://…` over TLS) — seed nodes of a Redis Cluster;
     /// sharded pub/sub (Redis 7+).
     Cluster(Vec<String>),
+    /// `redis+sentinel://[user:pass@]host:port,host:port,…/NAME[/DB]` (or
+    /// `rediss+sentinel://…`, TLS to Sentinel and the master alike) — the
+    /// Sentinels watching the master named NAME; the credentials and DB are
+    /// the master's. Follows failovers ([`super::sentinel`]).
+    Sentinel {
+        /// `redis[s]://host:port` of each Sentinel.
+        sentinels: Vec<String>,
+        name: String,
+        /// `redis[s]://[user:pass@]<first sentinel>/DB`: the master's
+        /// credentials and DB, in a URL so they are read as in any other.
+        master: String,
+    },
 }
+
+/// The port a Sentinel listens on unless the URL says otherwise.
+const SENTINEL_PORT: u16 = 26379;
 
 impl RedisTarget {
     pub fn parse(url: &str) -> Result<RedisTarget, String> {
+        let sentinel = [("redis+sentinel://", "redis://"), ("rediss+sentinel://", "rediss://")]
+            .into_iter()
+            .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
         let cluster = [("redis+cluster://", "redis://"), ("rediss+cluster://", "rediss://")]
             .into_iter()
             .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
-        let target = if let Some((rest, scheme)) = cluster {
-            let (credentials, hosts) = match rest.rfind('@') {
-                Some(at) => (&rest[..=at], &rest[at + 1..]),
-                None => ("", rest),
-            };
-            let nodes: Vec<String> = hosts
-                .split(',')
-                .map(str::trim)
-                .filter(|h| !h.is_empty())
-                .map(|h| format!("{scheme}{credentials}{h}"))
+        let target = if let Some((rest, scheme)) = sentinel {
+            let (credentials, rest) = split_credentials(rest);
+            let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+            let mut path = path.split('/');
+            let usage = "redis+sentinel://HOST:PORT,HOST:PORT,…/NAME[/DB]";
+            let name = path.next().filter(|n| !n.is_empty()).ok_or(format!("give the master's name: {usage}"))?;
+            let db = path.next().filter(|d| !d.is_empty()).unwrap_or("0");
+            if path.next().is_some() {
+                return Err(format!("expected {usage}"));
+            }
+            let sentinels: Vec<String> = hosts_of(hosts)
+                .map(|h| match h.rsplit_once(':') {
+                    Some((_, port)) if !port.contains(']') => format!("{scheme}{h}"),
+                    _ => format!("{scheme}{h}:{SENTINEL_PORT}"),
+                })
                 .collect();
+            let Some(first) = sentinels.first() else {
+                return Err(format!("give at least one Sentinel: {usage}"));
+            };
+            let master = format!("{scheme}{credentials}{}/{db}", &first[scheme.len()..]);
+            RedisTarget::Sentinel { sentinels, name: name.to_string(), master }
+        } else if let Some((rest, scheme)) = cluster {
+            let (credentials, hosts) = split_credentials(rest);
+            let nodes: Vec<String> = hosts_of(hosts).map(|h| format!("{scheme}{credentials}{h}")).collect();
             if nodes.is_empty() {
                 return Err("redis+cluster:// needs at least one HOST:PORT".into());
             }
@@ -113,16 +147,19 @@ impl RedisTarget {
             }
             RedisTarget::Single(url.to_string())
         } else {
-            return Err(
-                "expected redis://HOST:PORT, rediss://HOST:PORT (TLS) or redis+cluster://HOST:PORT,HOST:PORT,… \
-                        (rediss+cluster:// for TLS)"
-                    .into(),
-            );
+            return Err("expected redis://HOST:PORT, rediss://HOST:PORT (TLS), redis+cluster://HOST:PORT,HOST:PORT,… \
+                        or redis+sentinel://HOST:PORT,HOST:PORT,…/NAME (rediss+… for TLS)"
+                .into());
         };
         for url in target.urls() {
             url.as_str().into_connection_info().map_err(|e| format!("not a Redis URL: {e}"))?;
         }
         Ok(target)
+    }
+
+    /// Whether this names Sentinels (`redis+sentinel://`).
+    pub fn is_sentinel(&self) -> bool {
+        matches!(self, RedisTarget::Sentinel { .. })
     }
 
     /// Whether the connections use TLS (`rediss://`, `rediss+cluster://`).
@@ -134,8 +171,24 @@ impl RedisTarget {
         match self {
             RedisTarget::Single(url) => vec![url.clone()],
             RedisTarget::Cluster(nodes) => nodes.clone(),
+            RedisTarget::Sentinel { sentinels, master, .. } => {
+                sentinels.iter().chain(std::iter::once(master)).cloned().collect()
+            }
         }
     }
+}
+
+/// `user:pass@rest` → (`user:pass@`, `rest`); no `@`: (``, all of it).
+fn split_credentials(rest: &str) -> (&str, &str) {
+    match rest.rfind('@') {
+        Some(at) => (&rest[..=at], &rest[at + 1..]),
+        None => ("", rest),
+    }
+}
+
+/// The `HOST:PORT`s of a comma-separated list, blanks skipped.
+fn hosts_of(hosts: &str) -> impl Iterator<Item = &str> {
+    hosts.split(',').map(str::trim).filter(|h| !h.is_empty())
 }
 
 /// What a `rediss://` connection trusts and presents, read at start from
@@ -192,11 +245,12 @@ impl std::fmt::Debug for RedisTls {
     }
 }
 
-/// A connection to either kind of deployment; clones share it.
+/// A connection to any kind of deployment; clones share it.
 #[derive(Clone)]
 enum Conn {
     Single(ConnectionManager),
     Cluster(ClusterConnection),
+    Sentinel(Arc<Followed>),
 }
 
 fn resp3(url: &str) -> RedisResult<redis::ConnectionInfo> {
@@ -207,7 +261,8 @@ fn resp3(url: &str) -> RedisResult<redis::ConnectionInfo> {
 
 impl Conn {
     /// Connects; `push` receives pub/sub messages (only the subscriber has one).
-    async fn connect(target: &RedisTarget, tls: &RedisTls, push: Option<PushSink>) -> RedisResult<Conn> {
+    async fn connect(target: &RedisTarget, options: &RedisOptions, push: Option<PushSink>) -> RedisResult<Conn> {
+        let tls = &options.tls;
         match target {
             RedisTarget::Single(url) => {
                 let client = match tls.certificates() {
@@ -242,6 +297,36 @@ impl Conn {
                 }
                 Ok(Conn::Cluster(builder.build()?.get_async_connection().await?))
             }
+            RedisTarget::Sentinel { sentinels, name, master } => {
+                let sentinels: Vec<ConnectionAddr> = sentinels
+                    .iter()
+                    .map(|s| s.as_str().into_connection_info().map(|info| info.addr().clone()))
+                    .collect::<RedisResult<_>>()?;
+                let master = master.as_str().into_connection_info()?;
+                let master = master.redis_settings();
+                let mut builder = SentinelClientBuilder::new(sentinels, name, SentinelServerType::Master)?
+                    .set_client_to_redis_protocol(ProtocolVersion::RESP3)
+                    .set_client_to_redis_db(master.db());
+                if let Some(user) = master.username() {
+                    builder = builder.set_client_to_redis_username(user);
+                }
+                if let Some(password) = master.password() {
+                    builder = builder.set_client_to_redis_password(password);
+                }
+                if let Some(password) = &options.sentinel_password {
+                    builder = builder.set_client_to_sentinel_password(password);
+                }
+                if target.is_tls() {
+                    builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
+                    if let Some(certificates) = tls.certificates() {
+                        builder = builder.set_client_to_redis_certificates(certificates);
+                    }
+                    if let Some(certificates) = tls.certificates() {
+                        builder = builder.set_client_to_sentinel_certificates(certificates);
+                    }
+                }
+                Ok(Conn::Sentinel(Followed::connect(builder.build()?, push).await?))
+            }
         }
     }
 
@@ -250,6 +335,9 @@ impl Conn {
             match self {
                 Conn::Single(c) => cmd.query_async(c).await,
                 Conn::Cluster(c) => cmd.query_async(c).await,
+                // Boxed: callers on the request path (the rate limiter) would
+                // otherwise carry its whole state machine in theirs.
+                Conn::Sentinel(f) => Box::pin(f.run(|mut c| async move { cmd.query_async(&mut c).await })).await,
             }
         };
         match timeout(COMMAND_TIMEOUT, run).await {
@@ -261,16 +349,21 @@ impl Conn {
     /// Runs independent commands: one pipeline on a single Redis; on a
     /// cluster each goes to its slot's node, all in flight at once.
     async fn run_all(&mut self, cmds: Vec<redis::Cmd>) -> RedisResult<()> {
+        let pipeline = |cmds: Vec<redis::Cmd>| {
+            let mut pipe = redis::pipe();
+            for cmd in cmds {
+                pipe.add_command(cmd).ignore();
+            }
+            pipe
+        };
         match self {
-            Conn::Single(c) => {
-                let mut pipe = redis::pipe();
-                for cmd in cmds {
-                    pipe.add_command(cmd).ignore();
-                }
-                match timeout(COMMAND_TIMEOUT, pipe.exec_async(c)).await {
-                    Ok(result) => result,
-                    Err(_) => Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
-                }
+            Conn::Single(c) => match timeout(COMMAND_TIMEOUT, pipeline(cmds).exec_async(c)).await {
+                Ok(result) => result,
+                Err(_) => Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+            },
+            Conn::Sentinel(f) => {
+                let pipe = pipeline(cmds);
+                f.run(|mut c| async move { pipe.exec_async(&mut c).await }).await
             }
             Conn::Cluster(c) => {
                 let runs = cmds.into_iter().map(|cmd| {
@@ -298,13 +391,13 @@ impl Conn {
 /// Where the subscriber connection's pushes go: a bounded queue. A full queue
 /// drops the message and asks for a repair; a disconnection is never missed.
 #[derive(Clone)]
-struct PushSink {
+pub(super) struct PushSink {
     queue: mpsc::Sender<PushInfo>,
     signals: Arc<Signals>,
 }
 
 impl PushSink {
-    fn send(&self, info: PushInfo) -> Result<(), ()> {
+    pub(super) fn send(&self, info: PushInfo) -> Result<(), ()> {
         if info.kind == PushKind::Disconnection {
             self.signals.disconnected.store(true, Ordering::SeqCst);
             self.signals.maintain.notify_one();
@@ -386,6 +479,8 @@ pub struct RedisOptions {
     pub repair_interval: Duration,
     pub presence_ttl: Duration,
     pub tls: RedisTls,
+    /// For Sentinels that require one (`redis+sentinel://` only).
+    pub sentinel_password: Option<String>,
 }
 
 impl RedisBroker {
@@ -408,8 +503,8 @@ impl RedisBroker {
         let signals = changes.signals.clone();
         let (push_tx, push_rx) = mpsc::channel(RECEIVE_QUEUE);
         let sink = PushSink { queue: push_tx, signals: signals.clone() };
-        let publisher = Conn::connect(target, &options.tls, None).await.map_err(unavailable)?;
-        let subscriber = Conn::connect(target, &options.tls, Some(sink)).await.map_err(unavailable)?;
+        let publisher = Conn::connect(target, &options, None).await.map_err(unavailable)?;
+        let subscriber = Conn::connect(target, &options, Some(sink)).await.map_err(unavailable)?;
         let (outgoing, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
         let shared = Arc::new(Shared {
             node_id: options.node_id,
@@ -509,6 +604,8 @@ impl Shared {
                 match &mut conn {
                     Conn::Single(c) if on => c.subscribe(&channels).await,
                     Conn::Single(c) => c.unsubscribe(&channels).await,
+                    Conn::Sentinel(f) if on => f.run(|mut c| async move { c.subscribe(&channels).await }).await,
+                    Conn::Sentinel(f) => f.run(|mut c| async move { c.unsubscribe(&channels).await }).await,
                     Conn::Cluster(c) => {
                         let runs = channels.iter().map(|ch| {
                             let mut c = c.clone();

@@ -318,3 +318,144 @@ impl Drop for RedisCluster {
         }
     }
 }
+
+/// `redis-cli -p <port> <args…>`: what it printed (empty if it failed).
+fn redis_cli(port: u16, args: &[&str]) -> String {
+    Command::new("redis-cli")
+        .args(["-p", &port.to_string()])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+}
+
+/// A Redis master, one replica and three Sentinels watching them (quorum
+/// two), all of this test's own, under the master name [`Self::NAME`].
+pub struct RedisSentinel {
+    /// `[master, replica]` as started; a failover swaps their roles.
+    ports: [u16; 2],
+    sentinels: [u16; 3],
+    children: Vec<Child>,
+    _reaper: Reaper,
+    _dir: tempfile::TempDir,
+}
+
+impl RedisSentinel {
+    pub const NAME: &'static str = "herald-master";
+
+    pub fn start() -> RedisSentinel {
+        let dir = tempfile::Builder::new().prefix("herald-redis-sentinel-").tempdir().expect("a temp dir");
+        let ports = [free_port(), free_port()];
+        let mut children = vec![redis_server(ports[0], dir.path(), &[])];
+        wait_until("the master answers PING", Duration::from_secs(10), || redis_ping(ports[0]));
+        children.push(redis_server(ports[1], dir.path(), &["--replicaof", "127.0.0.1", &ports[0].to_string()]));
+        wait_until("the replica is in sync", Duration::from_secs(20), || {
+            redis_cli(ports[1], &["info", "replication"]).contains("master_link_status:up")
+        });
+        let sentinels = [free_port(), free_port(), free_port()];
+        for port in sentinels {
+            // Sentinel rewrites its configuration file: each gets its own.
+            let conf = dir.path().join(format!("sentinel-{port}.conf"));
+            std::fs::write(
+                &conf,
+                format!(
+                    "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {name} 127.0.0.1 {master} 2\n\
+                     sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
+                    dir = path(dir.path()),
+                    name = Self::NAME,
+                    master = ports[0],
+                ),
+            )
+            .unwrap();
+            let log = std::fs::File::create(dir.path().join(format!("sentinel-{port}.log"))).unwrap();
+            children.push(
+                Command::new("redis-server")
+                    .arg(&conf)
+                    .arg("--sentinel")
+                    .stdin(Stdio::null())
+                    .stdout(log.try_clone().unwrap())
+                    .stderr(log)
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot start redis-server --sentinel: {e}")),
+            );
+        }
+        let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
+        let reaper = Reaper::spawn(&format!("kill -9 {}; rm -rf {}", pids.join(" "), shell_quote(&path(dir.path()))));
+        let redis = RedisSentinel { ports, sentinels, children, _reaper: reaper, _dir: dir };
+        for port in sentinels {
+            wait_until("every Sentinel knows the replica and the other Sentinels", Duration::from_secs(30), || {
+                let master = redis_cli(port, &["sentinel", "master", Self::NAME]);
+                let field = |name: &str| {
+                    let mut lines = master.lines();
+                    lines.find(|l| l.trim() == name).and_then(|_| lines.next()).map(str::trim).map(str::to_string)
+                };
+                field("num-slaves").as_deref() == Some("1") && field("num-other-sentinels").as_deref() == Some("2")
+            });
+        }
+        redis
+    }
+
+    /// `redis+sentinel://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/<NAME>`
+    pub fn url(&self) -> String {
+        let addrs: Vec<String> = self.sentinels.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+        format!("redis+sentinel://{}/{}", addrs.join(","), Self::NAME)
+    }
+
+    /// The port of the server the first Sentinel names as master.
+    pub fn master_port(&self) -> u16 {
+        let answer = redis_cli(self.sentinels[0], &["sentinel", "get-master-addr-by-name", Self::NAME]);
+        answer.lines().nth(1).and_then(|p| p.trim().parse().ok()).expect("Sentinel names a master")
+    }
+
+    /// `redis-cli -p <port> <args…>` on one of the two data servers.
+    pub fn cli(&self, port: u16, args: &[&str]) -> String {
+        assert!(self.ports.contains(&port), "not one of this Sentinel's servers");
+        redis_cli(port, args)
+    }
+
+    /// Has the first Sentinel fail over (`SENTINEL FAILOVER`, the old master
+    /// left running), then waits until every Sentinel names the new master
+    /// and the old one has been made its replica — the moment Sentinel
+    /// closes the old master's clients. Returns the new master's port.
+    pub fn fail_over(&self) -> u16 {
+        let old = self.master_port();
+        let new = *self.ports.iter().find(|p| **p != old).unwrap();
+        assert!(redis_cli(self.sentinels[0], &["sentinel", "failover", Self::NAME]).contains("OK"));
+        for port in self.sentinels {
+            wait_until("every Sentinel names the new master", Duration::from_secs(30), || {
+                redis_cli(port, &["sentinel", "get-master-addr-by-name", Self::NAME]).contains(&new.to_string())
+            });
+        }
+        wait_until("the old master is a replica of the new one", Duration::from_secs(60), || {
+            let info = redis_cli(old, &["info", "replication"]);
+            info.contains("role:slave") && info.contains(&format!("master_port:{new}"))
+        });
+        new
+    }
+}
+
+impl RedisSentinel {
+    /// Kills the master (SIGKILL) and waits until every Sentinel names the
+    /// replica it promotes. Returns the new master's port.
+    pub fn kill_master(&mut self) -> u16 {
+        let old = self.master_port();
+        let at = self.ports.iter().position(|p| *p == old).unwrap();
+        stop_child(&mut self.children[at]);
+        let new = self.ports[1 - at];
+        for port in self.sentinels {
+            wait_until("every Sentinel names the promoted replica", Duration::from_secs(30), || {
+                redis_cli(port, &["sentinel", "get-master-addr-by-name", Self::NAME]).contains(&new.to_string())
+            });
+        }
+        new
+    }
+}
+
+impl Drop for RedisSentinel {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            stop_child(child);
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! A connection to the Redis master that Sentinel names, which follows a
+//! failover (`redis+sentinel://`).
+//!
+//! A plain Redis client reconnects to the address it had. After a failover
+//! that is the old master, now a replica: writes fail there, and a
+//! `PUBLISH` reaches only that replica's own subscribers, so nodes would
+//! silently stop hearing each other. Here every connection starts by asking
+//! Sentinel for the master, and a connection is given up
+//! - as soon as its socket closes (Sentinel closes every client of a master
+//!   it demotes; a master that dies closes them too), and
+//! - when a command fails in a way that means the server is gone or is no
+//!   longer the master (I/O error, timeout, `READONLY`).
+//!
+//! The next command then asks Sentinel again and connects to the master it
+//! names; callers that race for that share one lookup. A command that failed
+//! is not retried here: the broker's callers retry (subscriptions, presence)
+//! or the store repairs what they dropped (publishes). The subscriber's
+//! broker is told of each move as a disconnection, so it re-subscribes every
+//! local user on the new master and repairs.
+//!
+//! Between a promotion and the old master's demotion (when Sentinel
+//! reconfigures it) a node may still talk to the old master: what it
+//! publishes there is lost to other nodes, and the periodic repair fetches
+//! it from the store.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use redis::aio::MultiplexedConnection;
+use redis::sentinel::SentinelClient;
+use redis::{AsyncConnectionConfig, PushInfo, PushKind, RedisError, RedisResult};
+use tokio::time::timeout;
+
+use super::redis::{PushSink, COMMAND_TIMEOUT};
+
+/// See the module documentation. Shared by its clones through an `Arc`.
+pub(super) struct Followed {
+    sentinel: tokio::sync::Mutex<SentinelClient>,
+    /// The subscriber's pushes; `None` on the command connection.
+    push: Option<PushSink>,
+    /// The connection in use, numbered; `None` until the next command
+    /// connects.
+    current: Mutex<Option<(u64, MultiplexedConnection)>>,
+    generation: AtomicU64,
+    /// Held while asking Sentinel and connecting.
+    moving: tokio::sync::Mutex<()>,
+    this: Weak<Followed>,
+}
+
+impl Followed {
+    /// Asks Sentinel for the master and connects (an error if either fails).
+    pub async fn connect(sentinel: SentinelClient, push: Option<PushSink>) -> RedisResult<Arc<Followed>> {
+        let followed = Arc::new_cyclic(|this| Followed {
+            sentinel: tokio::sync::Mutex::new(sentinel),
+            push,
+            current: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            moving: tokio::sync::Mutex::new(()),
+            this: this.clone(),
+        });
+        followed.connection().await?;
+        Ok(followed)
+    }
+
+    /// Runs `command` on the master's connection; gives the connection up
+    /// when the error says it is lost or no longer the master's.
+    pub async fn run<T, F>(&self, command: impl FnOnce(MultiplexedConnection) -> F) -> RedisResult<T>
+    where
+        F: std::future::Future<Output = RedisResult<T>>,
+    {
+        let (generation, conn) = self.connection().await?;
+        let result = match timeout(COMMAND_TIMEOUT, command(conn)).await {
+            Ok(result) => result,
+            Err(_) => Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+        };
+        if let Err(e) = &result {
+            if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.code() == Some("READONLY") {
+                tracing::info!(error = %e, "Redis master lost; asking Sentinel again");
+                self.forget(generation);
+            }
+        }
+        result
+    }
+
+    fn current(&self) -> Option<(u64, MultiplexedConnection)> {
+        self.current.lock().expect("current connection").clone()
+    }
+
+    async fn connection(&self) -> RedisResult<(u64, MultiplexedConnection)> {
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let _moving = self.moving.lock().await;
+        if let Some(current) = self.current() {
+            return Ok(current);
+        }
+        let client =
+            match timeout(COMMAND_TIMEOUT * 2, async { self.sentinel.lock().await.async_get_client().await }).await {
+                Ok(client) => client?,
+                Err(_) => return Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+            };
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let (this, push) = (self.this.clone(), self.push.clone());
+        let config = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(COMMAND_TIMEOUT))
+            .set_response_timeout(Some(COMMAND_TIMEOUT))
+            .set_push_sender(move |info: PushInfo| {
+                if info.kind == PushKind::Disconnection {
+                    if let Some(followed) = this.upgrade() {
+                        followed.forget(generation);
+                    }
+                    return Ok(());
+                }
+                match &push {
+                    Some(push) => push.send(info),
+                    None => Ok(()),
+                }
+            });
+        let conn = client.get_multiplexed_async_connection_with_config(&config).await?;
+        tracing::info!(master = ?client.get_connection_info().addr(), "connected to the Redis master Sentinel names");
+        *self.current.lock().expect("current connection") = Some((generation, conn.clone()));
+        Ok((generation, conn))
+    }
+
+    /// Gives up connection `generation` if it is still the one in use; the
+    /// subscriber's broker hears of it as a disconnection.
+    fn forget(&self, generation: u64) {
+        let mut current = self.current.lock().expect("current connection");
+        if current.as_ref().is_some_and(|(g, _)| *g == generation) {
+            *current = None;
+            drop(current);
+            if let Some(push) = &self.push {
+                let _ = push.send(PushInfo { kind: PushKind::Disconnection, data: Vec::new() });
+            }
+        }
+    }
+}
