@@ -16,13 +16,17 @@ use services::*;
 /// Longest wait for notifications that should arrive; only a failure limit.
 const DEADLINE: Duration = Duration::from_secs(20);
 
-fn sentinel_cluster(redis: &RedisSentinel, nodes: usize) -> Cluster {
-    Cluster::build()
+/// `nodes` nodes on `redis` (`extra` settings on top).
+fn sentinel_cluster(redis: &RedisSentinel, nodes: usize, extra: &[(&str, &str)]) -> Cluster {
+    let mut build = Cluster::build()
         .nodes(nodes)
         .redis(redis.url())
         .env("HERALD_REPAIR_INTERVAL", "1h")
-        .env("HERALD_PRESENCE_TTL", "3s")
-        .start()
+        .env("HERALD_PRESENCE_TTL", "3s");
+    for (key, value) in extra {
+        build = build.env(key, value);
+    }
+    build.start()
 }
 
 /// Publishes `seqs` to `user` through `node`, asserting each seq.
@@ -55,9 +59,25 @@ async fn heard(cluster: &Cluster, from: usize, to: usize, user: &str, first: i64
 /// failover hears, and is heard by, the ones started before.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_follow_a_failover_to_the_master_sentinel_names() {
-    let redis = RedisSentinel::start();
+    follow_a_failover(RedisSentinel::start(), &[]).await;
+}
+
+/// The same over TLS (`rediss+sentinel://`): to the Sentinels and to each
+/// master they name, trusting the CA in `HERALD_REDIS_TLS_CA`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_follow_a_failover_over_tls() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = common::tls::TestCerts::create(dir.path());
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let redis = RedisSentinel::start_tls(&certs.cert, &certs.key, &ca);
+    assert!(redis.url().starts_with("rediss+sentinel://"));
+    follow_a_failover(redis, &[("HERALD_REDIS_TLS_CA", ca.to_str().unwrap())]).await;
+}
+
+async fn follow_a_failover(redis: RedisSentinel, extra: &[(&str, &str)]) {
     let before = redis.master_port();
-    let mut cluster = sentinel_cluster(&redis, 2);
+    let mut cluster = sentinel_cluster(&redis, 2, extra);
     heard(&cluster, 0, 1, "alice", 1, 3).await;
 
     let redis = std::sync::Arc::new(redis);
@@ -91,7 +111,7 @@ async fn nodes_follow_a_failover_to_the_master_sentinel_names() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_reach_the_replica_sentinel_promotes_when_the_master_dies() {
     let redis = RedisSentinel::start();
-    let cluster = sentinel_cluster(&redis, 2);
+    let cluster = sentinel_cluster(&redis, 2, &[]);
     heard(&cluster, 0, 1, "alice", 1, 2).await;
 
     let reader = Reader::spawn(cluster.node(1).connect("dave", None).await, None);

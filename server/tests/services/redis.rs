@@ -319,9 +319,10 @@ impl Drop for RedisCluster {
     }
 }
 
-/// `redis-cli -p <port> <args…>`: what it printed (empty if it failed).
-fn redis_cli(port: u16, args: &[&str]) -> String {
+/// `redis-cli [<tls…>] -p <port> <args…>`: what it printed (empty if it failed).
+fn redis_cli(tls: &[String], port: u16, args: &[&str]) -> String {
     Command::new("redis-cli")
+        .args(tls)
         .args(["-p", &port.to_string()])
         .args(args)
         .stdin(Stdio::null())
@@ -336,6 +337,10 @@ pub struct RedisSentinel {
     /// `[master, replica]` as started; a failover swaps their roles.
     ports: [u16; 2],
     sentinels: [u16; 3],
+    /// redis-cli's TLS flags (none without TLS).
+    cli_tls: Vec<String>,
+    /// `redis+sentinel` or `rediss+sentinel`.
+    scheme: &'static str,
     children: Vec<Child>,
     _reaper: Reaper,
     _dir: tempfile::TempDir,
@@ -345,29 +350,74 @@ impl RedisSentinel {
     pub const NAME: &'static str = "herald-master";
 
     pub fn start() -> RedisSentinel {
+        RedisSentinel::start_with(None)
+    }
+
+    /// Like [`start`](Self::start), every server and Sentinel speaking TLS
+    /// only (to clients and to each other): the PEM chain `cert` with `key`,
+    /// `ca` for peers; clients need no certificate.
+    pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisSentinel {
+        RedisSentinel::start_with(Some((cert, key, ca)))
+    }
+
+    fn start_with(tls: Option<(&Path, &Path, &Path)>) -> RedisSentinel {
         let dir = tempfile::Builder::new().prefix("herald-redis-sentinel-").tempdir().expect("a temp dir");
         let ports = [free_port(), free_port()];
-        let mut children = vec![redis_server(ports[0], dir.path(), &[])];
-        wait_until("the master answers PING", Duration::from_secs(10), || redis_ping(ports[0]));
-        children.push(redis_server(ports[1], dir.path(), &["--replicaof", "127.0.0.1", &ports[0].to_string()]));
+        let cli_tls: Vec<String> = match tls {
+            Some((_, _, ca)) => vec!["--tls".into(), "--cacert".into(), path(ca)],
+            None => Vec::new(),
+        };
+        // The servers' TLS settings: as flags, and as Sentinel configuration lines.
+        let tls_settings: Vec<(&str, String)> = match tls {
+            Some((cert, key, ca)) => vec![
+                ("tls-cert-file", path(cert)),
+                ("tls-key-file", path(key)),
+                ("tls-ca-cert-file", path(ca)),
+                ("tls-auth-clients", "no".into()),
+                ("tls-replication", "yes".into()),
+            ],
+            None => Vec::new(),
+        };
+        let server = |port: u16, extra: &[&str]| {
+            let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+            if tls.is_some() {
+                args.extend(["--port".into(), "0".into(), "--tls-port".into(), port.to_string()]);
+                for (name, value) in &tls_settings {
+                    args.extend([format!("--{name}"), value.clone()]);
+                }
+            }
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            redis_server(port, dir.path(), &args)
+        };
+        let mut children = vec![server(ports[0], &[])];
+        wait_until("the master answers PING", Duration::from_secs(10), || {
+            redis_cli(&cli_tls, ports[0], &["ping"]).contains("PONG")
+        });
+        children.push(server(ports[1], &["--replicaof", "127.0.0.1", &ports[0].to_string()]));
         wait_until("the replica is in sync", Duration::from_secs(20), || {
-            redis_cli(ports[1], &["info", "replication"]).contains("master_link_status:up")
+            redis_cli(&cli_tls, ports[1], &["info", "replication"]).contains("master_link_status:up")
         });
         let sentinels = [free_port(), free_port(), free_port()];
         for port in sentinels {
             // Sentinel rewrites its configuration file: each gets its own.
             let conf = dir.path().join(format!("sentinel-{port}.conf"));
-            std::fs::write(
-                &conf,
-                format!(
-                    "port {port}\nbind 127.0.0.1\ndir {dir}\nsentinel monitor {name} 127.0.0.1 {master} 2\n\
-                     sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
-                    dir = path(dir.path()),
-                    name = Self::NAME,
-                    master = ports[0],
-                ),
-            )
-            .unwrap();
+            let mut text = format!(
+                "bind 127.0.0.1\ndir {dir}\nsentinel monitor {name} 127.0.0.1 {master} 2\n\
+                 sentinel down-after-milliseconds {name} 1000\nsentinel failover-timeout {name} 10000\n",
+                dir = path(dir.path()),
+                name = Self::NAME,
+                master = ports[0],
+            );
+            match tls {
+                None => text.push_str(&format!("port {port}\n")),
+                Some(_) => {
+                    text.push_str(&format!("port 0\ntls-port {port}\n"));
+                    for (name, value) in &tls_settings {
+                        text.push_str(&format!("{name} {value}\n"));
+                    }
+                }
+            }
+            std::fs::write(&conf, text).unwrap();
             let log = std::fs::File::create(dir.path().join(format!("sentinel-{port}.log"))).unwrap();
             children.push(
                 Command::new("redis-server")
@@ -382,10 +432,11 @@ impl RedisSentinel {
         }
         let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
         let reaper = Reaper::spawn(&format!("kill -9 {}; rm -rf {}", pids.join(" "), shell_quote(&path(dir.path()))));
-        let redis = RedisSentinel { ports, sentinels, children, _reaper: reaper, _dir: dir };
+        let scheme = if tls.is_some() { "rediss+sentinel" } else { "redis+sentinel" };
+        let redis = RedisSentinel { ports, sentinels, cli_tls, scheme, children, _reaper: reaper, _dir: dir };
         for port in sentinels {
             wait_until("every Sentinel knows the replica and the other Sentinels", Duration::from_secs(30), || {
-                let master = redis_cli(port, &["sentinel", "master", Self::NAME]);
+                let master = redis.cli_any(port, &["sentinel", "master", Self::NAME]);
                 let field = |name: &str| {
                     let mut lines = master.lines();
                     lines.find(|l| l.trim() == name).and_then(|_| lines.next()).map(str::trim).map(str::to_string)
@@ -396,22 +447,27 @@ impl RedisSentinel {
         redis
     }
 
-    /// `redis+sentinel://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/<NAME>`
+    /// `redis+sentinel://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/<NAME>` (`rediss+sentinel://…` over TLS)
     pub fn url(&self) -> String {
         let addrs: Vec<String> = self.sentinels.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("redis+sentinel://{}/{}", addrs.join(","), Self::NAME)
+        format!("{}://{}/{}", self.scheme, addrs.join(","), Self::NAME)
+    }
+
+    /// `redis-cli` on any of its servers or Sentinels.
+    fn cli_any(&self, port: u16, args: &[&str]) -> String {
+        redis_cli(&self.cli_tls, port, args)
     }
 
     /// The port of the server the first Sentinel names as master.
     pub fn master_port(&self) -> u16 {
-        let answer = redis_cli(self.sentinels[0], &["sentinel", "get-master-addr-by-name", Self::NAME]);
+        let answer = self.cli_any(self.sentinels[0], &["sentinel", "get-master-addr-by-name", Self::NAME]);
         answer.lines().nth(1).and_then(|p| p.trim().parse().ok()).expect("Sentinel names a master")
     }
 
     /// `redis-cli -p <port> <args…>` on one of the two data servers.
     pub fn cli(&self, port: u16, args: &[&str]) -> String {
         assert!(self.ports.contains(&port), "not one of this Sentinel's servers");
-        redis_cli(port, args)
+        self.cli_any(port, args)
     }
 
     /// Has the first Sentinel fail over (`SENTINEL FAILOVER`, the old master
@@ -421,14 +477,14 @@ impl RedisSentinel {
     pub fn fail_over(&self) -> u16 {
         let old = self.master_port();
         let new = *self.ports.iter().find(|p| **p != old).unwrap();
-        assert!(redis_cli(self.sentinels[0], &["sentinel", "failover", Self::NAME]).contains("OK"));
+        assert!(self.cli_any(self.sentinels[0], &["sentinel", "failover", Self::NAME]).contains("OK"));
         for port in self.sentinels {
             wait_until("every Sentinel names the new master", Duration::from_secs(30), || {
-                redis_cli(port, &["sentinel", "get-master-addr-by-name", Self::NAME]).contains(&new.to_string())
+                self.cli_any(port, &["sentinel", "get-master-addr-by-name", Self::NAME]).contains(&new.to_string())
             });
         }
         wait_until("the old master is a replica of the new one", Duration::from_secs(60), || {
-            let info = redis_cli(old, &["info", "replication"]);
+            let info = self.cli_any(old, &["info", "replication"]);
             info.contains("role:slave") && info.contains(&format!("master_port:{new}"))
         });
         new
@@ -445,7 +501,7 @@ impl RedisSentinel {
         let new = self.ports[1 - at];
         for port in self.sentinels {
             wait_until("every Sentinel names the promoted replica", Duration::from_secs(30), || {
-                redis_cli(port, &["sentinel", "get-master-addr-by-name", Self::NAME]).contains(&new.to_string())
+                self.cli_any(port, &["sentinel", "get-master-addr-by-name", Self::NAME]).contains(&new.to_string())
             });
         }
         new
