@@ -99,6 +99,20 @@ pub struct NotificationPage<P = Value> {
     pub last_seq: Seq,
 }
 
+/// `DELETE /v1/users/{id}/notifications[?up_to_seq=N]`: what was erased.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Erased {
+    pub user_id: String,
+    /// Notifications deleted.
+    pub deleted: u64,
+    /// Digest windows deleted (only when everything was erased).
+    pub digests: u64,
+    /// The user's oldest kept seq (`last_seq + 1` when none is kept).
+    pub oldest_seq: Seq,
+    /// The user's newest committed seq: the counter stays, seqs are never reused.
+    pub last_seq: Seq,
+}
+
 /// `GET /v1/me/unread`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnreadCounts {

@@ -1,7 +1,7 @@
 //! Publishing over HTTP with an API key (spec §3, "Publishing").
 
 use herald_protocol::http::{
-    DigestAccepted, JobAccepted, JobStatus, NotificationPage, PublishRequest, PublishResponse, Published,
+    DigestAccepted, Erased, JobAccepted, JobStatus, NotificationPage, PublishRequest, PublishResponse, Published,
 };
 use herald_protocol::Seq;
 use reqwest::StatusCode;
@@ -117,6 +117,17 @@ impl Publisher {
         };
         let (_, mut answer) = self.publish(&request).await?;
         answer.notifications.pop().ok_or_else(|| Error::Protocol("empty publish answer".into()))
+    }
+
+    /// `DELETE /v1/users/{user}/notifications`: erases the user's stored
+    /// notifications (all of them, or those up to `up_to_seq`).
+    pub async fn erase(&self, user: &str, up_to_seq: Option<Seq>) -> Result<Erased, Error> {
+        let url = format!("{}/v1/users/{}/notifications", self.base, encode_segment(user));
+        let mut request = self.http.delete(url).bearer_auth(&self.api_key);
+        if let Some(up_to) = up_to_seq {
+            request = request.query(&[("up_to_seq", up_to)]);
+        }
+        Ok(answer(request.send().await?).await?.1)
     }
 
     /// `GET /v1/users/{user}/notifications?after_seq=&limit=`, oldest first.

@@ -5,8 +5,8 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
-use herald_protocol::http::{NotificationPage, UnreadCounts};
-use herald_protocol::Seq;
+use herald_protocol::http::{Erased, NotificationPage, UnreadCounts};
+use herald_protocol::{ReadMark, Seq};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
@@ -84,6 +84,41 @@ pub async fn user_history(
     let found = state.metrics.store_op("after", read).await?;
     let head = state.metrics.store_op("head", state.store.head(&user)).await?;
     Ok(Json(NotificationPage { notifications: found.iter().map(|n| n.to_api()).collect(), last_seq: head.last_seq }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EraseParams {
+    up_to_seq: Option<Seq>,
+}
+
+/// `DELETE /v1/users/{user_id}/notifications[?up_to_seq=N]`: erases what
+/// the user has stored, committed before the request (all of it, or up to
+/// `up_to_seq`): notifications, their read state and idempotency keys and,
+/// when everything goes, the digest windows still collecting. The counter
+/// stays, so seqs are never reused; a session resuming below what is left
+/// gets `truncated`, and open sessions get a `read` frame up to the erased
+/// seq, so badges agree with `GET /v1/me/unread`.
+pub async fn erase(
+    State(state): State<AppState>,
+    _: ApiKey,
+    UserPath(user): UserPath,
+    QueryParams(p): QueryParams<EraseParams>,
+) -> Result<Json<Erased>, ApiError> {
+    let up_to = seq_bound("up_to_seq", p.up_to_seq)?;
+    let before = state.metrics.store_op("head", state.store.head(&user)).await?;
+    let bound = up_to.map_or(before.last_seq, |n| n.min(before.last_seq));
+    let deleted = state.metrics.store_op("erase", state.store.erase(&user, bound)).await?;
+    let digests = match up_to {
+        None => state.metrics.store_op("digest_erase", state.store.digest_erase(&user)).await?,
+        Some(_) => 0,
+    };
+    let head = state.metrics.store_op("head", state.store.head(&user)).await?;
+    tracing::info!(user_id = %user, deleted, digests, up_to_seq = bound, "notifications erased");
+    if deleted > 0 {
+        crate::ws::session::broadcast_read(&state, &user.as_str().into(), ReadMark::UpTo { up_to_seq: bound }).await;
+    }
+    Ok(Json(Erased { user_id: user, deleted, digests, oldest_seq: head.oldest_seq, last_seq: head.last_seq }))
 }
 
 #[derive(Deserialize)]

@@ -46,7 +46,7 @@ pub fn router(state: AppState) -> Router {
             post(publish::publish).layer(DefaultBodyLimit::max(publish_limit)).layer(declared(publish_limit)),
         )
         .route("/v1/jobs/{id}", get(jobs::status))
-        .route("/v1/users/{user_id}/notifications", get(inbox::user_history))
+        .route("/v1/users/{user_id}/notifications", get(inbox::user_history).delete(inbox::erase))
         .route("/v1/users/{user_id}/presence", get(inbox::presence))
         .merge(me)
         .route("/healthz", get(ops::healthz))

@@ -178,6 +178,11 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// When the next open window closes, if any: lets closers sleep until then.
     async fn digest_next_close(&self) -> Result<Option<i64>, StoreError>;
+
+    /// Deletes every window of `user` with its items (erasure); returns how
+    /// many windows. A window a closer had already claimed and read may
+    /// still be appended as its digest notification.
+    async fn digest_erase(&self, user: &str) -> Result<u64, StoreError>;
 }
 
 /// The statements both stores run: `$n` placeholders (SQLite reads them as
@@ -243,6 +248,9 @@ pub(crate) mod sql {
     pub const DIGEST_ITEMS: &str = "SELECT payload FROM digest_items WHERE window_id = $1 ORDER BY n";
     pub const DIGEST_DELETE_ITEMS: &str = "DELETE FROM digest_items WHERE window_id = $1";
     pub const DIGEST_DELETE: &str = "DELETE FROM digest_windows WHERE id = $1";
+    pub const DIGEST_ERASE_ITEMS: &str =
+        "DELETE FROM digest_items WHERE window_id IN (SELECT id FROM digest_windows WHERE user_id = $1)";
+    pub const DIGEST_ERASE: &str = "DELETE FROM digest_windows WHERE user_id = $1";
     /// When a closer next has something to do: a free window's close, or a
     /// held window's lease running out (its holder may have died).
     pub const DIGEST_NEXT: &str = "SELECT MIN(CASE WHEN owner IS NULL OR lease_until < closes_at \
@@ -503,6 +511,14 @@ macro_rules! impl_job_store {
 
                 async fn digest_next_close(&self) -> Result<Option<i64>, StoreError> {
                     Ok(sqlx::query_scalar(sql::DIGEST_NEXT).fetch_one(&self.pool).await?)
+                }
+
+                async fn digest_erase(&self, user: &str) -> Result<u64, StoreError> {
+                    let mut tx = self.pool.begin_with($begin).await?;
+                    sqlx::query(sql::DIGEST_ERASE_ITEMS).bind(user).execute(&mut *tx).await?;
+                    let windows = sqlx::query(sql::DIGEST_ERASE).bind(user).execute(&mut *tx).await?;
+                    tx.commit().await?;
+                    Ok(windows.rows_affected())
                 }
             }
         };

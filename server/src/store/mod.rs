@@ -19,6 +19,35 @@ pub mod sqlite;
 
 pub use jobs::JobStore;
 
+/// Rows deleted per statement by retention and erasure, so neither holds
+/// long locks.
+const DELETE_CHUNK: i64 = 1000;
+
+/// Retention: a chunk of notifications created before `$1` (`$2` rows).
+const PURGE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE (user_id, seq) IN \
+     (SELECT user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2)";
+
+/// Erasure: user `$1`'s oldest `$3` notifications with `seq <= $2`.
+const ERASE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE user_id = $1 AND seq IN \
+     (SELECT seq FROM notifications WHERE user_id = $1 AND seq <= $2 ORDER BY seq LIMIT $3)";
+
+/// Runs a chunked `DELETE` (`$sql`, bound to `$bind`s then the chunk size)
+/// on `$pool` until a run deletes less than a chunk; evaluates to how many
+/// rows went, or returns the error.
+macro_rules! delete_in_chunks {
+    ($pool:expr, $sql:expr $(, $bind:expr)*) => {{
+        let mut total = 0u64;
+        loop {
+            let done = sqlx::query($sql)$(.bind($bind))*.bind($crate::store::DELETE_CHUNK).execute($pool).await?;
+            total += done.rows_affected();
+            if done.rows_affected() < $crate::store::DELETE_CHUNK as u64 {
+                break total;
+            }
+        }
+    }};
+}
+use delete_in_chunks;
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the work; retry later.
@@ -210,6 +239,14 @@ pub trait Store: JobStore + Send + Sync + 'static {
     /// Deletes notifications created before `before_ms`. Seqs are never
     /// reused: a user's counter survives the purge of all their notifications.
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError>;
+
+    /// Deletes the user's notifications with `seq <= up_to`, with their read
+    /// state and idempotency keys; returns how many. Oldest first, a chunk
+    /// per statement, so what is left is always a contiguous tail (a replay
+    /// running meanwhile never meets a hole). As with [`purge`](Self::purge)
+    /// the counter stays: seqs are never reused, and a session resuming
+    /// below what is left is told `truncated`.
+    async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

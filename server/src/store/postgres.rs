@@ -60,9 +60,6 @@ macro_rules! select {
     };
 }
 
-/// Rows deleted per purge statement, so retention never holds long locks.
-const PURGE_CHUNK: i64 = 1000;
-
 /// Opens the PostgreSQL store and runs `migrations/postgres`.
 pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>, StoreError> {
     Ok(Arc::new(PostgresStore::open(url, options).await?))
@@ -283,21 +280,11 @@ impl Store for PostgresStore {
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM notifications WHERE (user_id, seq) IN
-                   (SELECT user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2)",
-            )
-            .bind(before_ms)
-            .bind(PURGE_CHUNK)
-            .execute(&self.pool)
-            .await?;
-            total += done.rows_affected();
-            if done.rows_affected() < PURGE_CHUNK as u64 {
-                return Ok(total);
-            }
-        }
+        Ok(super::delete_in_chunks!(&self.pool, super::PURGE_CHUNK_SQL, before_ms))
+    }
+
+    async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
+        Ok(super::delete_in_chunks!(&self.pool, super::ERASE_CHUNK_SQL, user, up_to))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -174,20 +174,11 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let done = sqlx::query(
-                "DELETE FROM notifications WHERE (user_id, seq) IN
-                   (SELECT user_id, seq FROM notifications WHERE created_at < ? LIMIT 1000)",
-            )
-            .bind(before_ms)
-            .execute(&self.pool)
-            .await?;
-            total += done.rows_affected();
-            if done.rows_affected() < 1000 {
-                return Ok(total);
-            }
-        }
+        Ok(super::delete_in_chunks!(&self.pool, super::PURGE_CHUNK_SQL, before_ms))
+    }
+
+    async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
+        Ok(super::delete_in_chunks!(&self.pool, super::ERASE_CHUNK_SQL, user, up_to))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -469,11 +469,16 @@ fn read_failure(e: WsError) -> SessionEnd {
 /// Persists a read mark, then tells every session of the user (on any node).
 pub async fn mark_read(state: &AppState, user: &Arc<str>, mark: ReadMark) -> Result<(), crate::store::StoreError> {
     state.metrics.store_op("mark_read", state.store.mark_read(user, &mark)).await?;
+    broadcast_read(state, user, mark).await;
+    Ok(())
+}
+
+/// Sends a `read` frame for `mark` to every session of `user`, on every node.
+pub async fn broadcast_read(state: &AppState, user: &Arc<str>, mark: ReadMark) {
     let frame = serde_json::to_string(&ServerFrame::Read(mark)).expect("read frames always serialize");
     let event =
         Event { user_id: user.clone(), id: None, delivery: Delivery::Read { frame: frame.into() }, trace: None };
     if let Err(e) = state.broker.publish(vec![event]).await {
         tracing::warn!(error = %e, "read mark stored but not broadcast");
     }
-    Ok(())
 }
