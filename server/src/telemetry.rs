@@ -219,6 +219,7 @@ pub struct Metrics {
     pub gap_repairs: Counter,
     pub outbox_overflows: Counter,
     pub notifications_purged: Counter,
+    pub notifications_erased: Counter,
     pub publish_commit_seconds: Histogram,
     pub broker_published: Counter,
     pub broker_received: Counter,
@@ -296,6 +297,12 @@ impl Metrics {
                 &mut r,
                 "herald_notifications_purged",
                 "Notifications removed by retention",
+                Counter::default(),
+            ),
+            notifications_erased: registered(
+                &mut r,
+                "herald_notifications_erased",
+                "Notifications removed by DELETE /v1/users/{id}/notifications",
                 Counter::default(),
             ),
             publish_commit_seconds: registered(

@@ -102,6 +102,7 @@ async fn everything_goes_and_the_counter_stays(node: Node) {
     assert_eq!(history_seqs(server, "bob").await, (vec![1], 1));
     let again = server.publisher().erase("nobody", None).await.unwrap();
     assert_eq!((again.deleted, again.digests, again.oldest_seq, again.last_seq), (0, 0, 1, 0));
+    assert_eq!(server.metric("herald_notifications_erased_total").await, 5.0);
 }
 
 #[tokio::test]

@@ -114,6 +114,7 @@ pub async fn erase(
         Some(_) => 0,
     };
     let head = state.metrics.store_op("head", state.store.head(&user)).await?;
+    state.metrics.notifications_erased.inc_by(deleted);
     tracing::info!(user_id = %user, deleted, digests, up_to_seq = bound, "notifications erased");
     if deleted > 0 {
         crate::ws::session::broadcast_read(&state, &user.as_str().into(), ReadMark::UpTo { up_to_seq: bound }).await;
