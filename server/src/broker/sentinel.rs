@@ -12,7 +12,10 @@
 //!   longer the master (I/O error, timeout, `READONLY`).
 //!
 //! The next command then asks Sentinel again and connects to the master it
-//! names; callers that race for that share one lookup. A command that failed
+//! names; callers that race for that share one lookup, and after a lookup or
+//! connection that failed, commands fail at once for a while (50 ms, doubling
+//! to 2 s) instead of each asking again: a busy node cannot turn a master's
+//! outage into a flood of lookups on the Sentinels. A command that failed
 //! is not retried here: the broker's callers retry (subscriptions, presence)
 //! or the store repairs what they dropped (publishes). The subscriber's
 //! broker is told of each move as a disconnection, so it re-subscribes every
@@ -25,13 +28,35 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::sentinel::SentinelClient;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, RedisError, RedisResult};
-use tokio::time::timeout;
+use tokio::time::{timeout, Instant};
 
 use super::redis::{PushSink, COMMAND_TIMEOUT};
+
+/// When to try connecting again after a failure.
+#[derive(Default)]
+struct Backoff {
+    retry_at: Option<Instant>,
+    delay: Duration,
+}
+
+impl Backoff {
+    const FIRST: Duration = Duration::from_millis(50);
+    const MAX: Duration = Duration::from_secs(2);
+
+    fn after(&mut self, succeeded: bool) {
+        if succeeded {
+            *self = Backoff::default();
+        } else {
+            self.delay = (self.delay * 2).clamp(Self::FIRST, Self::MAX);
+            self.retry_at = Some(Instant::now() + self.delay);
+        }
+    }
+}
 
 /// See the module documentation. Shared by its clones through an `Arc`.
 pub(super) struct Followed {
@@ -42,8 +67,8 @@ pub(super) struct Followed {
     /// connects.
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     generation: AtomicU64,
-    /// Held while asking Sentinel and connecting.
-    moving: tokio::sync::Mutex<()>,
+    /// Held while asking Sentinel and connecting; when the last try failed.
+    moving: tokio::sync::Mutex<Backoff>,
     this: Weak<Followed>,
 }
 
@@ -55,7 +80,7 @@ impl Followed {
             push,
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
-            moving: tokio::sync::Mutex::new(()),
+            moving: tokio::sync::Mutex::new(Backoff::default()),
             this: this.clone(),
         });
         followed.connection().await?;
@@ -75,8 +100,7 @@ impl Followed {
         };
         if let Err(e) = &result {
             if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.code() == Some("READONLY") {
-                tracing::info!(error = %e, "Redis master lost; asking Sentinel again");
-                self.forget(generation);
+                self.forget(generation, &e.to_string());
             }
         }
         result
@@ -90,10 +114,21 @@ impl Followed {
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let _moving = self.moving.lock().await;
+        let mut backoff = self.moving.lock().await;
         if let Some(current) = self.current() {
             return Ok(current);
         }
+        if backoff.retry_at.is_some_and(|at| Instant::now() < at) {
+            let waiting = std::io::Error::new(std::io::ErrorKind::NotConnected, "no Redis master yet; retrying soon");
+            return Err(RedisError::from(waiting));
+        }
+        let connected = self.ask_and_connect().await;
+        backoff.after(connected.is_ok());
+        connected
+    }
+
+    /// Asks Sentinel for the master and connects to it.
+    async fn ask_and_connect(&self) -> RedisResult<(u64, MultiplexedConnection)> {
         let client =
             match timeout(COMMAND_TIMEOUT * 2, async { self.sentinel.lock().await.async_get_client().await }).await {
                 Ok(client) => client?,
@@ -107,7 +142,7 @@ impl Followed {
             .set_push_sender(move |info: PushInfo| {
                 if info.kind == PushKind::Disconnection {
                     if let Some(followed) = this.upgrade() {
-                        followed.forget(generation);
+                        followed.forget(generation, "the connection closed");
                     }
                     return Ok(());
                 }
@@ -124,14 +159,36 @@ impl Followed {
 
     /// Gives up connection `generation` if it is still the one in use; the
     /// subscriber's broker hears of it as a disconnection.
-    fn forget(&self, generation: u64) {
+    fn forget(&self, generation: u64, why: &str) {
         let mut current = self.current.lock().expect("current connection");
         if current.as_ref().is_some_and(|(g, _)| *g == generation) {
             *current = None;
             drop(current);
+            tracing::info!(why, "Redis master lost; the next command asks Sentinel again");
             if let Some(push) = &self.push {
                 let _ = push.send(PushInfo { kind: PushKind::Disconnection, data: Vec::new() });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_tries_wait_longer_up_to_a_bound_and_a_success_resets() {
+        let mut backoff = Backoff::default();
+        let mut delays = Vec::new();
+        for _ in 0..8 {
+            backoff.after(false);
+            assert!(backoff.retry_at.is_some_and(|at| at > Instant::now()));
+            delays.push(backoff.delay.as_millis());
+        }
+        assert_eq!(delays, [50, 100, 200, 400, 800, 1600, 2000, 2000]);
+        backoff.after(true);
+        assert!(backoff.retry_at.is_none());
+        backoff.after(false);
+        assert_eq!(backoff.delay, Backoff::FIRST);
     }
 }
