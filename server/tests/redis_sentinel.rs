@@ -144,7 +144,15 @@ fn sentinel_urls_and_settings_are_checked_before_anything_starts() {
     );
     assert!(target.is_sentinel() && !target.is_tls());
     assert!(RedisTarget::parse("rediss+sentinel://[::1]:26380/m").unwrap().is_tls());
-    for bad in ["redis+sentinel://h:1", "redis+sentinel://h:1/", "redis+sentinel:///m", "redis+sentinel://h/m/0/x"] {
+    for bad in [
+        "redis+sentinel://h:1",
+        "redis+sentinel://h:1/",
+        "redis+sentinel:///m",
+        "redis+sentinel://h/m/0/x",
+        "redis+sentinel://h/m/x",
+        "rediss+sentinel://h/m#insecure",
+        "redis+sentinel://h/m?timeout=1",
+    ] {
         assert!(RedisTarget::parse(bad).is_err(), "{bad}");
     }
 

@@ -112,26 +112,7 @@ impl RedisTarget {
             .into_iter()
             .find_map(|(prefix, scheme)| url.strip_prefix(prefix).map(|rest| (rest, scheme)));
         let target = if let Some((rest, scheme)) = sentinel {
-            let (credentials, rest) = split_credentials(rest);
-            let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
-            let mut path = path.split('/');
-            let usage = "redis+sentinel://HOST:PORT,HOST:PORT,…/NAME[/DB]";
-            let name = path.next().filter(|n| !n.is_empty()).ok_or(format!("give the master's name: {usage}"))?;
-            let db = path.next().filter(|d| !d.is_empty()).unwrap_or("0");
-            if path.next().is_some() {
-                return Err(format!("expected {usage}"));
-            }
-            let sentinels: Vec<String> = hosts_of(hosts)
-                .map(|h| match h.rsplit_once(':') {
-                    Some((_, port)) if !port.contains(']') => format!("{scheme}{h}"),
-                    _ => format!("{scheme}{h}:{SENTINEL_PORT}"),
-                })
-                .collect();
-            let Some(first) = sentinels.first() else {
-                return Err(format!("give at least one Sentinel: {usage}"));
-            };
-            let master = format!("{scheme}{credentials}{}/{db}", &first[scheme.len()..]);
-            RedisTarget::Sentinel { sentinels, name: name.to_string(), master }
+            RedisTarget::sentinel(rest, scheme)?
         } else if let Some((rest, scheme)) = cluster {
             let (credentials, hosts) = split_credentials(rest);
             let nodes: Vec<String> = hosts_of(hosts).map(|h| format!("{scheme}{credentials}{h}")).collect();
@@ -155,6 +136,34 @@ impl RedisTarget {
             url.as_str().into_connection_info().map_err(|e| format!("not a Redis URL: {e}"))?;
         }
         Ok(target)
+    }
+
+    /// `[user:pass@]host[:port],…/NAME[/DB]` after `redis[s]+sentinel://`;
+    /// `scheme` is `redis://` or `rediss://`.
+    fn sentinel(rest: &str, scheme: &str) -> Result<RedisTarget, String> {
+        let usage = "redis+sentinel://HOST:PORT,HOST:PORT,…/NAME[/DB]";
+        if rest.contains(['#', '?']) {
+            return Err(format!("expected {usage}, without ?… or #…"));
+        }
+        let (credentials, rest) = split_credentials(rest);
+        let (hosts, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut path = path.split('/');
+        let name = path.next().filter(|n| !n.is_empty()).ok_or(format!("give the master's name: {usage}"))?;
+        let db = path.next().filter(|d| !d.is_empty()).unwrap_or("0");
+        if path.next().is_some() {
+            return Err(format!("expected {usage}"));
+        }
+        let sentinels: Vec<String> = hosts_of(hosts)
+            .map(|h| match h.rsplit_once(':') {
+                Some((_, port)) if !port.contains(']') => format!("{scheme}{h}"),
+                _ => format!("{scheme}{h}:{SENTINEL_PORT}"),
+            })
+            .collect();
+        let Some(first) = sentinels.first() else {
+            return Err(format!("give at least one Sentinel: {usage}"));
+        };
+        let master = format!("{scheme}{credentials}{}/{db}", &first[scheme.len()..]);
+        Ok(RedisTarget::Sentinel { sentinels, name: name.to_string(), master })
     }
 
     /// Whether this names Sentinels (`redis+sentinel://`).
