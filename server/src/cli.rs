@@ -1,4 +1,5 @@
-//! The `herald` command line: `serve` (the default), `migrate`, `token`, `publish`.
+//! The `herald` command line: `serve` (the default), `migrate`, `token`,
+//! `publish`, `erase`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -53,6 +54,21 @@ pub enum Command {
         #[arg(long)]
         api_key: Option<String>,
     },
+    /// Erase a user's stored notifications through a running server (all of
+    /// them, or up to a seq); the seq counter stays.
+    Erase {
+        #[arg(long)]
+        user: String,
+        /// Only the notifications with seq up to this one.
+        #[arg(long)]
+        up_to_seq: Option<i64>,
+        /// The server, by default http://HERALD_LISTEN.
+        #[arg(long)]
+        url: Option<String>,
+        /// By default the first of HERALD_API_KEYS.
+        #[arg(long)]
+        api_key: Option<String>,
+    },
 }
 
 /// Runs the command line; the exit code is 2 for bad configuration.
@@ -86,16 +102,16 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Publish { users, topic, payload, idempotency_key, url, api_key } => {
                 let payload: serde_json::Value =
                     serde_json::from_str(&payload).map_err(|e| anyhow::anyhow!("--payload is not JSON: {e}"))?;
-                let api_key = api_key
-                    .or_else(|| (!settings.dev_mode).then(|| settings.api_keys.first().cloned()).flatten())
-                    .ok_or_else(|| anyhow::anyhow!("give --api-key or set HERALD_API_KEYS"))?;
-                let url =
-                    url.unwrap_or_else(|| format!("{}://{}", settings.http_scheme(), connectable(settings.listen)));
                 let (user_id, user_ids) =
                     if users.len() == 1 { (users.first().cloned(), None) } else { (None, Some(users)) };
                 let request =
                     herald_client::PublishRequest { user_id, user_ids, topic, payload, idempotency_key, digest: None };
-                let (_, answer) = herald_client::Publisher::new(url, api_key).publish(&request).await?;
+                let (_, answer) = publisher(&settings, url, api_key)?.publish(&request).await?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+            Command::Erase { user, up_to_seq, url, api_key } => {
+                let answer = publisher(&settings, url, api_key)?.erase(&user, up_to_seq).await?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 Ok(())
             }
@@ -108,6 +124,20 @@ pub fn main(cli: Cli) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// A client of the running server at `url` (by default this node's
+/// `HERALD_LISTEN`) with `api_key` (by default the first configured).
+fn publisher(
+    settings: &Settings,
+    url: Option<String>,
+    api_key: Option<String>,
+) -> anyhow::Result<herald_client::Publisher> {
+    let api_key = api_key
+        .or_else(|| (!settings.dev_mode).then(|| settings.api_keys.first().cloned()).flatten())
+        .ok_or_else(|| anyhow::anyhow!("give --api-key or set HERALD_API_KEYS"))?;
+    let url = url.unwrap_or_else(|| format!("{}://{}", settings.http_scheme(), connectable(settings.listen)));
+    Ok(herald_client::Publisher::new(url, api_key))
 }
 
 /// An address a local client can reach: `0.0.0.0` becomes loopback.

@@ -159,6 +159,22 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
         .output()
         .unwrap();
     assert!(!bad.status.success());
+
+    // `herald erase`: the user's one notification goes; the counter stays.
+    let out = herald(dir.path(), &vars).args(["erase", "--user", "bob", "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let erased: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!((erased["deleted"].as_u64(), erased["last_seq"].as_i64()), (Some(1), Some(1)), "{erased}");
+    let history = Publisher::new(&url, API_KEY).history("bob", 0, 10).await.unwrap();
+    assert!(history.notifications.is_empty());
+    let refused =
+        herald(dir.path(), &vars).args(["erase", "--user", "bob", "--url", &url, "--up-to-seq=-1"]).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("invalid_query"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     server.signal("-TERM");
     assert_eq!(server.wait(), 0);
 }
