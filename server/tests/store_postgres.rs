@@ -568,6 +568,56 @@ async fn a_busy_connection_killed_under_a_group_fails_it_once() {
     store.close().await;
 }
 
+/// A database that stops taking writes — a standby, or a primary made
+/// read-only while it is failed over — answers every append and the
+/// readiness probe as unavailable (a 503 to clients, not a 500), and a
+/// connection that met it is closed rather than kept: once new connections
+/// take writes again, appends succeed without a restart and no seq is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    store.append(vec![note("una", "t", "1", None)]).await.unwrap();
+
+    let read_only = |on: bool| {
+        let db = &db;
+        async move {
+            let mut admin = db.admin().await;
+            let value = if on { "on" } else { "off" };
+            let statement = format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = {value}", db.name);
+            sqlx::query(&statement).execute(&mut admin).await.unwrap();
+            let _ = admin.close().await;
+        }
+    };
+    read_only(true).await;
+    terminate_connections(&db).await;
+    let err = store.ping().await.expect_err("not ready");
+    assert!(matches!(&err, StoreError::Unavailable(m) if m.contains("read-only")), "{err:?}");
+    for _ in 0..5 {
+        let err = store.append(vec![note("una", "t", "0", None)]).await.expect_err("read-only");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
+
+    // New sessions take writes again; the read-only ones are still open
+    // unless Herald closed them.
+    read_only(false).await;
+    let mut stored = None;
+    for _ in 0..20 {
+        match store.append(vec![note("una", "t", "2", None)]).await {
+            Ok(out) => {
+                stored = Some(out[0].notification.seq);
+                break;
+            }
+            Err(e) => assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(stored, Some(2), "appends never recovered: read-only connections were kept");
+    store.ping().await.unwrap();
+    assert_eq!(seqs(&all_of(&*store, "una").await), [1, 2]);
+    store.close().await;
+}
+
 /// What a PostgreSQL restart does to every open connection of the test's database.
 async fn terminate_connections(db: &TestDb) {
     let mut admin = db.admin().await;

@@ -157,7 +157,18 @@ pub(super) fn is_unavailable(error: &(dyn DatabaseError + 'static)) -> bool {
                 | "55P03" // lock_not_available
                 | "40001" // serialization_failure
                 | "40P01" // deadlock_detected
+                | READ_ONLY
         )
+}
+
+/// `read_only_sql_transaction`: a write on a standby, or on a primary made
+/// read-only while it is failed over. Nothing was written; it is a matter
+/// of time (the pool's next connection may reach the new primary).
+pub(super) const READ_ONLY: &str = "25006";
+
+/// Whether `error` is [`READ_ONLY`].
+pub(super) fn is_read_only(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some(READ_ONLY))
 }
 
 fn from_row(user: &Arc<str>, row: &PgRow) -> Result<StoredNotification, sqlx::Error> {
@@ -291,7 +302,18 @@ impl Store for PostgresStore {
         if self.writes.is_closed() {
             return Err(closed());
         }
-        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        // One round trip, as `SELECT 1` would be, that also tells a standby
+        // (or a primary being failed over) from a server that takes writes.
+        let mut conn = self.pool.acquire().await?;
+        let read_only: String = sqlx::query_scalar("SHOW transaction_read_only").fetch_one(&mut *conn).await?;
+        if read_only == "on" {
+            // Not back into the pool: the next connection may reach a primary.
+            conn.close_on_drop();
+            return Err(StoreError::Unavailable(
+                "the database is read-only (transaction_read_only = on): a standby, or a primary being failed over"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 

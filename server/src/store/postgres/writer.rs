@@ -178,8 +178,10 @@ enum Failed {
 /// Commits on the held connection (taking one from the pool when none is
 /// held), and keeps it if the commit succeeded. A held connection that
 /// fails at `BEGIN` is dropped and the group begun once more on a fresh one.
-/// After any other failure the connection goes back to the pool, whose
-/// check on return closes it if it is broken.
+/// A connection whose server refused the write as read-only (a standby, or
+/// a primary being failed over) is closed, so the next group connects anew
+/// and may reach the new primary. After any other failure the connection
+/// goes back to the pool, whose check on return closes it if it is broken.
 async fn commit_on_held(
     pool: &PgPool,
     held: &mut Held,
@@ -203,7 +205,12 @@ async fn commit_on_held(
             *held = Some((conn, Instant::now()));
             Ok(outcomes)
         }
-        Err(Failed::Begin(e) | Failed::After(e)) => Err(e),
+        Err(Failed::Begin(e) | Failed::After(e)) => {
+            if super::is_read_only(&e) {
+                conn.close_on_drop();
+            }
+            Err(e)
+        }
     }
 }
 
