@@ -74,6 +74,11 @@ const REPAIR_BATCH: usize = 1000;
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// Any one Redis command.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+/// The error of a command or connection that took longer than allowed.
+pub(super) fn timed_out() -> redis::RedisError {
+    redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
+}
+
 /// How often the maintenance task wakes without being told to.
 const MAINTAIN_TICK: Duration = Duration::from_millis(250);
 
@@ -351,7 +356,7 @@ impl Conn {
         };
         match timeout(COMMAND_TIMEOUT, run).await {
             Ok(result) => result,
-            Err(_) => Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+            Err(_) => Err(timed_out()),
         }
     }
 
@@ -368,7 +373,7 @@ impl Conn {
         match self {
             Conn::Single(c) => match timeout(COMMAND_TIMEOUT, pipeline(cmds).exec_async(c)).await {
                 Ok(result) => result,
-                Err(_) => Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+                Err(_) => Err(timed_out()),
             },
             Conn::Sentinel(f) => {
                 let pipe = pipeline(cmds);
@@ -382,9 +387,7 @@ impl Conn {
                 for result in join_all(runs).await {
                     match result {
                         Ok(r) => r?,
-                        Err(_) => {
-                            return Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))
-                        }
+                        Err(_) => return Err(timed_out()),
                     }
                 }
                 Ok(())
@@ -632,7 +635,7 @@ impl Shared {
             };
             match timeout(COMMAND_TIMEOUT * 2, run).await {
                 Ok(result) => result?,
-                Err(_) => return Err(redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+                Err(_) => return Err(timed_out()),
             }
         }
         Ok(())

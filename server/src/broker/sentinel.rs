@@ -35,7 +35,13 @@ use redis::sentinel::SentinelClient;
 use redis::{AsyncConnectionConfig, PushInfo, PushKind, RedisError, RedisResult};
 use tokio::time::{timeout, Instant};
 
-use super::redis::{PushSink, COMMAND_TIMEOUT};
+use super::redis::{timed_out, PushSink, COMMAND_TIMEOUT};
+
+/// What asking Sentinel needs, behind one lock.
+struct Moving {
+    sentinel: SentinelClient,
+    backoff: Backoff,
+}
 
 /// When to try connecting again after a failure.
 #[derive(Default)]
@@ -60,15 +66,14 @@ impl Backoff {
 
 /// See the module documentation. Shared by its clones through an `Arc`.
 pub(super) struct Followed {
-    sentinel: tokio::sync::Mutex<SentinelClient>,
     /// The subscriber's pushes; `None` on the command connection.
     push: Option<PushSink>,
     /// The connection in use, numbered; `None` until the next command
     /// connects.
     current: Mutex<Option<(u64, MultiplexedConnection)>>,
     generation: AtomicU64,
-    /// Held while asking Sentinel and connecting; when the last try failed.
-    moving: tokio::sync::Mutex<Backoff>,
+    /// Held while asking Sentinel and connecting.
+    moving: tokio::sync::Mutex<Moving>,
     this: Weak<Followed>,
 }
 
@@ -76,11 +81,10 @@ impl Followed {
     /// Asks Sentinel for the master and connects (an error if either fails).
     pub async fn connect(sentinel: SentinelClient, push: Option<PushSink>) -> RedisResult<Arc<Followed>> {
         let followed = Arc::new_cyclic(|this| Followed {
-            sentinel: tokio::sync::Mutex::new(sentinel),
             push,
             current: Mutex::new(None),
             generation: AtomicU64::new(0),
-            moving: tokio::sync::Mutex::new(Backoff::default()),
+            moving: tokio::sync::Mutex::new(Moving { sentinel, backoff: Backoff::default() }),
             this: this.clone(),
         });
         followed.connection().await?;
@@ -96,7 +100,7 @@ impl Followed {
         let (generation, conn) = self.connection().await?;
         let result = match timeout(COMMAND_TIMEOUT, command(conn)).await {
             Ok(result) => result,
-            Err(_) => Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+            Err(_) => Err(timed_out()),
         };
         if let Err(e) = &result {
             if e.is_io_error() || e.is_connection_dropped() || e.is_timeout() || e.code() == Some("READONLY") {
@@ -114,26 +118,25 @@ impl Followed {
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        let mut backoff = self.moving.lock().await;
+        let mut moving = self.moving.lock().await;
         if let Some(current) = self.current() {
             return Ok(current);
         }
-        if backoff.retry_at.is_some_and(|at| Instant::now() < at) {
+        if moving.backoff.retry_at.is_some_and(|at| Instant::now() < at) {
             let waiting = std::io::Error::new(std::io::ErrorKind::NotConnected, "no Redis master yet; retrying soon");
             return Err(RedisError::from(waiting));
         }
-        let connected = self.ask_and_connect().await;
-        backoff.after(connected.is_ok());
+        let connected = self.ask_and_connect(&mut moving.sentinel).await;
+        moving.backoff.after(connected.is_ok());
         connected
     }
 
     /// Asks Sentinel for the master and connects to it.
-    async fn ask_and_connect(&self) -> RedisResult<(u64, MultiplexedConnection)> {
-        let client =
-            match timeout(COMMAND_TIMEOUT * 2, async { self.sentinel.lock().await.async_get_client().await }).await {
-                Ok(client) => client?,
-                Err(_) => return Err(RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))),
-            };
+    async fn ask_and_connect(&self, sentinel: &mut SentinelClient) -> RedisResult<(u64, MultiplexedConnection)> {
+        let client = match timeout(COMMAND_TIMEOUT * 2, sentinel.async_get_client()).await {
+            Ok(client) => client?,
+            Err(_) => return Err(timed_out()),
+        };
         let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
         let (this, push) = (self.this.clone(), self.push.clone());
         let config = AsyncConnectionConfig::new()
