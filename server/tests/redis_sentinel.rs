@@ -130,6 +130,35 @@ async fn nodes_reach_the_replica_sentinel_promotes_when_the_master_dies() {
     heard(&cluster, 1, 0, "erin", 1, 2).await;
 }
 
+/// The master and the Sentinels each require a password of their own: the
+/// master's in the URL, the Sentinels' in `HERALD_REDIS_SENTINEL_PASSWORD`.
+/// Without the Sentinels' (or with a wrong one) a node does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_authenticate_to_the_sentinels_and_the_master_apart() {
+    let passwords = SentinelPasswords { master: "master-secret", sentinel: "sentinel-secret" };
+    let redis = RedisSentinel::start_with_passwords(passwords);
+    assert!(redis.url().contains(":master-secret@"));
+    let cluster = sentinel_cluster(&redis, 2, &[("HERALD_REDIS_SENTINEL_PASSWORD", "sentinel-secret")]);
+    heard(&cluster, 0, 1, "alice", 1, 3).await;
+
+    let refused = |sentinel_password: Option<&'static str>| {
+        let mut env = cluster.env().to_vec();
+        env.retain(|(k, _)| k != "HERALD_REDIS_SENTINEL_PASSWORD");
+        if let Some(p) = sentinel_password {
+            env.push(("HERALD_REDIS_SENTINEL_PASSWORD".into(), p.into()));
+        }
+        env.push(("HERALD_NODE_ID".into(), "refused".into()));
+        Node::spawn("refused", &env)
+    };
+    for password in [None, Some("wrong")] {
+        let mut node = refused(password);
+        let code = node.wait_exit().await;
+        assert_ne!(code, 0, "started without the Sentinels' password ({password:?})");
+        let log = node.log();
+        assert!(log.contains("HERALD_REDIS_URL") && log.contains("Authentication"), "{log}");
+    }
+}
+
 #[test]
 fn sentinel_urls_and_settings_are_checked_before_anything_starts() {
     use herald_server::broker::redis::RedisTarget;

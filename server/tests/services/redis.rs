@@ -341,6 +341,7 @@ pub struct RedisSentinel {
     cli_tls: Vec<String>,
     /// `redis+sentinel` or `rediss+sentinel`.
     scheme: &'static str,
+    passwords: Option<SentinelPasswords>,
     children: Vec<Child>,
     _reaper: Reaper,
     _dir: tempfile::TempDir,
@@ -350,17 +351,23 @@ impl RedisSentinel {
     pub const NAME: &'static str = "herald-master";
 
     pub fn start() -> RedisSentinel {
-        RedisSentinel::start_with(None)
+        RedisSentinel::start_with(None, None)
+    }
+
+    /// Like [`start`](Self::start), the master and replica requiring
+    /// `passwords.master`, the Sentinels `passwords.sentinel`.
+    pub fn start_with_passwords(passwords: SentinelPasswords) -> RedisSentinel {
+        RedisSentinel::start_with(None, Some(passwords))
     }
 
     /// Like [`start`](Self::start), every server and Sentinel speaking TLS
     /// only (to clients and to each other): the PEM chain `cert` with `key`,
     /// `ca` for peers; clients need no certificate.
     pub fn start_tls(cert: &Path, key: &Path, ca: &Path) -> RedisSentinel {
-        RedisSentinel::start_with(Some((cert, key, ca)))
+        RedisSentinel::start_with(Some((cert, key, ca)), None)
     }
 
-    fn start_with(tls: Option<(&Path, &Path, &Path)>) -> RedisSentinel {
+    fn start_with(tls: Option<(&Path, &Path, &Path)>, passwords: Option<SentinelPasswords>) -> RedisSentinel {
         let dir = tempfile::Builder::new().prefix("herald-redis-sentinel-").tempdir().expect("a temp dir");
         let ports = [free_port(), free_port()];
         let cli_tls: Vec<String> = match tls {
@@ -380,6 +387,10 @@ impl RedisSentinel {
         };
         let server = |port: u16, extra: &[&str]| {
             let mut args: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+            if let Some(p) = &passwords {
+                // masterauth too: after a failover the old master replicates from the new.
+                args.extend(["--requirepass".into(), p.master.into(), "--masterauth".into(), p.master.into()]);
+            }
             if tls.is_some() {
                 args.extend(["--port".into(), "0".into(), "--tls-port".into(), port.to_string()]);
                 for (name, value) in &tls_settings {
@@ -389,13 +400,17 @@ impl RedisSentinel {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             redis_server(port, dir.path(), &args)
         };
+        let data_cli: Vec<String> = match &passwords {
+            Some(p) => [cli_tls.clone(), vec!["--no-auth-warning".into(), "-a".into(), p.master.into()]].concat(),
+            None => cli_tls.clone(),
+        };
         let mut children = vec![server(ports[0], &[])];
         wait_until("the master answers PING", Duration::from_secs(10), || {
-            redis_cli(&cli_tls, ports[0], &["ping"]).contains("PONG")
+            redis_cli(&data_cli, ports[0], &["ping"]).contains("PONG")
         });
         children.push(server(ports[1], &["--replicaof", "127.0.0.1", &ports[0].to_string()]));
         wait_until("the replica is in sync", Duration::from_secs(20), || {
-            redis_cli(&cli_tls, ports[1], &["info", "replication"]).contains("master_link_status:up")
+            redis_cli(&data_cli, ports[1], &["info", "replication"]).contains("master_link_status:up")
         });
         let sentinels = [free_port(), free_port(), free_port()];
         for port in sentinels {
@@ -408,6 +423,9 @@ impl RedisSentinel {
                 name = Self::NAME,
                 master = ports[0],
             );
+            if let Some(p) = &passwords {
+                text.push_str(&format!("sentinel auth-pass {} {}\nrequirepass {}\n", Self::NAME, p.master, p.sentinel));
+            }
             match tls {
                 None => text.push_str(&format!("port {port}\n")),
                 Some(_) => {
@@ -433,7 +451,8 @@ impl RedisSentinel {
         let pids: Vec<String> = children.iter().map(|c| c.id().to_string()).collect();
         let reaper = Reaper::spawn(&format!("kill -9 {}; rm -rf {}", pids.join(" "), shell_quote(&path(dir.path()))));
         let scheme = if tls.is_some() { "rediss+sentinel" } else { "redis+sentinel" };
-        let redis = RedisSentinel { ports, sentinels, cli_tls, scheme, children, _reaper: reaper, _dir: dir };
+        let redis =
+            RedisSentinel { ports, sentinels, cli_tls, scheme, passwords, children, _reaper: reaper, _dir: dir };
         for port in sentinels {
             wait_until("every Sentinel knows the replica and the other Sentinels", Duration::from_secs(30), || {
                 let master = redis.cli_any(port, &["sentinel", "master", Self::NAME]);
@@ -447,15 +466,22 @@ impl RedisSentinel {
         redis
     }
 
-    /// `redis+sentinel://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/<NAME>` (`rediss+sentinel://…` over TLS)
+    /// `redis+sentinel://127.0.0.1:A,127.0.0.1:B,127.0.0.1:C/<NAME>` (`rediss+sentinel://…` over TLS;
+    /// `…://:<master password>@…` with passwords)
     pub fn url(&self) -> String {
         let addrs: Vec<String> = self.sentinels.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-        format!("{}://{}/{}", self.scheme, addrs.join(","), Self::NAME)
+        let credentials = self.passwords.as_ref().map(|p| format!(":{}@", p.master)).unwrap_or_default();
+        format!("{}://{credentials}{}/{}", self.scheme, addrs.join(","), Self::NAME)
     }
 
-    /// `redis-cli` on any of its servers or Sentinels.
+    /// `redis-cli` on any of its servers or Sentinels (with its password).
     fn cli_any(&self, port: u16, args: &[&str]) -> String {
-        redis_cli(&self.cli_tls, port, args)
+        let mut flags = self.cli_tls.clone();
+        if let Some(p) = &self.passwords {
+            let password = if self.sentinels.contains(&port) { p.sentinel } else { p.master };
+            flags.extend(["--no-auth-warning".into(), "-a".into(), password.into()]);
+        }
+        redis_cli(&flags, port, args)
     }
 
     /// The port of the server the first Sentinel names as master.
@@ -489,6 +515,13 @@ impl RedisSentinel {
         });
         new
     }
+}
+
+/// What [`RedisSentinel::start_with_passwords`] requires.
+#[derive(Clone, Copy)]
+pub struct SentinelPasswords {
+    pub master: &'static str,
+    pub sentinel: &'static str,
 }
 
 impl RedisSentinel {
