@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
+use rusqlite::types::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
@@ -64,6 +65,22 @@ impl SqliteStore {
             Err(e) => {
                 pool.close().await;
                 Err(e)
+            }
+        }
+    }
+
+    /// Runs a chunked `DELETE` (`sql`, bound to `params` then the chunk
+    /// size) on the writer until a chunk comes back short; how many rows
+    /// went. Publishes queued meanwhile commit between two chunks.
+    async fn delete_in_chunks(&self, sql: &'static str, params: Vec<Value>) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let mut bound = params.clone();
+            bound.push(Value::Integer(super::DELETE_CHUNK));
+            let deleted = self.writer.delete(sql, bound).await?;
+            total += deleted;
+            if deleted < super::DELETE_CHUNK as u64 {
+                return Ok(total);
             }
         }
     }
@@ -174,11 +191,11 @@ impl Store for SqliteStore {
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(super::delete_in_chunks!(&self.pool, super::PURGE_CHUNK_SQL, before_ms))
+        self.delete_in_chunks(super::PURGE_CHUNK_SQL, vec![Value::Integer(before_ms)]).await
     }
 
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
-        Ok(super::delete_in_chunks!(&self.pool, super::ERASE_CHUNK_SQL, user, up_to))
+        self.delete_in_chunks(super::ERASE_CHUNK_SQL, vec![Value::Text(user.into()), Value::Integer(up_to)]).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

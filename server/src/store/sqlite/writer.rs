@@ -7,11 +7,19 @@
 //! a statement costs microseconds, not a hand-off to another thread.
 //!
 //! The queue is bounded ([`QUEUE`]): when it is full, publishers wait.
+//!
+//! Large deletes (retention, erasure) come here too, a chunk per request,
+//! each a transaction of its own between two group commits. Run from
+//! another connection they would starve this one: SQLite's busy handler
+//! sleeps ever longer between tries, and a delete loop takes the lock back
+//! at once (a 100,000-row erasure held publishes up for ≈300 ms that way;
+//! docs/BENCHMARKS.md).
 
 use std::collections::HashMap;
 use std::path::Path;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::types::Value;
+use rusqlite::{params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
 use super::reader::{closed, open, store_error, NotificationColumns};
@@ -38,9 +46,12 @@ pub(super) const CHECKPOINT_PAGES: i64 = 65_536;
 const WAL_SIZE_LIMIT: i64 = CHECKPOINT_PAGES * 4096;
 
 type AppendReply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
+type DeleteReply = oneshot::Sender<Result<u64, StoreError>>;
 
 enum Request {
     Append(Vec<NewNotification>, AppendReply),
+    /// One `DELETE` statement and its parameters, run alone.
+    Delete(&'static str, Vec<Value>, DeleteReply),
     Close(oneshot::Sender<()>),
 }
 
@@ -66,6 +77,14 @@ impl Writer {
         let (reply, answer) = oneshot::channel();
         self.queue.send(Request::Append(batch, reply)).await.map_err(|_| closed())?;
         answer.await.map_err(|_| StoreError::Unavailable("the store closed before committing".into()))?
+    }
+
+    /// Runs `sql` (a `DELETE`) with `params` in a transaction of its own,
+    /// in turn with the group commits; how many rows it deleted.
+    pub async fn delete(&self, sql: &'static str, params: Vec<Value>) -> Result<u64, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        self.queue.send(Request::Delete(sql, params, reply)).await.map_err(|_| closed())?;
+        answer.await.map_err(|_| StoreError::Unavailable("the store closed before deleting".into()))?
     }
 
     pub fn is_stopped(&self) -> bool {
@@ -102,14 +121,16 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>) {
         let mut group = Vec::new();
         let mut size = 0;
         let mut next = Some(first);
+        // A request that is not an append ends the group; it runs after it.
+        let mut after = None;
         while let Some(request) = next.take() {
             match request {
                 Request::Append(batch, reply) => {
                     size += batch.len();
                     group.push((batch, reply));
                 }
-                Request::Close(done) => {
-                    closing = Some(done);
+                other => {
+                    after = Some(other);
                     break;
                 }
             }
@@ -120,8 +141,16 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>) {
         if !group.is_empty() {
             commit_group(&mut conn, group);
         }
-        if closing.is_some() {
-            break;
+        match after {
+            Some(Request::Delete(sql, params, reply)) => {
+                let deleted = conn.execute(sql, params_from_iter(params)).map(|n| n as u64).map_err(store_error);
+                let _ = reply.send(deleted);
+            }
+            Some(Request::Close(done)) => {
+                closing = Some(done);
+                break;
+            }
+            Some(Request::Append(..)) | None => {}
         }
     }
     drop(conn);
