@@ -31,23 +31,6 @@ const PURGE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE (user_id, seq) IN
 const ERASE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE user_id = $1 AND seq IN \
      (SELECT seq FROM notifications WHERE user_id = $1 AND seq <= $2 ORDER BY seq LIMIT $3)";
 
-/// Runs a chunked `DELETE` (`$sql`, bound to `$bind`s then the chunk size)
-/// on `$pool` until a run deletes less than a chunk; evaluates to how many
-/// rows went, or returns the error.
-macro_rules! delete_in_chunks {
-    ($pool:expr, $sql:expr $(, $bind:expr)*) => {{
-        let mut total = 0u64;
-        loop {
-            let done = sqlx::query($sql)$(.bind($bind))*.bind($crate::store::DELETE_CHUNK).execute($pool).await?;
-            total += done.rows_affected();
-            if done.rows_affected() < $crate::store::DELETE_CHUNK as u64 {
-                break total;
-            }
-        }
-    }};
-}
-use delete_in_chunks;
-
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the work; retry later.

@@ -45,8 +45,9 @@ use herald_protocol::{ReadMark, Seq};
 use serde_json::value::RawValue;
 use sqlx::error::DatabaseError;
 use sqlx::migrate::MigrateError;
-use sqlx::postgres::{PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow};
-use sqlx::{PgPool, Row};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow};
+use sqlx::query::Query;
+use sqlx::{PgPool, Postgres, Row};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -171,6 +172,23 @@ pub(super) fn is_read_only(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some(READ_ONLY))
 }
 
+/// Runs the chunked `DELETE` that `query` builds (bound up to the chunk
+/// size, which comes last) until a chunk comes back short; how many rows
+/// went. Each chunk is a statement of its own: no lock is held long.
+async fn delete_in_chunks<'q>(
+    pool: &PgPool,
+    query: impl Fn() -> Query<'q, Postgres, PgArguments>,
+) -> Result<u64, StoreError> {
+    let mut total = 0;
+    loop {
+        let deleted = query().bind(super::DELETE_CHUNK).execute(pool).await?.rows_affected();
+        total += deleted;
+        if deleted < super::DELETE_CHUNK as u64 {
+            return Ok(total);
+        }
+    }
+}
+
 fn from_row(user: &Arc<str>, row: &PgRow) -> Result<StoredNotification, sqlx::Error> {
     let payload: String = row.try_get("payload")?;
     let payload = RawValue::from_string(payload).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
@@ -291,11 +309,11 @@ impl Store for PostgresStore {
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
-        Ok(super::delete_in_chunks!(&self.pool, super::PURGE_CHUNK_SQL, before_ms))
+        delete_in_chunks(&self.pool, || sqlx::query(super::PURGE_CHUNK_SQL).bind(before_ms)).await
     }
 
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
-        Ok(super::delete_in_chunks!(&self.pool, super::ERASE_CHUNK_SQL, user, up_to))
+        delete_in_chunks(&self.pool, || sqlx::query(super::ERASE_CHUNK_SQL).bind(user).bind(up_to)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
