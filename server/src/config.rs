@@ -408,13 +408,10 @@ fn default_node_id() -> String {
     format!("{host}-{}", random_token(3))
 }
 
-/// Checks `HERALD_REDIS_URL` and reads the certificates a `rediss://` URL
-/// may use; they are refused with any other URL, where they would be ignored.
-fn redis_tls(src: &Source, url: Option<&str>) -> Result<RedisTls, ConfigError> {
-    let target = match url {
-        Some(url) => Some(RedisTarget::parse(url).map_err(|e| src.error("redis_url", e))?),
-        None => None,
-    };
+/// Reads the certificates a `rediss://` URL may use (`target`: the parsed
+/// `HERALD_REDIS_URL`); they are refused with any other URL, where they
+/// would be ignored.
+fn redis_tls(src: &Source, target: Option<&RedisTarget>) -> Result<RedisTls, ConfigError> {
     let ca = src.string("redis_tls_ca").map(PathBuf::from);
     let client = src.cert_and_key("redis_tls_cert", "redis_tls_key")?;
     if ca.is_none() && client.is_none() {
@@ -471,11 +468,13 @@ impl Settings {
             return Err(src.error("database_url", "an in-memory SQLite database loses every notification; give a file"));
         }
         let redis_url = src.string("redis_url");
-        let redis_tls = redis_tls(&src, redis_url.as_deref())?;
+        let redis_target = match &redis_url {
+            Some(url) => Some(RedisTarget::parse(url).map_err(|e| src.error("redis_url", e))?),
+            None => None,
+        };
+        let redis_tls = redis_tls(&src, redis_target.as_ref())?;
         let redis_sentinel_password = src.string("redis_sentinel_password");
-        if redis_sentinel_password.is_some()
-            && !redis_url.as_deref().is_some_and(|url| RedisTarget::parse(url).is_ok_and(|t| t.is_sentinel()))
-        {
+        if redis_sentinel_password.is_some() && !redis_target.as_ref().is_some_and(RedisTarget::is_sentinel) {
             return Err(src.error(
                 "redis_sentinel_password",
                 "applies to Sentinels only: HERALD_REDIS_URL must be redis+sentinel://",

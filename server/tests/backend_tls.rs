@@ -10,7 +10,6 @@ mod common;
 mod services;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::tls::TestCerts;
@@ -22,13 +21,6 @@ use sqlx::Connection;
 
 /// Longest wait for notifications that should arrive; only a failure limit.
 const DEADLINE: Duration = Duration::from_secs(20);
-
-/// Writes the CA of `certs` to `<dir>/<name>` (PEM); returns the path.
-fn ca_file(dir: &Path, name: &str, certs: &TestCerts) -> PathBuf {
-    let path = dir.join(name);
-    std::fs::write(&path, &certs.ca_pem).unwrap();
-    path
-}
 
 fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
     let mut vars =
@@ -57,9 +49,9 @@ async fn publish_n(node: &Node, user: &str, count: i64) {
 async fn postgres_over_verified_tls_stores_and_replays_and_an_unknown_ca_stops_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let certs = TestCerts::create(dir.path());
-    let ca = ca_file(dir.path(), "ca.pem", &certs);
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let other = TestCerts::create_named(dir.path(), "other", "Other");
-    let other_ca = ca_file(dir.path(), "other-ca.pem", &other);
+    let other_ca = other.ca_file(dir.path(), "other-ca.pem");
     let pg = PrivatePostgres::start_with_tls(&certs.cert, &certs.key);
     let db = TestDatabase::create_on(&pg.url());
     let verified = format!("{}?sslmode=verify-full&sslrootcert={}", db.url(), ca.display());
@@ -126,7 +118,7 @@ async fn nodes_fan_out_through(redis_url: String, extra: &[(&str, &str)]) {
 async fn nodes_fan_out_through_redis_over_tls_with_a_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let certs = TestCerts::create(dir.path());
-    let ca = ca_file(dir.path(), "ca.pem", &certs);
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let redis = TlsRedis::start(&certs.cert, &certs.key, &ca, true);
     let (ca, cert, key) = (ca.to_str().unwrap(), certs.cert.to_str().unwrap(), certs.key.to_str().unwrap());
     let client = [("HERALD_REDIS_TLS_CERT", cert), ("HERALD_REDIS_TLS_KEY", key)];
@@ -137,7 +129,7 @@ async fn nodes_fan_out_through_redis_over_tls_with_a_client_certificate() {
 async fn nodes_fan_out_through_a_redis_cluster_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let certs = TestCerts::create(dir.path());
-    let ca = ca_file(dir.path(), "ca.pem", &certs);
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let redis = RedisCluster::start_tls(&certs.cert, &certs.key, &ca);
     assert!(redis.url().starts_with("rediss+cluster://"));
     nodes_fan_out_through(redis.url(), &[("HERALD_REDIS_TLS_CA", ca.to_str().unwrap())]).await;
@@ -147,7 +139,7 @@ async fn nodes_fan_out_through_a_redis_cluster_over_tls() {
 async fn redis_over_tls_refuses_an_unknown_ca_and_a_missing_client_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let certs = TestCerts::create(dir.path());
-    let ca = ca_file(dir.path(), "ca.pem", &certs);
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let redis = TlsRedis::start(&certs.cert, &certs.key, &ca, true);
     let db = TestDatabase::create();
     let (cert, key) = (certs.cert.to_str().unwrap(), certs.key.to_str().unwrap());
@@ -179,7 +171,7 @@ fn redis_tls_settings_are_checked_before_anything_starts() {
     let dir = tempfile::tempdir().unwrap();
     let certs = TestCerts::create(dir.path());
     let other = TestCerts::create_named(dir.path(), "other", "Other");
-    let ca = ca_file(dir.path(), "ca.pem", &certs);
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let (ca, cert, key) = (ca.to_str().unwrap(), certs.cert.to_str().unwrap(), certs.key.to_str().unwrap());
     let load = |pairs: &[(&str, &str)]| {
         let mut env: HashMap<&str, &str> = HashMap::from([("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEYS", API_KEY)]);

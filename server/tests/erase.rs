@@ -36,13 +36,15 @@ fn url(server: &TestServer, user: &str) -> String {
     format!("{}/v1/users/{user}/notifications", server.http())
 }
 
+/// `POST /v1/notifications` with `body`, as a backend does.
+async fn post_notifications(server: &TestServer, body: &serde_json::Value) -> Raw {
+    raw(reqwest::Client::new().post(format!("{}/v1/notifications", server.http())).bearer_auth(API_KEY).json(body))
+        .await
+}
+
 async fn publish_keyed(server: &TestServer, user: &str, key: &str) -> (u16, serde_json::Value) {
     let body = json!({ "user_id": user, "topic": "orders", "payload": { "key": key }, "idempotency_key": key });
-    let answer = raw(reqwest::Client::new()
-        .post(format!("{}/v1/notifications", server.http()))
-        .bearer_auth(API_KEY)
-        .json(&body))
-    .await;
+    let answer = post_notifications(server, &body).await;
     (answer.status, answer.body)
 }
 
@@ -63,11 +65,7 @@ async fn everything_goes_and_the_counter_stays(node: Node) {
     // A digest window still collecting for alice (it would close in an hour).
     let digest = json!({ "user_id": "alice", "topic": "likes", "payload": { "by": "carol" },
                          "digest": { "key": "post:9:likes", "window_secs": 3600 } });
-    let accepted = raw(reqwest::Client::new()
-        .post(format!("{}/v1/notifications", server.http()))
-        .bearer_auth(API_KEY)
-        .json(&digest))
-    .await;
+    let accepted = post_notifications(server, &digest).await;
     assert_eq!(accepted.status, 202, "{}", accepted.body);
     let mut open = server.connect_since("alice", 5).await;
 
@@ -123,23 +121,13 @@ async fn an_erased_digest_window_never_closes_into_a_notification() {
     let server = &node.server;
     let digest = json!({ "user_id": "dora", "topic": "likes", "payload": { "by": "carol" },
                          "digest": { "key": "k", "window_secs": 2 } });
-    let post = || {
-        raw(reqwest::Client::new()
-            .post(format!("{}/v1/notifications", server.http()))
-            .bearer_auth(API_KEY)
-            .json(&digest))
-    };
-    assert_eq!(post().await.status, 202);
+    assert_eq!(post_notifications(server, &digest).await.status, 202);
     assert_eq!(server.publisher().erase("dora", None).await.unwrap().digests, 1);
     // A second user's window of the same length closes as usual: proof
     // that the closer ran.
     let other = json!({ "user_id": "eve", "topic": "likes", "payload": { "by": "carol" },
                         "digest": { "key": "k", "window_secs": 2 } });
-    let posted = raw(reqwest::Client::new()
-        .post(format!("{}/v1/notifications", server.http()))
-        .bearer_auth(API_KEY)
-        .json(&other))
-    .await;
+    let posted = post_notifications(server, &other).await;
     assert_eq!(posted.status, 202);
     eventually("eve's digest closes", || async { history_seqs(server, "eve").await.1 == 1 }).await;
     tokio::time::sleep(Duration::from_millis(500)).await;

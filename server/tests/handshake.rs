@@ -869,8 +869,7 @@ async fn a_node_whose_jwks_cannot_be_fetched_does_not_start() {
 async fn a_jwks_endpoint_over_tls_is_trusted_through_the_ca_named() {
     let dir = tempfile::tempdir().unwrap();
     let certs = TestCerts::create(dir.path());
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let jwks = JwksEndpoint::start_tls(&["rsa-a"], &certs).await;
 
     let server =
@@ -894,8 +893,7 @@ async fn a_jwks_endpoint_over_tls_is_trusted_through_the_ca_named() {
 async fn an_https_jwks_url_is_never_left_for_http() {
     let dir = tempfile::tempdir().unwrap();
     let certs = TestCerts::create(dir.path());
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let in_the_clear = JwksEndpoint::start(&["rsa-a"]).await;
     let moved_to_tls = JwksEndpoint::start_tls(&["rsa-a"], &certs).await;
     let front = JwksEndpoint::start_tls(&["rsa-a"], &certs).await;

@@ -68,8 +68,7 @@ async fn nodes_follow_a_failover_to_the_master_sentinel_names() {
 async fn nodes_follow_a_failover_over_tls() {
     let dir = tempfile::tempdir().unwrap();
     let certs = common::tls::TestCerts::create(dir.path());
-    let ca = dir.path().join("ca.pem");
-    std::fs::write(&ca, &certs.ca_pem).unwrap();
+    let ca = certs.ca_file(dir.path(), "ca.pem");
     let redis = RedisSentinel::start_tls(&certs.cert, &certs.key, &ca);
     assert!(redis.url().starts_with("rediss+sentinel://"));
     follow_a_failover(redis, &[("HERALD_REDIS_TLS_CA", ca.to_str().unwrap())]).await;

@@ -39,6 +39,14 @@ impl TestCerts {
         TestCerts { ca_pem: ca.pem(), cert, key: key_path }
     }
 
+    /// Writes the CA (PEM) to `<dir>/<name>`, for a setting that names a
+    /// CA file; returns the path.
+    pub fn ca_file(&self, dir: &Path, name: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, &self.ca_pem).unwrap();
+        path
+    }
+
     /// `HERALD_TLS_CERT` / `HERALD_TLS_KEY` pairs for [`super::TestServer::start_in`].
     pub fn vars(&self) -> [(&'static str, String); 2] {
         [("HERALD_TLS_CERT", self.cert.display().to_string()), ("HERALD_TLS_KEY", self.key.display().to_string())]
