@@ -366,17 +366,78 @@ pub fn unix_now() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
 }
 
-/// Backend API keys, compared in constant time.
-pub struct ApiKeys(Vec<Vec<u8>>);
+/// What a backend API key may do (spec §3: "a right credential without the
+/// right" is a 403). A key from `HERALD_API_KEYS` may do everything; the
+/// `HERALD_API_KEYS_PUBLISH` / `_READ` / `_ERASE` lists grant one scope each,
+/// and a key listed in several has the union.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Scopes(u8);
 
-impl ApiKeys {
-    pub fn new(keys: &[String]) -> ApiKeys {
-        ApiKeys(keys.iter().map(|k| k.as_bytes().to_vec()).collect())
+impl Scopes {
+    pub const NONE: Scopes = Scopes(0);
+    /// `POST /v1/notifications`, and the status of the jobs it starts.
+    pub const PUBLISH: Scopes = Scopes(1);
+    /// A user's history and presence, and job status.
+    pub const READ: Scopes = Scopes(2);
+    /// `DELETE /v1/users/{id}/notifications`.
+    pub const ERASE: Scopes = Scopes(4);
+    pub const ALL: Scopes = Scopes(7);
+    const NAMES: [(Scopes, &'static str); 3] =
+        [(Scopes::PUBLISH, "publish"), (Scopes::READ, "read"), (Scopes::ERASE, "erase")];
+
+    pub const fn bits(self) -> u8 {
+        self.0
     }
 
-    pub fn check(&self, presented: &str) -> bool {
+    pub const fn from_bits(bits: u8) -> Scopes {
+        Scopes(bits & Scopes::ALL.0)
+    }
+
+    pub const fn union(self, other: Scopes) -> Scopes {
+        Scopes(self.0 | other.0)
+    }
+
+    /// Whether this grants at least one of `wanted`.
+    pub const fn any_of(self, wanted: Scopes) -> bool {
+        self.0 & wanted.0 != 0
+    }
+
+    /// `"publish, read"`; `"none"` when empty.
+    pub fn names(self) -> String {
+        let names: Vec<&str> = Scopes::NAMES.iter().filter(|(s, _)| self.any_of(*s)).map(|(_, n)| *n).collect();
+        if names.is_empty() {
+            "none".into()
+        } else {
+            names.join(", ")
+        }
+    }
+}
+
+/// One configured API key and what it may do.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ApiKeyGrant {
+    pub key: String,
+    pub scopes: Scopes,
+}
+
+/// Backend API keys, compared in constant time: every configured key is
+/// compared with the presented one, whatever matched before.
+pub struct ApiKeys(Vec<(Vec<u8>, Scopes)>);
+
+impl ApiKeys {
+    pub fn new(grants: &[ApiKeyGrant]) -> ApiKeys {
+        ApiKeys(grants.iter().map(|g| (g.key.as_bytes().to_vec(), g.scopes)).collect())
+    }
+
+    /// The scopes of `presented` (the union over every grant of that key);
+    /// `None` when it is not a configured key.
+    pub fn check(&self, presented: &str) -> Option<Scopes> {
         let p = presented.as_bytes();
-        self.0.iter().fold(false, |found, key| found | constant_time_eq(key, p))
+        let (found, bits) = self.0.iter().fold((false, 0u8), |(found, bits), (key, scopes)| {
+            let hit = constant_time_eq(key, p);
+            (found | hit, bits | (scopes.0 * u8::from(hit)))
+        });
+        found.then_some(Scopes(bits))
     }
 }
 
@@ -465,10 +526,22 @@ mod tests {
 
     #[test]
     fn api_keys_compare_whole_values() {
-        let keys = ApiKeys::new(&["k-one".into(), "k-two".into()]);
-        assert!(keys.check("k-two"));
-        assert!(!keys.check("k-tw"));
-        assert!(!keys.check(""));
+        let grant = |key: &str, scopes| ApiKeyGrant { key: key.into(), scopes };
+        let keys = ApiKeys::new(&[
+            grant("k-one", Scopes::ALL),
+            grant("k-two", Scopes::PUBLISH),
+            grant("k-two", Scopes::ERASE),
+            grant("k-three", Scopes::READ),
+        ]);
+        assert_eq!(keys.check("k-one"), Some(Scopes::ALL));
+        assert_eq!(keys.check("k-two"), Some(Scopes::PUBLISH.union(Scopes::ERASE)));
+        assert_eq!(keys.check("k-three"), Some(Scopes::READ));
+        assert_eq!(keys.check("k-tw"), None);
+        assert_eq!(keys.check(""), None);
+        assert!(Scopes::READ.any_of(Scopes::PUBLISH.union(Scopes::READ)));
+        assert!(!Scopes::ERASE.any_of(Scopes::PUBLISH.union(Scopes::READ)));
+        assert_eq!(Scopes::PUBLISH.union(Scopes::ERASE).names(), "publish, erase");
+        assert_eq!(Scopes::NONE.names(), "none");
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer  abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);

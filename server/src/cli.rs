@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Scopes;
 use crate::config::{ProcessEnv, Settings};
 use crate::{auth, shutdown, store, telemetry, AppState};
 
@@ -50,7 +51,7 @@ pub enum Command {
         /// The server, by default http://HERALD_LISTEN.
         #[arg(long)]
         url: Option<String>,
-        /// By default the first of HERALD_API_KEYS.
+        /// By default the first of HERALD_API_KEYS, else of HERALD_API_KEYS_PUBLISH.
         #[arg(long)]
         api_key: Option<String>,
     },
@@ -65,7 +66,7 @@ pub enum Command {
         /// The server, by default http://HERALD_LISTEN.
         #[arg(long)]
         url: Option<String>,
-        /// By default the first of HERALD_API_KEYS.
+        /// By default the first of HERALD_API_KEYS, else of HERALD_API_KEYS_ERASE.
         #[arg(long)]
         api_key: Option<String>,
     },
@@ -106,12 +107,12 @@ pub fn main(cli: Cli) -> ExitCode {
                     if users.len() == 1 { (users.first().cloned(), None) } else { (None, Some(users)) };
                 let request =
                     herald_client::PublishRequest { user_id, user_ids, topic, payload, idempotency_key, digest: None };
-                let (_, answer) = publisher(&settings, url, api_key)?.publish(&request).await?;
+                let (_, answer) = publisher(&settings, url, api_key, Scopes::PUBLISH)?.publish(&request).await?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 Ok(())
             }
             Command::Erase { user, up_to_seq, url, api_key } => {
-                let answer = publisher(&settings, url, api_key)?.erase(&user, up_to_seq).await?;
+                let answer = publisher(&settings, url, api_key, Scopes::ERASE)?.erase(&user, up_to_seq).await?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 Ok(())
             }
@@ -127,15 +128,19 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 /// A client of the running server at `url` (by default this node's
-/// `HERALD_LISTEN`) with `api_key` (by default the first configured).
+/// `HERALD_LISTEN`) with `api_key` (by default the first configured one that
+/// grants `scope`).
 fn publisher(
     settings: &Settings,
     url: Option<String>,
     api_key: Option<String>,
+    scope: Scopes,
 ) -> anyhow::Result<herald_client::Publisher> {
     let api_key = api_key
-        .or_else(|| (!settings.dev_mode).then(|| settings.api_keys.first().cloned()).flatten())
-        .ok_or_else(|| anyhow::anyhow!("give --api-key or set HERALD_API_KEYS"))?;
+        .or_else(|| (!settings.dev_mode).then(|| settings.api_key_for(scope).map(str::to_string)).flatten())
+        .ok_or_else(|| {
+            anyhow::anyhow!("give --api-key, or set HERALD_API_KEYS (or a key with the {} scope)", scope.names())
+        })?;
     let url = url.unwrap_or_else(|| format!("{}://{}", settings.http_scheme(), connectable(settings.listen)));
     Ok(herald_client::Publisher::new(url, api_key))
 }
@@ -176,7 +181,7 @@ async fn serve(settings: Settings) -> anyhow::Result<()> {
 /// Dev mode (spec §1): the generated keys, a ready user token and the demo link.
 fn print_dev_banner(settings: &Settings, addr: SocketAddr) {
     let secret = settings.jwt.secret.as_deref().unwrap_or_default();
-    let api_key = settings.api_keys.first().map(String::as_str).unwrap_or_default();
+    let api_key = settings.api_key_for(Scopes::ALL).unwrap_or_default();
     let token = auth::mint(secret, "alice", 24 * 3600);
     let base = format!("{}://{}", settings.http_scheme(), connectable(addr));
     println!(

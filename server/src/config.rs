@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use ipnet::IpNet;
 
+use crate::auth::{ApiKeyGrant, Scopes};
 use crate::broker::redis::{RedisTarget, RedisTls};
 use crate::limit::{LimitSettings, Rate};
 use crate::tls::TlsFiles;
@@ -103,7 +104,9 @@ pub struct Settings {
     /// For Sentinels that require a password (`redis+sentinel://`).
     pub redis_sentinel_password: Option<String>,
     pub jwt: JwtSettings,
-    pub api_keys: Vec<String>,
+    /// `HERALD_API_KEYS` (every scope), then `HERALD_API_KEYS_PUBLISH`,
+    /// `_READ` and `_ERASE` (one scope each).
+    pub api_keys: Vec<ApiKeyGrant>,
     /// `None`: any Origin may open a WebSocket.
     pub allowed_origins: Option<Vec<String>>,
     pub node_id: String,
@@ -175,6 +178,12 @@ impl Settings {
         } else {
             "http"
         }
+    }
+
+    /// The first configured API key that grants `scope` (for the CLI's
+    /// client commands).
+    pub fn api_key_for(&self, scope: Scopes) -> Option<&str> {
+        self.api_keys.iter().find(|g| g.scopes.any_of(scope)).map(|g| g.key.as_str())
     }
 }
 
@@ -321,6 +330,9 @@ const KEYS: &[&str] = &[
     "jwt_audience",
     "jwt_leeway_secs",
     "api_keys",
+    "api_keys_publish",
+    "api_keys_read",
+    "api_keys_erase",
     "allowed_origins",
     "node_id",
     "tls_cert",
@@ -503,7 +515,17 @@ impl Settings {
             audience: src.string("jwt_audience"),
             leeway_secs: src.number("jwt_leeway_secs", 0u64, 0)?,
         };
-        let mut api_keys = src.list("api_keys").unwrap_or_default();
+        let mut api_keys: Vec<ApiKeyGrant> = [
+            ("api_keys", Scopes::ALL),
+            ("api_keys_publish", Scopes::PUBLISH),
+            ("api_keys_read", Scopes::READ),
+            ("api_keys_erase", Scopes::ERASE),
+        ]
+        .into_iter()
+        .flat_map(|(key, scopes)| {
+            src.list(key).unwrap_or_default().into_iter().map(move |key| ApiKeyGrant { key, scopes })
+        })
+        .collect();
         let dev_mode =
             jwt.secret.is_none() && jwt.public_keys.is_none() && jwt.jwks_url.is_none() && api_keys.is_empty();
         if dev_mode {
@@ -511,13 +533,13 @@ impl Settings {
                 return Err(src.error(
                     "listen",
                     format!(
-                        "dev mode (no HERALD_JWT_SECRET, HERALD_JWT_PUBLIC_KEYS, HERALD_JWT_JWKS_URL or HERALD_API_KEYS) listens only on loopback, not {}",
+                        "dev mode (no HERALD_JWT_SECRET, HERALD_JWT_PUBLIC_KEYS, HERALD_JWT_JWKS_URL or HERALD_API_KEYS*) listens only on loopback, not {}",
                         listen.ip()
                     ),
                 ));
             }
             jwt.secret = Some(random_token(32));
-            api_keys.push(format!("dev-{}", random_token(16)));
+            api_keys.push(ApiKeyGrant { key: format!("dev-{}", random_token(16)), scopes: Scopes::ALL });
         }
         if let Some(secret) = &jwt.secret {
             if secret.len() < 16 {
@@ -709,6 +731,31 @@ mod tests {
     }
 
     #[test]
+    fn scoped_api_keys_are_keys_too_and_a_key_in_several_lists_has_each_scope() {
+        let s = load(&[
+            ("HERALD_API_KEYS_PUBLISH", "p1, p2"),
+            ("HERALD_API_KEYS_READ", "r1,p2"),
+            ("HERALD_API_KEYS_ERASE", "e1"),
+        ])
+        .unwrap();
+        assert!(!s.dev_mode, "scoped keys are configured keys");
+        assert_eq!(s.api_keys.len(), 5);
+        assert_eq!(s.api_key_for(Scopes::PUBLISH), Some("p1"));
+        assert_eq!(s.api_key_for(Scopes::READ), Some("r1"));
+        assert_eq!(s.api_key_for(Scopes::ERASE), Some("e1"));
+        let keys = crate::auth::ApiKeys::new(&s.api_keys);
+        assert_eq!(keys.check("p2"), Some(Scopes::PUBLISH.union(Scopes::READ)));
+        assert_eq!(keys.check("e1"), Some(Scopes::ERASE));
+
+        let s = load(&[("HERALD_API_KEYS", "all"), ("HERALD_API_KEYS_PUBLISH", "p1")]).unwrap();
+        assert_eq!(s.api_key_for(Scopes::ERASE), Some("all"));
+        assert_eq!(s.api_key_for(Scopes::PUBLISH), Some("all"));
+        assert!(!format!("{s:?}").contains("p1"), "keys never appear in the settings' Debug");
+        // Outside loopback, scoped keys alone also leave dev mode.
+        assert!(load(&[("HERALD_LISTEN", "0.0.0.0:8080"), ("HERALD_API_KEYS_READ", "r")]).is_ok());
+    }
+
+    #[test]
     fn file_values_yield_to_the_environment_and_unknown_keys_are_refused() {
         let dir = std::env::temp_dir().join(format!("herald-config-{}", random_token(4)));
         std::fs::create_dir_all(&dir).unwrap();
@@ -717,7 +764,8 @@ mod tests {
         let env: HashMap<&str, &str> = [("HERALD_LISTEN", "127.0.0.1:9100")].into_iter().collect();
         let s = Settings::load(&env, Some(&path)).unwrap();
         assert_eq!(s.heartbeat_secs, 10);
-        assert_eq!(s.api_keys, vec!["a", "b"]);
+        let keys: Vec<(&str, Scopes)> = s.api_keys.iter().map(|g| (g.key.as_str(), g.scopes)).collect();
+        assert_eq!(keys, vec![("a", Scopes::ALL), ("b", Scopes::ALL)]);
         assert_eq!(s.listen.port(), 9100);
 
         std::fs::write(&path, "heartbeat_secs = 0\napi_keys = \"a\"\n").unwrap();

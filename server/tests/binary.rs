@@ -175,6 +175,20 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
         "{}",
         String::from_utf8_lossy(&refused.stderr)
     );
+
+    // With scoped keys only, each command takes the first key with its scope:
+    // the read key listed before the erase key is not the one `erase` sends,
+    // and `publish` has no key to send.
+    let scoped = [("HERALD_API_KEYS_READ", "a-read-key"), ("HERALD_API_KEYS_ERASE", API_KEY)];
+    let out = herald(dir.path(), &scoped).args(["erase", "--user", "bob", "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let keyless = herald(dir.path(), &scoped)
+        .args(["publish", "--user", "bob", "--topic", "t", "--payload", "{}", "--url", &url])
+        .output()
+        .unwrap();
+    assert!(!keyless.status.success());
+    let stderr = String::from_utf8_lossy(&keyless.stderr);
+    assert!(stderr.contains("--api-key") && stderr.contains("publish scope"), "{stderr}");
     server.signal("-TERM");
     assert_eq!(server.wait(), 0);
 }

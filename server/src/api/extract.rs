@@ -12,7 +12,7 @@ use axum::response::Response;
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
-use crate::auth::{bearer, AuthError, UserToken};
+use crate::auth::{bearer, AuthError, Scopes, UserToken};
 use crate::limit::Decision;
 use crate::AppState;
 
@@ -20,37 +20,55 @@ fn authorization(parts: &Parts) -> Option<&str> {
     parts.headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(bearer)
 }
 
-/// A backend service holding a valid API key.
-pub struct ApiKey;
+/// A backend service whose API key grants at least one of the scopes `S`
+/// (the bits of a [`Scopes`]); the aliases below name what each route needs.
+/// A key that is not configured is a 401, a key without the scope a 403
+/// `insufficient_scope` (spec §4).
+pub struct ApiKey<const S: u8>;
 
-impl FromRequestParts<AppState> for ApiKey {
+/// History and presence: the `read` scope.
+pub type ReadKey = ApiKey<{ Scopes::READ.bits() }>;
+/// Job status: `read`, or `publish` (whoever starts a job follows it).
+pub type JobKey = ApiKey<{ Scopes::READ.union(Scopes::PUBLISH).bits() }>;
+/// Erasure: the `erase` scope.
+pub type EraseKey = ApiKey<{ Scopes::ERASE.bits() }>;
+
+impl<const S: u8> FromRequestParts<AppState> for ApiKey<S> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        api_key(parts, state).map(|_| ApiKey)
+        api_key(parts, state, Scopes::from_bits(S)).map(|_| ApiKey)
     }
 }
 
-fn api_key<'a>(parts: &'a Parts, state: &AppState) -> Result<&'a str, ApiError> {
+fn api_key<'a>(parts: &'a Parts, state: &AppState, wanted: Scopes) -> Result<&'a str, ApiError> {
     let key = authorization(parts)
         .ok_or_else(|| ApiError::unauthorized("missing_api_key", "send Authorization: Bearer <api key>"))?;
-    if state.api_keys.check(key) {
-        Ok(key)
-    } else {
-        Err(ApiError::unauthorized("invalid_api_key", "the API key is not valid"))
+    match state.api_keys.check(key) {
+        None => Err(ApiError::unauthorized("invalid_api_key", "the API key is not valid")),
+        Some(granted) if !granted.any_of(wanted) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "insufficient_scope",
+            format!(
+                "this API key may not do this: it needs the {} scope, and it has {}",
+                wanted.names().replace(", ", " or "),
+                granted.names()
+            ),
+        )),
+        Some(_) => Ok(key),
     }
 }
 
-/// A backend service with a valid API key and room under its publish rate
-/// (checked before the body is read). Carries the rate's state for the
-/// `X-RateLimit-*` headers; `None` when publishes are not limited.
+/// A backend service whose API key may publish and has room under its
+/// publish rate (checked before the body is read). Carries the rate's state
+/// for the `X-RateLimit-*` headers; `None` when publishes are not limited.
 pub struct Publisher(pub Option<Decision>);
 
 impl FromRequestParts<AppState> for Publisher {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let key = api_key(parts, state)?;
+        let key = api_key(parts, state, Scopes::PUBLISH)?;
         let rate = state.limits.publish(key).await;
         match rate {
             Some(d) if !d.allowed => Err(ApiError::rate_limited(

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use super::extract::{ApiKey, JsonBody, QueryParams, User, UserPath};
+use super::extract::{EraseKey, JsonBody, QueryParams, ReadKey, User, UserPath};
 use crate::store::ListQuery;
 use crate::ws::protocol::read_mark;
 use crate::AppState;
@@ -75,7 +75,7 @@ pub struct HistoryParams {
 /// `GET /v1/users/{user_id}/notifications`: oldest first, after `after_seq`.
 pub async fn user_history(
     State(state): State<AppState>,
-    _: ApiKey,
+    _: ReadKey,
     UserPath(user): UserPath,
     QueryParams(p): QueryParams<HistoryParams>,
 ) -> Result<Json<Page>, ApiError> {
@@ -101,7 +101,7 @@ pub struct EraseParams {
 /// seq, so badges agree with `GET /v1/me/unread`.
 pub async fn erase(
     State(state): State<AppState>,
-    _: ApiKey,
+    _: EraseKey,
     UserPath(user): UserPath,
     QueryParams(p): QueryParams<EraseParams>,
 ) -> Result<Json<Erased>, ApiError> {
@@ -156,7 +156,7 @@ pub struct Presence {
 /// (with Redis, from each live node's published counts).
 pub async fn presence(
     State(state): State<AppState>,
-    _: ApiKey,
+    _: ReadKey,
     UserPath(user): UserPath,
 ) -> Result<Json<Presence>, ApiError> {
     let sessions = state.broker.presence(&user).await.map_err(|e| {

@@ -1,4 +1,4 @@
-//! `GET /v1/jobs/{id}` (API key): a large-audience publish's state and progress.
+//! `GET /v1/jobs/{id}` (an API key with the `publish` or `read` scope): a large-audience publish's state and progress.
 
 use axum::extract::rejection::PathRejection;
 use axum::extract::{Path, State};
@@ -7,13 +7,13 @@ use axum::Json;
 use herald_protocol::http::{JobProgress, JobStatus};
 
 use super::error::ApiError;
-use super::extract::ApiKey;
+use super::extract::JobKey;
 use crate::store::rfc3339_ms;
 use crate::AppState;
 
 pub async fn status(
     State(state): State<AppState>,
-    _: ApiKey,
+    _: JobKey,
     id: Result<Path<String>, PathRejection>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "no job with this id");

@@ -1,0 +1,151 @@
+//! Scoped API keys: `HERALD_API_KEYS` may do everything; the keys of
+//! `HERALD_API_KEYS_PUBLISH`, `_READ` and `_ERASE` only their scope. Every
+//! backend route against every kind of key, on a real node: a key without
+//! the route's scope gets 403 `insufficient_scope` and changes nothing.
+
+mod common;
+
+use common::*;
+use serde_json::json;
+
+const PUBLISH: &str = "key-publish-only";
+const READ: &str = "key-read-only";
+const ERASE: &str = "key-erase-only";
+/// Listed under both `_PUBLISH` and `_ERASE`.
+const PUBLISH_ERASE: &str = "key-publish-and-erase";
+
+async fn node() -> TestServer {
+    TestServer::start_with(&[
+        ("HERALD_API_KEYS_PUBLISH", &format!("{PUBLISH},{PUBLISH_ERASE}")),
+        ("HERALD_API_KEYS_READ", READ),
+        ("HERALD_API_KEYS_ERASE", &format!("{ERASE}, {PUBLISH_ERASE}")),
+        // Three users make a job (the 202 path), so its status can be asked.
+        ("HERALD_MAX_USER_IDS", "2"),
+        ("HERALD_MAX_AUDIENCE", "5"),
+    ])
+    .await
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+async fn publish(server: &TestServer, key: &str, body: serde_json::Value) -> Raw {
+    raw(client().post(format!("{}/v1/notifications", server.http())).bearer_auth(key).json(&body)).await
+}
+
+async fn history(server: &TestServer, key: &str, user: &str) -> Raw {
+    raw(client().get(format!("{}/v1/users/{user}/notifications", server.http())).bearer_auth(key)).await
+}
+
+async fn presence(server: &TestServer, key: &str, user: &str) -> Raw {
+    raw(client().get(format!("{}/v1/users/{user}/presence", server.http())).bearer_auth(key)).await
+}
+
+async fn job(server: &TestServer, key: &str, id: &str) -> Raw {
+    raw(client().get(format!("{}/v1/jobs/{id}", server.http())).bearer_auth(key)).await
+}
+
+async fn erase(server: &TestServer, key: &str, user: &str) -> Raw {
+    raw(client().delete(format!("{}/v1/users/{user}/notifications", server.http())).bearer_auth(key)).await
+}
+
+/// Asserts a 403 `insufficient_scope` whose message names the scope needed.
+fn refused(answer: &Raw, needs: &str) {
+    assert_eq!(answer.status, 403, "{}", answer.body);
+    assert_eq!(answer.error_code(), "insufficient_scope");
+    let message = answer.body["error"]["message"].as_str().unwrap();
+    assert!(message.contains(needs), "the message names the scope needed ({needs}): {message}");
+}
+
+async fn seqs(server: &TestServer, user: &str) -> Vec<i64> {
+    let page = server.publisher().history(user, 0, 100).await.unwrap();
+    page.notifications.iter().map(|n| n.seq).collect()
+}
+
+#[tokio::test]
+async fn each_route_takes_the_keys_with_its_scope_and_refuses_the_others() {
+    let server = node().await;
+    let one = |i: i64| json!({ "user_id": "alice", "topic": "orders", "payload": { "i": i } });
+
+    // Publishing: the full key and publish keys.
+    for (i, key) in [API_KEY, PUBLISH, PUBLISH_ERASE].into_iter().enumerate() {
+        let answer = publish(&server, key, one(i as i64)).await;
+        assert_eq!(answer.status, 201, "{key}: {}", answer.body);
+    }
+    for key in [READ, ERASE] {
+        refused(&publish(&server, key, one(99)).await, "publish");
+    }
+    assert_eq!(seqs(&server, "alice").await, vec![1, 2, 3], "a refused publish stores nothing");
+
+    // History and presence: the full key and read keys.
+    for key in [API_KEY, READ] {
+        let page = history(&server, key, "alice").await;
+        assert_eq!((page.status, page.body["last_seq"].as_i64()), (200, Some(3)), "{key}: {}", page.body);
+        let here = presence(&server, key, "alice").await;
+        assert_eq!((here.status, here.body["sessions"].as_u64()), (200, Some(0)), "{key}: {}", here.body);
+    }
+    for key in [PUBLISH, ERASE, PUBLISH_ERASE] {
+        refused(&history(&server, key, "alice").await, "read");
+        refused(&presence(&server, key, "alice").await, "read");
+    }
+
+    // A job's status: whoever may publish (and start it) or read.
+    let audience = json!({ "user_ids": ["u1", "u2", "u3"], "topic": "news", "payload": {} });
+    let started = publish(&server, PUBLISH, audience).await;
+    assert_eq!(started.status, 202, "{}", started.body);
+    let id = started.body["job_id"].as_str().expect("a job id").to_string();
+    for key in [API_KEY, PUBLISH, READ, PUBLISH_ERASE] {
+        let status = job(&server, key, &id).await;
+        assert_eq!(status.status, 200, "{key}: {}", status.body);
+    }
+    refused(&job(&server, ERASE, &id).await, "publish or read");
+
+    // Erasure: the full key and erase keys; a refusal deletes nothing.
+    for key in [PUBLISH, READ] {
+        refused(&erase(&server, key, "alice").await, "erase");
+    }
+    assert_eq!(seqs(&server, "alice").await, vec![1, 2, 3], "a refused erasure deletes nothing");
+    let erased = erase(&server, ERASE, "alice").await;
+    assert_eq!((erased.status, erased.body["deleted"].as_u64()), (200, Some(3)), "{}", erased.body);
+    publish(&server, API_KEY, one(4)).await;
+    let erased = erase(&server, PUBLISH_ERASE, "alice").await;
+    assert_eq!((erased.status, erased.body["deleted"].as_u64()), (200, Some(1)), "{}", erased.body);
+    publish(&server, API_KEY, one(5)).await;
+    let erased = erase(&server, API_KEY, "alice").await;
+    assert_eq!((erased.status, erased.body["deleted"].as_u64()), (200, Some(1)), "{}", erased.body);
+}
+
+#[tokio::test]
+async fn unknown_keys_are_401_whatever_the_route() {
+    let server = node().await;
+    for key in ["nope", "key-publish", "key-publish-only-", ""] {
+        let answers = [
+            publish(&server, key, json!({ "user_id": "alice", "topic": "t", "payload": {} })).await,
+            history(&server, key, "alice").await,
+            presence(&server, key, "alice").await,
+            job(&server, key, "no-such-job").await,
+            erase(&server, key, "alice").await,
+        ];
+        for answer in answers {
+            assert_eq!(answer.status, 401, "{key:?}: {}", answer.body);
+            assert!(matches!(answer.error_code(), "invalid_api_key" | "missing_api_key"), "{}", answer.body);
+        }
+    }
+    assert!(seqs(&server, "alice").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_publish_key_keeps_its_own_publish_rate() {
+    // The publish rate is counted per key, scoped or not.
+    let server =
+        TestServer::start_with(&[("HERALD_API_KEYS_PUBLISH", PUBLISH), ("HERALD_LIMIT_PUBLISHES_PER_KEY", "2/min")])
+            .await;
+    let body = || json!({ "user_id": "alice", "topic": "t", "payload": {} });
+    for _ in 0..2 {
+        assert_eq!(publish(&server, PUBLISH, body()).await.status, 201);
+    }
+    let limited = publish(&server, PUBLISH, body()).await;
+    assert_eq!((limited.status, limited.error_code()), (429, "rate_limited"), "{}", limited.body);
+    assert_eq!(publish(&server, API_KEY, body()).await.status, 201, "another key has its own rate");
+}
