@@ -43,6 +43,82 @@ async fn the_inbox_lists_newest_first_with_filters() {
 }
 
 #[tokio::test]
+async fn one_topic_is_listed_and_marked_read_on_its_own() {
+    let server = TestServer::start().await;
+    for (i, topic) in ["orders", "likes", "orders", "likes", "orders", "chat"].iter().enumerate() {
+        server.publish("alice", topic, json!({"n": i + 1})).await;
+    }
+    server.publish("bob", "orders", json!("bob's")).await;
+    let inbox = server.inbox("alice");
+    let orders = |extra: &[(&'static str, &'static str)]| {
+        let mut query = vec![("topic", "orders")];
+        query.extend_from_slice(extra);
+        let inbox = inbox.clone();
+        async move { seqs(&inbox.list(&query).await.unwrap()) }
+    };
+    assert_eq!(orders(&[]).await, vec![5, 3, 1]);
+    assert_eq!(orders(&[("limit", "2")]).await, vec![5, 3]);
+    assert_eq!(orders(&[("before_seq", "5")]).await, vec![3, 1]);
+    assert_eq!(orders(&[("after_seq", "1"), ("unread", "true")]).await, vec![5, 3]);
+    assert!(inbox.list(&[("topic", "nothing")]).await.unwrap().notifications.is_empty());
+
+    let mut phone = server.connect_since("alice", 6).await;
+    let mut laptop = server.connect_since("alice", 6).await;
+    // Over HTTP, up to a seq: the sessions hear which seqs changed.
+    inbox.mark_read(&ReadMark::Topic { topic: "orders".into(), up_to_seq: Some(3) }).await.unwrap();
+    for session in [&mut phone, &mut laptop] {
+        assert_eq!(next(session).await, ServerFrame::Read(ReadMark::Seqs { seqs: vec![1, 3] }));
+    }
+    assert_eq!(orders(&[("unread", "true")]).await, vec![5]);
+    assert_eq!(orders(&[]).await, vec![5, 3, 1], "read ones stay listed");
+    // Over the socket, the whole topic: `ok` to the sender, the seqs to all.
+    phone.send_text(r#"{"type":"read","topic":"likes","ref":"m1"}"#).await.unwrap();
+    assert_eq!(next(&mut phone).await, ServerFrame::Ok { reference: json!("m1") });
+    for session in [&mut phone, &mut laptop] {
+        assert_eq!(next(session).await, ServerFrame::Read(ReadMark::Seqs { seqs: vec![2, 4] }));
+    }
+    let unread = inbox.unread().await.unwrap();
+    assert_eq!(unread.total, 2);
+    assert_eq!((unread.by_topic.get("orders"), unread.by_topic.get("chat")), (Some(&1), Some(&1)));
+    assert_eq!(unread.by_topic.get("likes"), None);
+    // A topic with nothing unread changes nothing and tells no one.
+    inbox.mark_read(&ReadMark::Topic { topic: "likes".into(), up_to_seq: None }).await.unwrap();
+    assert_eq!(phone.next_frame_within(std::time::Duration::from_millis(300)).await.unwrap(), None);
+    assert_eq!(server.inbox("bob").unread().await.unwrap().total, 1, "bob's orders are his own");
+
+    // Refusals change nothing: 422 over HTTP, `bad_frame` on the socket.
+    let url = format!("{}/v1/me/notifications/read", server.http());
+    let http = reqwest::Client::new();
+    for body in [
+        json!({"topic": ""}),
+        json!({"topic": "x".repeat(129)}),
+        json!({"topic": "orders", "seqs": [5]}),
+        json!({"topic": "orders", "up_to_seq": 0}),
+        json!({"topic": 5}),
+    ] {
+        let answer = raw(http.post(&url).bearer_auth(server.token("alice")).json(&body)).await;
+        assert_eq!(answer.status / 100, 4, "{body}: {}", answer.body);
+        assert!(matches!(answer.error_code(), "invalid_request" | "bad_request"), "{body}: {}", answer.body);
+    }
+    phone.send_text(r#"{"type":"read","topic":"orders","seqs":[5],"ref":2}"#).await.unwrap();
+    match next(&mut phone).await {
+        ServerFrame::Error { code, reference, .. } => {
+            assert_eq!((code.as_str(), reference), ("bad_frame", Some(json!(2))))
+        }
+        other => panic!("expected bad_frame, got {other:?}"),
+    }
+    for bad in ["", "%07"] {
+        let answer = raw(http
+            .get(format!("{}/v1/me/notifications?topic={bad}", server.http()))
+            .bearer_auth(server.token("alice")))
+        .await;
+        assert_eq!((answer.status, answer.error_code()), (400, "invalid_query"), "{bad:?}");
+    }
+    assert_eq!(inbox.unread().await.unwrap().total, 2);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn marking_read_over_http_tells_every_open_session() {
     let server = TestServer::start().await;
     server.publish("alice", "t", json!(1)).await;

@@ -64,14 +64,26 @@ fn json_value() -> impl Strategy<Value = Value> {
 
 /// Client frames close to valid ones: the right type, odd values.
 fn near_frame() -> impl Strategy<Value = Value> {
-    (prop_oneof![Just("read"), Just("ping"), Just("refresh")], json_value(), json_value(), json_value()).prop_map(
-        |(kind, a, b, reference)| json!({"type": kind, "seqs": a, "up_to_seq": b, "ref": reference, "token": "t"}),
-    )
+    let topic = prop_oneof![json_value(), "[a-z\\x00-\\x1f]{0,130}".prop_map(Value::String)];
+    (prop_oneof![Just("read"), Just("ping"), Just("refresh")], json_value(), json_value(), topic, json_value())
+        .prop_map(|(kind, a, b, topic, reference)| {
+            let mut frame = json!({"type": kind, "seqs": a, "up_to_seq": b, "ref": reference, "token": "t"});
+            if !topic.is_null() {
+                frame["topic"] = topic;
+            }
+            frame
+        })
 }
 
 fn check_frame(text: &str) {
     match parse(text) {
-        Ok(ClientFrame::Read { seqs, up_to_seq, .. }) => {
+        Ok(ClientFrame::Read { seqs, up_to_seq, topic: Some(topic), .. }) => {
+            // A topic as publishing takes it, an optional bound, no seqs.
+            let chars = topic.chars().count();
+            assert!((1..=128).contains(&chars) && !topic.contains(char::is_control), "{text}");
+            assert!(seqs.is_none() && up_to_seq.is_none_or(|n| n >= 1), "{text}");
+        }
+        Ok(ClientFrame::Read { seqs, up_to_seq, topic: None, .. }) => {
             // Exactly one of the two, within bounds.
             match (seqs, up_to_seq) {
                 (Some(seqs), None) => {

@@ -331,6 +331,24 @@ async fn mark_read_over_the_socket_updates_the_unread_count() {
     }
     client.mark_read(ReadMark::Seqs { seqs: vec![3] }).await.unwrap();
     assert_eq!(server.inbox("alice").unread().await.unwrap().total, 0);
+    match next(&client).await {
+        Event::Read(ReadMark::Seqs { seqs }) => assert_eq!(seqs, [3]),
+        other => panic!("expected the read echo, got {other:?}"),
+    }
+
+    // By topic: the client sends `topic`; the echo names the seqs it marked.
+    server.publish("alice", "likes", json!(4)).await;
+    server.publish("alice", "orders", json!(5)).await;
+    for _ in 0..2 {
+        next_notification_of(&client).await;
+    }
+    client.mark_read(ReadMark::Topic { topic: "likes".into(), up_to_seq: None }).await.unwrap();
+    match next(&client).await {
+        Event::Read(ReadMark::Seqs { seqs }) => assert_eq!(seqs, [4]),
+        other => panic!("expected the read echo, got {other:?}"),
+    }
+    let unread = server.inbox("alice").unread().await.unwrap();
+    assert_eq!((unread.total, unread.by_topic.get("orders").copied()), (1, Some(1)));
 
     // A mark the server refuses comes back as its error.
     match client.mark_read(ReadMark::Seqs { seqs: vec![] }).await {

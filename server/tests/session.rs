@@ -104,7 +104,7 @@ async fn a_read_frame_is_persisted_acknowledged_and_told_to_the_other_sessions()
     let mut laptop = server.connect("alice").await;
     let mut bob = server.connect("bob").await;
     phone
-        .send(&ClientFrame::Read { seqs: Some(vec![1, 2]), up_to_seq: None, reference: Some(json!(9)) })
+        .send(&ClientFrame::Read { seqs: Some(vec![1, 2]), up_to_seq: None, topic: None, reference: Some(json!(9)) })
         .await
         .unwrap();
     let mut got_ok = false;
@@ -126,7 +126,10 @@ async fn a_read_frame_is_persisted_acknowledged_and_told_to_the_other_sessions()
     let replayed = notifications(&mut again, 3).await;
     assert_eq!(replayed.iter().map(|n| n.read).collect::<Vec<_>>(), vec![true, true, false]);
     // up_to_seq, and an invalid mark.
-    phone.send(&ClientFrame::Read { seqs: None, up_to_seq: Some(3), reference: Some(json!(10)) }).await.unwrap();
+    phone
+        .send(&ClientFrame::Read { seqs: None, up_to_seq: Some(3), topic: None, reference: Some(json!(10)) })
+        .await
+        .unwrap();
     assert_eq!(next(&mut laptop).await, ServerFrame::Read(ReadMark::UpTo { up_to_seq: 3 }));
     assert_eq!(server.inbox("alice").unread().await.unwrap().total, 0);
     laptop.send_text(r#"{"type":"read","seqs":[0],"ref":11}"#).await.unwrap();

@@ -345,7 +345,7 @@ async fn reads_behave_like_the_embedded_store() {
     let list = |before_seq, after_seq, limit, unread_only| {
         let store = store.clone();
         async move {
-            let q = ListQuery { before_seq, after_seq, limit, unread_only };
+            let q = ListQuery { before_seq, after_seq, limit, unread_only, topic: None };
             seqs(&store.list("alice", &q).await.unwrap())
         }
     };
@@ -359,12 +359,23 @@ async fn reads_behave_like_the_embedded_store() {
     assert!(store.after("alice", 0, None, 0).await.unwrap().is_empty());
     assert!(store.after("alice", 5, None, 10).await.unwrap().is_empty());
 
-    assert_eq!(store.mark_read("alice", &ReadMark::Seqs { seqs: vec![1, 2, 5, 99] }).await.unwrap(), 3);
-    assert_eq!(store.mark_read("alice", &ReadMark::Seqs { seqs: vec![1, 2] }).await.unwrap(), 0);
+    let by_topic = |topic: &str, unread_only| {
+        let (store, topic) = (store.clone(), topic.to_string());
+        async move {
+            let q = ListQuery { limit: 50, unread_only, topic: Some(topic), ..ListQuery::default() };
+            seqs(&store.list("alice", &q).await.unwrap())
+        }
+    };
+    assert_eq!(by_topic("orders", false).await, [5, 3, 1]);
+    assert_eq!(by_topic("nothing", false).await, [0; 0]);
+    assert_eq!(store.mark_read("alice", &ReadMark::Seqs { seqs: vec![5, 1, 2, 99] }).await.unwrap(), [1, 2, 5]);
+    assert_eq!(store.mark_read("alice", &ReadMark::Seqs { seqs: vec![1, 2] }).await.unwrap(), [0; 0]);
+    assert_eq!(by_topic("orders", true).await, [3]);
+    assert_eq!(by_topic("orders", false).await, [5, 3, 1]);
     assert_eq!(list(None, None, 50, true).await, [4, 3]);
     let unread = store.unread("alice").await.unwrap();
     assert_eq!((unread.total, unread.by_topic), (2, vec![("likes".into(), 1), ("orders".into(), 1)]));
-    assert_eq!(store.mark_read("alice", &ReadMark::UpTo { up_to_seq: 3 }).await.unwrap(), 1);
+    assert_eq!(store.mark_read("alice", &ReadMark::UpTo { up_to_seq: 3 }).await.unwrap(), [3]);
     let unread = store.unread("alice").await.unwrap();
     assert_eq!((unread.total, unread.by_topic), (1, vec![("likes".into(), 1)]));
     let all = store.list("alice", &ListQuery { limit: 50, ..ListQuery::default() }).await.unwrap();
@@ -373,6 +384,16 @@ async fn reads_behave_like_the_embedded_store() {
     // Bob's data is his own.
     assert_eq!(store.unread("bob").await.unwrap().total, 1);
     assert_eq!(all_of(&*store, "bob").await[0].payload.get(), r#""bob's""#);
+
+    // A mark by topic changes that topic's unread ones up to its bound, and
+    // answers which: likes 4 is alice's last unread one (orders has none).
+    let topic = |topic: &str, up_to_seq| ReadMark::Topic { topic: topic.into(), up_to_seq };
+    assert_eq!(store.mark_read("alice", &topic("likes", Some(3))).await.unwrap(), [0; 0]);
+    assert_eq!(store.mark_read("alice", &topic("orders", None)).await.unwrap(), [0; 0]);
+    assert_eq!(store.mark_read("bob", &topic("likes", None)).await.unwrap(), [0; 0]);
+    assert_eq!(store.mark_read("alice", &topic("likes", Some(4))).await.unwrap(), [4]);
+    assert_eq!(store.unread("alice").await.unwrap().total, 0);
+    assert_eq!(store.unread("bob").await.unwrap().total, 1);
 
     // Retention: the oldest three go; the counter stays.
     assert_eq!(store.purge(2_000).await.unwrap(), 3);

@@ -3,12 +3,12 @@ import { HeraldError } from './errors.js';
 import type { SeqCursor } from './storage.js';
 import { type Tokens } from './token.js';
 import type { Endpoints } from './urls.js';
-import type { ConnectionState, Notification, ReadMark, Truncation, WebSocketConstructor } from './types.js';
+import type { ConnectionState, Notification, ReadEvent, ReadMark, Truncation, WebSocketConstructor } from './types.js';
 /** What a Connection reports. `stopped` is final: the server refused the user for good (4003). */
 export interface Sink {
     state(state: Exclude<ConnectionState, 'closed'>): void;
     notification(n: Notification): void;
-    read(mark: ReadMark): void;
+    read(mark: ReadEvent): void;
     truncated(t: Truncation): void;
     error(e: HeraldError): void;
     stopped(e: HeraldError): void;

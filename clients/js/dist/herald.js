@@ -61,7 +61,7 @@ var Inbox = class {
   /** `GET /v1/me/notifications`: newest first; page back with `before_seq`. */
   async list(query = {}) {
     const params = new URLSearchParams();
-    for (const name of ["limit", "before_seq", "after_seq", "unread"]) {
+    for (const name of ["limit", "before_seq", "after_seq", "unread", "topic"]) {
       const value = query[name];
       if (value !== void 0 && value !== null) params.set(name, String(value));
     }
@@ -112,7 +112,14 @@ var Inbox = class {
 function readBody(mark) {
   const m = mark ?? {};
   const isSeq = (v) => Number.isSafeInteger(v) && v >= 1;
-  if (m.seqs !== void 0 && m.up_to_seq === void 0) {
+  if (m.topic !== void 0) {
+    const t = m.topic;
+    const chars = typeof t === "string" ? [...t] : [];
+    const topicOk = chars.length >= 1 && chars.length <= 128 && !/[\u0000-\u001f\u007f-\u009f]/.test(t);
+    if (topicOk && m.seqs === void 0 && (m.up_to_seq === void 0 || isSeq(m.up_to_seq))) {
+      return m.up_to_seq === void 0 ? { topic: t } : { topic: t, up_to_seq: m.up_to_seq };
+    }
+  } else if (m.seqs !== void 0 && m.up_to_seq === void 0) {
     if (Array.isArray(m.seqs) && m.seqs.length >= 1 && m.seqs.length <= 1e3 && m.seqs.every(isSeq)) {
       return { seqs: [...m.seqs] };
     }
@@ -121,7 +128,7 @@ function readBody(mark) {
   }
   throw new HeraldError(
     "invalid_argument",
-    "a read mark is {seqs: [1 to 1000 seqs ≥ 1]} or {up_to_seq: a seq ≥ 1}"
+    "a read mark is {seqs: [1 to 1000 seqs ≥ 1]}, {up_to_seq: a seq ≥ 1} or {topic: 1 to 128 characters, up_to_seq?: a seq ≥ 1}"
   );
 }
 async function readJson(response) {

@@ -16,7 +16,7 @@ export class Inbox {
   /** `GET /v1/me/notifications`: newest first; page back with `before_seq`. */
   async list(query: InboxQuery = {}): Promise<InboxPage> {
     const params = new URLSearchParams();
-    for (const name of ['limit', 'before_seq', 'after_seq', 'unread'] as const) {
+    for (const name of ['limit', 'before_seq', 'after_seq', 'unread', 'topic'] as const) {
       const value = query[name];
       if (value !== undefined && value !== null) params.set(name, String(value));
     }
@@ -71,9 +71,19 @@ export class Inbox {
 
 /** The JSON body of a read mark, checked: exactly one of `seqs` (1 to 1000 seqs ≥ 1) and `up_to_seq` (≥ 1). */
 export function readBody(mark: ReadMark): ReadMark {
-  const m = (mark ?? {}) as { seqs?: unknown; up_to_seq?: unknown };
+  const m = (mark ?? {}) as { seqs?: unknown; up_to_seq?: unknown; topic?: unknown };
   const isSeq = (v: unknown) => Number.isSafeInteger(v) && (v as number) >= 1;
-  if (m.seqs !== undefined && m.up_to_seq === undefined) {
+  if (m.topic !== undefined) {
+    // The server's rule for topics: 1 to 128 characters, no control characters.
+    const t = m.topic;
+    const chars = typeof t === 'string' ? [...t] : [];
+    const topicOk = chars.length >= 1 && chars.length <= 128 && !/[\u0000-\u001f\u007f-\u009f]/.test(t as string);
+    if (topicOk && m.seqs === undefined && (m.up_to_seq === undefined || isSeq(m.up_to_seq))) {
+      return m.up_to_seq === undefined
+        ? { topic: t as string }
+        : { topic: t as string, up_to_seq: m.up_to_seq as number };
+    }
+  } else if (m.seqs !== undefined && m.up_to_seq === undefined) {
     if (Array.isArray(m.seqs) && m.seqs.length >= 1 && m.seqs.length <= 1000 && m.seqs.every(isSeq)) {
       return { seqs: [...(m.seqs as number[])] };
     }
@@ -82,7 +92,7 @@ export function readBody(mark: ReadMark): ReadMark {
   }
   throw new HeraldError(
     'invalid_argument',
-    'a read mark is {seqs: [1 to 1000 seqs ≥ 1]} or {up_to_seq: a seq ≥ 1}',
+    'a read mark is {seqs: [1 to 1000 seqs ≥ 1]}, {up_to_seq: a seq ≥ 1} or {topic: 1 to 128 characters, up_to_seq?: a seq ≥ 1}',
   );
 }
 

@@ -12,6 +12,7 @@ export type {
   InboxPage,
   InboxQuery,
   Notification,
+  ReadEvent,
   ReadMark,
   SeqStorage,
   Truncation,

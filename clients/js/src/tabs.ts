@@ -11,7 +11,7 @@
 import { Connection, type Sink } from './connection.js';
 import { HeraldError } from './errors.js';
 import type { Core, Link } from './core.js';
-import type { ConnectionState, Notification, ReadMark, Truncation } from './types.js';
+import type { ConnectionState, Notification, ReadEvent, ReadMark, Truncation } from './types.js';
 
 /** A forwarded `markRead` that gets no answer in this long falls back to HTTP. */
 const CALL_TIMEOUT_MS = 5_000;
@@ -25,7 +25,7 @@ interface ErrorData {
 
 type Relayed =
   | { name: 'notification'; data: Notification }
-  | { name: 'read'; data: ReadMark }
+  | { name: 'read'; data: ReadEvent }
   | { name: 'truncated'; data: Truncation }
   | { name: 'error'; data: ErrorData };
 

@@ -15,8 +15,15 @@ export interface Notification {
   read: boolean;
 }
 
-/** Which notifications a read mark covers: some seqs, or everything up to one. */
-export type ReadMark = { seqs: number[] } | { up_to_seq: number };
+/** What a `read` event says is now read: some seqs, or everything up to one. */
+export type ReadEvent = { seqs: number[] } | { up_to_seq: number };
+
+/**
+ * Which notifications a read mark covers: some seqs, everything up to one,
+ * or the unread ones of one topic (up to a seq, when given). Other tabs and
+ * devices hear of a topic mark as the seqs it marked.
+ */
+export type ReadMark = ReadEvent | { topic: string; up_to_seq?: number };
 
 /**
  * The connection as the application sees it.
@@ -37,7 +44,7 @@ export interface Truncation {
 /** What `on(name, fn)` hands to `fn`. */
 export interface HeraldEvents {
   notification: Notification;
-  read: ReadMark;
+  read: ReadEvent;
   state: ConnectionState;
   error: HeraldError;
   truncated: Truncation;
@@ -94,6 +101,8 @@ export interface InboxQuery {
   after_seq?: number;
   /** `true`: unread only; `false`: read only. */
   unread?: boolean;
+  /** Only this topic's notifications. */
+  topic?: string;
 }
 
 /** `GET /v1/me/unread`. */

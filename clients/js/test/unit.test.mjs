@@ -243,6 +243,23 @@ test('markRead goes over the socket when open, else over HTTP with the bearer to
   await marking;
   assert.equal(requests.length, 1, 'no HTTP while the socket is open');
   await assert.rejects(herald.markRead({ seqs: [] }), { code: 'invalid_argument' });
+
+  // By topic, with and without a bound; bad topics never leave the client.
+  const byTopic = herald.markRead({ topic: 'orders' });
+  const topicFrame = sockets[0].sent.filter((f) => f.type === 'read').at(-1);
+  assert.deepEqual(topicFrame, { type: 'read', topic: 'orders', ref: topicFrame.ref });
+  sockets[0].frame({ type: 'ok', ref: topicFrame.ref });
+  await byTopic;
+  const bounded = herald.markRead({ topic: 'orders', up_to_seq: 7 });
+  const boundedFrame = sockets[0].sent.filter((f) => f.type === 'read').at(-1);
+  assert.deepEqual(boundedFrame, { type: 'read', topic: 'orders', up_to_seq: 7, ref: boundedFrame.ref });
+  sockets[0].frame({ type: 'ok', ref: boundedFrame.ref });
+  await bounded;
+  for (const bad of [{ topic: '' }, { topic: 'x'.repeat(129) }, { topic: 'a\u0007b' }, { topic: 5 },
+    { topic: 'orders', seqs: [1] }, { topic: 'orders', up_to_seq: 0 }]) {
+    await assert.rejects(herald.markRead(bad), { code: 'invalid_argument' }, JSON.stringify(bad));
+  }
+  assert.equal(requests.length, 1, 'no HTTP while the socket is open');
   herald.close();
 });
 

@@ -88,8 +88,20 @@ pub struct Notification<P = Value> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum ReadMark {
-    Seqs { seqs: Vec<Seq> },
-    UpTo { up_to_seq: Seq },
+    /// Every unread notification of one topic (with `seq <= up_to_seq`, when
+    /// given). Only ever sent by clients: the user's sessions hear of it as
+    /// the [`Seqs`](ReadMark::Seqs) it marked.
+    Topic {
+        topic: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        up_to_seq: Option<Seq>,
+    },
+    Seqs {
+        seqs: Vec<Seq>,
+    },
+    UpTo {
+        up_to_seq: Seq,
+    },
 }
 
 /// Frames a client sends.
@@ -110,6 +122,8 @@ pub enum ClientFrame {
         seqs: Option<Vec<Seq>>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         up_to_seq: Option<Seq>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        topic: Option<String>,
         #[serde(rename = "ref", default, skip_serializing_if = "Option::is_none")]
         reference: Option<Ref>,
     },
@@ -192,6 +206,17 @@ mod tests {
         assert_eq!(b, ServerFrame::Read(ReadMark::UpTo { up_to_seq: 9 }));
         let out = serde_json::to_string(&ServerFrame::Read(ReadMark::UpTo { up_to_seq: 9 })).unwrap();
         assert_eq!(out, r#"{"type":"read","up_to_seq":9}"#);
+    }
+
+    #[test]
+    fn topic_marks_are_told_apart_from_the_others() {
+        let all: ReadMark = serde_json::from_str(r#"{"topic":"orders"}"#).unwrap();
+        assert_eq!(all, ReadMark::Topic { topic: "orders".into(), up_to_seq: None });
+        let some: ReadMark = serde_json::from_str(r#"{"topic":"orders","up_to_seq":4}"#).unwrap();
+        assert_eq!(some, ReadMark::Topic { topic: "orders".into(), up_to_seq: Some(4) });
+        assert_eq!(serde_json::to_string(&all).unwrap(), r#"{"topic":"orders"}"#);
+        let up_to: ReadMark = serde_json::from_str(r#"{"up_to_seq":4}"#).unwrap();
+        assert_eq!(up_to, ReadMark::UpTo { up_to_seq: 4 });
     }
 
     #[test]

@@ -12,6 +12,7 @@ use serde_json::value::RawValue;
 
 use super::error::ApiError;
 use super::extract::{EraseKey, JsonBody, QueryParams, ReadKey, User, UserPath};
+use super::publish::check_topic;
 use crate::store::ListQuery;
 use crate::ws::protocol::read_mark;
 use crate::AppState;
@@ -46,6 +47,7 @@ pub struct ListParams {
     after_seq: Option<Seq>,
     limit: Option<u32>,
     unread: Option<bool>,
+    topic: Option<String>,
 }
 
 /// `GET /v1/me/notifications`: newest first.
@@ -59,6 +61,11 @@ pub async fn list(
         after_seq: seq_bound("after_seq", p.after_seq)?,
         limit: limit(p.limit)?,
         unread_only: p.unread.unwrap_or(false),
+        topic: p
+            .topic
+            .map(|t| check_topic(&t).map(|()| t))
+            .transpose()
+            .map_err(|m| ApiError::bad_request("invalid_query", m))?,
     };
     let found = state.metrics.store_op("list", state.store.list(&user.user_id, &query)).await?;
     let head = state.metrics.store_op("head", state.store.head(&user.user_id)).await?;
@@ -117,7 +124,8 @@ pub async fn erase(
     state.metrics.notifications_erased.inc_by(deleted);
     tracing::info!(user_id = %user, deleted, digests, up_to_seq = bound, "notifications erased");
     if deleted > 0 {
-        crate::ws::session::broadcast_read(&state, &user.as_str().into(), ReadMark::UpTo { up_to_seq: bound }).await;
+        crate::ws::session::broadcast_read(&state, &user.as_str().into(), vec![ReadMark::UpTo { up_to_seq: bound }])
+            .await;
     }
     Ok(Json(Erased { user_id: user, deleted, digests, oldest_seq: head.oldest_seq, last_seq: head.last_seq }))
 }
@@ -127,6 +135,7 @@ pub async fn erase(
 pub struct ReadBody {
     seqs: Option<Vec<Seq>>,
     up_to_seq: Option<Seq>,
+    topic: Option<String>,
 }
 
 /// `POST /v1/me/notifications/read`: 204; every session of the user gets a `read` frame.
@@ -135,7 +144,8 @@ pub async fn mark_read(
     User(user): User,
     JsonBody(body): JsonBody<ReadBody>,
 ) -> Result<StatusCode, ApiError> {
-    let mark = read_mark(body.seqs, body.up_to_seq).map_err(|m| ApiError::unprocessable("invalid_request", m))?;
+    let mark =
+        read_mark(body.seqs, body.up_to_seq, body.topic).map_err(|m| ApiError::unprocessable("invalid_request", m))?;
     crate::ws::session::mark_read(&state, &user.user_id, mark).await?;
     Ok(StatusCode::NO_CONTENT)
 }

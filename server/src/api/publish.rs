@@ -221,13 +221,7 @@ pub fn validate(settings: &Settings, request: &PublishRequest<Box<RawValue>>) ->
             format!("a digest publish names at most {} user ids", settings.max_user_ids),
         ));
     }
-    let topic_chars = request.topic.chars().count();
-    if topic_chars == 0 || topic_chars > MAX_TOPIC_CHARS || request.topic.contains(char::is_control) {
-        return Err(invalid(
-            "invalid_topic",
-            format!("`topic` is 1 to {MAX_TOPIC_CHARS} characters, without control characters"),
-        ));
-    }
+    check_topic(&request.topic).map_err(|m| invalid("invalid_topic", m))?;
     if request.payload.get().len() > settings.max_payload_bytes {
         return Err(ApiError::too_large(format!("`payload` is larger than {} bytes", settings.max_payload_bytes)));
     }
@@ -318,6 +312,17 @@ impl<'de> serde::de::Visitor<'de> for Portable {
 
 /// A user id: 1 to 256 bytes of UTF-8 (spec §2, the `sub` claim), without
 /// control characters (PostgreSQL text cannot hold NUL, and no real id has them).
+/// A topic as publishing accepts it (and as the inbox filters and read
+/// marks by topic take it): 1 to 128 characters, no control characters.
+pub fn check_topic(topic: &str) -> Result<(), String> {
+    let chars = topic.chars().count();
+    if chars == 0 || chars > MAX_TOPIC_CHARS || topic.contains(char::is_control) {
+        Err(format!("`topic` is 1 to {MAX_TOPIC_CHARS} characters, without control characters"))
+    } else {
+        Ok(())
+    }
+}
+
 pub fn check_user_id(user: &str) -> Result<(), String> {
     if user.is_empty() || user.len() > 256 || user.contains(char::is_control) {
         Err("a user id is 1 to 256 bytes, without control characters".into())

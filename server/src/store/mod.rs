@@ -152,6 +152,8 @@ pub struct ListQuery {
     pub after_seq: Option<Seq>,
     pub limit: u32,
     pub unread_only: bool,
+    /// Only this topic's notifications.
+    pub topic: Option<String>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -213,8 +215,9 @@ pub trait Store: JobStore + Send + Sync + 'static {
     /// The inbox listing: newest first.
     async fn list(&self, user: &str, query: &ListQuery) -> Result<Vec<StoredNotification>, StoreError>;
 
-    /// Marks notifications read; returns how many changed.
-    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<u64, StoreError>;
+    /// Marks notifications read; returns the seqs that changed from unread
+    /// to read, ascending.
+    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<Vec<Seq>, StoreError>;
 
     /// Unread counts, from an index; never a scan of the user's history.
     async fn unread(&self, user: &str) -> Result<Unread, StoreError>;

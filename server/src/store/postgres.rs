@@ -266,36 +266,43 @@ impl Store for PostgresStore {
 
     async fn list(&self, user: &str, q: &ListQuery) -> Result<Vec<StoredNotification>, StoreError> {
         let found = sqlx::query(select!(
-            "WHERE user_id = $1 AND seq < $2 AND seq > $3 AND (NOT read OR NOT $4) ORDER BY seq DESC LIMIT $5"
+            "WHERE user_id = $1 AND seq < $2 AND seq > $3 AND (NOT read OR NOT $4) AND ($6::text IS NULL OR topic = $6)
+             ORDER BY seq DESC LIMIT $5"
         ))
         .bind(user)
         .bind(q.before_seq.unwrap_or(i64::MAX))
         .bind(q.after_seq.unwrap_or(0))
         .bind(q.unread_only)
         .bind(i64::from(q.limit))
+        .bind(q.topic.as_deref())
         .fetch_all(&self.pool)
         .await?;
         rows(user, found)
     }
 
-    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<u64, StoreError> {
-        let done = match mark {
-            ReadMark::Seqs { seqs } => {
-                sqlx::query("UPDATE notifications SET read = true WHERE user_id = $1 AND NOT read AND seq = ANY($2)")
-                    .bind(user)
-                    .bind(seqs)
-                    .execute(&self.pool)
-                    .await?
-            }
-            ReadMark::UpTo { up_to_seq } => {
-                sqlx::query("UPDATE notifications SET read = true WHERE user_id = $1 AND NOT read AND seq <= $2")
-                    .bind(user)
-                    .bind(up_to_seq)
-                    .execute(&self.pool)
-                    .await?
-            }
+    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<Vec<Seq>, StoreError> {
+        let query = match mark {
+            ReadMark::Seqs { seqs } => sqlx::query_scalar(
+                "UPDATE notifications SET read = true WHERE user_id = $1 AND NOT read AND seq = ANY($2) RETURNING seq",
+            )
+            .bind(user)
+            .bind(seqs),
+            ReadMark::UpTo { up_to_seq } => sqlx::query_scalar(
+                "UPDATE notifications SET read = true WHERE user_id = $1 AND NOT read AND seq <= $2 RETURNING seq",
+            )
+            .bind(user)
+            .bind(up_to_seq),
+            ReadMark::Topic { topic, up_to_seq } => sqlx::query_scalar(
+                "UPDATE notifications SET read = true
+                 WHERE user_id = $1 AND NOT read AND topic = $2 AND seq <= $3 RETURNING seq",
+            )
+            .bind(user)
+            .bind(topic)
+            .bind(up_to_seq.unwrap_or(Seq::MAX)),
         };
-        Ok(done.rows_affected())
+        let mut marked: Vec<Seq> = query.fetch_all(&self.pool).await?;
+        marked.sort_unstable();
+        Ok(marked)
     }
 
     async fn unread(&self, user: &str) -> Result<Unread, StoreError> {

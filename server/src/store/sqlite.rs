@@ -151,28 +151,33 @@ impl Store for SqliteStore {
         self.readers.list(user, q).await
     }
 
-    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<u64, StoreError> {
-        let done = match mark {
+    async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<Vec<Seq>, StoreError> {
+        let query = match mark {
             ReadMark::Seqs { seqs } => {
                 let list = serde_json::to_string(seqs).map_err(|e| StoreError::Internal(e.to_string()))?;
-                sqlx::query(
+                sqlx::query_scalar(
                     "UPDATE notifications SET read = 1
-                     WHERE user_id = ? AND read = 0 AND seq IN (SELECT value FROM json_each(?))",
+                     WHERE user_id = ? AND read = 0 AND seq IN (SELECT value FROM json_each(?)) RETURNING seq",
                 )
                 .bind(user)
                 .bind(list)
-                .execute(&self.pool)
-                .await?
             }
-            ReadMark::UpTo { up_to_seq } => {
-                sqlx::query("UPDATE notifications SET read = 1 WHERE user_id = ? AND read = 0 AND seq <= ?")
-                    .bind(user)
-                    .bind(up_to_seq)
-                    .execute(&self.pool)
-                    .await?
-            }
+            ReadMark::UpTo { up_to_seq } => sqlx::query_scalar(
+                "UPDATE notifications SET read = 1 WHERE user_id = ? AND read = 0 AND seq <= ? RETURNING seq",
+            )
+            .bind(user)
+            .bind(*up_to_seq),
+            ReadMark::Topic { topic, up_to_seq } => sqlx::query_scalar(
+                "UPDATE notifications SET read = 1
+                 WHERE user_id = ? AND read = 0 AND topic = ? AND seq <= ? RETURNING seq",
+            )
+            .bind(user)
+            .bind(topic.as_str())
+            .bind(up_to_seq.unwrap_or(Seq::MAX)),
         };
-        Ok(done.rows_affected())
+        let mut marked: Vec<Seq> = query.fetch_all(&self.pool).await?;
+        marked.sort_unstable();
+        Ok(marked)
     }
 
     async fn unread(&self, user: &str) -> Result<Unread, StoreError> {

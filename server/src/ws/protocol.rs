@@ -33,15 +33,24 @@ pub fn parse(text: &str) -> Result<ClientFrame, BadFrame> {
     }
     let frame: ClientFrame =
         serde_json::from_value(value).map_err(|e| bad(reference.clone(), "bad_frame", e.to_string()))?;
-    if let ClientFrame::Read { seqs, up_to_seq, .. } = &frame {
-        read_mark(seqs.clone(), *up_to_seq).map_err(|m| bad(reference, "bad_frame", m))?;
+    if let ClientFrame::Read { seqs, up_to_seq, topic, .. } = &frame {
+        read_mark(seqs.clone(), *up_to_seq, topic.clone()).map_err(|m| bad(reference, "bad_frame", m))?;
     }
     Ok(frame)
 }
 
-/// A read mark from its two optional fields: exactly one, with positive seqs.
-/// Shared by the `read` frame and `POST /v1/me/notifications/read`.
-pub fn read_mark(seqs: Option<Vec<Seq>>, up_to_seq: Option<Seq>) -> Result<ReadMark, String> {
+/// A read mark from its optional fields: `seqs`, or `up_to_seq`, or a
+/// `topic` (with `up_to_seq` or without), with positive seqs. Shared by the
+/// `read` frame and `POST /v1/me/notifications/read`.
+pub fn read_mark(seqs: Option<Vec<Seq>>, up_to_seq: Option<Seq>, topic: Option<String>) -> Result<ReadMark, String> {
+    if let Some(topic) = topic {
+        crate::api::publish::check_topic(&topic)?;
+        return match (seqs, up_to_seq) {
+            (Some(_), _) => Err("`seqs` does not go with `topic`".into()),
+            (None, Some(n)) if n < 1 => Err("`up_to_seq` is at least 1".into()),
+            (None, up_to_seq) => Ok(ReadMark::Topic { topic, up_to_seq }),
+        };
+    }
     match (seqs, up_to_seq) {
         (Some(seqs), None) => {
             if seqs.is_empty() || seqs.len() > MAX_READ_SEQS {
@@ -54,7 +63,7 @@ pub fn read_mark(seqs: Option<Vec<Seq>>, up_to_seq: Option<Seq>) -> Result<ReadM
         }
         (None, Some(up_to_seq)) if up_to_seq >= 1 => Ok(ReadMark::UpTo { up_to_seq }),
         (None, Some(_)) => Err("`up_to_seq` is at least 1".into()),
-        _ => Err("give exactly one of `seqs` and `up_to_seq`".into()),
+        _ => Err("give exactly one of `seqs`, `up_to_seq` and `topic`".into()),
     }
 }
 
@@ -82,7 +91,23 @@ mod tests {
             parse(r#"{"type":"read","up_to_seq":4,"ref":1}"#).unwrap(),
             ClientFrame::Read { up_to_seq: Some(4), .. }
         ));
-        assert!(read_mark(Some(vec![1]), Some(2)).is_err());
-        assert!(read_mark(None, None).is_err());
+        assert!(read_mark(Some(vec![1]), Some(2), None).is_err());
+        assert!(read_mark(None, None, None).is_err());
+        assert!(matches!(
+            parse(r#"{"type":"read","topic":"orders","ref":1}"#).unwrap(),
+            ClientFrame::Read { topic: Some(_), up_to_seq: None, seqs: None, .. }
+        ));
+        let topic = || Some("orders".to_string());
+        assert_eq!(read_mark(None, None, topic()), Ok(ReadMark::Topic { topic: "orders".into(), up_to_seq: None }));
+        assert_eq!(
+            read_mark(None, Some(3), topic()),
+            Ok(ReadMark::Topic { topic: "orders".into(), up_to_seq: Some(3) })
+        );
+        assert!(read_mark(Some(vec![1]), None, topic()).is_err());
+        assert!(read_mark(None, Some(0), topic()).is_err());
+        assert!(read_mark(None, None, Some(String::new())).is_err());
+        assert!(read_mark(None, None, Some("x".repeat(129))).is_err());
+        assert!(read_mark(None, None, Some("a\u{7}b".into())).is_err());
+        assert_eq!(parse(r#"{"type":"read","topic":"","ref":5}"#).unwrap_err().reference, Some(json!(5)));
     }
 }

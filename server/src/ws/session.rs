@@ -339,8 +339,8 @@ impl Session {
         match frame {
             ClientFrame::Ping { reference } => self.send(vec![text(&ServerFrame::Pong { reference })]).await,
             ClientFrame::Refresh { token, reference } => self.refresh(&token, reference).await,
-            ClientFrame::Read { seqs, up_to_seq, reference } => {
-                let mark = protocol::read_mark(seqs, up_to_seq).expect("parse validated the read mark");
+            ClientFrame::Read { seqs, up_to_seq, topic, reference } => {
+                let mark = protocol::read_mark(seqs, up_to_seq, topic).expect("parse validated the read mark");
                 self.mark_read(mark, reference).await
             }
         }
@@ -466,19 +466,37 @@ fn read_failure(e: WsError) -> SessionEnd {
     }
 }
 
-/// Persists a read mark, then tells every session of the user (on any node).
+/// Persists a read mark, then tells every session of the user (on any node):
+/// a mark by seqs or up to a seq as it was given; a mark by topic as the
+/// seqs it changed (in frames of at most [`protocol::MAX_READ_SEQS`]), since
+/// a session knows its notifications by seq. A topic mark that changed
+/// nothing sends nothing.
 pub async fn mark_read(state: &AppState, user: &Arc<str>, mark: ReadMark) -> Result<(), crate::store::StoreError> {
-    state.metrics.store_op("mark_read", state.store.mark_read(user, &mark)).await?;
-    broadcast_read(state, user, mark).await;
+    let marked = state.metrics.store_op("mark_read", state.store.mark_read(user, &mark)).await?;
+    let frames = match mark {
+        ReadMark::Topic { .. } => {
+            marked.chunks(protocol::MAX_READ_SEQS).map(|seqs| ReadMark::Seqs { seqs: seqs.to_vec() }).collect()
+        }
+        given => vec![given],
+    };
+    broadcast_read(state, user, frames).await;
     Ok(())
 }
 
-/// Sends a `read` frame for `mark` to every session of `user`, on every node.
-pub async fn broadcast_read(state: &AppState, user: &Arc<str>, mark: ReadMark) {
-    let frame = serde_json::to_string(&ServerFrame::Read(mark)).expect("read frames always serialize");
-    let event =
-        Event { user_id: user.clone(), id: None, delivery: Delivery::Read { frame: frame.into() }, trace: None };
-    if let Err(e) = state.broker.publish(vec![event]).await {
+/// Sends a `read` frame for each of `marks` to every session of `user`, on
+/// every node.
+pub async fn broadcast_read(state: &AppState, user: &Arc<str>, marks: Vec<ReadMark>) {
+    if marks.is_empty() {
+        return;
+    }
+    let events = marks
+        .into_iter()
+        .map(|mark| {
+            let frame = serde_json::to_string(&ServerFrame::Read(mark)).expect("read frames always serialize");
+            Event { user_id: user.clone(), id: None, delivery: Delivery::Read { frame: frame.into() }, trace: None }
+        })
+        .collect();
+    if let Err(e) = state.broker.publish(events).await {
         tracing::warn!(error = %e, "read mark stored but not broadcast");
     }
 }

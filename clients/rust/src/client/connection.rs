@@ -198,12 +198,13 @@ impl Driver {
                 continue; // the caller gave up
             }
             let reference = self.next_ref();
-            let (seqs, up_to_seq) = match &read.mark {
-                ReadMark::Seqs { seqs } => (Some(seqs.clone()), None),
-                ReadMark::UpTo { up_to_seq } => (None, Some(*up_to_seq)),
+            let (seqs, up_to_seq, topic) = match &read.mark {
+                ReadMark::Seqs { seqs } => (Some(seqs.clone()), None, None),
+                ReadMark::UpTo { up_to_seq } => (None, Some(*up_to_seq), None),
+                ReadMark::Topic { topic, up_to_seq } => (None, *up_to_seq, Some(topic.clone())),
             };
             self.ctl.sent.insert(reference, read);
-            conn.send(&ClientFrame::Read { seqs, up_to_seq, reference: Some(reference.into()) }).await?;
+            conn.send(&ClientFrame::Read { seqs, up_to_seq, topic, reference: Some(reference.into()) }).await?;
         }
         Ok(())
     }

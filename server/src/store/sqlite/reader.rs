@@ -208,13 +208,16 @@ fn notifications_after(
     found
 }
 
-/// The inbox listing: newest first.
+/// The inbox listing: newest first, along the primary key (the user's
+/// notifications by seq), keeping the unread ones or one topic's when asked.
 fn list(conn: &Connection, user: &Arc<str>, q: &ListQuery) -> rusqlite::Result<Vec<StoredNotification>> {
     let mut statement = conn.prepare_cached(select!(
-        "WHERE user_id = ? AND seq < ? AND seq > ? AND (read = 0 OR ? = 0) ORDER BY seq DESC LIMIT ?"
+        "WHERE user_id = ?1 AND seq < ?2 AND seq > ?3 AND (read = 0 OR ?4 = 0) AND (?5 IS NULL OR topic = ?5)
+         ORDER BY seq DESC LIMIT ?6"
     ))?;
-    let before = q.before_seq.unwrap_or(Seq::MAX);
-    let found = decode_all(user, statement.query((&**user, before, q.after_seq.unwrap_or(0), q.unread_only, q.limit))?);
+    let (before, after) = (q.before_seq.unwrap_or(Seq::MAX), q.after_seq.unwrap_or(0));
+    let found =
+        decode_all(user, statement.query((&**user, before, after, q.unread_only, q.topic.as_deref(), q.limit))?);
     found
 }
 
