@@ -368,7 +368,7 @@ pub fn unix_now() -> i64 {
 
 /// What a backend API key may do (spec §3: "a right credential without the
 /// right" is a 403). A key from `HERALD_API_KEYS` may do everything; the
-/// `HERALD_API_KEYS_PUBLISH` / `_READ` / `_ERASE` lists grant one scope each,
+/// `HERALD_API_KEYS_PUBLISH` / `_READ` / `_ERASE` / `_DISCONNECT` lists grant one scope each,
 /// and a key listed in several has the union.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Scopes(u8);
@@ -381,9 +381,15 @@ impl Scopes {
     pub const READ: Scopes = Scopes(2);
     /// `DELETE /v1/users/{id}/notifications`.
     pub const ERASE: Scopes = Scopes(4);
-    pub const ALL: Scopes = Scopes(7);
-    const NAMES: [(Scopes, &'static str); 3] =
-        [(Scopes::PUBLISH, "publish"), (Scopes::READ, "read"), (Scopes::ERASE, "erase")];
+    /// `DELETE /v1/users/{id}/sessions`.
+    pub const DISCONNECT: Scopes = Scopes(8);
+    pub const ALL: Scopes = Scopes(15);
+    const NAMES: [(Scopes, &'static str); 4] = [
+        (Scopes::PUBLISH, "publish"),
+        (Scopes::READ, "read"),
+        (Scopes::ERASE, "erase"),
+        (Scopes::DISCONNECT, "disconnect"),
+    ];
 
     pub const fn bits(self) -> u8 {
         self.0
@@ -542,6 +548,7 @@ mod tests {
         assert!(!Scopes::ERASE.any_of(Scopes::PUBLISH.union(Scopes::READ)));
         assert_eq!(Scopes::PUBLISH.union(Scopes::ERASE).names(), "publish, erase");
         assert_eq!(Scopes::NONE.names(), "none");
+        assert_eq!(Scopes::ALL.names(), "publish, read, erase, disconnect");
         assert_eq!(bearer("Bearer abc"), Some("abc"));
         assert_eq!(bearer("bearer  abc "), Some("abc"));
         assert_eq!(bearer("Basic abc"), None);

@@ -70,6 +70,17 @@ pub enum Command {
         #[arg(long)]
         api_key: Option<String>,
     },
+    /// Close every open session of a user, on every node (close code 4003).
+    Disconnect {
+        #[arg(long)]
+        user: String,
+        /// The server, by default http://HERALD_LISTEN.
+        #[arg(long)]
+        url: Option<String>,
+        /// By default the first of HERALD_API_KEYS, else of HERALD_API_KEYS_DISCONNECT.
+        #[arg(long)]
+        api_key: Option<String>,
+    },
 }
 
 /// Runs the command line; the exit code is 2 for bad configuration.
@@ -114,6 +125,11 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Erase { user, up_to_seq, url, api_key } => {
                 let answer = publisher(&settings, url, api_key, Scopes::ERASE)?.erase(&user, up_to_seq).await?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+            Command::Disconnect { user, url, api_key } => {
+                publisher(&settings, url, api_key, Scopes::DISCONNECT)?.disconnect(&user).await?;
+                println!("the sessions of {user} were told to close");
                 Ok(())
             }
         }

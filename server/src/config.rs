@@ -105,7 +105,7 @@ pub struct Settings {
     pub redis_sentinel_password: Option<String>,
     pub jwt: JwtSettings,
     /// `HERALD_API_KEYS` (every scope), then `HERALD_API_KEYS_PUBLISH`,
-    /// `_READ` and `_ERASE` (one scope each).
+    /// `_READ`, `_ERASE` and `_DISCONNECT` (one scope each).
     pub api_keys: Vec<ApiKeyGrant>,
     /// `None`: any Origin may open a WebSocket.
     pub allowed_origins: Option<Vec<String>>,
@@ -333,6 +333,7 @@ const KEYS: &[&str] = &[
     "api_keys_publish",
     "api_keys_read",
     "api_keys_erase",
+    "api_keys_disconnect",
     "allowed_origins",
     "node_id",
     "tls_cert",
@@ -520,6 +521,7 @@ impl Settings {
             ("api_keys_publish", Scopes::PUBLISH),
             ("api_keys_read", Scopes::READ),
             ("api_keys_erase", Scopes::ERASE),
+            ("api_keys_disconnect", Scopes::DISCONNECT),
         ]
         .into_iter()
         .flat_map(|(key, scopes)| {
@@ -736,10 +738,12 @@ mod tests {
             ("HERALD_API_KEYS_PUBLISH", "p1, p2"),
             ("HERALD_API_KEYS_READ", "r1,p2"),
             ("HERALD_API_KEYS_ERASE", "e1"),
+            ("HERALD_API_KEYS_DISCONNECT", "d1"),
         ])
         .unwrap();
         assert!(!s.dev_mode, "scoped keys are configured keys");
-        assert_eq!(s.api_keys.len(), 5);
+        assert_eq!(s.api_keys.len(), 6);
+        assert_eq!(s.api_key_for(Scopes::DISCONNECT), Some("d1"));
         assert_eq!(s.api_key_for(Scopes::PUBLISH), Some("p1"));
         assert_eq!(s.api_key_for(Scopes::READ), Some("r1"));
         assert_eq!(s.api_key_for(Scopes::ERASE), Some("e1"));

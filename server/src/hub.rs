@@ -27,6 +27,9 @@ pub enum Delivery {
     /// The store holds the user's notifications up to `seq`: a session that
     /// has seen less fetches the rest (the broker lost them).
     Head { seq: Seq },
+    /// A backend disconnected the user (`DELETE /v1/users/{id}/sessions`):
+    /// the session closes with 4003.
+    Disconnect,
 }
 
 /// Told whenever the number of a user's local sessions changes (the first

@@ -11,6 +11,7 @@ use serde_json::json;
 const PUBLISH: &str = "key-publish-only";
 const READ: &str = "key-read-only";
 const ERASE: &str = "key-erase-only";
+const DISCONNECT: &str = "key-disconnect-only";
 /// Listed under both `_PUBLISH` and `_ERASE`.
 const PUBLISH_ERASE: &str = "key-publish-and-erase";
 
@@ -19,6 +20,7 @@ async fn node() -> TestServer {
         ("HERALD_API_KEYS_PUBLISH", &format!("{PUBLISH},{PUBLISH_ERASE}")),
         ("HERALD_API_KEYS_READ", READ),
         ("HERALD_API_KEYS_ERASE", &format!("{ERASE}, {PUBLISH_ERASE}")),
+        ("HERALD_API_KEYS_DISCONNECT", DISCONNECT),
         // Three users make a job (the 202 path), so its status can be asked.
         ("HERALD_MAX_USER_IDS", "2"),
         ("HERALD_MAX_AUDIENCE", "5"),
@@ -50,6 +52,10 @@ async fn erase(server: &TestServer, key: &str, user: &str) -> Raw {
     raw(client().delete(format!("{}/v1/users/{user}/notifications", server.http())).bearer_auth(key)).await
 }
 
+async fn disconnect(server: &TestServer, key: &str, user: &str) -> Raw {
+    raw(client().delete(format!("{}/v1/users/{user}/sessions", server.http())).bearer_auth(key)).await
+}
+
 /// Asserts a 403 `insufficient_scope` whose message names the scope needed.
 fn refused(answer: &Raw, needs: &str) {
     assert_eq!(answer.status, 403, "{}", answer.body);
@@ -73,7 +79,7 @@ async fn each_route_takes_the_keys_with_its_scope_and_refuses_the_others() {
         let answer = publish(&server, key, one(i as i64)).await;
         assert_eq!(answer.status, 201, "{key}: {}", answer.body);
     }
-    for key in [READ, ERASE] {
+    for key in [READ, ERASE, DISCONNECT] {
         refused(&publish(&server, key, one(99)).await, "publish");
     }
     assert_eq!(seqs(&server, "alice").await, vec![1, 2, 3], "a refused publish stores nothing");
@@ -85,7 +91,7 @@ async fn each_route_takes_the_keys_with_its_scope_and_refuses_the_others() {
         let here = presence(&server, key, "alice").await;
         assert_eq!((here.status, here.body["sessions"].as_u64()), (200, Some(0)), "{key}: {}", here.body);
     }
-    for key in [PUBLISH, ERASE, PUBLISH_ERASE] {
+    for key in [PUBLISH, ERASE, PUBLISH_ERASE, DISCONNECT] {
         refused(&history(&server, key, "alice").await, "read");
         refused(&presence(&server, key, "alice").await, "read");
     }
@@ -99,10 +105,12 @@ async fn each_route_takes_the_keys_with_its_scope_and_refuses_the_others() {
         let status = job(&server, key, &id).await;
         assert_eq!(status.status, 200, "{key}: {}", status.body);
     }
-    refused(&job(&server, ERASE, &id).await, "publish or read");
+    for key in [ERASE, DISCONNECT] {
+        refused(&job(&server, key, &id).await, "publish or read");
+    }
 
     // Erasure: the full key and erase keys; a refusal deletes nothing.
-    for key in [PUBLISH, READ] {
+    for key in [PUBLISH, READ, DISCONNECT] {
         refused(&erase(&server, key, "alice").await, "erase");
     }
     assert_eq!(seqs(&server, "alice").await, vec![1, 2, 3], "a refused erasure deletes nothing");
@@ -114,6 +122,19 @@ async fn each_route_takes_the_keys_with_its_scope_and_refuses_the_others() {
     publish(&server, API_KEY, one(5)).await;
     let erased = erase(&server, API_KEY, "alice").await;
     assert_eq!((erased.status, erased.body["deleted"].as_u64()), (200, Some(1)), "{}", erased.body);
+
+    // Closing a user's sessions: the full key and disconnect keys; a refusal
+    // leaves the session open.
+    let mut alice = server.connect("alice").await;
+    for key in [PUBLISH, READ, ERASE, PUBLISH_ERASE] {
+        refused(&disconnect(&server, key, "alice").await, "disconnect");
+    }
+    assert!(alice.next_frame_within(std::time::Duration::from_millis(200)).await.unwrap().is_none());
+    assert_eq!(disconnect(&server, DISCONNECT, "alice").await.status, 204);
+    assert_eq!(close_code(&mut alice).await, 4003);
+    let mut alice = server.connect("alice").await;
+    assert_eq!(disconnect(&server, API_KEY, "alice").await.status, 204);
+    assert_eq!(close_code(&mut alice).await, 4003);
 }
 
 #[tokio::test]
@@ -126,6 +147,7 @@ async fn unknown_keys_are_401_whatever_the_route() {
             presence(&server, key, "alice").await,
             job(&server, key, "no-such-job").await,
             erase(&server, key, "alice").await,
+            disconnect(&server, key, "alice").await,
         ];
         for answer in answers {
             assert_eq!(answer.status, 401, "{key:?}: {}", answer.body);

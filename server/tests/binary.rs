@@ -176,6 +176,11 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
         String::from_utf8_lossy(&refused.stderr)
     );
 
+    // `herald disconnect`: bob's session closes with 4003.
+    let out = herald(dir.path(), &vars).args(["disconnect", "--user", "bob", "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(close_code(&mut bob).await, 4003);
+
     // With scoped keys only, each command takes the first key with its scope:
     // the read key listed before the erase key is not the one `erase` sends,
     // and `publish` has no key to send.

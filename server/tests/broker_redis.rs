@@ -61,6 +61,26 @@ async fn a_publish_on_one_node_reaches_the_users_sessions_on_every_node_once() {
 }
 
 #[tokio::test]
+async fn disconnecting_a_user_closes_their_sessions_on_every_node() {
+    let p = prefix("disconnect");
+    let (_dir, nodes) = nodes(2, &p, &[]).await;
+    let mut here = nodes[0].connect("dora").await;
+    let mut there = nodes[1].connect("dora").await;
+    let mut other = nodes[1].connect("erin").await;
+    let answer =
+        raw(reqwest::Client::new().delete(format!("{}/v1/users/dora/sessions", nodes[0].http())).bearer_auth(API_KEY))
+            .await;
+    assert_eq!(answer.status, 204, "{}", answer.body);
+    assert_eq!(close_code(&mut here).await, 4003);
+    assert_eq!(close_code(&mut there).await, 4003, "the other node's session closes too");
+    assert!(other.next_frame_within(Duration::from_millis(300)).await.unwrap().is_none(), "erin stays");
+    drop((here, there, other));
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+#[tokio::test]
 async fn read_marks_reach_sessions_on_other_nodes() {
     let p = prefix("read");
     let (_dir, nodes) = nodes(2, &p, &[]).await;

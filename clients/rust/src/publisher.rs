@@ -6,7 +6,7 @@ use herald_protocol::http::{
 use herald_protocol::Seq;
 use reqwest::StatusCode;
 
-use crate::http::{answer, encode_segment, trim_base};
+use crate::http::{answer, encode_segment, no_content, trim_base};
 use crate::{Error, TlsOptions};
 
 /// Publishes and reads history with an API key. A cheap [`Clone`] handle over
@@ -128,6 +128,13 @@ impl Publisher {
             request = request.query(&[("up_to_seq", up_to)]);
         }
         Ok(answer(request.send().await?).await?.1)
+    }
+
+    /// `DELETE /v1/users/{user}/sessions`: closes every open session of the
+    /// user, on every node, with 4003.
+    pub async fn disconnect(&self, user: &str) -> Result<(), Error> {
+        let url = format!("{}/v1/users/{}/sessions", self.base, encode_segment(user));
+        no_content(self.http.delete(url).bearer_auth(&self.api_key).send().await?).await
     }
 
     /// `GET /v1/users/{user}/notifications?after_seq=&limit=`, oldest first.

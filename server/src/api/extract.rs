@@ -32,6 +32,8 @@ pub type ReadKey = ApiKey<{ Scopes::READ.bits() }>;
 pub type JobKey = ApiKey<{ Scopes::READ.union(Scopes::PUBLISH).bits() }>;
 /// Erasure: the `erase` scope.
 pub type EraseKey = ApiKey<{ Scopes::ERASE.bits() }>;
+/// Closing a user's sessions: the `disconnect` scope.
+pub type DisconnectKey = ApiKey<{ Scopes::DISCONNECT.bits() }>;
 
 impl<const S: u8> FromRequestParts<AppState> for ApiKey<S> {
     type Rejection = ApiError;

@@ -11,8 +11,10 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use super::extract::{EraseKey, JsonBody, QueryParams, ReadKey, User, UserPath};
+use super::extract::{DisconnectKey, EraseKey, JsonBody, QueryParams, ReadKey, User, UserPath};
 use super::publish::check_topic;
+use crate::broker::Event;
+use crate::hub::Delivery;
 use crate::store::ListQuery;
 use crate::ws::protocol::read_mark;
 use crate::AppState;
@@ -174,4 +176,25 @@ pub async fn presence(
         ApiError::unavailable("broker_unavailable", "presence is unavailable while the broker is down")
     })?;
     Ok(Json(Presence { user_id: user, sessions }))
+}
+
+/// `DELETE /v1/users/{user_id}/sessions`: closes every open session of the
+/// user, on every node, with 4003 ("disconnected by the server"); 204. The
+/// node's own sessions are told at once, the other nodes' through the broker.
+/// It does not revoke tokens: a client that reconnects with a token still
+/// valid gets a new session (the SDKs do not retry after 4003).
+pub async fn disconnect(
+    State(state): State<AppState>,
+    _: DisconnectKey,
+    UserPath(user): UserPath,
+) -> Result<StatusCode, ApiError> {
+    let event = Event { user_id: user.as_str().into(), id: None, delivery: Delivery::Disconnect, trace: None };
+    state.broker.publish(vec![event]).await.map_err(|e| {
+        tracing::warn!(error = %e, "disconnect not carried to other nodes");
+        ApiError::unavailable(
+            "broker_unavailable",
+            "this node's sessions of the user were closed, other nodes could not be told; retry",
+        )
+    })?;
+    Ok(StatusCode::NO_CONTENT)
 }

@@ -4,7 +4,7 @@
 
 use axum::extract::DefaultBodyLimit;
 use axum::http::StatusCode;
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{middleware, Router};
 
 use crate::AppState;
@@ -48,6 +48,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/jobs/{id}", get(jobs::status))
         .route("/v1/users/{user_id}/notifications", get(inbox::user_history).delete(inbox::erase))
         .route("/v1/users/{user_id}/presence", get(inbox::presence))
+        .route("/v1/users/{user_id}/sessions", delete(inbox::disconnect))
         .merge(me)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

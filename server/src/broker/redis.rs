@@ -720,8 +720,8 @@ impl Broker for RedisBroker {
 
 /// The wire format of one event on a channel:
 /// `<kind> <seq> <id> <user bytes> <origin bytes>[ <traceparent>]\n<user><origin><frame>`,
-/// kind `n` (notification), `r` (read) or `h` (head). Older nodes ignore the
-/// optional trace field.
+/// kind `n` (notification), `r` (read), `h` (head) or `d` (disconnect).
+/// Older nodes ignore the optional trace field, and kinds they do not know.
 struct Message {
     user: Arc<str>,
     origin: String,
@@ -735,6 +735,7 @@ impl Message {
             Delivery::Notification { seq, frame } => ('n', *seq, frame.as_str()),
             Delivery::Read { frame } => ('r', 0, frame.as_str()),
             Delivery::Head { seq } => ('h', *seq, ""),
+            Delivery::Disconnect => ('d', 0, ""),
         };
         let id = event.id.as_deref().unwrap_or("-");
         let user = &*event.user_id;
@@ -774,6 +775,7 @@ impl Message {
             "n" => Delivery::Notification { seq, frame },
             "r" => Delivery::Read { frame },
             "h" => Delivery::Head { seq },
+            "d" => Delivery::Disconnect,
             _ => return None,
         };
         Some(Message { user: user.into(), origin: origin.to_string(), delivery, trace })

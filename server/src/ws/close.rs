@@ -33,6 +33,8 @@ pub enum SessionEnd {
     StoreUnavailable,
     /// The store failed while the session needed it.
     Internal,
+    /// A backend disconnected the user's sessions.
+    Disconnected,
 }
 
 impl SessionEnd {
@@ -52,6 +54,7 @@ impl SessionEnd {
             SessionEnd::RateLimited => (close::RATE_LIMITED, "too many frames; slow down"),
             SessionEnd::StoreUnavailable => (close::TRY_AGAIN_LATER, "store unavailable; reconnect with since"),
             SessionEnd::Internal => (close::INTERNAL_ERROR, "internal error; reconnect with since"),
+            SessionEnd::Disconnected => (close::FORBIDDEN, "disconnected by the server"),
         })
     }
 

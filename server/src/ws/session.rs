@@ -278,6 +278,7 @@ impl Session {
             }
             Delivery::Head { seq } if seq <= self.cursor => {}
             Delivery::Head { seq } => self.catch_up(seq, batch).await?,
+            Delivery::Disconnect => return Err(SessionEnd::Disconnected),
         }
         Ok(())
     }
