@@ -103,6 +103,8 @@ pub struct Settings {
     pub redis_tls: RedisTls,
     /// For Sentinels that require a password (`redis+sentinel://`).
     pub redis_sentinel_password: Option<String>,
+    /// The Sentinels' ACL user (with `redis_sentinel_password`).
+    pub redis_sentinel_username: Option<String>,
     pub jwt: JwtSettings,
     /// `HERALD_API_KEYS` (every scope), then `HERALD_API_KEYS_PUBLISH`,
     /// `_READ`, `_ERASE` and `_DISCONNECT` (one scope each).
@@ -195,6 +197,7 @@ impl std::fmt::Debug for Settings {
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
             .field("redis_tls", &self.redis_tls)
             .field("redis_sentinel_password", &self.redis_sentinel_password.as_ref().map(|_| "<redacted>"))
+            .field("redis_sentinel_username", &self.redis_sentinel_username)
             .field("jwt", &self.jwt)
             .field("api_keys", &format_args!("<{} redacted>", self.api_keys.len()))
             .field("allowed_origins", &self.allowed_origins)
@@ -321,6 +324,7 @@ const KEYS: &[&str] = &[
     "redis_tls_cert",
     "redis_tls_key",
     "redis_sentinel_password",
+    "redis_sentinel_username",
     "jwt_secret",
     "jwt_public_keys",
     "jwt_jwks_url",
@@ -487,10 +491,19 @@ impl Settings {
         };
         let redis_tls = redis_tls(&src, redis_target.as_ref())?;
         let redis_sentinel_password = src.string("redis_sentinel_password");
-        if redis_sentinel_password.is_some() && !redis_target.as_ref().is_some_and(RedisTarget::is_sentinel) {
+        let redis_sentinel_username = src.string("redis_sentinel_username");
+        for (key, value) in [
+            ("redis_sentinel_password", &redis_sentinel_password),
+            ("redis_sentinel_username", &redis_sentinel_username),
+        ] {
+            if value.is_some() && !redis_target.as_ref().is_some_and(RedisTarget::is_sentinel) {
+                return Err(src.error(key, "applies to Sentinels only: HERALD_REDIS_URL must be redis+sentinel://"));
+            }
+        }
+        if redis_sentinel_username.is_some() && redis_sentinel_password.is_none() {
             return Err(src.error(
-                "redis_sentinel_password",
-                "applies to Sentinels only: HERALD_REDIS_URL must be redis+sentinel://",
+                "redis_sentinel_username",
+                "an ACL user needs its password: set HERALD_REDIS_SENTINEL_PASSWORD too",
             ));
         }
         let tls = match src.cert_and_key("tls_cert", "tls_key")? {
@@ -584,6 +597,7 @@ impl Settings {
             redis_url,
             redis_tls,
             redis_sentinel_password,
+            redis_sentinel_username,
             jwt,
             api_keys,
             allowed_origins: src.list("allowed_origins"),

@@ -130,6 +130,7 @@ impl AppState {
                     presence_ttl: settings.presence_ttl,
                     tls: settings.redis_tls.clone(),
                     sentinel_password: settings.redis_sentinel_password.clone(),
+                    sentinel_username: settings.redis_sentinel_username.clone(),
                 };
                 let broker =
                     RedisBroker::connect(&target, options, hub.clone(), changes, store.clone(), metrics.clone())

@@ -134,7 +134,7 @@ async fn nodes_reach_the_replica_sentinel_promotes_when_the_master_dies() {
 /// Without the Sentinels' (or with a wrong one) a node does not start.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nodes_authenticate_to_the_sentinels_and_the_master_apart() {
-    let passwords = SentinelPasswords { master: "master-secret", sentinel: "sentinel-secret" };
+    let passwords = SentinelPasswords { master: "master-secret", sentinel: "sentinel-secret", sentinel_user: None };
     let redis = RedisSentinel::start_with_passwords(passwords);
     assert!(redis.url().contains(":master-secret@"));
     let cluster = sentinel_cluster(&redis, 2, &[("HERALD_REDIS_SENTINEL_PASSWORD", "sentinel-secret")]);
@@ -156,6 +156,31 @@ async fn nodes_authenticate_to_the_sentinels_and_the_master_apart() {
         let log = node.log();
         assert!(log.contains("HERALD_REDIS_URL") && log.contains("Authentication"), "{log}");
     }
+}
+
+/// Sentinels whose `default` user is off: a node names their ACL user in
+/// `HERALD_REDIS_SENTINEL_USERNAME`. With the password alone (which
+/// authenticates as `default`) it does not start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_authenticate_to_the_sentinels_as_an_acl_user() {
+    let passwords = SentinelPasswords {
+        master: "master-secret",
+        sentinel: "sentinel-secret",
+        sentinel_user: Some("herald-sentinel"),
+    };
+    let redis = RedisSentinel::start_with_passwords(passwords);
+    let acl =
+        [("HERALD_REDIS_SENTINEL_USERNAME", "herald-sentinel"), ("HERALD_REDIS_SENTINEL_PASSWORD", "sentinel-secret")];
+    let cluster = sentinel_cluster(&redis, 2, &acl);
+    heard(&cluster, 0, 1, "alice", 1, 3).await;
+
+    let mut env = cluster.env().to_vec();
+    env.retain(|(k, _)| k != "HERALD_REDIS_SENTINEL_USERNAME");
+    env.push(("HERALD_NODE_ID".into(), "refused".into()));
+    let mut node = Node::spawn("refused", &env);
+    assert_ne!(node.wait_exit().await, 0, "started as the Sentinels' default user");
+    let log = node.log();
+    assert!(log.contains("HERALD_REDIS_URL") && log.contains("Authentication"), "{log}");
 }
 
 #[test]
@@ -193,6 +218,12 @@ fn sentinel_urls_and_settings_are_checked_before_anything_starts() {
     assert_eq!(load(&[url, ("HERALD_REDIS_SENTINEL_PASSWORD", "s3cret")]), Ok(Some("s3cret".into())));
     let plain = load(&[("HERALD_REDIS_URL", "redis://127.0.0.1:6379"), ("HERALD_REDIS_SENTINEL_PASSWORD", "s3cret")]);
     assert!(plain.unwrap_err().starts_with("HERALD_REDIS_SENTINEL_PASSWORD"));
+    let user = ("HERALD_REDIS_SENTINEL_USERNAME", "herald");
+    let alone = load(&[url, user]).unwrap_err();
+    assert!(alone.starts_with("HERALD_REDIS_SENTINEL_USERNAME") && alone.contains("PASSWORD"), "{alone}");
+    assert!(load(&[url, user, ("HERALD_REDIS_SENTINEL_PASSWORD", "s3cret")]).is_ok());
+    let plain = load(&[("HERALD_REDIS_URL", "redis://127.0.0.1:6379"), user]);
+    assert!(plain.unwrap_err().starts_with("HERALD_REDIS_SENTINEL_USERNAME"));
     let no_name = load(&[("HERALD_REDIS_URL", "redis+sentinel://127.0.0.1:26379")]).unwrap_err();
     assert!(no_name.starts_with("HERALD_REDIS_URL") && no_name.contains("master's name"), "{no_name}");
 }

@@ -330,6 +330,9 @@ impl Conn {
                 if let Some(password) = &options.sentinel_password {
                     builder = builder.set_client_to_sentinel_password(password);
                 }
+                if let Some(user) = &options.sentinel_username {
+                    builder = builder.set_client_to_sentinel_username(user);
+                }
                 if target.is_tls() {
                     builder = builder.set_client_to_redis_tls_mode(TlsMode::Secure);
                     if let Some(certificates) = tls.certificates() {
@@ -493,6 +496,8 @@ pub struct RedisOptions {
     pub tls: RedisTls,
     /// For Sentinels that require one (`redis+sentinel://` only).
     pub sentinel_password: Option<String>,
+    /// The Sentinels' ACL user, when not `default`.
+    pub sentinel_username: Option<String>,
 }
 
 impl RedisBroker {

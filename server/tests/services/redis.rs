@@ -423,8 +423,16 @@ impl RedisSentinel {
                 name = Self::NAME,
                 master = ports[0],
             );
-            if let Some(p) = &passwords {
-                text.push_str(&format!("sentinel auth-pass {} {}\nrequirepass {}\n", Self::NAME, p.master, p.sentinel));
+            match passwords {
+                Some(SentinelPasswords { master, sentinel, sentinel_user: None }) => {
+                    text.push_str(&format!("sentinel auth-pass {} {master}\nrequirepass {sentinel}\n", Self::NAME));
+                }
+                Some(SentinelPasswords { master, sentinel, sentinel_user: Some(user) }) => text.push_str(&format!(
+                    "sentinel auth-pass {name} {master}\nuser default off\nuser {user} on >{sentinel} ~* &* +@all\n\
+                     sentinel sentinel-user {user}\nsentinel sentinel-pass {sentinel}\n",
+                    name = Self::NAME
+                )),
+                None => {}
             }
             match tls {
                 None => text.push_str(&format!("port {port}\n")),
@@ -478,8 +486,12 @@ impl RedisSentinel {
     fn cli_any(&self, port: u16, args: &[&str]) -> String {
         let mut flags = self.cli_tls.clone();
         if let Some(p) = &self.passwords {
-            let password = if self.sentinels.contains(&port) { p.sentinel } else { p.master };
+            let sentinel = self.sentinels.contains(&port);
+            let password = if sentinel { p.sentinel } else { p.master };
             flags.extend(["--no-auth-warning".into(), "-a".into(), password.into()]);
+            if let (true, Some(user)) = (sentinel, p.sentinel_user) {
+                flags.extend(["--user".into(), user.into()]);
+            }
         }
         redis_cli(&flags, port, args)
     }
@@ -522,6 +534,9 @@ impl RedisSentinel {
 pub struct SentinelPasswords {
     pub master: &'static str,
     pub sentinel: &'static str,
+    /// `Some`: the Sentinels' `default` user is off and `sentinel` is the
+    /// password of this ACL user (the Sentinels use it among themselves too).
+    pub sentinel_user: Option<&'static str>,
 }
 
 impl RedisSentinel {
