@@ -618,10 +618,17 @@ async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() 
         let err = store.append(vec![note("una", "t", "0", None)]).await.expect_err("read-only");
         assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     }
+    let mark = ReadMark::UpTo { up_to_seq: 1 };
+    for _ in 0..3 {
+        let err = store.mark_read("una", &mark).await.expect_err("read-only");
+        assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
+    }
 
     // New sessions take writes again; the read-only ones are still open
-    // unless Herald closed them.
+    // unless Herald closed them. The pool hands out none of those opened
+    // before the last refusal, so the first read mark goes through.
     read_only(false).await;
+    assert_eq!(store.mark_read("una", &mark).await.unwrap(), [1], "a pooled read-only connection was kept");
     let mut stored = None;
     for _ in 0..20 {
         match store.append(vec![note("una", "t", "2", None)]).await {

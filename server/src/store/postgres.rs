@@ -31,14 +31,23 @@
 //! Connection failures, timeouts and PostgreSQL's "not now" errors map to
 //! [`StoreError::Unavailable`] (see [`is_unavailable`]); every database call
 //! is bounded by the statement timeout on the server and by a deadline here.
+//!
+//! **A read-only server** (the URL reaches a standby, or a primary being
+//! failed over) refuses writes with 25006. Whoever meets that — a writer,
+//! a read mark, a delete, the readiness probe — notes it in [`ReadOnlySeen`],
+//! and the pool closes every connection opened before, rather than hand it
+//! out again: the next ones connect anew and reach the new primary as soon
+//! as DNS or the proxy points there. (Job-store statements do not note it;
+//! the others do, and the probe runs every few seconds where it matters.)
 
 mod jobs;
 mod reader;
 mod writer;
 
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
@@ -69,6 +78,7 @@ pub async fn open(url: &str, options: &StoreOptions) -> Result<Arc<dyn Store>, S
 /// A cheap handle on the pool and the writer and reader tasks; see the module doc.
 pub struct PostgresStore {
     pool: PgPool,
+    read_only: ReadOnlySeen,
     writes: mpsc::Sender<writer::Request>,
     reads: mpsc::Sender<reader::Request>,
     closing: CancellationToken,
@@ -82,10 +92,18 @@ impl PostgresStore {
             .application_name("herald");
         migrate(base.clone(), options.connect_timeout).await?;
         let statement_ms = options.statement_timeout.as_millis().max(1);
+        let read_only = ReadOnlySeen::new();
         let pool = PgPoolOptions::new()
             .max_connections(options.pool_size.max(1))
             .acquire_timeout(options.connect_timeout)
             .test_before_acquire(true)
+            .before_acquire({
+                let read_only = read_only.clone();
+                move |_, meta| {
+                    let keep = !read_only.opened_before(meta.age);
+                    Box::pin(async move { Ok(keep) })
+                }
+            })
             .connect_with(base.options([("statement_timeout", format!("{statement_ms}ms"))]))
             .await?;
 
@@ -97,7 +115,7 @@ impl PostgresStore {
         let (writes, queue) = mpsc::channel(writer::QUEUE);
         let writer_tasks = (options.pool_size / 2).clamp(1, 4);
         let hold = options.pool_size >= 2 * writer_tasks;
-        let writers = writer::Writers::new(pool.clone(), queue, closing.clone(), deadline, hold);
+        let writers = writer::Writers::new(pool.clone(), read_only.clone(), queue, closing.clone(), deadline, hold);
         for _ in 0..writer_tasks {
             tasks.spawn(writers.clone().run());
         }
@@ -105,7 +123,7 @@ impl PostgresStore {
         let in_flight = (options.pool_size as usize / 4).clamp(1, 4);
         tasks.spawn(reader::run(pool.clone(), queue, closing.clone(), in_flight, deadline));
         tasks.close();
-        Ok(PostgresStore { pool, writes, reads, closing, tasks })
+        Ok(PostgresStore { pool, read_only, writes, reads, closing, tasks })
     }
 
     async fn read<T>(
@@ -172,16 +190,54 @@ pub(super) fn is_read_only(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.code().as_deref() == Some(READ_ONLY))
 }
 
+/// When this store last met a read-only server: the pool hands out no
+/// connection opened before then (see the module doc). A cheap handle.
+#[derive(Clone)]
+pub(super) struct ReadOnlySeen {
+    epoch: Instant,
+    /// Microseconds from `epoch` to the last sighting, plus one; 0: never.
+    at: Arc<AtomicU64>,
+}
+
+impl ReadOnlySeen {
+    fn new() -> ReadOnlySeen {
+        ReadOnlySeen { epoch: Instant::now(), at: Arc::new(AtomicU64::new(0)) }
+    }
+
+    pub(super) fn note(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_micros()).unwrap_or(u64::MAX - 1);
+        self.at.fetch_max(now + 1, Ordering::Relaxed);
+    }
+
+    /// Whether a connection `age` old was opened at or before the last sighting.
+    fn opened_before(&self, age: Duration) -> bool {
+        match self.at.load(Ordering::Relaxed) {
+            0 => false,
+            at => self.epoch.elapsed().saturating_sub(age) <= Duration::from_micros(at - 1),
+        }
+    }
+
+    /// `error` as a [`StoreError`], noted first when it is [`READ_ONLY`].
+    pub(super) fn error(&self, error: sqlx::Error) -> StoreError {
+        if is_read_only(&error) {
+            self.note();
+        }
+        error.into()
+    }
+}
+
 /// Runs the chunked `DELETE` that `query` builds (bound up to the chunk
 /// size, which comes last) until a chunk comes back short; how many rows
 /// went. Each chunk is a statement of its own: no lock is held long.
 async fn delete_in_chunks<'q>(
     pool: &PgPool,
+    read_only: &ReadOnlySeen,
     query: impl Fn() -> Query<'q, Postgres, PgArguments>,
 ) -> Result<u64, StoreError> {
     let mut total = 0;
     loop {
-        let deleted = query().bind(super::DELETE_CHUNK).execute(pool).await?.rows_affected();
+        let deleted =
+            query().bind(super::DELETE_CHUNK).execute(pool).await.map_err(|e| read_only.error(e))?.rows_affected();
         total += deleted;
         if deleted < super::DELETE_CHUNK as u64 {
             return Ok(total);
@@ -300,7 +356,7 @@ impl Store for PostgresStore {
             .bind(topic)
             .bind(up_to_seq.unwrap_or(Seq::MAX)),
         };
-        let mut marked: Vec<Seq> = query.fetch_all(&self.pool).await?;
+        let mut marked: Vec<Seq> = query.fetch_all(&self.pool).await.map_err(|e| self.read_only.error(e))?;
         marked.sort_unstable();
         Ok(marked)
     }
@@ -316,11 +372,12 @@ impl Store for PostgresStore {
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {
-        delete_in_chunks(&self.pool, || sqlx::query(super::PURGE_CHUNK_SQL).bind(before_ms)).await
+        delete_in_chunks(&self.pool, &self.read_only, || sqlx::query(super::PURGE_CHUNK_SQL).bind(before_ms)).await
     }
 
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
-        delete_in_chunks(&self.pool, || sqlx::query(super::ERASE_CHUNK_SQL).bind(user).bind(up_to)).await
+        delete_in_chunks(&self.pool, &self.read_only, || sqlx::query(super::ERASE_CHUNK_SQL).bind(user).bind(up_to))
+            .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -332,8 +389,10 @@ impl Store for PostgresStore {
         let mut conn = self.pool.acquire().await?;
         let read_only: String = sqlx::query_scalar("SHOW transaction_read_only").fetch_one(&mut *conn).await?;
         if read_only == "on" {
-            // Not back into the pool: the next connection may reach a primary.
+            // Neither this nor any connection opened before it back out of
+            // the pool: the next connection may reach a primary.
             conn.close_on_drop();
+            self.read_only.note();
             return Err(StoreError::Unavailable(
                 "the database is read-only (transaction_read_only = on): a standby, or a primary being failed over"
                     .into(),

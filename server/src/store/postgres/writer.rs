@@ -61,6 +61,7 @@ pub(super) struct Request {
 #[derive(Clone)]
 pub(super) struct Writers {
     pool: PgPool,
+    read_only: super::ReadOnlySeen,
     /// One queue, many consumers: the writer holding the lock waits for the
     /// next request, takes what follows it, and lets go before committing.
     queue: Arc<Mutex<mpsc::Receiver<Request>>>,
@@ -78,12 +79,13 @@ impl Writers {
     /// others for the readers.
     pub fn new(
         pool: PgPool,
+        read_only: super::ReadOnlySeen,
         queue: mpsc::Receiver<Request>,
         closing: CancellationToken,
         deadline: Duration,
         hold: bool,
     ) -> Self {
-        Writers { pool, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold }
+        Writers { pool, read_only, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold }
     }
 
     /// Commits groups until the store closes and the queue is drained.
@@ -120,10 +122,15 @@ impl Writers {
 
     async fn commit_group(&self, group: Vec<Request>, held: &mut Held) {
         let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|r| (r.batch, r.reply)).unzip();
-        let result = match tokio::time::timeout(self.deadline, commit_with_retry(&self.pool, held, &batches)).await {
-            Ok(result) => result,
-            Err(_) => Err(StoreError::Unavailable("the append timed out; it may or may not have been stored".into())),
-        };
+        let result =
+            match tokio::time::timeout(self.deadline, commit_with_retry(&self.pool, &self.read_only, held, &batches))
+                .await
+            {
+                Ok(result) => result,
+                Err(_) => {
+                    Err(StoreError::Unavailable("the append timed out; it may or may not have been stored".into()))
+                }
+            };
         match result {
             Ok(outcomes) => {
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
@@ -146,6 +153,7 @@ impl Writers {
 
 async fn commit_with_retry(
     pool: &PgPool,
+    read_only: &super::ReadOnlySeen,
     held: &mut Held,
     batches: &[Vec<NewNotification>],
 ) -> Result<Vec<Vec<Appended>>, StoreError> {
@@ -157,7 +165,9 @@ async fn commit_with_retry(
                 tokio::time::sleep(Duration::from_millis(rand::random_range(1..10) * u64::from(attempt))).await;
                 attempt += 1;
             }
-            result => return result.map_err(StoreError::from),
+            // A read-only refusal is noted, so the pool lets go of every
+            // connection opened before it (`commit_on_held` closed this one).
+            result => return result.map_err(|e| read_only.error(e)),
         }
     }
 }
