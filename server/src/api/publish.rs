@@ -310,8 +310,6 @@ impl<'de> serde::de::Visitor<'de> for Portable {
     }
 }
 
-/// A user id: 1 to 256 bytes of UTF-8 (spec §2, the `sub` claim), without
-/// control characters (PostgreSQL text cannot hold NUL, and no real id has them).
 /// A topic as publishing accepts it (and as the inbox filters and read
 /// marks by topic take it): 1 to 128 characters, no control characters.
 pub fn check_topic(topic: &str) -> Result<(), String> {
@@ -323,6 +321,8 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
     }
 }
 
+/// A user id: 1 to 256 bytes of UTF-8 (spec §2, the `sub` claim), without
+/// control characters (PostgreSQL text cannot hold NUL, and no real id has them).
 pub fn check_user_id(user: &str) -> Result<(), String> {
     if user.is_empty() || user.len() > 256 || user.contains(char::is_control) {
         Err("a user id is 1 to 256 bytes, without control characters".into())
