@@ -80,6 +80,30 @@ async fn disconnecting_a_user_closes_their_sessions_on_every_node() {
     }
 }
 
+/// Nothing repairs a lost disconnect, so while Redis is gone the call says
+/// 503 (this node's sessions are closed all the same), and 204 once it is back.
+#[tokio::test]
+async fn a_disconnect_that_may_not_reach_other_nodes_is_a_503() {
+    let mut redis = PrivateRedis::start();
+    let url = redis.url();
+    let node = TestServer::start_with(&[("HERALD_REDIS_URL", url.as_str())]).await;
+    let mut here = node.connect("gina").await;
+    redis.stop();
+    let url = format!("{}/v1/users/gina/sessions", node.http());
+    let answer = raw(reqwest::Client::new().delete(&url).bearer_auth(API_KEY)).await;
+    assert_eq!((answer.status, answer.error_code()), (503, "broker_unavailable"), "{}", answer.body);
+    assert!(answer.headers.contains_key("retry-after"));
+    assert_eq!(close_code(&mut here).await, 4003, "this node's session closes all the same");
+    drop(here);
+    redis.start_again();
+    eventually("the broker answers again", || async {
+        raw(reqwest::Client::new().delete(&url).bearer_auth(API_KEY)).await.status == 204
+    })
+    .await;
+    node.stop().await;
+    redis.stop();
+}
+
 #[tokio::test]
 async fn read_marks_reach_sessions_on_other_nodes() {
     let p = prefix("read");

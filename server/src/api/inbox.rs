@@ -181,19 +181,27 @@ pub async fn presence(
 /// `DELETE /v1/users/{user_id}/sessions`: closes every open session of the
 /// user, on every node, with 4003 ("disconnected by the server"); 204. The
 /// node's own sessions are told at once, the other nodes' through the broker.
-/// It does not revoke tokens: a client that reconnects with a token still
-/// valid gets a new session (the SDKs do not retry after 4003).
+/// Nothing repairs a lost broker message here (as the store repairs lost
+/// notifications), so the answer is 204 only when the broker took the
+/// message and answers a ping after it; otherwise 503, and the caller
+/// repeats the call. It does not revoke tokens: a client that reconnects
+/// with a token still valid gets a new session (the SDKs do not retry after
+/// 4003).
 pub async fn disconnect(
     State(state): State<AppState>,
     _: DisconnectKey,
     UserPath(user): UserPath,
 ) -> Result<StatusCode, ApiError> {
     let event = Event { user_id: user.as_str().into(), id: None, delivery: Delivery::Disconnect, trace: None };
-    state.broker.publish(vec![event]).await.map_err(|e| {
-        tracing::warn!(error = %e, "disconnect not carried to other nodes");
+    let carried = match state.broker.publish(vec![event]).await {
+        Ok(()) => state.broker.ping().await,
+        Err(e) => Err(e),
+    };
+    carried.map_err(|e| {
+        tracing::warn!(error = %e, "disconnect may not have reached other nodes");
         ApiError::unavailable(
             "broker_unavailable",
-            "this node's sessions of the user were closed, other nodes could not be told; retry",
+            "this node's sessions of the user were closed; other nodes may not have been told: retry",
         )
     })?;
     Ok(StatusCode::NO_CONTENT)
