@@ -54,6 +54,16 @@ fn start(dir: &Path, vars: &[(&str, &str)]) -> Running {
     }
 }
 
+/// A test that fails half-way leaves no `herald` running behind it.
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
 impl Running {
     fn signal(&self, sig: &str) {
         let status = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap();
