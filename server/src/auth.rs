@@ -375,9 +375,10 @@ pub struct Scopes(u8);
 
 impl Scopes {
     pub const NONE: Scopes = Scopes(0);
-    /// `POST /v1/notifications`, and the status of the jobs it starts.
+    /// `POST /v1/notifications`, the status of the jobs it starts, and
+    /// marking a user's notifications read.
     pub const PUBLISH: Scopes = Scopes(1);
-    /// A user's history and presence, and job status.
+    /// A user's history, unread counts and presence, and job status.
     pub const READ: Scopes = Scopes(2);
     /// `DELETE /v1/users/{id}/notifications`.
     pub const ERASE: Scopes = Scopes(4);

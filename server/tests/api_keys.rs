@@ -52,6 +52,15 @@ async fn erase(server: &TestServer, key: &str, user: &str) -> Raw {
     raw(client().delete(format!("{}/v1/users/{user}/notifications", server.http())).bearer_auth(key)).await
 }
 
+async fn unread(server: &TestServer, key: &str, user: &str) -> Raw {
+    raw(client().get(format!("{}/v1/users/{user}/unread", server.http())).bearer_auth(key)).await
+}
+
+async fn mark_read(server: &TestServer, key: &str, user: &str, up_to_seq: i64) -> Raw {
+    let url = format!("{}/v1/users/{user}/notifications/read", server.http());
+    raw(client().post(url).bearer_auth(key).json(&json!({ "up_to_seq": up_to_seq }))).await
+}
+
 async fn disconnect(server: &TestServer, key: &str, user: &str) -> Raw {
     raw(client().delete(format!("{}/v1/users/{user}/sessions", server.http())).bearer_auth(key)).await
 }
@@ -94,7 +103,22 @@ async fn each_route_takes_the_keys_with_its_scope_and_refuses_the_others() {
     for key in [PUBLISH, ERASE, PUBLISH_ERASE, DISCONNECT] {
         refused(&history(&server, key, "alice").await, "read");
         refused(&presence(&server, key, "alice").await, "read");
+        refused(&unread(&server, key, "alice").await, "read");
     }
+    for key in [API_KEY, READ] {
+        let counts = unread(&server, key, "alice").await;
+        assert_eq!((counts.status, counts.body["total"].as_i64()), (200, Some(3)), "{key}: {}", counts.body);
+    }
+
+    // Marking read for a user: the full key and publish keys.
+    for key in [READ, ERASE, DISCONNECT] {
+        refused(&mark_read(&server, key, "alice", 1).await, "publish");
+    }
+    assert_eq!(unread(&server, API_KEY, "alice").await.body["total"], 3, "a refused mark changes nothing");
+    for (key, up_to) in [(API_KEY, 1), (PUBLISH, 2), (PUBLISH_ERASE, 3)] {
+        assert_eq!(mark_read(&server, key, "alice", up_to).await.status, 204, "{key}");
+    }
+    assert_eq!(unread(&server, API_KEY, "alice").await.body["total"], 0);
 
     // A job's status: whoever may publish (and start it) or read.
     let audience = json!({ "user_ids": ["u1", "u2", "u3"], "topic": "news", "payload": {} });
@@ -148,6 +172,8 @@ async fn unknown_keys_are_401_whatever_the_route() {
             job(&server, key, "no-such-job").await,
             erase(&server, key, "alice").await,
             disconnect(&server, key, "alice").await,
+            unread(&server, key, "alice").await,
+            mark_read(&server, key, "alice", 1).await,
         ];
         for answer in answers {
             assert_eq!(answer.status, 401, "{key:?}: {}", answer.body);

@@ -119,6 +119,42 @@ async fn one_topic_is_listed_and_marked_read_on_its_own() {
 }
 
 #[tokio::test]
+async fn a_backend_reads_unread_counts_and_marks_read_for_a_user() {
+    let server = TestServer::start().await;
+    for topic in ["orders", "likes", "orders"] {
+        server.publish("alice", topic, json!({})).await;
+    }
+    server.publish("bob", "orders", json!({})).await;
+    let backend = server.publisher();
+    let counts = backend.unread("alice").await.unwrap();
+    assert_eq!(counts, server.inbox("alice").unread().await.unwrap(), "the user's own view");
+    assert_eq!((counts.total, counts.by_topic.get("orders")), (3, Some(&2)));
+
+    let mut phone = server.connect_since("alice", 3).await;
+    backend.mark_read("alice", &ReadMark::Topic { topic: "orders".into(), up_to_seq: None }).await.unwrap();
+    assert_eq!(next(&mut phone).await, ServerFrame::Read(ReadMark::Seqs { seqs: vec![1, 3] }));
+    backend.mark_read("alice", &ReadMark::UpTo { up_to_seq: 2 }).await.unwrap();
+    assert_eq!(next(&mut phone).await, ServerFrame::Read(ReadMark::UpTo { up_to_seq: 2 }));
+    assert_eq!(backend.unread("alice").await.unwrap().total, 0);
+    assert_eq!(backend.unread("bob").await.unwrap().total, 1, "bob's are his own");
+    assert_eq!(backend.unread("nobody").await.unwrap().total, 0);
+
+    // Refusals: a bad mark is 422 and changes nothing; a user token is no API key.
+    server.publish("alice", "orders", json!({})).await;
+    let http = reqwest::Client::new();
+    let url = format!("{}/v1/users/alice/notifications/read", server.http());
+    let bad = raw(http.post(&url).bearer_auth(API_KEY).json(&json!({"seqs": []}))).await;
+    assert_eq!((bad.status, bad.error_code()), (422, "invalid_request"));
+    let token = raw(http.post(&url).bearer_auth(server.token("alice")).json(&json!({"up_to_seq": 9}))).await;
+    assert_eq!((token.status, token.error_code()), (401, "invalid_api_key"));
+    let unread = format!("{}/v1/users/alice/unread", server.http());
+    assert_eq!(raw(http.get(&unread).bearer_auth(server.token("alice"))).await.status, 401);
+    assert_eq!(backend.unread("alice").await.unwrap().total, 1);
+    drop(phone);
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn marking_read_over_http_tells_every_open_session() {
     let server = TestServer::start().await;
     server.publish("alice", "t", json!(1)).await;

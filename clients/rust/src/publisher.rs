@@ -2,8 +2,9 @@
 
 use herald_protocol::http::{
     DigestAccepted, Erased, JobAccepted, JobStatus, NotificationPage, PublishRequest, PublishResponse, Published,
+    UnreadCounts,
 };
-use herald_protocol::Seq;
+use herald_protocol::{ReadMark, Seq};
 use reqwest::StatusCode;
 
 use crate::http::{answer, encode_segment, no_content, trim_base};
@@ -128,6 +129,19 @@ impl Publisher {
             request = request.query(&[("up_to_seq", up_to)]);
         }
         Ok(answer(request.send().await?).await?.1)
+    }
+
+    /// `POST /v1/users/{user}/notifications/read`: marks the user's
+    /// notifications read, as the user would; their sessions get a `read` frame.
+    pub async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<(), Error> {
+        let url = format!("{}/v1/users/{}/notifications/read", self.base, encode_segment(user));
+        no_content(self.http.post(url).bearer_auth(&self.api_key).json(mark).send().await?).await
+    }
+
+    /// `GET /v1/users/{user}/unread`: the user's unread counts.
+    pub async fn unread(&self, user: &str) -> Result<UnreadCounts, Error> {
+        let url = format!("{}/v1/users/{}/unread", self.base, encode_segment(user));
+        Ok(answer(self.http.get(url).bearer_auth(&self.api_key).send().await?).await?.1)
     }
 
     /// `DELETE /v1/users/{user}/sessions`: closes every open session of the

@@ -26,8 +26,11 @@ fn authorization(parts: &Parts) -> Option<&str> {
 /// `insufficient_scope` (spec §4).
 pub struct ApiKey<const S: u8>;
 
-/// History and presence: the `read` scope.
+/// History, unread counts and presence: the `read` scope.
 pub type ReadKey = ApiKey<{ Scopes::READ.bits() }>;
+/// Marking a user's notifications read: the `publish` scope (publishing
+/// itself also counts the key's publish rate: [`Publisher`]).
+pub type PublishKey = ApiKey<{ Scopes::PUBLISH.bits() }>;
 /// Job status: `read`, or `publish` (whoever starts a job follows it).
 pub type JobKey = ApiKey<{ Scopes::READ.union(Scopes::PUBLISH).bits() }>;
 /// Erasure: the `erase` scope.

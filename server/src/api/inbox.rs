@@ -2,6 +2,8 @@
 //! (API key). A user only ever reaches their own data: `/v1/me/*` takes the
 //! user from the verified token, never from the request.
 
+use std::sync::Arc;
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -11,7 +13,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use super::extract::{DisconnectKey, EraseKey, JsonBody, QueryParams, ReadKey, User, UserPath};
+use super::extract::{DisconnectKey, EraseKey, JsonBody, PublishKey, QueryParams, ReadKey, User, UserPath};
 use super::publish::check_topic;
 use crate::broker::Event;
 use crate::hub::Delivery;
@@ -146,15 +148,44 @@ pub async fn mark_read(
     User(user): User,
     JsonBody(body): JsonBody<ReadBody>,
 ) -> Result<StatusCode, ApiError> {
+    mark_read_of(&state, &user.user_id, body).await
+}
+
+/// `POST /v1/users/{user_id}/notifications/read` (API key, scope `publish`):
+/// the same, for a backend (the user read it in an email, say).
+pub async fn user_mark_read(
+    State(state): State<AppState>,
+    _: PublishKey,
+    UserPath(user): UserPath,
+    JsonBody(body): JsonBody<ReadBody>,
+) -> Result<StatusCode, ApiError> {
+    mark_read_of(&state, &user.as_str().into(), body).await
+}
+
+async fn mark_read_of(state: &AppState, user: &Arc<str>, body: ReadBody) -> Result<StatusCode, ApiError> {
     let mark =
         read_mark(body.seqs, body.up_to_seq, body.topic).map_err(|m| ApiError::unprocessable("invalid_request", m))?;
-    crate::ws::session::mark_read(&state, &user.user_id, mark).await?;
+    crate::ws::session::mark_read(state, user, mark).await?;
     Ok(StatusCode::NO_CONTENT)
 }
 
 /// `GET /v1/me/unread`.
 pub async fn unread(State(state): State<AppState>, User(user): User) -> Result<Json<UnreadCounts>, ApiError> {
-    let counts = state.metrics.store_op("unread", state.store.unread(&user.user_id)).await?;
+    unread_of(&state, &user.user_id).await
+}
+
+/// `GET /v1/users/{user_id}/unread` (API key, scope `read`): the same, for a
+/// backend (a digest email's "you have 3 unread", say).
+pub async fn user_unread(
+    State(state): State<AppState>,
+    _: ReadKey,
+    UserPath(user): UserPath,
+) -> Result<Json<UnreadCounts>, ApiError> {
+    unread_of(&state, &user).await
+}
+
+async fn unread_of(state: &AppState, user: &str) -> Result<Json<UnreadCounts>, ApiError> {
+    let counts = state.metrics.store_op("unread", state.store.unread(user)).await?;
     Ok(Json(UnreadCounts { total: counts.total, by_topic: counts.by_topic.into_iter().collect() }))
 }
 

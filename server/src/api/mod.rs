@@ -49,6 +49,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/users/{user_id}/notifications", get(inbox::user_history).delete(inbox::erase))
         .route("/v1/users/{user_id}/presence", get(inbox::presence))
         .route("/v1/users/{user_id}/sessions", delete(inbox::disconnect))
+        .route("/v1/users/{user_id}/notifications/read", post(inbox::user_mark_read).layer(declared(body_limit)))
+        .route("/v1/users/{user_id}/unread", get(inbox::user_unread))
         .merge(me)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
