@@ -224,11 +224,11 @@ pub async fn disconnect(
     UserPath(user): UserPath,
 ) -> Result<StatusCode, ApiError> {
     let event = Event { user_id: user.as_str().into(), id: None, delivery: Delivery::Disconnect, trace: None };
-    let carried = match state.broker.publish(vec![event]).await {
-        Ok(()) => state.broker.ping().await,
-        Err(e) => Err(e),
+    let carried = async {
+        state.broker.publish(vec![event]).await?;
+        state.broker.ping().await
     };
-    carried.map_err(|e| {
+    carried.await.map_err(|e| {
         tracing::warn!(error = %e, "disconnect may not have reached other nodes");
         ApiError::unavailable(
             "broker_unavailable",
