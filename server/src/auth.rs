@@ -9,6 +9,7 @@
 //! No function here logs a token.
 
 pub mod jwks;
+pub mod revocations;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -29,6 +30,17 @@ pub enum AuthError {
     Expired,
     #[error("the token is not valid: {0}")]
     Invalid(&'static str),
+    /// The user's tokens issued before a time were revoked
+    /// (`POST /v1/users/{id}/tokens/revoke`), and this is one of them.
+    #[error("the token was revoked; get a new one")]
+    Revoked,
+}
+
+/// Whether revoking a user's tokens issued before `issued_before` covers one
+/// issued at `issued_at`. A token without `iat` is covered by any revocation:
+/// nothing shows it is newer.
+pub fn revokes(issued_before: i64, issued_at: Option<i64>) -> bool {
+    issued_at.is_none_or(|iat| iat < issued_before)
 }
 
 /// A verified user token.
@@ -37,6 +49,9 @@ pub struct UserToken {
     pub user_id: Arc<str>,
     /// `exp`, unix seconds.
     pub expires_at: i64,
+    /// `iat`, unix seconds, when the token has one (a revocation refuses a
+    /// token without it).
+    pub issued_at: Option<i64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -342,7 +357,7 @@ impl Verifier {
         if crate::api::publish::check_user_id(&sub).is_err() {
             return Err(AuthError::Invalid("sub must be 1 to 256 bytes, without control characters"));
         }
-        Ok(UserToken { user_id: sub.into(), expires_at: data.claims.exp })
+        Ok(UserToken { user_id: sub.into(), expires_at: data.claims.exp, issued_at: data.claims.iat })
     }
 }
 
@@ -355,10 +370,14 @@ fn install_crypto_provider() {
 
 /// Mints an HS256 user token (the `herald token` command, dev mode, tests).
 pub fn mint(secret: &str, sub: &str, ttl_secs: i64) -> String {
-    install_crypto_provider();
     let now = unix_now();
-    let claims = Claims { sub: sub.into(), exp: now + ttl_secs, iat: Some(now) };
-    jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(secret.as_bytes()))
+    mint_claims(secret, &Claims { sub: sub.into(), exp: now + ttl_secs, iat: Some(now) })
+}
+
+/// Mints an HS256 token with exactly these claims.
+pub fn mint_claims(secret: &str, claims: &Claims) -> String {
+    install_crypto_provider();
+    jsonwebtoken::encode(&Header::new(Algorithm::HS256), claims, &EncodingKey::from_secret(secret.as_bytes()))
         .expect("HS256 signing cannot fail")
 }
 

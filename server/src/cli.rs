@@ -81,6 +81,21 @@ pub enum Command {
         #[arg(long)]
         api_key: Option<String>,
     },
+    /// Revoke a user's tokens: those issued before a time are refused, and
+    /// their sessions close (close code 4001), on every node.
+    Revoke {
+        #[arg(long)]
+        user: String,
+        /// Unix seconds; by default every token issued up to now.
+        #[arg(long)]
+        issued_before: Option<i64>,
+        /// The server, by default http://HERALD_LISTEN.
+        #[arg(long)]
+        url: Option<String>,
+        /// By default the first of HERALD_API_KEYS, else of HERALD_API_KEYS_DISCONNECT.
+        #[arg(long)]
+        api_key: Option<String>,
+    },
 }
 
 /// Runs the command line; the exit code is 2 for bad configuration.
@@ -130,6 +145,12 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::Disconnect { user, url, api_key } => {
                 publisher(&settings, url, api_key, Scopes::DISCONNECT)?.disconnect(&user).await?;
                 println!("the sessions of {user} were told to close");
+                Ok(())
+            }
+            Command::Revoke { user, issued_before, url, api_key } => {
+                let publisher = publisher(&settings, url, api_key, Scopes::DISCONNECT)?;
+                let answer = publisher.revoke_tokens(&user, issued_before).await?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
                 Ok(())
             }
         }

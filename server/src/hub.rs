@@ -30,6 +30,9 @@ pub enum Delivery {
     /// A backend disconnected the user (`DELETE /v1/users/{id}/sessions`):
     /// the session closes with 4003.
     Disconnect,
+    /// The user's tokens issued before `issued_before` (unix seconds) are
+    /// revoked: a session whose token is one of them closes with 4001.
+    Revoke { issued_before: i64 },
 }
 
 /// Told whenever the number of a user's local sessions changes (the first
@@ -156,6 +159,9 @@ struct Local {
 
 struct Shared {
     users: DashMap<Arc<str>, Local>,
+    /// Token revocations this node knows of: user → tokens issued before
+    /// this (unix seconds) are refused. Only ever raised.
+    revoked: DashMap<Arc<str>, i64>,
     next_id: AtomicU64,
     interest: Arc<dyn Interest>,
 }
@@ -176,7 +182,14 @@ pub struct Registration {
 
 impl Hub {
     pub fn new(interest: Arc<dyn Interest>) -> Hub {
-        Hub { shared: Arc::new(Shared { users: DashMap::new(), next_id: AtomicU64::new(1), interest }) }
+        Hub {
+            shared: Arc::new(Shared {
+                users: DashMap::new(),
+                revoked: DashMap::new(),
+                next_id: AtomicU64::new(1),
+                interest,
+            }),
+        }
     }
 
     /// Registers a session of `user` with an outbox of `capacity` deliveries.
@@ -190,12 +203,43 @@ impl Hub {
 
     /// Hands `delivery` to every local session of `user` without waiting.
     /// Returns how many sessions took it.
+    ///
+    /// A [`Delivery::Revoke`] first raises what [`is_revoked`](Self::is_revoked)
+    /// answers, and goes to no session when it raises nothing (this node
+    /// knew already). A session checks `is_revoked` once registered, so one
+    /// registering meanwhile is refused either way.
     pub fn deliver(&self, user: &str, delivery: &Delivery) -> usize {
+        if let Delivery::Revoke { issued_before } = delivery {
+            if !self.raise_revocation(user, *issued_before) {
+                return 0;
+            }
+        }
         let Some(mut local) = self.shared.users.get_mut(user) else { return 0 };
         if let Delivery::Notification { seq, .. } | Delivery::Head { seq } = delivery {
             local.latest = local.latest.max(*seq);
         }
         local.sessions.iter().filter(|s| s.outbox.push(delivery)).count()
+    }
+
+    /// True when a revocation covers a token of `user` issued at `issued_at`
+    /// (a token without `iat` is covered by any revocation of its user).
+    pub fn is_revoked(&self, user: &str, issued_at: Option<i64>) -> bool {
+        self.shared.revoked.get(user).is_some_and(|before| crate::auth::revokes(*before, issued_at))
+    }
+
+    /// Users with a revocation this node knows of.
+    pub fn revocation_count(&self) -> usize {
+        self.shared.revoked.len()
+    }
+
+    /// Raises the user's revocation to `issued_before`; true when it moved.
+    fn raise_revocation(&self, user: &str, issued_before: i64) -> bool {
+        let mut known = self.shared.revoked.entry(user.into()).or_insert(i64::MIN);
+        let raised = issued_before > *known;
+        if raised {
+            *known = issued_before;
+        }
+        raised
     }
 
     /// Sessions of `user` on this node.

@@ -17,7 +17,7 @@
 //! is repaired from the store, so the broker may lose messages.
 //!
 //! - [`config`]: settings from `HERALD_*` and `--config`, validated before binding.
-//! - [`auth`]: user JWTs and backend API keys.
+//! - [`auth`]: user JWTs and backend API keys; token revocations, known to every node.
 //! - [`ws`]: `GET /v1/ws` — `handshake` (every refusal, before the upgrade),
 //!   `protocol` (client frames), `session` (one loop per connection), `close`.
 //! - [`hub`]: user → local sessions, bounded outboxes.
@@ -29,7 +29,7 @@
 //! - [`worker`]: large-audience publishes and digests, claimed from the store
 //!   by any node; heavy steps on a thread pool of their own.
 //! - [`telemetry`]: logs, metrics, the runtime-lag probe. [`shutdown`]: draining on SIGTERM.
-//! - [`cli`]: `herald serve | migrate | token | publish`.
+//! - [`cli`]: `herald serve | migrate | token | publish | erase | disconnect | revoke`.
 
 use std::sync::Arc;
 
@@ -92,6 +92,9 @@ pub struct Node {
     pub pool: Pool,
     /// Woken when this node queues work, so its workers need not poll.
     pub work: Arc<tokio::sync::Notify>,
+    /// The store's clock when the token revocations were loaded at start
+    /// (where [`auth::revocations::follow`] picks up).
+    pub revocations_loaded_at_ms: i64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -142,6 +145,7 @@ impl AppState {
                 (hub, Arc::new(broker), Some(commands))
             }
         };
+        let revocations_loaded_at_ms = auth::revocations::load(store.as_ref(), &hub).await?;
         let mut verifier = Verifier::new(&settings.jwt)?;
         verifier.fetch_jwks(&settings.jwt, shutdown.clone(), metrics.clone()).await.map_err(StartError::Jwks)?;
         let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
@@ -159,7 +163,21 @@ impl AppState {
             metrics,
             shutdown,
             sessions: TaskTracker::new(),
+            revocations_loaded_at_ms,
         })))
+    }
+}
+
+impl Node {
+    /// A user token, verified ([`Verifier::verify_fresh`]) and checked
+    /// against the revocations this node knows of: the one check of the
+    /// handshake, a session's `refresh` and the `/v1/me` routes.
+    pub async fn authenticate(&self, token: &str) -> Result<auth::UserToken, auth::AuthError> {
+        let user = self.verifier.verify_fresh(token).await?;
+        if self.hub.is_revoked(&user.user_id, user.issued_at) {
+            return Err(auth::AuthError::Revoked);
+        }
+        Ok(user)
     }
 }
 

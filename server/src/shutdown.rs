@@ -19,6 +19,12 @@ pub async fn serve(state: AppState, listener: TcpListener) {
     let purge = tokio::spawn(retention(state.clone()));
     let mut workers = tokio::spawn(crate::worker::jobs::run(state.clone()));
     let lag_probe = tokio::spawn(crate::telemetry::runtime_lag_probe(state.metrics.clone(), shutdown.clone()));
+    // One node alone learns of every revocation as it takes it.
+    let revocations = settings.redis_url.is_some().then(|| {
+        let follow =
+            crate::auth::revocations::follow(state.clone(), state.revocations_loaded_at_ms, settings.repair_interval);
+        tokio::spawn(follow)
+    });
 
     let stop_accepting = {
         let shutdown = shutdown.clone();
@@ -81,6 +87,9 @@ pub async fn serve(state: AppState, listener: TcpListener) {
     state.pool.close();
     purge.abort();
     lag_probe.abort();
+    if let Some(follow) = revocations {
+        follow.abort();
+    }
     state.broker.close().await;
     state.store.close().await;
     tracing::info!("stopped");

@@ -65,6 +65,11 @@ async fn disconnect(server: &TestServer, key: &str, user: &str) -> Raw {
     raw(client().delete(format!("{}/v1/users/{user}/sessions", server.http())).bearer_auth(key)).await
 }
 
+async fn revoke(server: &TestServer, key: &str, user: &str) -> Raw {
+    let url = format!("{}/v1/users/{user}/tokens/revoke", server.http());
+    raw(client().post(url).bearer_auth(key).json(&json!({}))).await
+}
+
 /// Asserts a 403 `insufficient_scope` whose message names the scope needed.
 fn refused(answer: &Raw, needs: &str) {
     assert_eq!(answer.status, 403, "{}", answer.body);
@@ -159,6 +164,14 @@ async fn each_route_takes_the_keys_with_its_scope_and_refuses_the_others() {
     let mut alice = server.connect("alice").await;
     assert_eq!(disconnect(&server, API_KEY, "alice").await.status, 204);
     assert_eq!(close_code(&mut alice).await, 4003);
+
+    // Revoking tokens is session control too: the disconnect scope.
+    for key in [PUBLISH, READ, ERASE, PUBLISH_ERASE] {
+        refused(&revoke(&server, key, "alice").await, "disconnect");
+    }
+    assert_eq!(server.inbox("alice").unread().await.unwrap().total, 0, "alice's token still works");
+    assert_eq!(revoke(&server, DISCONNECT, "alice").await.status, 200);
+    assert_eq!(revoke(&server, API_KEY, "bob").await.status, 200);
 }
 
 #[tokio::test]
@@ -172,6 +185,7 @@ async fn unknown_keys_are_401_whatever_the_route() {
             job(&server, key, "no-such-job").await,
             erase(&server, key, "alice").await,
             disconnect(&server, key, "alice").await,
+            revoke(&server, key, "alice").await,
             unread(&server, key, "alice").await,
             mark_read(&server, key, "alice", 1).await,
         ];

@@ -191,6 +191,24 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(close_code(&mut bob).await, 4003);
 
+    // `herald revoke`: bob's token from `herald token` is refused from now on.
+    let out = herald(dir.path(), &vars).args(["revoke", "--user", "bob", "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(revoked["issued_before"].as_i64().unwrap() > herald_server::auth::unix_now() - 60, "{revoked}");
+    match Connect::new(format!("ws://{base}"), &token).connect().await {
+        Err(herald_client::Error::Refused { status: 401, code, .. }) => assert_eq!(code, "token_revoked"),
+        Err(e) => panic!("{e}"),
+        Ok(_) => panic!("a revoked token opened a session"),
+    }
+    let ahead = (herald_server::auth::unix_now() + 86_400).to_string();
+    let refused = herald(dir.path(), &vars)
+        .args(["revoke", "--user", "bob", "--url", &url, "--issued-before", &ahead])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("invalid_issued_before"));
+
     // With scoped keys only, each command takes the first key with its scope:
     // the read key listed before the erase key is not the one `erase` sends,
     // and `publish` has no key to send.

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use common::*;
 use herald_client::ServerFrame;
+use herald_server::auth::{mint_claims, unix_now, Claims};
 use serde_json::json;
 
 use services::{redis_url, PrivateRedis};
@@ -102,6 +103,63 @@ async fn a_disconnect_that_may_not_reach_other_nodes_is_a_503() {
     .await;
     node.stop().await;
     redis.stop();
+}
+
+/// A session of `user` on `node` with a token issued 100 s ago.
+async fn connect_issued_earlier(node: &TestServer, user: &str) -> (herald_client::Session, String) {
+    let claims = Claims { sub: user.into(), exp: unix_now() + 3600, iat: Some(unix_now() - 100) };
+    let token = mint_claims(SECRET, &claims);
+    (herald_client::Connect::new(node.ws(), &token).connect().await.unwrap(), token)
+}
+
+async fn revoke_tokens(node: &TestServer, user: &str) {
+    let url = format!("{}/v1/users/{user}/tokens/revoke", node.http());
+    let answer = raw(reqwest::Client::new().post(url).bearer_auth(API_KEY).json(&json!({}))).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
+/// A revocation taken by one node closes the user's older-token sessions
+/// on the others: through Redis where it is carried, and from the store
+/// (the periodic re-read) where it is not — here a node in another Redis
+/// namespace takes it, as if the message were lost.
+#[tokio::test]
+async fn revoked_tokens_close_sessions_on_every_node_by_message_or_from_the_store() {
+    let p = prefix("revoke");
+    let (dir, nodes) = nodes(2, &p, &[("HERALD_REPAIR_INTERVAL", "500ms")]).await;
+    let (mut here, _) = connect_issued_earlier(&nodes[0], "gail").await;
+    let (mut there, token) = connect_issued_earlier(&nodes[1], "gail").await;
+    revoke_tokens(&nodes[0], "gail").await;
+    assert_eq!(close_code(&mut here).await, 4001);
+    assert_eq!(close_code(&mut there).await, 4001, "the other node's session closes too");
+    let refused = herald_client::Connect::new(nodes[1].ws(), &token).connect().await;
+    assert!(
+        matches!(&refused, Err(herald_client::Error::Refused { status: 401, code, .. }) if code == "token_revoked"),
+        "{:?}",
+        refused.err()
+    );
+    drop((here, there));
+
+    let elsewhere = TestServer::start_in(
+        dir.path(),
+        &[
+            ("HERALD_REDIS_URL", &redis_url()),
+            ("HERALD_REDIS_PREFIX", &prefix("elsewhere")),
+            ("HERALD_NODE_ID", "lost"),
+        ],
+    )
+    .await;
+    let (mut on_a, token) = connect_issued_earlier(&nodes[0], "hank").await;
+    let (mut on_b, _) = connect_issued_earlier(&nodes[1], "hank").await;
+    revoke_tokens(&elsewhere, "hank").await;
+    assert_eq!(close_code(&mut on_a).await, 4001, "from the store");
+    assert_eq!(close_code(&mut on_b).await, 4001, "from the store");
+    let refused = herald_client::Connect::new(nodes[0].ws(), &token).connect().await;
+    assert!(matches!(&refused, Err(herald_client::Error::Refused { status: 401, .. })), "{:?}", refused.err());
+    drop((on_a, on_b));
+    elsewhere.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
 }
 
 #[tokio::test]

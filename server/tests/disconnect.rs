@@ -8,20 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use herald_client::{Error, Publisher, Session};
+use herald_client::Publisher;
 use serde_json::json;
-
-/// Reads until the server closes; the close code and reason.
-async fn closed(session: &mut Session) -> (u16, String) {
-    loop {
-        match session.next_frame_within(WAIT).await {
-            Ok(Some(_)) => continue,
-            Ok(None) => panic!("not closed within {WAIT:?}"),
-            Err(Error::Closed { code, reason }) => return (code, reason),
-            Err(e) => panic!("ended without a close frame: {e}"),
-        }
-    }
-}
 
 async fn disconnect(server: &TestServer, key: &str, user: &str) -> Raw {
     raw(reqwest::Client::new().delete(format!("{}/v1/users/{user}/sessions", server.http())).bearer_auth(key)).await

@@ -665,3 +665,36 @@ async fn an_unreachable_server_is_unavailable_quickly() {
     assert!(matches!(err, StoreError::Unavailable(_)), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(3), "took {:?}", started.elapsed());
 }
+
+/// Token revocations on both stores: only ever raised, and read back by
+/// the time they last changed on the store's clock.
+#[tokio::test]
+async fn revocations_only_rise_and_are_read_by_when_they_changed() {
+    async fn scenario(store: &dyn Store, name: &str) {
+        let start = store.revocations(None).await.unwrap();
+        assert!(start.changed.is_empty(), "{name}");
+        assert!((start.as_of_ms - herald_server::store::now_ms()).abs() < 60_000, "{name}: the store's clock");
+        assert_eq!(store.revoke("a", 100).await.unwrap(), 100, "{name}");
+        assert_eq!(store.revoke("a", 50).await.unwrap(), 100, "{name}: never lowered");
+        assert_eq!(store.revoke("a", 200).await.unwrap(), 200, "{name}");
+        assert_eq!(store.revoke("b", 10).await.unwrap(), 10, "{name}");
+        let mut all = store.revocations(None).await.unwrap().changed;
+        all.sort();
+        assert_eq!(all, vec![("a".to_string(), 200), ("b".to_string(), 10)], "{name}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mark = store.revocations(None).await.unwrap().as_of_ms;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store.revoke("c", 5).await.unwrap();
+        let since = store.revocations(Some(mark)).await.unwrap();
+        assert_eq!(since.changed, vec![("c".to_string(), 5)], "{name}: only what changed since");
+        assert!(since.as_of_ms >= mark, "{name}");
+    }
+    let db = TestDb::create().await;
+    let pg = store(&db).await;
+    scenario(pg.as_ref(), "PostgreSQL").await;
+    pg.close().await;
+    let dir = tempfile::tempdir().unwrap();
+    let sqlite = open(&format!("sqlite://{}/herald.db", dir.path().display()), &options()).await.unwrap();
+    scenario(sqlite.as_ref(), "SQLite").await;
+    sqlite.close().await;
+}

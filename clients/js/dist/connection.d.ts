@@ -82,7 +82,7 @@ export declare class Connection {
     /**
      * A browser does not say why a handshake failed. When it does, ask the
      * HTTP API with the same token once: a refused token (401) is reported as
-     * an `error` with the server's code (`token_expired`, `invalid_token`), so
+     * an `error` with the server's code (`token_expired`, `invalid_token`, `token_revoked`), so
      * the application can sign the user in again. Retrying goes on meanwhile.
      */
     private explainRefusal;

@@ -48,7 +48,12 @@ var HeraldError = class extends Error {
     if (details.cause !== void 0) this.cause = details.cause;
   }
 };
-var TOKEN_CODES = /* @__PURE__ */ new Set(["missing_token", "invalid_token", "token_expired"]);
+var TOKEN_CODES = /* @__PURE__ */ new Set([
+  "missing_token",
+  "invalid_token",
+  "token_expired",
+  "token_revoked"
+]);
 
 // src/inbox.ts
 var Inbox = class {
@@ -533,7 +538,7 @@ var Connection = class {
   /**
    * A browser does not say why a handshake failed. When it does, ask the
    * HTTP API with the same token once: a refused token (401) is reported as
-   * an `error` with the server's code (`token_expired`, `invalid_token`), so
+   * an `error` with the server's code (`token_expired`, `invalid_token`, `token_revoked`), so
    * the application can sign the user in again. Retrying goes on meanwhile.
    */
   async explainRefusal() {

@@ -25,4 +25,9 @@ export class HeraldError extends Error {
 }
 
 /** The codes of a refused user token, on the HTTP API and at the handshake. */
-export const TOKEN_CODES: ReadonlySet<string> = new Set(['missing_token', 'invalid_token', 'token_expired']);
+export const TOKEN_CODES: ReadonlySet<string> = new Set([
+  'missing_token',
+  'invalid_token',
+  'token_expired',
+  'token_revoked',
+]);

@@ -270,3 +270,21 @@ test('inbox errors carry the server code and status', async () => {
   });
   await assert.rejects(herald.inbox.unread(), (e) => e.code === 'invalid_token' && e.status === 401);
 });
+
+test('an inbox call refused as token_revoked asks the provider for a new token once', async () => {
+  const tokens = [jwt('alice'), jwt('alice', 7200)];
+  let asked = 0;
+  const sent = [];
+  const { herald } = client({
+    token: () => tokens[Math.min(asked++, 1)],
+    fetch: async (_url, init) => {
+      sent.push(init.headers.Authorization);
+      return sent.length === 1
+        ? new Response('{"error":{"code":"token_revoked","message":"the token was revoked"}}', { status: 401 })
+        : new Response('{"total":0,"by_topic":{}}', { status: 200 });
+    },
+  });
+  assert.deepEqual(await herald.inbox.unread(), { total: 0, by_topic: {} });
+  assert.equal(sent.length, 2, 'one retry');
+  assert.equal(asked, 2, 'with a token asked for again');
+});

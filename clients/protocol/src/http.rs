@@ -113,6 +113,25 @@ pub struct Erased {
     pub last_seq: Seq,
 }
 
+/// `POST /v1/users/{id}/tokens/revoke`: the body (`{}` revokes every token
+/// issued up to now).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeTokens {
+    /// Unix seconds: the user's tokens whose `iat` is before it (or that
+    /// have no `iat`) are refused. Default: the server's next second.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub issued_before: Option<i64>,
+}
+
+/// `POST /v1/users/{id}/tokens/revoke`: the revocation in force, the
+/// larger of this one and any earlier (it never moves back).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokensRevoked {
+    pub user_id: String,
+    pub issued_before: i64,
+}
+
 /// `GET /v1/me/unread`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnreadCounts {

@@ -2,7 +2,7 @@
 
 use herald_protocol::http::{
     DigestAccepted, Erased, JobAccepted, JobStatus, NotificationPage, PublishRequest, PublishResponse, Published,
-    UnreadCounts,
+    RevokeTokens, TokensRevoked, UnreadCounts,
 };
 use herald_protocol::{ReadMark, Seq};
 use reqwest::StatusCode;
@@ -149,6 +149,16 @@ impl Publisher {
     pub async fn disconnect(&self, user: &str) -> Result<(), Error> {
         let url = format!("{}/v1/users/{}/sessions", self.base, encode_segment(user));
         no_content(self.http.delete(url).bearer_auth(&self.api_key).send().await?).await
+    }
+
+    /// `POST /v1/users/{user}/tokens/revoke`: the user's tokens issued before
+    /// `issued_before` (unix seconds; `None`: every token issued up to now)
+    /// are refused from then on, and their sessions close with 4001, on
+    /// every node. Answers the revocation in force.
+    pub async fn revoke_tokens(&self, user: &str, issued_before: Option<i64>) -> Result<TokensRevoked, Error> {
+        let url = format!("{}/v1/users/{}/tokens/revoke", self.base, encode_segment(user));
+        let body = RevokeTokens { issued_before };
+        Ok(answer(self.http.post(url).bearer_auth(&self.api_key).json(&body).send().await?).await?.1)
     }
 
     /// `GET /v1/users/{user}/notifications?after_seq=&limit=`, oldest first.

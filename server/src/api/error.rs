@@ -110,6 +110,7 @@ impl From<AuthError> for ApiError {
             AuthError::Missing => Self::unauthorized("missing_token", "a user token is required"),
             AuthError::Expired => Self::unauthorized("token_expired", e.to_string()),
             AuthError::Invalid(_) => Self::unauthorized("invalid_token", e.to_string()),
+            AuthError::Revoked => Self::unauthorized("token_revoked", e.to_string()),
         }
     }
 }

@@ -108,7 +108,7 @@ impl FromRequestParts<AppState> for User {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let token = authorization(parts).ok_or(AuthError::Missing)?;
-        Ok(User(state.verifier.verify_fresh(token).await?))
+        Ok(User(state.authenticate(token).await?))
     }
 }
 

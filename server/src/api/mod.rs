@@ -18,6 +18,7 @@ mod jobs;
 mod ops;
 pub mod publish;
 pub mod request;
+mod revoke;
 
 use error::ApiError;
 
@@ -51,6 +52,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/users/{user_id}/sessions", delete(inbox::disconnect))
         .route("/v1/users/{user_id}/notifications/read", post(inbox::user_mark_read).layer(declared(body_limit)))
         .route("/v1/users/{user_id}/unread", get(inbox::user_unread))
+        .route("/v1/users/{user_id}/tokens/revoke", post(revoke::revoke).layer(declared(body_limit)))
         .merge(me)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

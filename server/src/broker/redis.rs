@@ -725,7 +725,8 @@ impl Broker for RedisBroker {
 
 /// The wire format of one event on a channel:
 /// `<kind> <seq> <id> <user bytes> <origin bytes>[ <traceparent>]\n<user><origin><frame>`,
-/// kind `n` (notification), `r` (read), `h` (head) or `d` (disconnect).
+/// kind `n` (notification), `r` (read), `h` (head), `d` (disconnect) or
+/// `t` (tokens revoked; the seq field carries `issued_before`).
 /// Older nodes ignore the optional trace field, and kinds they do not know.
 struct Message {
     user: Arc<str>,
@@ -741,6 +742,7 @@ impl Message {
             Delivery::Read { frame } => ('r', 0, frame.as_str()),
             Delivery::Head { seq } => ('h', *seq, ""),
             Delivery::Disconnect => ('d', 0, ""),
+            Delivery::Revoke { issued_before } => ('t', *issued_before, ""),
         };
         let id = event.id.as_deref().unwrap_or("-");
         let user = &*event.user_id;
@@ -781,6 +783,7 @@ impl Message {
             "r" => Delivery::Read { frame },
             "h" => Delivery::Head { seq },
             "d" => Delivery::Disconnect,
+            "t" => Delivery::Revoke { issued_before: seq },
             _ => return None,
         };
         Some(Message { user: user.into(), origin: origin.to_string(), delivery, trace })
@@ -1130,6 +1133,14 @@ mod tests {
         }
         assert!(Message::decode(b"garbage").is_none());
         assert!(Message::decode(b"n 1 x 99 1\nshort").is_none());
+        let revoke = Event {
+            user_id: "alice".into(),
+            id: None,
+            delivery: Delivery::Revoke { issued_before: 1_767_225_600 },
+            trace: None,
+        };
+        let m = Message::decode(&Message::encode(&revoke, "a")).unwrap();
+        assert!(matches!(m.delivery, Delivery::Revoke { issued_before: 1_767_225_600 }), "{:?}", m.delivery);
     }
 
     impl Message {

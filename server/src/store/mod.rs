@@ -27,6 +27,9 @@ const DELETE_CHUNK: i64 = 1000;
 const PURGE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE (user_id, seq) IN \
      (SELECT user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2)";
 
+/// The revocations changed at or after `$1` (unix ms).
+const REVOCATIONS_SQL: &str = "SELECT user_id, issued_before FROM revocations WHERE updated_ms >= $1";
+
 /// Erasure: user `$1`'s oldest `$3` notifications with `seq <= $2`.
 const ERASE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE user_id = $1 AND seq IN \
      (SELECT seq FROM notifications WHERE user_id = $1 AND seq <= $2 ORDER BY seq LIMIT $3)";
@@ -156,6 +159,16 @@ pub struct ListQuery {
     pub topic: Option<String>,
 }
 
+/// What [`Store::revocations`] read.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Revocations {
+    /// `(user, issued_before)`.
+    pub changed: Vec<(String, i64)>,
+    /// The store's clock (unix ms) before the read: the next read asks from
+    /// a little before it, for writes that committed late.
+    pub as_of_ms: i64,
+}
+
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Unread {
     pub total: i64,
@@ -233,6 +246,15 @@ pub trait Store: JobStore + Send + Sync + 'static {
     /// the counter stays: seqs are never reused, and a session resuming
     /// below what is left is told `truncated`.
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError>;
+
+    /// Raises the user's token revocation to `issued_before` (unix seconds):
+    /// their tokens issued before it are refused. Never lowers it; returns
+    /// the value in force afterwards.
+    async fn revoke(&self, user: &str, issued_before: i64) -> Result<i64, StoreError>;
+
+    /// The revocations changed at or after `since_ms` on the store's clock
+    /// (every one with `None`), and that clock's time before they were read.
+    async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;

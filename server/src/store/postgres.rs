@@ -61,7 +61,10 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoreOptions, StoredNotification, Unread};
+use super::{
+    Appended, Head, ListQuery, NewNotification, Revocations, Store, StoreError, StoreOptions, StoredNotification,
+    Unread,
+};
 
 /// `SELECT <the columns from_row reads> FROM notifications <rest>`.
 macro_rules! select {
@@ -369,6 +372,33 @@ impl Store for PostgresStore {
         .fetch_all(&self.pool)
         .await?;
         Ok(Unread { total: found.iter().map(|(_, n)| n).sum(), by_topic: found })
+    }
+
+    async fn revoke(&self, user: &str, issued_before: i64) -> Result<i64, StoreError> {
+        // `updated_ms` on the database's clock, which every node reads the same.
+        let in_force = sqlx::query_scalar(
+            "INSERT INTO revocations (user_id, issued_before, updated_ms)
+             VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
+             ON CONFLICT (user_id) DO UPDATE
+             SET issued_before = GREATEST(revocations.issued_before, excluded.issued_before),
+                 updated_ms = excluded.updated_ms
+             RETURNING issued_before",
+        )
+        .bind(user)
+        .bind(issued_before)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.read_only.error(e))?;
+        Ok(in_force)
+    }
+
+    async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError> {
+        let as_of_ms = sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
+            .fetch_one(&self.pool)
+            .await?;
+        let changed =
+            sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms.unwrap_or(i64::MIN)).fetch_all(&self.pool).await?;
+        Ok(Revocations { changed, as_of_ms })
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {

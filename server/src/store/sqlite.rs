@@ -21,7 +21,10 @@ use rusqlite::types::Value;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
-use super::{Appended, Head, ListQuery, NewNotification, Store, StoreError, StoreOptions, StoredNotification, Unread};
+use super::{
+    Appended, Head, ListQuery, NewNotification, Revocations, Store, StoreError, StoreOptions, StoredNotification,
+    Unread,
+};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -201,6 +204,28 @@ impl Store for SqliteStore {
 
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
         self.delete_in_chunks(super::ERASE_CHUNK_SQL, vec![Value::Text(user.into()), Value::Integer(up_to)]).await
+    }
+
+    async fn revoke(&self, user: &str, issued_before: i64) -> Result<i64, StoreError> {
+        let in_force = sqlx::query_scalar(
+            "INSERT INTO revocations (user_id, issued_before, updated_ms) VALUES ($1, $2, $3)
+             ON CONFLICT (user_id) DO UPDATE SET issued_before = max(issued_before, excluded.issued_before),
+                                                 updated_ms = excluded.updated_ms
+             RETURNING issued_before",
+        )
+        .bind(user)
+        .bind(issued_before)
+        .bind(super::now_ms())
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(in_force)
+    }
+
+    async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError> {
+        let as_of_ms = super::now_ms();
+        let changed =
+            sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms.unwrap_or(i64::MIN)).fetch_all(&self.pool).await?;
+        Ok(Revocations { changed, as_of_ms })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -35,6 +35,8 @@ pub enum SessionEnd {
     Internal,
     /// A backend disconnected the user's sessions.
     Disconnected,
+    /// A backend revoked the user's tokens, this session's among them.
+    TokenRevoked,
 }
 
 impl SessionEnd {
@@ -55,6 +57,7 @@ impl SessionEnd {
             SessionEnd::StoreUnavailable => (close::TRY_AGAIN_LATER, "store unavailable; reconnect with since"),
             SessionEnd::Internal => (close::INTERNAL_ERROR, "internal error; reconnect with since"),
             SessionEnd::Disconnected => (close::FORBIDDEN, "disconnected by the server"),
+            SessionEnd::TokenRevoked => (close::TOKEN_EXPIRED, "token revoked"),
         })
     }
 

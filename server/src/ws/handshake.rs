@@ -148,7 +148,7 @@ async fn check(
     check_origin(state, headers)?;
     state.limits.handshake_rate(ip).await.map_err(refused)?;
     let token = token(headers, query).ok_or(AuthError::Missing)?;
-    let user = state.verifier.verify_fresh(token).await?;
+    let user = state.authenticate(token).await?;
     let since =
         match query.get("since") {
             None => None,
@@ -162,6 +162,7 @@ async fn check(
         session_id: uuid::Uuid::now_v7().to_string(),
         user: user.user_id,
         expires_at: user.expires_at,
+        issued_at: user.issued_at,
         since,
         request_id: String::new(),
     };

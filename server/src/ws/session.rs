@@ -61,6 +61,8 @@ pub struct SessionContext {
     pub user: Arc<str>,
     /// `exp` of the current token, unix seconds.
     pub expires_at: i64,
+    /// `iat` of the current token, if it has one (checked against revocations).
+    pub issued_at: Option<i64>,
     pub since: Option<Seq>,
     /// The handshake request's id, on every log line of the session.
     pub request_id: String,
@@ -130,6 +132,11 @@ impl Session {
     /// Welcome, then replay from `since`: the welcome and the first page of
     /// the replay come from one store request and go out in one flush.
     async fn start(&mut self) -> Result<(), SessionEnd> {
+        // Registered before this check, so a revocation that arrived after
+        // the handshake's is seen here or delivered to the outbox.
+        if self.state.hub.is_revoked(&self.ctx.user, self.ctx.issued_at) {
+            return Err(SessionEnd::TokenRevoked);
+        }
         // With Redis: wait (bounded) until this node hears the user's channel,
         // so what commits after the head read below arrives live.
         self.state.broker.subscribed(&self.ctx.user).await;
@@ -279,6 +286,10 @@ impl Session {
             Delivery::Head { seq } if seq <= self.cursor => {}
             Delivery::Head { seq } => self.catch_up(seq, batch).await?,
             Delivery::Disconnect => return Err(SessionEnd::Disconnected),
+            Delivery::Revoke { issued_before } if crate::auth::revokes(issued_before, self.ctx.issued_at) => {
+                return Err(SessionEnd::TokenRevoked)
+            }
+            Delivery::Revoke { .. } => {}
         }
         Ok(())
     }
@@ -347,13 +358,15 @@ impl Session {
         }
     }
 
-    /// A new token for the same user. Verified like a handshake's: a `kid`
+    /// A new token for the same user. Verified like a handshake's (a revoked
+    /// one is refused too): a `kid`
     /// the fetched JWKS does not hold makes it be fetched again first (rare,
     /// rate-limited; the session waits for it as it waits for a read mark).
     async fn refresh(&mut self, token: &str, reference: Option<serde_json::Value>) -> Result<(), SessionEnd> {
-        match self.state.verifier.verify_fresh(token).await {
+        match self.state.authenticate(token).await {
             Ok(t) if t.user_id == self.ctx.user => {
                 self.ctx.expires_at = t.expires_at;
+                self.ctx.issued_at = t.issued_at;
                 self.warned = false;
                 tracing::debug!(expires_at = t.expires_at, "token refreshed");
                 self.send(vec![text(&ok(reference))]).await

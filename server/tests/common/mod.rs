@@ -210,11 +210,16 @@ pub async fn notifications(session: &mut Session, count: usize) -> Vec<Notificat
 
 /// Reads until the server closes; returns the close code.
 pub async fn close_code(session: &mut Session) -> u16 {
+    closed(session).await.0
+}
+
+/// Reads until the server closes; returns the close code and reason.
+pub async fn closed(session: &mut Session) -> (u16, String) {
     loop {
         match session.next_frame_within(WAIT).await {
             Ok(Some(_)) => continue,
             Ok(None) => panic!("not closed within {WAIT:?}"),
-            Err(herald_client::Error::Closed { code, .. }) => return code,
+            Err(herald_client::Error::Closed { code, reason }) => return (code, reason),
             Err(e) => panic!("ended without a close frame: {e}"),
         }
     }
