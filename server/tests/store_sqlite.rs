@@ -229,3 +229,20 @@ async fn two_writers_on_one_file_never_hand_out_a_seq_twice() {
     a.close().await;
     b.close().await;
 }
+
+/// During a rolling upgrade a node of the older build must still start on a
+/// database the newer build migrated further.
+#[tokio::test]
+async fn a_database_migrated_by_a_newer_build_still_opens() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/herald.db", dir.path().display());
+    let store = open(&url, &options()).await.unwrap();
+    store.append(vec![note("alice", "1", None)]).await.unwrap();
+    store.close().await;
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    sqlx::query(common::NEWER_MIGRATION_SQL).bind(vec![0u8; 48]).execute(&pool).await.unwrap();
+    pool.close().await;
+    let store = open(&url, &options()).await.expect("opens on the newer schema");
+    assert_eq!(store.head("alice").await.unwrap().last_seq, 1);
+    store.close().await;
+}

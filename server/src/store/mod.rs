@@ -344,6 +344,15 @@ impl Default for StoreOptions {
     }
 }
 
+/// The migrations to run at start. Migrations a newer build applied, which
+/// this build does not know, are allowed: each migration only adds to the
+/// schema (docs/operations.md, "Upgrading"), so during a rolling upgrade a
+/// node of the older build still starts, or restarts, on the newer schema.
+fn migrator(mut migrator: sqlx::migrate::Migrator) -> sqlx::migrate::Migrator {
+    migrator.set_ignore_missing(true);
+    migrator
+}
+
 /// `postgres://…` / `postgresql://…` select PostgreSQL; anything else is SQLite.
 pub fn is_postgres(database_url: &str) -> bool {
     database_url.starts_with("postgres://") || database_url.starts_with("postgresql://")

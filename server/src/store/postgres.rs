@@ -149,7 +149,7 @@ async fn migrate(connect: PgConnectOptions, connect_timeout: Duration) -> Result
         .acquire_timeout(connect_timeout)
         .connect_with(connect.options([("statement_timeout", "0")]))
         .await?;
-    let result = sqlx::migrate!("../migrations/postgres").run(&pool).await;
+    let result = super::migrator(sqlx::migrate!("../migrations/postgres")).run(&pool).await;
     pool.close().await;
     result.map_err(|e| match e {
         MigrateError::Execute(e) | MigrateError::ExecuteMigration(e, _) => StoreError::from(e),

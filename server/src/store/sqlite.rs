@@ -95,7 +95,7 @@ async fn open_once(options: &SqliteConnectOptions, pool_size: u32) -> Result<Sql
         .acquire_timeout(Duration::from_secs(5))
         .connect_with(options.clone())
         .await?;
-    if let Err(e) = sqlx::migrate!("../migrations/sqlite").run(&pool).await {
+    if let Err(e) = super::migrator(sqlx::migrate!("../migrations/sqlite")).run(&pool).await {
         pool.close().await;
         return Err(StoreError::Internal(format!("migrations failed: {e}")));
     }
