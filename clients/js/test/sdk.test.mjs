@@ -180,6 +180,45 @@ test('a refused refresh (4001) gets a new token from the provider and reconnects
   await context.close();
 });
 
+test('revoked tokens (sign-out everywhere): 4001, a new token from the provider resumes; without one the refusal is reported', { timeout: 60_000 }, async () => {
+  const user = 'vic';
+  const early = Math.floor(Date.now() / 1000) - 100;
+  let revokedBefore = null;
+  // Until the revocation, a token issued 100 s ago; then one issued at the revocation's time.
+  const token = () => server.token(user, 3600, { iat: revokedBefore ?? early });
+  const context = await newContext(browser);
+  const page = await openClient(context, { token, options: FAST });
+  await waitOpen(page);
+  await publish(server, user, 't', { n: 1 });
+  await expectSeqs(page, [1]);
+
+  // A second device whose app keeps handing out the old token (the user is signed out there).
+  const stale = server.token(user, 3600, { iat: early });
+  const other = await newContext(browser);
+  const signedOut = await openClient(other, { token: () => stale, options: FAST });
+  await waitOpen(signedOut);
+
+  const { status, body } = await server.request('POST', `/v1/users/${user}/tokens/revoke`, { body: {} });
+  assert.equal(status, 200, JSON.stringify(body));
+  revokedBefore = body.issued_before;
+  await page.waitForFunction(() => window.log.states.filter((s) => s === 'open').length === 2, null, {
+    timeout: WAIT,
+  });
+  await publish(server, user, 't', { n: 2 });
+  await expectSeqs(page, [1, 2]);
+  const l = await log(page);
+  assert.deepEqual(l.states, ['connecting', 'open', 'reconnecting', 'open']);
+  assert.deepEqual(l.errors, []);
+
+  await eventually(
+    async () => (await log(signedOut)).errors.some((e) => e.code === 'token_revoked') || (await log(signedOut)).errors,
+    'the signed-out device reports token_revoked',
+  );
+  assert.notEqual(await signedOut.evaluate(() => window.herald.state), 'open');
+  await context.close();
+  await other.close();
+});
+
 test('marking read on one device updates the other live; HTTP and socket marks both travel', { timeout: 60_000 }, async () => {
   const user = 'rob';
   const phone = await newContext(browser);
