@@ -242,6 +242,7 @@ pub struct Metrics {
     pub truncations: Counter,
     pub store_seconds: Family<StoreOp, Histogram, fn() -> Histogram>,
     pub db_pool_connections: Family<PoolState, Gauge>,
+    pub revoked_users: Gauge,
     pub http_requests: Family<HttpRequest, Counter>,
     pub jwks_fetches: Family<Outcome, Counter>,
 }
@@ -416,6 +417,12 @@ impl Metrics {
                 "herald_db_pool_connections",
                 "Store pool connections by state (idle, busy), sampled at scrape",
                 Family::default(),
+            ),
+            revoked_users: registered(
+                &mut r,
+                "herald_revoked_users",
+                "Users with a token revocation this node knows of (every node should agree), sampled at scrape",
+                Gauge::default(),
             ),
             http_requests: registered(
                 &mut r,

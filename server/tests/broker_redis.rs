@@ -155,6 +155,9 @@ async fn revoked_tokens_close_sessions_on_every_node_by_message_or_from_the_stor
     assert_eq!(close_code(&mut on_b).await, 4001, "from the store");
     let refused = herald_client::Connect::new(nodes[0].ws(), &token).connect().await;
     assert!(matches!(&refused, Err(herald_client::Error::Refused { status: 401, .. })), "{:?}", refused.err());
+    for node in &nodes {
+        assert_eq!(node.metric("herald_revoked_users").await, 2.0, "every node knows both");
+    }
     drop((on_a, on_b));
     elsewhere.stop().await;
     for node in nodes {
