@@ -89,6 +89,10 @@ pub enum Command {
         /// Unix seconds; by default every token issued up to now.
         #[arg(long)]
         issued_before: Option<i64>,
+        /// Unix seconds: when the last token revoked expires, after which
+        /// the revocation may be forgotten; by default it is kept for good.
+        #[arg(long)]
+        expires_at: Option<i64>,
         /// The server, by default http://HERALD_LISTEN.
         #[arg(long)]
         url: Option<String>,
@@ -147,9 +151,10 @@ pub fn main(cli: Cli) -> ExitCode {
                 println!("the sessions of {user} were told to close");
                 Ok(())
             }
-            Command::Revoke { user, issued_before, url, api_key } => {
+            Command::Revoke { user, issued_before, expires_at, url, api_key } => {
                 let publisher = publisher(&settings, url, api_key, Scopes::DISCONNECT)?;
-                let answer = publisher.revoke_tokens(&user, issued_before).await?;
+                let revocation = herald_client::RevokeTokens { issued_before, expires_at };
+                let answer = publisher.revoke_tokens(&user, &revocation).await?;
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 Ok(())
             }

@@ -32,7 +32,8 @@ pub enum Delivery {
     Disconnect,
     /// The user's tokens issued before `issued_before` (unix seconds) are
     /// revoked: a session whose token is one of them closes with 4001.
-    Revoke { issued_before: i64 },
+    /// After `expires_at` (`None`: never) the revocation may be forgotten.
+    Revoke { issued_before: i64, expires_at: Option<i64> },
 }
 
 /// Told whenever the number of a user's local sessions changes (the first
@@ -159,9 +160,9 @@ struct Local {
 
 struct Shared {
     users: DashMap<Arc<str>, Local>,
-    /// Token revocations this node knows of: user → tokens issued before
-    /// this (unix seconds) are refused. Only ever raised.
-    revoked: DashMap<Arc<str>, i64>,
+    /// Token revocations this node knows of: user → (tokens issued before
+    /// this are refused, until this expiry). Only ever raised.
+    revoked: DashMap<Arc<str>, (i64, Option<i64>)>,
     next_id: AtomicU64,
     interest: Arc<dyn Interest>,
 }
@@ -209,8 +210,8 @@ impl Hub {
     /// knew already). A session checks `is_revoked` once registered, so one
     /// registering meanwhile is refused either way.
     pub fn deliver(&self, user: &str, delivery: &Delivery) -> usize {
-        if let Delivery::Revoke { issued_before } = delivery {
-            if !self.raise_revocation(user, *issued_before) {
+        if let Delivery::Revoke { issued_before, expires_at } = delivery {
+            if !self.raise_revocation(user, *issued_before, *expires_at) {
                 return 0;
             }
         }
@@ -224,7 +225,7 @@ impl Hub {
     /// True when a revocation covers a token of `user` issued at `issued_at`
     /// (a token without `iat` is covered by any revocation of its user).
     pub fn is_revoked(&self, user: &str, issued_at: Option<i64>) -> bool {
-        self.shared.revoked.get(user).is_some_and(|before| crate::auth::revokes(*before, issued_at))
+        self.shared.revoked.get(user).is_some_and(|known| crate::auth::revokes(known.0, issued_at))
     }
 
     /// Users with a revocation this node knows of.
@@ -232,13 +233,21 @@ impl Hub {
         self.shared.revoked.len()
     }
 
-    /// Raises the user's revocation to `issued_before`; true when it moved.
-    fn raise_revocation(&self, user: &str, issued_before: i64) -> bool {
-        let mut known = self.shared.revoked.entry(user.into()).or_insert(i64::MIN);
-        let raised = issued_before > *known;
-        if raised {
-            *known = issued_before;
-        }
+    /// Forgets the revocations that expired before `now_secs` (every token
+    /// they covered has expired too); how many.
+    pub fn forget_expired_revocations(&self, now_secs: i64) -> usize {
+        let before = self.shared.revoked.len();
+        self.shared.revoked.retain(|_, (_, expires_at)| expires_at.is_none_or(|at| at >= now_secs));
+        before - self.shared.revoked.len()
+    }
+
+    /// Merges a revocation into the user's (the later `issued_before`, the
+    /// later expiry, `None` the latest); true when `issued_before` moved.
+    fn raise_revocation(&self, user: &str, issued_before: i64, expires_at: Option<i64>) -> bool {
+        let mut known = self.shared.revoked.entry(user.into()).or_insert((i64::MIN, Some(i64::MIN)));
+        let raised = issued_before > known.0;
+        known.0 = known.0.max(issued_before);
+        known.1 = known.1.zip(expires_at).map(|(a, b)| a.max(b));
         raised
     }
 

@@ -95,7 +95,8 @@ pub async fn serve(state: AppState, listener: TcpListener) {
     tracing::info!("stopped");
 }
 
-/// Deletes notifications older than the retention, every `purge_interval`.
+/// Deletes notifications older than the retention, and token revocations
+/// past their `expires_at`, every `purge_interval`.
 async fn retention(state: AppState) {
     let settings = &state.settings;
     let mut tick = tokio::time::interval(settings.purge_interval);
@@ -113,6 +114,13 @@ async fn retention(state: AppState) {
             }
             Err(e) => tracing::warn!(error = %e, "retention purge failed; retrying next interval"),
         }
+        let now_secs = crate::auth::unix_now();
+        match state.store.purge_revocations(now_secs).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "expired token revocations deleted"),
+            Err(e) => tracing::warn!(error = %e, "purging expired revocations failed; retrying next interval"),
+        }
+        state.hub.forget_expired_revocations(now_secs);
     }
 }
 

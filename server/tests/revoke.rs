@@ -10,7 +10,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use herald_client::{ClientFrame, Connect, Error, Inbox, Publisher, ServerFrame, TokensRevoked};
+use herald_client::{ClientFrame, Connect, Error, Inbox, Publisher, RevokeTokens, ServerFrame, TokensRevoked};
 use herald_server::auth::{mint_claims, unix_now, Claims};
 use serde_json::{json, Value};
 
@@ -92,9 +92,9 @@ async fn revoked_tokens_are_refused_everywhere_and_their_sessions_close_with_400
     // A later one closes the sessions of tokens issued before it, not the others.
     let mut newer = Connect::new(server.ws(), token_issued("alice", Some(in_force + 10))).connect().await.unwrap();
     let mut fresh_session = Connect::new(server.ws(), &fresh).connect().await.unwrap();
-    let later: TokensRevoked =
-        Publisher::new(server.http(), API_KEY).revoke_tokens("alice", Some(in_force + 5)).await.unwrap();
-    assert_eq!(later, TokensRevoked { user_id: "alice".into(), issued_before: in_force + 5 });
+    let later = RevokeTokens { issued_before: Some(in_force + 5), expires_at: None };
+    let later: TokensRevoked = Publisher::new(server.http(), API_KEY).revoke_tokens("alice", &later).await.unwrap();
+    assert_eq!(later, TokensRevoked { user_id: "alice".into(), issued_before: in_force + 5, expires_at: None });
     assert_eq!(closed(&mut fresh_session).await.0, 4001);
     assert!(
         newer.next_frame_within(Duration::from_millis(300)).await.unwrap().is_none(),
@@ -134,6 +134,12 @@ async fn refused_revocations_change_nothing() {
             reqwest::Client::new().post(&url).bearer_auth(API_KEY).json(&json!({"issued_before": -1})),
             422,
             "invalid_issued_before",
+        ),
+        (
+            "expired already",
+            reqwest::Client::new().post(&url).bearer_auth(API_KEY).json(&json!({"expires_at": unix_now() - 1})),
+            422,
+            "invalid_expires_at",
         ),
         (
             "not a number",
@@ -207,5 +213,38 @@ async fn a_refresh_to_a_newer_token_keeps_the_session_through_a_revocation() {
     server.publish("dana", "t", json!("after the revocation")).await;
     assert_eq!(next_notification(&mut session).await.payload, json!("after the revocation"));
     drop(session);
+    server.stop().await;
+}
+
+/// A revocation given `expires_at` (when its last token expires) is
+/// forgotten after it, in memory and in the store; one without is kept,
+/// and merging keeps the later expiry.
+#[tokio::test]
+async fn a_revocation_with_an_expiry_is_forgotten_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("HERALD_PURGE_INTERVAL", "200ms")];
+    let server = TestServer::start_in(dir.path(), &vars).await;
+    let old = token_issued("erin", Some(unix_now() - 100));
+    let kept = token_issued("fay", Some(unix_now() - 100));
+    let soon = unix_now() + 2;
+    let answer = revoke(&server, API_KEY, "erin", json!({ "expires_at": soon })).await;
+    assert_eq!((answer.status, answer.body["expires_at"].as_i64()), (200, Some(soon)), "{}", answer.body);
+    // An earlier expiry does not shorten it.
+    let again = revoke(&server, API_KEY, "erin", json!({ "expires_at": soon - 1 })).await;
+    assert_eq!(again.body["expires_at"].as_i64(), Some(soon), "{}", again.body);
+    let forever = revoke(&server, API_KEY, "fay", json!({})).await;
+    assert_eq!(forever.body.get("expires_at"), None, "kept for good: {}", forever.body);
+    assert_eq!(handshake_refusal(&server, &old).await.1, "token_revoked");
+    assert_eq!(server.metric("herald_revoked_users").await, 2.0);
+
+    // (The caller said every token it covers would have expired by then; this
+    // one lives on, which shows the revocation is gone.)
+    eventually("erin's revocation forgotten", || async { server.metric("herald_revoked_users").await == 1.0 }).await;
+    assert_eq!(unread_status(&server, &old).await.0, 200);
+    assert_eq!(handshake_refusal(&server, &kept).await.1, "token_revoked", "fay's is kept");
+    server.stop().await;
+    let server = TestServer::start_in(dir.path(), &vars).await;
+    assert_eq!(server.metric("herald_revoked_users").await, 1.0, "deleted from the store too");
+    assert_eq!(unread_status(&server, &old).await.0, 200);
     server.stop().await;
 }

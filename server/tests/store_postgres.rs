@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::future::{join_all, try_join_all};
 use herald_protocol::ReadMark;
-use herald_server::store::{open, Appended, Head, ListQuery, NewNotification, Store, StoreError, StoreOptions};
+use herald_server::store::{
+    open, Appended, Head, ListQuery, NewNotification, Revocation, Store, StoreError, StoreOptions,
+};
 use serde_json::value::RawValue;
 use sqlx::{Connection, PgConnection};
 
@@ -671,23 +673,32 @@ async fn an_unreachable_server_is_unavailable_quickly() {
 #[tokio::test]
 async fn revocations_only_rise_and_are_read_by_when_they_changed() {
     async fn scenario(store: &dyn Store, name: &str) {
+        let r = |user: &str, issued_before, expires_at| Revocation { user_id: user.into(), issued_before, expires_at };
         let start = store.revocations(None).await.unwrap();
         assert!(start.changed.is_empty(), "{name}");
         assert!((start.as_of_ms - herald_server::store::now_ms()).abs() < 60_000, "{name}: the store's clock");
-        assert_eq!(store.revoke("a", 100).await.unwrap(), 100, "{name}");
-        assert_eq!(store.revoke("a", 50).await.unwrap(), 100, "{name}: never lowered");
-        assert_eq!(store.revoke("a", 200).await.unwrap(), 200, "{name}");
-        assert_eq!(store.revoke("b", 10).await.unwrap(), 10, "{name}");
+        assert_eq!(store.revoke(&r("a", 100, Some(1000))).await.unwrap(), r("a", 100, Some(1000)), "{name}");
+        assert_eq!(store.revoke(&r("a", 50, Some(900))).await.unwrap(), r("a", 100, Some(1000)), "{name}: never back");
+        assert_eq!(store.revoke(&r("a", 200, Some(2000))).await.unwrap(), r("a", 200, Some(2000)), "{name}");
+        assert_eq!(store.revoke(&r("b", 10, Some(20))).await.unwrap(), r("b", 10, Some(20)), "{name}");
+        assert_eq!(store.revoke(&r("b", 5, None)).await.unwrap(), r("b", 10, None), "{name}: for good wins");
+        assert_eq!(store.revoke(&r("b", 5, Some(30))).await.unwrap(), r("b", 10, None), "{name}: and stays");
         let mut all = store.revocations(None).await.unwrap().changed;
-        all.sort();
-        assert_eq!(all, vec![("a".to_string(), 200), ("b".to_string(), 10)], "{name}");
+        all.sort_by(|x, y| x.user_id.cmp(&y.user_id));
+        assert_eq!(all, vec![r("a", 200, Some(2000)), r("b", 10, None)], "{name}");
         tokio::time::sleep(Duration::from_millis(20)).await;
         let mark = store.revocations(None).await.unwrap().as_of_ms;
         tokio::time::sleep(Duration::from_millis(20)).await;
-        store.revoke("c", 5).await.unwrap();
+        store.revoke(&r("c", 5, Some(50))).await.unwrap();
         let since = store.revocations(Some(mark)).await.unwrap();
-        assert_eq!(since.changed, vec![("c".to_string(), 5)], "{name}: only what changed since");
+        assert_eq!(since.changed, vec![r("c", 5, Some(50))], "{name}: only what changed since");
         assert!(since.as_of_ms >= mark, "{name}");
+        // Expired before 1999: c's (50) goes; a's (2000) and b's (never) stay.
+        assert_eq!(store.purge_revocations(1999).await.unwrap(), 1, "{name}");
+        let mut left: Vec<String> =
+            store.revocations(None).await.unwrap().changed.into_iter().map(|r| r.user_id).collect();
+        left.sort();
+        assert_eq!(left, ["a", "b"], "{name}");
     }
     let db = TestDb::create().await;
     let pg = store(&db).await;

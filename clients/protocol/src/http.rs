@@ -122,14 +122,22 @@ pub struct RevokeTokens {
     /// have no `iat`) are refused. Default: the server's next second.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub issued_before: Option<i64>,
+    /// Unix seconds: when every token this revocation covers has expired
+    /// (the longest lifetime your tokens have, after `issued_before`), so
+    /// that Herald may forget it. Default: kept for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
-/// `POST /v1/users/{id}/tokens/revoke`: the revocation in force, the
-/// larger of this one and any earlier (it never moves back).
+/// `POST /v1/users/{id}/tokens/revoke`: the revocation in force, merged
+/// with any earlier one: the later `issued_before` (it never moves back)
+/// and the later `expires_at` (absent: kept for good).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct TokensRevoked {
     pub user_id: String,
     pub issued_before: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
 }
 
 /// `GET /v1/me/unread`.

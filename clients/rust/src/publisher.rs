@@ -152,13 +152,13 @@ impl Publisher {
     }
 
     /// `POST /v1/users/{user}/tokens/revoke`: the user's tokens issued before
-    /// `issued_before` (unix seconds; `None`: every token issued up to now)
-    /// are refused from then on, and their sessions close with 4001, on
-    /// every node. Answers the revocation in force.
-    pub async fn revoke_tokens(&self, user: &str, issued_before: Option<i64>) -> Result<TokensRevoked, Error> {
+    /// `revocation.issued_before` (unix seconds; `None`: every token issued
+    /// up to now) are refused from then on, and their sessions close with
+    /// 4001, on every node. `RevokeTokens::default()` revokes every token
+    /// issued so far, for good. Answers the revocation in force.
+    pub async fn revoke_tokens(&self, user: &str, revocation: &RevokeTokens) -> Result<TokensRevoked, Error> {
         let url = format!("{}/v1/users/{}/tokens/revoke", self.base, encode_segment(user));
-        let body = RevokeTokens { issued_before };
-        Ok(answer(self.http.post(url).bearer_auth(&self.api_key).json(&body).send().await?).await?.1)
+        Ok(answer(self.http.post(url).bearer_auth(&self.api_key).json(revocation).send().await?).await?.1)
     }
 
     /// `GET /v1/users/{user}/notifications?after_seq=&limit=`, oldest first.

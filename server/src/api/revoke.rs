@@ -5,6 +5,10 @@
 //! time keep working, so a client whose app hands it a new token carries
 //! on; one whose app does not (the user was logged out) stays out.
 //!
+//! A revocation given `expires_at` — when the last token it covers expires —
+//! is deleted once that time has passed (with the retention purge, every
+//! `HERALD_PURGE_INTERVAL`); without it, it is kept for good.
+//!
 //! The revocation is stored first (the answer means it is durable), then
 //! published; [`crate::auth::revocations`] explains how every node learns
 //! of it, and why a lost broker message only delays that.
@@ -18,6 +22,7 @@ use super::extract::{DisconnectKey, JsonBody, UserPath};
 use crate::auth::unix_now;
 use crate::broker::Event;
 use crate::hub::Delivery;
+use crate::store::Revocation;
 use crate::AppState;
 
 /// How far ahead of this node's clock `issued_before` may lie: room for a
@@ -41,11 +46,18 @@ pub async fn revoke(
             ),
         ));
     }
-    let in_force = state.store.revoke(&user, asked).await?;
+    if body.expires_at.is_some_and(|at| at <= now) {
+        return Err(ApiError::unprocessable(
+            "invalid_expires_at",
+            format!("expires_at is unix seconds after this node's clock ({now}): when the last token revoked expires"),
+        ));
+    }
+    let asked = Revocation { user_id: user, issued_before: asked, expires_at: body.expires_at };
+    let in_force = state.store.revoke(&asked).await?;
     let event = Event {
-        user_id: user.as_str().into(),
+        user_id: in_force.user_id.as_str().into(),
         id: None,
-        delivery: Delivery::Revoke { issued_before: in_force },
+        delivery: Delivery::Revoke { issued_before: in_force.issued_before, expires_at: in_force.expires_at },
         trace: None,
     };
     // This node's sessions are told by the publish itself; the other nodes
@@ -53,5 +65,6 @@ pub async fn revoke(
     if let Err(e) = state.broker.publish(vec![event]).await {
         tracing::warn!(error = %e, "revocation not published; other nodes read it from the store");
     }
-    Ok(Json(TokensRevoked { user_id: user, issued_before: in_force }))
+    let Revocation { user_id, issued_before, expires_at } = in_force;
+    Ok(Json(TokensRevoked { user_id, issued_before, expires_at }))
 }

@@ -33,8 +33,8 @@ pub async fn load(store: &dyn Store, hub: &Hub) -> Result<i64, StoreError> {
 
 async fn read(store: &dyn Store, hub: &Hub, since_ms: Option<i64>) -> Result<i64, StoreError> {
     let read = store.revocations(since_ms).await?;
-    for (user, issued_before) in &read.changed {
-        hub.deliver(user, &Delivery::Revoke { issued_before: *issued_before });
+    for r in &read.changed {
+        hub.deliver(&r.user_id, &Delivery::Revoke { issued_before: r.issued_before, expires_at: r.expires_at });
     }
     Ok(read.as_of_ms)
 }

@@ -726,7 +726,8 @@ impl Broker for RedisBroker {
 /// The wire format of one event on a channel:
 /// `<kind> <seq> <id> <user bytes> <origin bytes>[ <traceparent>]\n<user><origin><frame>`,
 /// kind `n` (notification), `r` (read), `h` (head), `d` (disconnect) or
-/// `t` (tokens revoked; the seq field carries `issued_before`).
+/// `t` (tokens revoked; the seq field carries `issued_before`, the frame
+/// `expires_at` in decimal or nothing).
 /// Older nodes ignore the optional trace field, and kinds they do not know.
 struct Message {
     user: Arc<str>,
@@ -737,12 +738,16 @@ struct Message {
 
 impl Message {
     fn encode(event: &Event, origin: &str) -> Vec<u8> {
+        let expiry;
         let (kind, seq, frame) = match &event.delivery {
             Delivery::Notification { seq, frame } => ('n', *seq, frame.as_str()),
             Delivery::Read { frame } => ('r', 0, frame.as_str()),
             Delivery::Head { seq } => ('h', *seq, ""),
             Delivery::Disconnect => ('d', 0, ""),
-            Delivery::Revoke { issued_before } => ('t', *issued_before, ""),
+            Delivery::Revoke { issued_before, expires_at } => {
+                expiry = expires_at.map(|at| at.to_string()).unwrap_or_default();
+                ('t', *issued_before, expiry.as_str())
+            }
         };
         let id = event.id.as_deref().unwrap_or("-");
         let user = &*event.user_id;
@@ -783,7 +788,7 @@ impl Message {
             "r" => Delivery::Read { frame },
             "h" => Delivery::Head { seq },
             "d" => Delivery::Disconnect,
-            "t" => Delivery::Revoke { issued_before: seq },
+            "t" => Delivery::Revoke { issued_before: seq, expires_at: frame.as_str().parse().ok() },
             _ => return None,
         };
         Some(Message { user: user.into(), origin: origin.to_string(), delivery, trace })
@@ -1136,11 +1141,18 @@ mod tests {
         let revoke = Event {
             user_id: "alice".into(),
             id: None,
-            delivery: Delivery::Revoke { issued_before: 1_767_225_600 },
+            delivery: Delivery::Revoke { issued_before: 1_767_225_600, expires_at: Some(1_767_312_000) },
             trace: None,
         };
         let m = Message::decode(&Message::encode(&revoke, "a")).unwrap();
-        assert!(matches!(m.delivery, Delivery::Revoke { issued_before: 1_767_225_600 }), "{:?}", m.delivery);
+        assert!(
+            matches!(m.delivery, Delivery::Revoke { issued_before: 1_767_225_600, expires_at: Some(1_767_312_000) }),
+            "{:?}",
+            m.delivery
+        );
+        let kept = Event { delivery: Delivery::Revoke { issued_before: 7, expires_at: None }, ..revoke };
+        let m = Message::decode(&Message::encode(&kept, "a")).unwrap();
+        assert!(matches!(m.delivery, Delivery::Revoke { issued_before: 7, expires_at: None }), "{:?}", m.delivery);
     }
 
     impl Message {

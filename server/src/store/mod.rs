@@ -28,7 +28,24 @@ const PURGE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE (user_id, seq) IN
      (SELECT user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2)";
 
 /// The revocations changed at or after `$1` (unix ms).
-const REVOCATIONS_SQL: &str = "SELECT user_id, issued_before FROM revocations WHERE updated_ms >= $1";
+const REVOCATIONS_SQL: &str = "SELECT user_id, issued_before, expires_at FROM revocations WHERE updated_ms >= $1";
+
+/// Deletes the revocations whose `expires_at` (unix seconds) is before `$1`.
+const PURGE_REVOCATIONS_SQL: &str = "DELETE FROM revocations WHERE expires_at < $1";
+
+/// A revocation row's answer: merged with the one stored, the later
+/// `issued_before` and the later `expires_at` (NULL, never, is the latest).
+/// `$1` user, `$2` issued_before, `$3` expires_at, `$4` updated_ms.
+const REVOKE_SQL: &str = "INSERT INTO revocations (user_id, issued_before, expires_at, updated_ms) \
+     VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (user_id) DO UPDATE SET \
+     issued_before = CASE WHEN excluded.issued_before > revocations.issued_before \
+                          THEN excluded.issued_before ELSE revocations.issued_before END, \
+     expires_at = CASE WHEN excluded.expires_at IS NULL OR revocations.expires_at IS NULL THEN NULL \
+                       WHEN excluded.expires_at > revocations.expires_at THEN excluded.expires_at \
+                       ELSE revocations.expires_at END, \
+     updated_ms = excluded.updated_ms \
+     RETURNING user_id, issued_before, expires_at";
 
 /// Erasure: user `$1`'s oldest `$3` notifications with `seq <= $2`.
 const ERASE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE user_id = $1 AND seq IN \
@@ -159,11 +176,20 @@ pub struct ListQuery {
     pub topic: Option<String>,
 }
 
+/// A user's token revocation: tokens issued before `issued_before` (unix
+/// seconds) are refused; after `expires_at` (`None`: never) every token it
+/// covers has expired, and it may be forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct Revocation {
+    pub user_id: String,
+    pub issued_before: i64,
+    pub expires_at: Option<i64>,
+}
+
 /// What [`Store::revocations`] read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Revocations {
-    /// `(user, issued_before)`.
-    pub changed: Vec<(String, i64)>,
+    pub changed: Vec<Revocation>,
     /// The store's clock (unix ms) before the read: the next read asks from
     /// a little before it, for writes that committed late.
     pub as_of_ms: i64,
@@ -247,10 +273,13 @@ pub trait Store: JobStore + Send + Sync + 'static {
     /// below what is left is told `truncated`.
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError>;
 
-    /// Raises the user's token revocation to `issued_before` (unix seconds):
-    /// their tokens issued before it are refused. Never lowers it; returns
-    /// the value in force afterwards.
-    async fn revoke(&self, user: &str, issued_before: i64) -> Result<i64, StoreError>;
+    /// Stores `revocation`, merged with the user's earlier one (the later
+    /// `issued_before`, the later `expires_at`: a revocation never moves
+    /// back); returns the one in force afterwards.
+    async fn revoke(&self, revocation: &Revocation) -> Result<Revocation, StoreError>;
+
+    /// Deletes the revocations that expired before `now_secs`; how many.
+    async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError>;
 
     /// The revocations changed at or after `since_ms` on the store's clock
     /// (every one with `None`), and that clock's time before they were read.

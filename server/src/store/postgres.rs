@@ -62,8 +62,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    Appended, Head, ListQuery, NewNotification, Revocations, Store, StoreError, StoreOptions, StoredNotification,
-    Unread,
+    Appended, Head, ListQuery, NewNotification, Revocation, Revocations, Store, StoreError, StoreOptions,
+    StoredNotification, Unread,
 };
 
 /// `SELECT <the columns from_row reads> FROM notifications <rest>`.
@@ -136,6 +136,12 @@ impl PostgresStore {
     ) -> Result<T, StoreError> {
         self.reads.send(request).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
+    }
+
+    /// The database's clock, unix ms: the same for every node.
+    async fn clock_ms(&self) -> Result<i64, StoreError> {
+        let query = sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint");
+        Ok(query.fetch_one(&self.pool).await?)
     }
 }
 
@@ -374,28 +380,31 @@ impl Store for PostgresStore {
         Ok(Unread { total: found.iter().map(|(_, n)| n).sum(), by_topic: found })
     }
 
-    async fn revoke(&self, user: &str, issued_before: i64) -> Result<i64, StoreError> {
+    async fn revoke(&self, revocation: &Revocation) -> Result<Revocation, StoreError> {
         // `updated_ms` on the database's clock, which every node reads the same.
-        let in_force = sqlx::query_scalar(
-            "INSERT INTO revocations (user_id, issued_before, updated_ms)
-             VALUES ($1, $2, (extract(epoch FROM clock_timestamp()) * 1000)::bigint)
-             ON CONFLICT (user_id) DO UPDATE
-             SET issued_before = GREATEST(revocations.issued_before, excluded.issued_before),
-                 updated_ms = excluded.updated_ms
-             RETURNING issued_before",
-        )
-        .bind(user)
-        .bind(issued_before)
-        .fetch_one(&self.pool)
-        .await
-        .map_err(|e| self.read_only.error(e))?;
+        let now_ms = self.clock_ms().await?;
+        let in_force = sqlx::query_as(super::REVOKE_SQL)
+            .bind(&revocation.user_id)
+            .bind(revocation.issued_before)
+            .bind(revocation.expires_at)
+            .bind(now_ms)
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| self.read_only.error(e))?;
         Ok(in_force)
     }
 
+    async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError> {
+        let purged = sqlx::query(super::PURGE_REVOCATIONS_SQL)
+            .bind(now_secs)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| self.read_only.error(e))?;
+        Ok(purged.rows_affected())
+    }
+
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError> {
-        let as_of_ms = sqlx::query_scalar("SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint")
-            .fetch_one(&self.pool)
-            .await?;
+        let as_of_ms = self.clock_ms().await?;
         let changed =
             sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms.unwrap_or(i64::MIN)).fetch_all(&self.pool).await?;
         Ok(Revocations { changed, as_of_ms })

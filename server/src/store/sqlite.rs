@@ -22,8 +22,8 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Row, SqlitePool};
 
 use super::{
-    Appended, Head, ListQuery, NewNotification, Revocations, Store, StoreError, StoreOptions, StoredNotification,
-    Unread,
+    Appended, Head, ListQuery, NewNotification, Revocation, Revocations, Store, StoreError, StoreOptions,
+    StoredNotification, Unread,
 };
 
 pub struct SqliteStore {
@@ -206,19 +206,19 @@ impl Store for SqliteStore {
         self.delete_in_chunks(super::ERASE_CHUNK_SQL, vec![Value::Text(user.into()), Value::Integer(up_to)]).await
     }
 
-    async fn revoke(&self, user: &str, issued_before: i64) -> Result<i64, StoreError> {
-        let in_force = sqlx::query_scalar(
-            "INSERT INTO revocations (user_id, issued_before, updated_ms) VALUES ($1, $2, $3)
-             ON CONFLICT (user_id) DO UPDATE SET issued_before = max(issued_before, excluded.issued_before),
-                                                 updated_ms = excluded.updated_ms
-             RETURNING issued_before",
-        )
-        .bind(user)
-        .bind(issued_before)
-        .bind(super::now_ms())
-        .fetch_one(&self.pool)
-        .await?;
+    async fn revoke(&self, revocation: &Revocation) -> Result<Revocation, StoreError> {
+        let in_force = sqlx::query_as(super::REVOKE_SQL)
+            .bind(&revocation.user_id)
+            .bind(revocation.issued_before)
+            .bind(revocation.expires_at)
+            .bind(super::now_ms())
+            .fetch_one(&self.pool)
+            .await?;
         Ok(in_force)
+    }
+
+    async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError> {
+        Ok(sqlx::query(super::PURGE_REVOCATIONS_SQL).bind(now_secs).execute(&self.pool).await?.rows_affected())
     }
 
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError> {

@@ -286,7 +286,7 @@ impl Session {
             Delivery::Head { seq } if seq <= self.cursor => {}
             Delivery::Head { seq } => self.catch_up(seq, batch).await?,
             Delivery::Disconnect => return Err(SessionEnd::Disconnected),
-            Delivery::Revoke { issued_before } if crate::auth::revokes(issued_before, self.ctx.issued_at) => {
+            Delivery::Revoke { issued_before, .. } if crate::auth::revokes(issued_before, self.ctx.issued_at) => {
                 return Err(SessionEnd::TokenRevoked)
             }
             Delivery::Revoke { .. } => {}
