@@ -53,12 +53,20 @@ fn reachable(addr: &str) -> bool {
 }
 
 /// Polls `check` until it holds; panics with `what` after `deadline`.
-fn wait_until(what: &str, deadline: Duration, mut check: impl FnMut() -> bool) {
+fn wait_until(what: &str, deadline: Duration, check: impl FnMut() -> bool) {
+    assert!(poll_until(deadline, check), "never happened within {deadline:?}: {what}");
+}
+
+/// Polls `check` until it holds (true) or `deadline` passes (false).
+fn poll_until(deadline: Duration, mut check: impl FnMut() -> bool) -> bool {
     let until = Instant::now() + deadline;
     while !check() {
-        assert!(Instant::now() < until, "never happened within {deadline:?}: {what}");
+        if Instant::now() >= until {
+            return false;
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
+    true
 }
 
 fn is_root() -> bool {

@@ -8,7 +8,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use super::{free_port, path, run, shell_quote, unique_suffix, wait_until, Reaper};
+use super::{free_port, path, poll_until, run, shell_quote, unique_suffix, wait_until, Reaper};
 
 /// The URL of a Redis server tests may share (each with its own prefix).
 pub fn redis_url() -> String {
@@ -409,9 +409,22 @@ impl RedisSentinel {
             redis_cli(&data_cli, ports[0], &["ping"]).contains("PONG")
         });
         children.push(server(ports[1], &["--replicaof", "127.0.0.1", &ports[0].to_string()]));
-        wait_until("the replica is in sync", Duration::from_secs(20), || {
+        let in_sync = poll_until(Duration::from_secs(20), || {
             redis_cli(&data_cli, ports[1], &["info", "replication"]).contains("master_link_status:up")
         });
+        if !in_sync {
+            // Not yet anyone's to stop: stop them here, and say why.
+            children.iter_mut().for_each(stop_child);
+            let log =
+                |port: u16| std::fs::read_to_string(dir.path().join(format!("redis-{port}.log"))).unwrap_or_default();
+            panic!(
+                "the replica is not in sync after 20 s\n--- master ({}) ---\n{}\n--- replica ({}) ---\n{}",
+                ports[0],
+                log(ports[0]),
+                ports[1],
+                log(ports[1])
+            );
+        }
         let sentinels = [free_port(), free_port(), free_port()];
         for port in sentinels {
             // Sentinel rewrites its configuration file: each gets its own.
