@@ -53,7 +53,7 @@ pub async fn revoke(
         ));
     }
     let asked = Revocation { user_id: user, issued_before: asked, expires_at: body.expires_at };
-    let in_force = state.store.revoke(&asked).await?;
+    let in_force = state.metrics.store_op("revoke", state.store.revoke(&asked)).await?;
     let event = Event {
         user_id: in_force.user_id.as_str().into(),
         id: None,

@@ -47,7 +47,8 @@ pub async fn follow(state: AppState, mut as_of_ms: i64, interval: Duration) {
             _ = state.shutdown.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
         }
-        match read(state.store.as_ref(), &state.hub, Some(as_of_ms.saturating_sub(OVERLAP_MS))).await {
+        let reread = read(state.store.as_ref(), &state.hub, Some(as_of_ms.saturating_sub(OVERLAP_MS)));
+        match state.metrics.store_op("revocations", reread).await {
             Ok(now) => as_of_ms = now,
             Err(e) => tracing::warn!(error = %e, "could not re-read token revocations; retrying next interval"),
         }
