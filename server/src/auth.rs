@@ -54,12 +54,43 @@ pub struct UserToken {
     pub issued_at: Option<i64>,
 }
 
+/// The claims Herald reads. `exp` and `iat` are NumericDates (RFC 7519
+/// §2): whole seconds, or with a fraction, which is dropped — an `exp` so
+/// ends a little early, an `iat` looks a little older to a revocation.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Claims {
     pub sub: String,
+    #[serde(deserialize_with = "numeric_date")]
     pub exp: i64,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "optional_numeric_date", skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+}
+
+/// A NumericDate: a JSON number of seconds, whole or not, in `i64` range.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum NumericDate {
+    Whole(i64),
+    Fraction(f64),
+}
+
+impl NumericDate {
+    fn seconds<E: serde::de::Error>(self) -> Result<i64, E> {
+        match self {
+            NumericDate::Whole(s) => Ok(s),
+            // `as` saturates; a NaN cannot come from JSON.
+            NumericDate::Fraction(f) if f.is_finite() => Ok(f.floor() as i64),
+            NumericDate::Fraction(_) => Err(E::custom("a NumericDate must be a finite number")),
+        }
+    }
+}
+
+fn numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    NumericDate::deserialize(d)?.seconds()
+}
+
+fn optional_numeric_date<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    Option::<NumericDate>::deserialize(d)?.map(NumericDate::seconds).transpose()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -520,6 +551,34 @@ mod tests {
         }
         let token = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap();
         assert!(v.verify(&token).is_ok());
+    }
+
+    /// RFC 7519 NumericDates may carry a fraction: such a token verifies
+    /// (its fraction dropped), and is still refused once expired or before
+    /// its `nbf`; a date out of range is refused.
+    #[test]
+    fn numeric_dates_with_a_fraction_are_read() {
+        let v = verifier("0123456789abcdef");
+        let key = EncodingKey::from_secret(b"0123456789abcdef");
+        let sign = |claims: serde_json::Value| {
+            v.verify(&jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &key).unwrap())
+        };
+        let now = unix_now();
+        let t = sign(serde_json::json!({"sub": "a", "exp": now as f64 + 60.5, "iat": now as f64 - 0.25})).unwrap();
+        assert_eq!((t.expires_at, t.issued_at), (now + 60, Some(now - 1)));
+        let t = sign(serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now as f64 - 0.5})).unwrap();
+        assert_eq!((t.expires_at, t.issued_at), (now + 60, None));
+        assert_eq!(sign(serde_json::json!({"sub": "a", "exp": now as f64 - 10.5})).unwrap_err(), AuthError::Expired);
+        let early = sign(serde_json::json!({"sub": "a", "exp": now + 60, "nbf": now as f64 + 100.5}));
+        assert_eq!(early.unwrap_err(), AuthError::Invalid("not valid yet (nbf)"));
+        for exp in [1e300, -1e300] {
+            assert!(matches!(sign(serde_json::json!({"sub": "a", "exp": exp})), Err(AuthError::Invalid(_))), "{exp}");
+        }
+        assert!(matches!(sign(serde_json::json!({"sub": "a", "exp": "soon"})), Err(AuthError::Invalid(_))));
+        assert!(matches!(
+            sign(serde_json::json!({"sub": "a", "exp": now + 60, "iat": "x"})),
+            Err(AuthError::Invalid(_))
+        ));
     }
 
     #[test]
