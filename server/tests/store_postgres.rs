@@ -602,16 +602,7 @@ async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() 
     let store = store(&db).await;
     store.append(vec![note("una", "t", "1", None)]).await.unwrap();
 
-    let read_only = |on: bool| {
-        let db = &db;
-        async move {
-            let mut admin = db.admin().await;
-            let value = if on { "on" } else { "off" };
-            let statement = format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = {value}", db.name);
-            sqlx::query(&statement).execute(&mut admin).await.unwrap();
-            let _ = admin.close().await;
-        }
-    };
+    let read_only = |on: bool| set_read_only(&db, on);
     read_only(true).await;
     terminate_connections(&db).await;
     let err = store.ping().await.expect_err("not ready");
@@ -649,6 +640,40 @@ async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() 
 }
 
 /// What a PostgreSQL restart does to every open connection of the test's database.
+/// New sessions of `db` start read-only (`on`) or not; open ones keep theirs.
+async fn set_read_only(db: &TestDb, on: bool) {
+    let mut admin = db.admin().await;
+    let value = if on { "on" } else { "off" };
+    let statement = format!("ALTER DATABASE \"{}\" SET default_transaction_read_only = {value}", db.name);
+    sqlx::query(&statement).execute(&mut admin).await.unwrap();
+    let _ = admin.close().await;
+}
+
+/// Job-store statements note a read-only refusal as the others do: once
+/// the database takes writes again, the first enqueue goes through on a new
+/// connection rather than on a pooled read-only one.
+#[tokio::test]
+async fn job_statements_do_not_leave_read_only_connections_pooled() {
+    use herald_server::store::jobs::NewJob;
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let job = || NewJob {
+        id: uuid::Uuid::now_v7().to_string(),
+        kind: "fanout".into(),
+        payload: "{}".into(),
+        total: 1,
+        idempotency_key: None,
+    };
+    set_read_only(&db, true).await;
+    terminate_connections(&db).await;
+    for _ in 0..6 {
+        store.enqueue(job()).await.expect_err("refused while read-only");
+    }
+    set_read_only(&db, false).await;
+    store.enqueue(job()).await.expect("the first enqueue after recovery (a pooled read-only connection was kept)");
+    store.close().await;
+}
+
 async fn terminate_connections(db: &TestDb) {
     let mut admin = db.admin().await;
     sqlx::query("SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE datname = $1")

@@ -385,12 +385,16 @@ macro_rules! impl_job_store {
                         .bind(now_ms())
                         .bind(&job.idempotency_key)
                         .execute(&self.pool)
-                        .await?;
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     if inserted.rows_affected() == 1 {
                         return Ok((job.id, true));
                     }
-                    let id: String =
-                        sqlx::query_scalar(sql::JOB_BY_KEY).bind(&job.idempotency_key).fetch_one(&self.pool).await?;
+                    let id: String = sqlx::query_scalar(sql::JOB_BY_KEY)
+                        .bind(&job.idempotency_key)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     Ok((id, false))
                 }
 
@@ -401,7 +405,8 @@ macro_rules! impl_job_store {
                         .bind(now + lease.as_millis() as i64)
                         .bind(now)
                         .fetch_optional(&self.pool)
-                        .await?;
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     row.map(Job::try_from).transpose()
                 }
 
@@ -420,7 +425,8 @@ macro_rules! impl_job_store {
                         .bind(id)
                         .bind(owner)
                         .execute(&self.pool)
-                        .await?;
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     Ok(updated.rows_affected() == 1)
                 }
 
@@ -435,17 +441,22 @@ macro_rules! impl_job_store {
                         .bind(id)
                         .bind(owner)
                         .execute(&self.pool)
-                        .await?;
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     Ok(())
                 }
 
                 async fn job(&self, id: &str) -> Result<Option<Job>, StoreError> {
-                    let row: Option<JobRow> = sqlx::query_as(&sql::job()).bind(id).fetch_optional(&self.pool).await?;
+                    let row: Option<JobRow> = sqlx::query_as(&sql::job())
+                        .bind(id)
+                        .fetch_optional(&self.pool)
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     row.map(Job::try_from).transpose()
                 }
 
                 async fn digest_add(&self, entries: Vec<DigestEntry>) -> Result<Vec<DigestAdded>, StoreError> {
-                    let mut tx = self.pool.begin_with($begin).await?;
+                    let mut tx = self.pool.begin_with($begin).await.map_err(|e| self.db_error(e))?;
                     let mut added = vec![None; entries.len()];
                     for i in lock_order(&entries) {
                         let entry = &entries[i];
@@ -454,7 +465,8 @@ macro_rules! impl_job_store {
                             .bind(&*entry.key)
                             .bind(entry.at_ms)
                             .execute(&mut *tx)
-                            .await?;
+                            .await
+                            .map_err(|e| self.db_error(e))?;
                         let (window_id, count, closes_at_ms): (String, i64, i64) = sqlx::query_as(sql::DIGEST_UPSERT)
                             .bind(uuid::Uuid::now_v7().to_string())
                             .bind(&*entry.user_id)
@@ -463,18 +475,20 @@ macro_rules! impl_job_store {
                             .bind(entry.at_ms)
                             .bind(entry.at_ms + entry.window_ms)
                             .fetch_one(&mut *tx)
-                            .await?;
+                            .await
+                            .map_err(|e| self.db_error(e))?;
                         if count <= DIGEST_ITEMS {
                             sqlx::query(sql::DIGEST_ITEM)
                                 .bind(&window_id)
                                 .bind(count)
                                 .bind(entry.payload.get())
                                 .execute(&mut *tx)
-                                .await?;
+                                .await
+                                .map_err(|e| self.db_error(e))?;
                         }
                         added[i] = Some(DigestAdded { window_id, count, closes_at_ms });
                     }
-                    tx.commit().await?;
+                    tx.commit().await.map_err(|e| self.db_error(e))?;
                     Ok(added.into_iter().flatten().collect())
                 }
 
@@ -491,33 +505,52 @@ macro_rules! impl_job_store {
                         .bind(now_ms)
                         .bind(i64::from(limit))
                         .fetch_all(&self.pool)
-                        .await?;
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     let mut windows = Vec::with_capacity(rows.len());
                     for row in rows {
-                        let items: Vec<String> =
-                            sqlx::query_scalar(sql::DIGEST_ITEMS).bind(row.id()).fetch_all(&self.pool).await?;
+                        let items: Vec<String> = sqlx::query_scalar(sql::DIGEST_ITEMS)
+                            .bind(row.id())
+                            .fetch_all(&self.pool)
+                            .await
+                            .map_err(|e| self.db_error(e))?;
                         windows.push(row.with_items(items)?);
                     }
                     Ok(windows)
                 }
 
                 async fn digest_delete(&self, id: &str) -> Result<(), StoreError> {
-                    let mut tx = self.pool.begin_with($begin).await?;
-                    sqlx::query(sql::DIGEST_DELETE_ITEMS).bind(id).execute(&mut *tx).await?;
-                    sqlx::query(sql::DIGEST_DELETE).bind(id).execute(&mut *tx).await?;
-                    tx.commit().await?;
+                    let mut tx = self.pool.begin_with($begin).await.map_err(|e| self.db_error(e))?;
+                    sqlx::query(sql::DIGEST_DELETE_ITEMS)
+                        .bind(id)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.db_error(e))?;
+                    sqlx::query(sql::DIGEST_DELETE).bind(id).execute(&mut *tx).await.map_err(|e| self.db_error(e))?;
+                    tx.commit().await.map_err(|e| self.db_error(e))?;
                     Ok(())
                 }
 
                 async fn digest_next_close(&self) -> Result<Option<i64>, StoreError> {
-                    Ok(sqlx::query_scalar(sql::DIGEST_NEXT).fetch_one(&self.pool).await?)
+                    Ok(sqlx::query_scalar(sql::DIGEST_NEXT)
+                        .fetch_one(&self.pool)
+                        .await
+                        .map_err(|e| self.db_error(e))?)
                 }
 
                 async fn digest_erase(&self, user: &str) -> Result<u64, StoreError> {
-                    let mut tx = self.pool.begin_with($begin).await?;
-                    sqlx::query(sql::DIGEST_ERASE_ITEMS).bind(user).execute(&mut *tx).await?;
-                    let windows = sqlx::query(sql::DIGEST_ERASE).bind(user).execute(&mut *tx).await?;
-                    tx.commit().await?;
+                    let mut tx = self.pool.begin_with($begin).await.map_err(|e| self.db_error(e))?;
+                    sqlx::query(sql::DIGEST_ERASE_ITEMS)
+                        .bind(user)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.db_error(e))?;
+                    let windows = sqlx::query(sql::DIGEST_ERASE)
+                        .bind(user)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.db_error(e))?;
+                    tx.commit().await.map_err(|e| self.db_error(e))?;
                     Ok(windows.rows_affected())
                 }
             }

@@ -34,11 +34,11 @@
 //!
 //! **A read-only server** (the URL reaches a standby, or a primary being
 //! failed over) refuses writes with 25006. Whoever meets that — a writer,
-//! a read mark, a delete, the readiness probe — notes it in [`ReadOnlySeen`],
-//! and the pool closes every connection opened before, rather than hand it
-//! out again: the next ones connect anew and reach the new primary as soon
-//! as DNS or the proxy points there. (Job-store statements do not note it;
-//! the others do, and the probe runs every few seconds where it matters.)
+//! a read mark, a delete, a job-store or revocation statement, the
+//! readiness probe — notes it in [`ReadOnlySeen`], and the pool closes
+//! every connection opened before, rather than hand it out again: the next
+//! ones connect anew and reach the new primary as soon as DNS or the proxy
+//! points there.
 
 mod jobs;
 mod reader;
@@ -136,6 +136,12 @@ impl PostgresStore {
     ) -> Result<T, StoreError> {
         self.reads.send(request).await.map_err(|_| closed())?;
         answer.await.map_err(|_| closed())?
+    }
+
+    /// A failed statement's error; a read-only refusal is noted first. The
+    /// job store's statements (`impl_job_store!`) go through this.
+    fn db_error(&self, error: sqlx::Error) -> StoreError {
+        self.read_only.error(error)
     }
 
     /// The database's clock, unix ms: the same for every node.

@@ -33,6 +33,12 @@ pub struct SqliteStore {
 }
 
 impl SqliteStore {
+    /// A failed statement's error (the job store's statements go through
+    /// this; PostgreSQL notes read-only refusals there).
+    fn db_error(&self, error: sqlx::Error) -> StoreError {
+        error.into()
+    }
+
     /// Opens (creating if missing) and migrates the database, then starts the
     /// writer and reader threads. Several processes opening one new file at once can see
     /// `SQLITE_BUSY` before any busy handler applies (the switch to WAL, a
