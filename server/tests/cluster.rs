@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use common::*;
 use herald_client::{Connect, PublishRequest, Published, RevokeTokens, Seq};
-use herald_server::auth::{mint_claims, unix_now, Claims};
+use herald_server::auth::unix_now;
 use serde_json::json;
 use services::*;
 
@@ -480,15 +480,6 @@ async fn a_job_on_a_killed_node_is_taken_over_and_each_user_gets_it_once() {
     assert_eq!((total, distinct), (users as i64, users as i64), "each user exactly once");
 }
 
-/// The refusal a handshake with `token` gets on `node`, if any.
-async fn handshake_refused(node: &Node, token: &str) -> Option<(u16, String)> {
-    match Connect::new(node.ws(), token).connect().await {
-        Ok(_) => None,
-        Err(herald_client::Error::Refused { status, code, .. }) => Some((status, code)),
-        Err(e) => panic!("{}: {e}", node.name),
-    }
-}
-
 /// Token revocation across `herald` processes on PostgreSQL and Redis: the
 /// node serving the user's session closes it (4001) on the Redis message; a
 /// node serving none of them learns from the store within the repair
@@ -498,7 +489,7 @@ async fn handshake_refused(node: &Node, token: &str) -> Option<(u16, String)> {
 async fn a_revocation_reaches_every_node_and_the_nodes_started_later() {
     let mut cluster = Cluster::build().nodes(3).env("HERALD_REPAIR_INTERVAL", "500ms").start();
     let issued = unix_now() - 100;
-    let old = mint_claims(SECRET, &Claims { sub: USER.into(), exp: unix_now() + 3600, iat: Some(issued) });
+    let old = token_issued(USER, Some(issued));
     let mut on_a = Connect::new(cluster.node(0).ws(), &old).connect().await.expect("connect with the old token");
 
     let revoked = cluster.node(1).publisher().revoke_tokens(USER, &RevokeTokens::default()).await.expect("revoke");
@@ -509,16 +500,15 @@ async fn a_revocation_reaches_every_node_and_the_nodes_started_later() {
     for i in 0..3 {
         let node = cluster.node(i);
         within(&format!("{} refuses the revoked token", node.name), DEADLINE, || async {
-            handshake_refused(node, &old).await == refused
+            handshake_refusal(&node.ws(), &old).await == refused
         })
         .await;
     }
     let late = cluster.add_node();
-    assert_eq!(handshake_refused(cluster.node(late), &old).await, refused, "from its start");
+    assert_eq!(handshake_refusal(&cluster.node(late).ws(), &old).await, refused, "from its start");
 
-    let fresh =
-        mint_claims(SECRET, &Claims { sub: USER.into(), exp: unix_now() + 3600, iat: Some(revoked.issued_before) });
+    let fresh = token_issued(USER, Some(revoked.issued_before));
     for i in [2, late] {
-        assert_eq!(handshake_refused(cluster.node(i), &fresh).await, None, "a newer token on node {i}");
+        assert_eq!(handshake_refusal(&cluster.node(i).ws(), &fresh).await, None, "a newer token on node {i}");
     }
 }

@@ -11,13 +11,8 @@ use std::time::Duration;
 
 use common::*;
 use herald_client::{ClientFrame, Connect, Error, Inbox, Publisher, RevokeTokens, ServerFrame, TokensRevoked};
-use herald_server::auth::{mint_claims, unix_now, Claims};
+use herald_server::auth::unix_now;
 use serde_json::{json, Value};
-
-/// A token of `user` issued at `iat` (none: no `iat` claim), valid an hour.
-fn token_issued(user: &str, iat: Option<i64>) -> String {
-    mint_claims(SECRET, &Claims { sub: user.into(), exp: unix_now() + 3600, iat })
-}
 
 async fn revoke(server: &TestServer, key: &str, user: &str, body: Value) -> Raw {
     let url = format!("{}/v1/users/{user}/tokens/revoke", server.http());
@@ -25,12 +20,8 @@ async fn revoke(server: &TestServer, key: &str, user: &str, body: Value) -> Raw 
 }
 
 /// The refusal a handshake with `token` gets: status and code.
-async fn handshake_refusal(server: &TestServer, token: &str) -> (u16, String) {
-    match Connect::new(server.ws(), token).connect().await {
-        Ok(_) => panic!("the handshake was accepted"),
-        Err(Error::Refused { status, code, .. }) => (status, code),
-        Err(e) => panic!("not a refusal with an error body: {e}"),
-    }
+async fn refused(server: &TestServer, token: &str) -> (u16, String) {
+    handshake_refusal(&server.ws(), token).await.expect("the handshake was refused")
 }
 
 async fn unread_status(server: &TestServer, token: &str) -> (u16, String) {
@@ -64,8 +55,8 @@ async fn revoked_tokens_are_refused_everywhere_and_their_sessions_close_with_400
     drop((phone, laptop));
 
     // The old token, and any without `iat`, are refused with the spec's body.
-    assert_eq!(handshake_refusal(&server, &old).await, (401, "token_revoked".into()));
-    assert_eq!(handshake_refusal(&server, &token_issued("alice", None)).await, (401, "token_revoked".into()));
+    assert_eq!(refused(&server, &old).await, (401, "token_revoked".into()));
+    assert_eq!(refused(&server, &token_issued("alice", None)).await, (401, "token_revoked".into()));
     assert_eq!(unread_status(&server, &old).await, (401, "token_revoked".into()));
     assert_eq!(unread_status(&server, &token_issued("alice", Some(in_force - 1))).await.0, 401);
 
@@ -87,7 +78,7 @@ async fn revoked_tokens_are_refused_everywhere_and_their_sessions_close_with_400
     // It never moves back: an earlier time leaves the later one in force.
     let earlier = revoke(&server, API_KEY, "alice", json!({"issued_before": in_force - 1000})).await;
     assert_eq!((earlier.status, earlier.body["issued_before"].as_i64()), (200, Some(in_force)));
-    assert_eq!(handshake_refusal(&server, &old).await.1, "token_revoked");
+    assert_eq!(refused(&server, &old).await.1, "token_revoked");
 
     // A later one closes the sessions of tokens issued before it, not the others.
     let mut newer = Connect::new(server.ws(), token_issued("alice", Some(in_force + 10))).connect().await.unwrap();
@@ -105,7 +96,7 @@ async fn revoked_tokens_are_refused_everywhere_and_their_sessions_close_with_400
     // Stored: a restarted node refuses the same tokens before anyone asks again.
     server.stop().await;
     let server = TestServer::start_in(dir.path(), &[]).await;
-    assert_eq!(handshake_refusal(&server, &fresh).await, (401, "token_revoked".into()));
+    assert_eq!(refused(&server, &fresh).await, (401, "token_revoked".into()));
     assert_eq!(unread_status(&server, &token_issued("alice", Some(in_force + 5))).await.0, 200);
     server.stop().await;
 }
@@ -234,14 +225,14 @@ async fn a_revocation_with_an_expiry_is_forgotten_after_it() {
     assert_eq!(again.body["expires_at"].as_i64(), Some(soon), "{}", again.body);
     let forever = revoke(&server, API_KEY, "fay", json!({})).await;
     assert_eq!(forever.body.get("expires_at"), None, "kept for good: {}", forever.body);
-    assert_eq!(handshake_refusal(&server, &old).await.1, "token_revoked");
+    assert_eq!(refused(&server, &old).await.1, "token_revoked");
     assert_eq!(server.metric("herald_revoked_users").await, 2.0);
 
     // (The caller said every token it covers would have expired by then; this
     // one lives on, which shows the revocation is gone.)
     eventually("erin's revocation forgotten", || async { server.metric("herald_revoked_users").await == 1.0 }).await;
     assert_eq!(unread_status(&server, &old).await.0, 200);
-    assert_eq!(handshake_refusal(&server, &kept).await.1, "token_revoked", "fay's is kept");
+    assert_eq!(refused(&server, &kept).await.1, "token_revoked", "fay's is kept");
     server.stop().await;
     let server = TestServer::start_in(dir.path(), &vars).await;
     assert_eq!(server.metric("herald_revoked_users").await, 1.0, "deleted from the store too");

@@ -396,7 +396,7 @@ impl Store for PostgresStore {
             .bind(now_ms)
             .fetch_one(&self.pool)
             .await
-            .map_err(|e| self.read_only.error(e))?;
+            .map_err(|e| self.db_error(e))?;
         Ok(in_force)
     }
 
@@ -405,7 +405,7 @@ impl Store for PostgresStore {
             .bind(now_secs)
             .execute(&self.pool)
             .await
-            .map_err(|e| self.read_only.error(e))?;
+            .map_err(|e| self.db_error(e))?;
         Ok(purged.rows_affected())
     }
 

@@ -72,6 +72,22 @@ pub const NEWER_MIGRATION_SQL: &str =
     "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time) \
      VALUES (99999999, 'from a newer build', true, $1, 0)";
 
+/// A token of `user` issued at `iat` (none: no `iat` claim), valid an hour.
+pub fn token_issued(user: &str, iat: Option<i64>) -> String {
+    use herald_server::auth::{mint_claims, unix_now, Claims};
+    mint_claims(SECRET, &Claims { sub: user.into(), exp: unix_now() + 3600, iat })
+}
+
+/// The refusal a handshake at `ws` (a node's `ws://` base) with `token`
+/// gets, with the spec's error body; `None` when the session opened.
+pub async fn handshake_refusal(ws: &str, token: &str) -> Option<(u16, String)> {
+    match Connect::new(ws, token).connect().await {
+        Ok(_) => None,
+        Err(herald_client::Error::Refused { status, code, .. }) => Some((status, code)),
+        Err(e) => panic!("not a refusal with an error body: {e}"),
+    }
+}
+
 /// Settings as the server would read them, from `HERALD_*` pairs.
 pub fn settings(db_dir: &Path, vars: &[(&str, &str)]) -> Settings {
     let mut env: HashMap<String, String> = HashMap::new();
