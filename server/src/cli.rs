@@ -1,5 +1,5 @@
-//! The `herald` command line: `serve` (the default), `migrate`, `token`,
-//! `publish`, `erase`.
+//! The `herald` command line: `serve` (the default), `migrate`, `backup`, `token`,
+//! `publish`, `erase`, `disconnect`, `revoke`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -28,6 +28,13 @@ pub enum Command {
     Serve,
     /// Run the database migrations, then exit.
     Migrate,
+    /// Copy the SQLite store into a new file: a consistent snapshot, safe
+    /// while the node runs (copying the file is not). PostgreSQL: use pg_dump.
+    Backup {
+        /// The file to write; it must not exist.
+        #[arg(long)]
+        to: PathBuf,
+    },
     /// Mint a user token with HERALD_JWT_SECRET.
     Token {
         #[arg(long)]
@@ -119,6 +126,18 @@ pub fn main(cli: Cli) -> ExitCode {
                 let _tracing = telemetry::init_tracing(&settings);
                 store::migrate(&settings.database_url).await?;
                 println!("migrations applied to {}", settings.database_display());
+                Ok(())
+            }
+            Command::Backup { to } => {
+                let copy = store::backup(&settings.database_url, &to).await?;
+                println!(
+                    "backed up {} to {}: {} notifications of {} users, {} bytes, checked and synced",
+                    settings.database_display(),
+                    copy.file.display(),
+                    copy.notifications,
+                    copy.users,
+                    copy.bytes
+                );
                 Ok(())
             }
             Command::Token { sub, ttl } => {

@@ -29,7 +29,7 @@
 //! - [`worker`]: large-audience publishes and digests, claimed from the store
 //!   by any node; heavy steps on a thread pool of their own.
 //! - [`telemetry`]: logs, metrics, the runtime-lag probe. [`shutdown`]: draining on SIGTERM.
-//! - [`cli`]: `herald serve | migrate | token | publish | erase | disconnect | revoke`.
+//! - [`cli`]: `herald serve | migrate | backup | token | publish | erase | disconnect | revoke`.
 
 use std::sync::Arc;
 

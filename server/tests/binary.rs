@@ -312,3 +312,110 @@ async fn publishes_accepted_around_sigterm_are_all_stored_without_gaps() {
     server.signal("-TERM");
     assert_eq!(server.wait(), 0);
 }
+
+/// Every seq stored for `user`, reading the history page by page.
+async fn stored_seqs(publisher: &Publisher, user: &str) -> (Vec<i64>, i64) {
+    let (mut seqs, mut after) = (Vec::new(), 0);
+    loop {
+        let page = publisher.history(user, after, 500).await.unwrap();
+        let Some(last) = page.notifications.last() else { return (seqs, page.last_seq) };
+        after = last.seq;
+        seqs.extend(page.notifications.iter().map(|n| n.seq));
+    }
+}
+
+/// `herald backup` beside a node that keeps publishing: the copy holds every
+/// notification acknowledged before the backup began, each user's seqs
+/// without a gap up to its counter, and a node started on it carries on from
+/// there. Refusals write nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_taken_while_publishing_is_consistent_and_a_node_runs_on_it() {
+    let (dir, restored) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let vars = [("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEYS", API_KEY)];
+    let server = start(dir.path(), &vars);
+    let publisher = Publisher::new(format!("http://127.0.0.1:{}", server.port), API_KEY);
+    let users = ["ann", "ben", "cat"];
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = users
+        .iter()
+        .map(|user| {
+            let (publisher, stop, user) = (publisher.clone(), stop.clone(), user.to_string());
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && acknowledged.len() < 2_000 {
+                    let published = publisher.publish_one(&user, "t", json!({"n": acknowledged.len()})).await.unwrap();
+                    acknowledged.push((Instant::now(), published.seq));
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let copy = restored.path().join("herald.db");
+    let began = Instant::now();
+    let out = {
+        let mut backup = herald(dir.path(), &vars);
+        backup.arg("backup").arg("--to").arg(&copy);
+        tokio::task::spawn_blocking(move || backup.output().unwrap()).await.unwrap()
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = Vec::new();
+    for task in load {
+        acknowledged.push(task.await.unwrap());
+    }
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("backed up") && said.contains("checked and synced"), "{said}");
+    for (user, acks) in users.iter().zip(&acknowledged) {
+        let around = (acks.iter().any(|(at, _)| *at < began), acks.iter().any(|(at, _)| *at > began));
+        assert_eq!(around, (true, true), "{user}: the node was not publishing when the backup began");
+    }
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+
+    let node = start(restored.path(), &vars);
+    let publisher = Publisher::new(format!("http://127.0.0.1:{}", node.port), API_KEY);
+    for (user, acks) in users.iter().zip(&acknowledged) {
+        let (stored, last_seq) = stored_seqs(&publisher, user).await;
+        assert_eq!(stored, (1..=last_seq).collect::<Vec<_>>(), "{user}: the copy's seqs have a gap");
+        for (at, seq) in acks {
+            assert!(*at > began || *seq <= last_seq, "{user}: seq {seq}, acknowledged before the backup, is missing");
+        }
+        assert_eq!(publisher.publish_one(user, "t", json!("after")).await.unwrap().seq, last_seq + 1, "{user}");
+    }
+    node.signal("-TERM");
+    assert_eq!(node.wait(), 0);
+
+    // Refusals: an existing file is left as it was; PostgreSQL and a missing
+    // database are named; no file is written.
+    let mine = restored.path().join("mine.db");
+    std::fs::write(&mine, b"keep").unwrap();
+    let refused = herald(dir.path(), &vars).arg("backup").arg("--to").arg(&mine).output().unwrap();
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("already exists"));
+    assert_eq!(std::fs::read(&mine).unwrap(), b"keep");
+    let nowhere = restored.path().join("nowhere.db");
+    let postgres = herald(dir.path(), &[("HERALD_DATABASE_URL", "postgres://127.0.0.1:1/none"), vars[0], vars[1]])
+        .arg("backup")
+        .arg("--to")
+        .arg(&nowhere)
+        .output()
+        .unwrap();
+    assert!(!postgres.status.success());
+    assert!(
+        String::from_utf8_lossy(&postgres.stderr).contains("pg_dump"),
+        "{}",
+        String::from_utf8_lossy(&postgres.stderr)
+    );
+    let missing = herald(dir.path(), &[("HERALD_DATABASE_URL", "sqlite:///nonexistent/herald.db"), vars[0], vars[1]])
+        .arg("backup")
+        .arg("--to")
+        .arg(&nowhere)
+        .output()
+        .unwrap();
+    assert!(!missing.status.success());
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("no database"));
+    assert!(!nowhere.exists());
+}

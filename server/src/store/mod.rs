@@ -396,6 +396,19 @@ pub async fn open(database_url: &str, options: &StoreOptions) -> Result<Arc<dyn 
     }
 }
 
+/// `herald backup`: a consistent copy of the SQLite store named by
+/// `database_url` in the new file `to`, safe while a node runs. PostgreSQL
+/// has its own tools for that (`pg_dump`, `pg_basebackup`).
+pub async fn backup(database_url: &str, to: &std::path::Path) -> Result<sqlite::Backup, StoreError> {
+    if is_postgres(database_url) {
+        return Err(StoreError::Internal(
+            "herald backup copies the SQLite store; back PostgreSQL up with its own tools (pg_dump, pg_basebackup)"
+                .into(),
+        ));
+    }
+    sqlite::backup(database_url, to).await
+}
+
 /// Runs the migrations of the store named by `database_url`, alone.
 pub async fn migrate(database_url: &str) -> Result<(), StoreError> {
     let options = StoreOptions { pool_size: 1, ..StoreOptions::default() };

@@ -7,6 +7,7 @@
 //! (unread counts, read marks, retention, jobs, migrations) use a small sqlx pool. WAL lets the
 //! readers run beside the writer.
 
+mod backup;
 mod jobs;
 mod reader;
 mod writer;
@@ -25,6 +26,8 @@ use super::{
     Appended, Head, ListQuery, NewNotification, Revocation, Revocations, Store, StoreError, StoreOptions,
     StoredNotification, Unread,
 };
+
+pub use backup::Backup;
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -116,6 +119,17 @@ async fn database_file(pool: &SqlitePool) -> Result<std::path::PathBuf, StoreErr
         return Err(StoreError::Internal("the SQLite database has no file".into()));
     }
     Ok(file.into())
+}
+
+/// `herald backup`: copies the database named by `url` into the new file
+/// `to`, a consistent snapshot taken beside a running node ([`backup`]).
+pub async fn backup(url: &str, to: &std::path::Path) -> Result<Backup, StoreError> {
+    let options =
+        SqliteConnectOptions::from_str(url).map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?;
+    let (source, to) = (options.get_filename().to_path_buf(), to.to_path_buf());
+    tokio::task::spawn_blocking(move || backup::backup(&source, &to))
+        .await
+        .map_err(|e| StoreError::Internal(format!("the backup thread failed: {e}")))?
 }
 
 #[async_trait]

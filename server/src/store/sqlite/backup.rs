@@ -1,0 +1,132 @@
+//! `herald backup`: a copy of the SQLite store taken while a node runs.
+//!
+//! Copying `herald.db` with `cp` is not a backup: the newest commits live in
+//! `herald.db-wal` until a checkpoint moves them, and a copy of the two files
+//! taken while the writer appends can hold half a transaction. This takes the
+//! copy inside one read transaction instead (SQLite's `VACUUM INTO`), so it
+//! is the database exactly as it was at one commit: every notification
+//! acknowledged before the backup began, none half-written. Readers never
+//! block the writer in WAL mode, so publishing goes on meanwhile; only the
+//! WAL cannot be checkpointed past the backup's snapshot until it ends.
+//!
+//! The copy is then checked (`PRAGMA integrity_check`, and that no stored
+//! notification is beyond its user's counter) and synced to disk before
+//! [`backup`] returns.
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags};
+
+use super::reader::store_error;
+use crate::store::StoreError;
+
+/// What [`backup`] wrote.
+#[derive(Debug)]
+pub struct Backup {
+    pub file: PathBuf,
+    pub bytes: u64,
+    pub users: i64,
+    pub notifications: i64,
+}
+
+/// Copies the database at `source` into the new file `to` (which must not
+/// exist) as a consistent snapshot, checks the copy and syncs it. A failed
+/// backup leaves no file at `to`.
+pub fn backup(source: &Path, to: &Path) -> Result<Backup, StoreError> {
+    if !source.is_file() {
+        return Err(StoreError::Internal(format!("there is no database at {}", source.display())));
+    }
+    if to.exists() {
+        return Err(StoreError::Internal(format!("{} already exists; a backup never overwrites", to.display())));
+    }
+    let target = to.to_str().ok_or_else(|| StoreError::Internal(format!("{} is not UTF-8", to.display())))?;
+    let copied = (|| {
+        let conn = super::reader::open(source)?;
+        conn.execute("VACUUM INTO ?1", [target]).map_err(store_error)?;
+        drop(conn);
+        check(to)
+    })();
+    if copied.is_err() {
+        let _ = std::fs::remove_file(to);
+    }
+    copied
+}
+
+/// Checks the copy at `file` and syncs it (and its directory) to disk.
+fn check(file: &Path) -> Result<Backup, StoreError> {
+    let conn = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(store_error)?;
+    let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(store_error)?;
+    if integrity != "ok" {
+        return Err(StoreError::Internal(format!("the copy failed its integrity check: {integrity}")));
+    }
+    let beyond: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM notifications n LEFT JOIN users u ON u.user_id = n.user_id \
+             WHERE u.last_seq IS NULL OR n.seq > u.last_seq",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(store_error)?;
+    if beyond != 0 {
+        return Err(StoreError::Internal(format!("the copy has {beyond} notifications beyond their user's counter")));
+    }
+    let users = conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0)).map_err(store_error)?;
+    let notifications = conn.query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0)).map_err(store_error)?;
+    drop(conn);
+    let io = |e: std::io::Error| StoreError::Internal(format!("syncing {}: {e}", file.display()));
+    let written = std::fs::File::open(file).map_err(io)?;
+    written.sync_all().map_err(io)?;
+    let bytes = written.metadata().map_err(io)?.len();
+    if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
+    }
+    Ok(Backup { file: file.to_path_buf(), bytes, users, notifications })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn database(dir: &Path) -> PathBuf {
+        let file = dir.join("herald.db");
+        let conn = Connection::open(&file).unwrap();
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL;
+             CREATE TABLE users (user_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
+             CREATE TABLE notifications (user_id TEXT, seq INTEGER, PRIMARY KEY (user_id, seq));
+             INSERT INTO users VALUES ('a', 2);
+             INSERT INTO notifications VALUES ('a', 1), ('a', 2);",
+        )
+        .unwrap();
+        file
+    }
+
+    #[test]
+    fn copies_checks_and_never_overwrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = database(dir.path());
+        let to = dir.path().join("copy.db");
+        let copy = backup(&source, &to).unwrap();
+        assert_eq!((copy.users, copy.notifications), (1, 2));
+        assert!(copy.bytes > 0);
+        std::fs::write(dir.path().join("kept.db"), b"mine").unwrap();
+        let refused = backup(&source, &dir.path().join("kept.db")).unwrap_err();
+        assert!(refused.to_string().contains("already exists"), "{refused}");
+        assert_eq!(std::fs::read(dir.path().join("kept.db")).unwrap(), b"mine");
+        let missing = backup(&dir.path().join("nothing.db"), &dir.path().join("x.db")).unwrap_err();
+        assert!(missing.to_string().contains("no database"), "{missing}");
+        assert!(!dir.path().join("x.db").exists());
+    }
+
+    #[test]
+    fn a_copy_that_fails_its_check_is_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = database(dir.path());
+        // A notification beyond its user's counter: not what a consistent store holds.
+        Connection::open(&source).unwrap().execute("INSERT INTO notifications VALUES ('a', 3)", []).unwrap();
+        let to = dir.path().join("copy.db");
+        let refused = backup(&source, &to).unwrap_err();
+        assert!(refused.to_string().contains("beyond their user's counter"), "{refused}");
+        assert!(!to.exists(), "a failed backup left its file");
+    }
+}
