@@ -1,5 +1,5 @@
-//! The `herald` command line: `serve` (the default), `migrate`, `backup`, `token`,
-//! `publish`, `erase`, `disconnect`, `revoke`.
+//! The `herald` command line: `serve` (the default), `migrate`, `backup`,
+//! `restore`, `mark-restored`, `token`, `publish`, `erase`, `disconnect`, `revoke`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +35,18 @@ pub enum Command {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Put a `herald backup` in place of the SQLite store (stop the node
+    /// first) and mark the store restored. PostgreSQL: pg_restore, then
+    /// `herald mark-restored`.
+    Restore {
+        /// The backup to restore.
+        #[arg(long)]
+        from: PathBuf,
+    },
+    /// Record that the store was just restored from a backup (a new store
+    /// epoch): clients whose cursors ran past the backup resume from it.
+    /// Run with no node serving the store.
+    MarkRestored,
     /// Mint a user token with HERALD_JWT_SECRET.
     Token {
         #[arg(long)]
@@ -138,6 +150,25 @@ pub fn main(cli: Cli) -> ExitCode {
                     copy.users,
                     copy.bytes
                 );
+                Ok(())
+            }
+            Command::Restore { from } => {
+                let (epoch, done) = store::restore(&settings.database_url, &from).await?;
+                for (file, aside) in &done.moved_aside {
+                    println!("moved {} aside to {}", file.display(), aside.display());
+                }
+                println!(
+                    "restored {} from {}: {} notifications of {} users; store epoch now {epoch}",
+                    settings.database_display(),
+                    from.display(),
+                    done.notifications,
+                    done.users
+                );
+                Ok(())
+            }
+            Command::MarkRestored => {
+                let epoch = store::mark_restored(&settings.database_url).await?;
+                println!("marked {} restored; store epoch now {epoch}", settings.database_display());
                 Ok(())
             }
             Command::Token { sub, ttl } => {

@@ -29,7 +29,7 @@
 //! - [`worker`]: large-audience publishes and digests, claimed from the store
 //!   by any node; heavy steps on a thread pool of their own.
 //! - [`telemetry`]: logs, metrics, the runtime-lag probe. [`shutdown`]: draining on SIGTERM.
-//! - [`cli`]: `herald serve | migrate | backup | token | publish | erase | disconnect | revoke`.
+//! - [`cli`]: `herald serve | migrate | backup | restore | mark-restored | token | publish | erase | disconnect | revoke`.
 
 use std::sync::Arc;
 
@@ -95,6 +95,9 @@ pub struct Node {
     /// The store's clock when the token revocations were loaded at start
     /// (where [`auth::revocations::follow`] picks up).
     pub revocations_loaded_at_ms: i64,
+    /// The store's epoch, read at start (a restore happens with the nodes
+    /// stopped): sent in every welcome, compared with a resuming client's.
+    pub epoch: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -146,6 +149,7 @@ impl AppState {
             }
         };
         let revocations_loaded_at_ms = auth::revocations::load(store.as_ref(), &hub).await?;
+        let epoch = store.epoch().await?;
         let mut verifier = Verifier::new(&settings.jwt)?;
         verifier.fetch_jwks(&settings.jwt, shutdown.clone(), metrics.clone()).await.map_err(StartError::Jwks)?;
         let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
@@ -164,6 +168,7 @@ impl AppState {
             shutdown,
             sessions: TaskTracker::new(),
             revocations_loaded_at_ms,
+            epoch,
         })))
     }
 }

@@ -419,3 +419,67 @@ async fn a_backup_taken_while_publishing_is_consistent_and_a_node_runs_on_it() {
     assert!(String::from_utf8_lossy(&missing.stderr).contains("no database"));
     assert!(!nowhere.exists());
 }
+
+/// A restore from a backup: the notifications after the backup are lost and
+/// their seqs handed out again. A client that saw them and resumes with the
+/// epoch it was welcomed in goes back to the fork and gets the new ones; the
+/// replaced files are kept aside.
+#[tokio::test]
+async fn after_herald_restore_a_client_from_before_resumes_from_the_fork() {
+    let (dir, backups) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let vars = [("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEYS", API_KEY)];
+    let token = herald_server::auth::mint(SECRET, "dan", 600);
+    let server = start(dir.path(), &vars);
+    let (ws, http) = (format!("ws://127.0.0.1:{}", server.port), format!("http://127.0.0.1:{}", server.port));
+    let publisher = Publisher::new(&http, API_KEY);
+    for i in 1..=5 {
+        publisher.publish_one("dan", "t", json!(format!("old-{i}"))).await.unwrap();
+    }
+    let backup = backups.path().join("herald.db");
+    let out = herald(dir.path(), &vars).arg("backup").arg("--to").arg(&backup).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for i in 6..=8 {
+        publisher.publish_one("dan", "t", json!(format!("lost-{i}"))).await.unwrap();
+    }
+    let mut seen = Connect::new(&ws, &token).since(0).connect().await.unwrap();
+    let e0 = seen.welcome().epoch.clone().expect("the welcome names the store's epoch");
+    assert_eq!(notifications(&mut seen, 8).await.last().unwrap().payload, json!("lost-8"));
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+
+    let out = herald(dir.path(), &vars).arg("restore").arg("--from").arg(&backup).output().unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(said.contains("5 notifications of 1 users") && said.contains("store epoch now"), "{said}");
+    let aside: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|name| name.starts_with("herald.db.replaced-"))
+        .collect();
+    assert!(!aside.is_empty(), "the replaced database was not kept aside");
+
+    let server = start(dir.path(), &vars);
+    let (ws, http) = (format!("ws://127.0.0.1:{}", server.port), format!("http://127.0.0.1:{}", server.port));
+    let publisher = Publisher::new(&http, API_KEY);
+    for i in 6..=9 {
+        assert_eq!(publisher.publish_one("dan", "t", json!(format!("new-{i}"))).await.unwrap().seq, i);
+    }
+    // Saw up to 8 in epoch e0: resumes after 5, the fork, and gets 6..9, all new.
+    let mut back = Connect::new(&ws, &token).since(8).epoch(&e0).connect().await.unwrap();
+    let e1 = back.welcome().epoch.clone().unwrap();
+    assert_ne!(e1, e0);
+    assert_eq!((back.welcome().since, back.welcome().last_seq), (Some(5), 9));
+    let got: Vec<_> = notifications(&mut back, 4).await.into_iter().map(|n| (n.seq, n.payload)).collect();
+    assert_eq!(got, (6..=9).map(|i| (i, json!(format!("new-{i}")))).collect::<Vec<_>>());
+    // A cursor of the current epoch, and one sent without an epoch, resume where they say.
+    let current = Connect::new(&ws, &token).since(8).epoch(&e1).connect().await.unwrap();
+    assert_eq!(current.welcome().since, Some(8));
+    let unsaid = Connect::new(&ws, &token).since(8).connect().await.unwrap();
+    assert_eq!(unsaid.welcome().since, Some(8));
+    // An epoch of another store entirely: from the start.
+    let mut stranger = Connect::new(&ws, &token).since(8).epoch("another-store").connect().await.unwrap();
+    assert_eq!(stranger.welcome().since, Some(0));
+    assert_eq!(notifications(&mut stranger, 9).await.first().unwrap().payload, json!("old-1"));
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+}

@@ -504,6 +504,27 @@ async fn since_must_be_a_seq() {
     server.stop().await;
 }
 
+/// `epoch` is the welcome's: letters, digits, `-`, `_`, at most 64 bytes.
+#[tokio::test]
+async fn epoch_must_look_like_one() {
+    let server = TestServer::start().await;
+    let token = server.token("alice");
+    let long = "e".repeat(65);
+    for epoch in ["", "a%20b", "%C3%A9", "a.b", long.as_str()] {
+        let answer = raw(upgrade(&server, &format!("since=0&epoch={epoch}")).bearer_auth(&token)).await;
+        assert_refused(&answer, 400, "invalid_epoch");
+    }
+    let welcome = Connect::new(server.ws(), &token).since(0).epoch("e".repeat(64)).connect().await.unwrap();
+    let epoch = welcome.welcome().epoch.clone().expect("a welcome carries the store's epoch");
+    assert!(is_epoch_shaped(&epoch), "{epoch}");
+    assert_eq!(welcome.welcome().since, Some(0), "an unknown epoch resumes from 0, here where it was anyway");
+    server.stop().await;
+}
+
+fn is_epoch_shaped(epoch: &str) -> bool {
+    (1..=64).contains(&epoch.len()) && epoch.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 #[tokio::test]
 async fn a_draining_node_refuses_with_503_and_retry_after() {
     let server = TestServer::start_with(&[("HERALD_DRAIN_GRACE", "3s")]).await;

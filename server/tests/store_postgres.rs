@@ -725,6 +725,51 @@ async fn revocations_only_rise_and_are_read_by_when_they_changed() {
         left.sort();
         assert_eq!(left, ["a", "b"], "{name}");
     }
+    on_both_stores(|store, name| Box::pin(scenario(store, name))).await;
+}
+
+/// A restore ends the store's epoch, recording each user's counter as its
+/// fork; a cursor from an earlier epoch goes back to the lowest fork since,
+/// to 0 for a user who had nothing stored then or an epoch never seen here.
+#[tokio::test]
+async fn a_restore_begins_an_epoch_and_forks_each_user_at_its_counter() {
+    async fn scenario(store: &dyn Store, name: &str) {
+        let e0 = store.epoch().await.unwrap();
+        assert!(!e0.is_empty(), "{name}");
+        assert_eq!(store.epoch().await.unwrap(), e0, "{name}: stable");
+        assert_eq!(store.fork("a", &e0).await.unwrap(), None, "{name}: the current epoch");
+        assert_eq!(store.fork("a", "another-store").await.unwrap(), Some(0), "{name}");
+        let append = |user: &str, n: usize| store.append((0..n).map(|_| note(user, "t", "{}", None)).collect());
+        append("a", 5).await.unwrap();
+        append("b", 2).await.unwrap();
+        let e1 = store.mark_restored().await.unwrap();
+        assert_ne!(e1, e0, "{name}");
+        assert_eq!(store.epoch().await.unwrap(), e1, "{name}");
+        let forks = |epoch: String| async move {
+            let mut at = Vec::new();
+            for user in ["a", "b", "c"] {
+                at.push(store.fork(user, &epoch).await.unwrap());
+            }
+            at
+        };
+        assert_eq!(forks(e0.clone()).await, [Some(5), Some(2), Some(0)], "{name}");
+        assert_eq!(forks(e1.clone()).await, [None, None, None], "{name}");
+        append("a", 2).await.unwrap();
+        append("c", 1).await.unwrap();
+        let e2 = store.mark_restored().await.unwrap();
+        assert_eq!(forks(e0).await, [Some(5), Some(2), Some(0)], "{name}: the lowest fork since e0");
+        assert_eq!(forks(e1).await, [Some(7), Some(2), Some(1)], "{name}");
+        assert_eq!(forks(e2).await, [None, None, None], "{name}");
+    }
+    on_both_stores(|store, name| Box::pin(scenario(store, name))).await;
+}
+
+/// Runs `scenario` on a fresh PostgreSQL store, then on a fresh SQLite one:
+/// for the statements both stores share.
+async fn on_both_stores<F>(scenario: F)
+where
+    F: for<'a> Fn(&'a dyn Store, &'static str) -> futures_util::future::BoxFuture<'a, ()>,
+{
     let db = TestDb::create().await;
     let pg = store(&db).await;
     scenario(pg.as_ref(), "PostgreSQL").await;

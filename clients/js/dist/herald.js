@@ -302,6 +302,8 @@ var Connection = class {
     const url = new URL(this.config.endpoints.ws);
     const since = this.config.cursor.value;
     if (since !== null) url.searchParams.set("since", String(since));
+    const epoch = this.config.cursor.epoch;
+    if (since !== null && epoch !== null) url.searchParams.set("epoch", epoch);
     const protocols = ["herald.v1"];
     if (this.config.transport === "query") url.searchParams.set("access_token", token);
     else protocols.push(`herald.bearer.${token}`);
@@ -381,7 +383,13 @@ var Connection = class {
     const cursor = this.config.cursor;
     const since = cursor.value;
     const lastSeq = frame.last_seq;
-    if (typeof lastSeq === "number" && (since === null || lastSeq < since)) cursor.set(lastSeq);
+    const resumed = typeof frame.since === "number" ? frame.since : lastSeq;
+    if (since === null) {
+      if (typeof lastSeq === "number") cursor.set(lastSeq);
+    } else if (typeof resumed === "number" && resumed < since) {
+      cursor.set(resumed);
+    }
+    if (typeof frame.epoch === "string") cursor.setEpoch(frame.epoch);
     if (frame.truncated === true && since !== null && typeof frame.oldest_seq === "number") {
       this.sink.truncated({ since, oldest_seq: frame.oldest_seq });
     }
@@ -646,11 +654,16 @@ var SeqCursor = class {
   constructor(storage) {
     this.storage = storage;
     this.current = null;
+    this.currentEpoch = null;
     this.persist = false;
     this.key = null;
   }
   get value() {
     return this.current;
+  }
+  /** The store epoch the seq belongs to, once a server has said. */
+  get epoch() {
+    return this.currentEpoch;
   }
   /** Names the user's entry and takes the stored seq when it is newer than the one in memory. */
   async load(key) {
@@ -662,16 +675,34 @@ var SeqCursor = class {
       raw = null;
     }
     const stored = raw == null ? NaN : Number(raw);
+    let storedEpoch;
+    try {
+      storedEpoch = await this.storage.get(`${key}:epoch`);
+    } catch {
+      storedEpoch = null;
+    }
     if (Number.isSafeInteger(stored) && stored >= 0 && (this.current === null || stored > this.current)) {
       this.current = stored;
+      this.currentEpoch = storedEpoch ?? null;
+    } else if (this.currentEpoch === null && storedEpoch != null) {
+      this.currentEpoch = storedEpoch;
     }
   }
   /** Sets the seq (also lower: the server's `last_seq` wins when it is below ours). */
   set(seq) {
     this.current = seq;
+    this.write("", String(seq));
+  }
+  /** Sets the store epoch (from a welcome). */
+  setEpoch(epoch) {
+    if (epoch === this.currentEpoch) return;
+    this.currentEpoch = epoch;
+    this.write(":epoch", epoch);
+  }
+  write(suffix, value) {
     if (!this.persist || this.key === null) return;
     try {
-      const done = this.storage.set(this.key, String(seq));
+      const done = this.storage.set(`${this.key}${suffix}`, value);
       if (done && typeof done.catch === "function") done.catch(() => void 0);
     } catch {
     }

@@ -121,6 +121,8 @@ export class Connection {
     const url = new URL(this.config.endpoints.ws);
     const since = this.config.cursor.value;
     if (since !== null) url.searchParams.set('since', String(since));
+    const epoch = this.config.cursor.epoch;
+    if (since !== null && epoch !== null) url.searchParams.set('epoch', epoch);
     const protocols = ['herald.v1'];
     if (this.config.transport === 'query') url.searchParams.set('access_token', token);
     else protocols.push(`herald.bearer.${token}`);
@@ -208,10 +210,21 @@ export class Connection {
     const cursor = this.config.cursor;
     const since = cursor.value;
     const lastSeq = frame.last_seq;
-    // Without `since` the session starts after `last_seq`. With a `since` above
-    // it (seqs from another database) the server continues from `last_seq`,
-    // and so must we, or we would drop everything up to our old seq.
-    if (typeof lastSeq === 'number' && (since === null || lastSeq < since)) cursor.set(lastSeq);
+    // Without `since` the session starts after `last_seq`. With one, the
+    // server resumes after `frame.since` (servers before store epochs: after
+    // `last_seq` when our `since` is above it). That is below ours when our
+    // seqs ran past the store's (another database) or belong to an earlier
+    // epoch (a restore from a backup: what followed the backup was lost, and
+    // its seqs were handed out again). We must follow, or we would drop what
+    // the server sends up to our old seq.
+    const resumed = typeof frame.since === 'number' ? frame.since : lastSeq;
+    if (since === null) {
+      if (typeof lastSeq === 'number') cursor.set(lastSeq);
+    } else if (typeof resumed === 'number' && resumed < since) {
+      cursor.set(resumed);
+    }
+    // After the seq, so a crash between the two writes costs a replay, not a gap.
+    if (typeof frame.epoch === 'string') cursor.setEpoch(frame.epoch);
     if (frame.truncated === true && since !== null && typeof frame.oldest_seq === 'number') {
       this.sink.truncated({ since, oldest_seq: frame.oldest_seq });
     }

@@ -37,12 +37,14 @@ export function memoryStorage(): SeqStorage {
 }
 
 /**
- * The last seq this client has seen. Only the tab that holds the connection
- * writes it to storage (`persist`), so a follower tab replaying an older relay
- * can never move the stored value back.
+ * The last seq this client has seen, and the store epoch it belongs to (the
+ * welcome's `epoch`, kept under `<key>:epoch`). Only the tab that holds the
+ * connection writes them to storage (`persist`), so a follower tab replaying
+ * an older relay can never move the stored value back.
  */
 export class SeqCursor {
   private current: number | null = null;
+  private currentEpoch: string | null = null;
   persist = false;
   private key: string | null = null;
 
@@ -50,6 +52,11 @@ export class SeqCursor {
 
   get value(): number | null {
     return this.current;
+  }
+
+  /** The store epoch the seq belongs to, once a server has said. */
+  get epoch(): string | null {
+    return this.currentEpoch;
   }
 
   /** Names the user's entry and takes the stored seq when it is newer than the one in memory. */
@@ -62,17 +69,37 @@ export class SeqCursor {
       raw = null;
     }
     const stored = raw == null ? NaN : Number(raw);
+    let storedEpoch: string | null | undefined;
+    try {
+      storedEpoch = await this.storage.get(`${key}:epoch`);
+    } catch {
+      storedEpoch = null;
+    }
     if (Number.isSafeInteger(stored) && stored >= 0 && (this.current === null || stored > this.current)) {
       this.current = stored;
+      this.currentEpoch = storedEpoch ?? null;
+    } else if (this.currentEpoch === null && storedEpoch != null) {
+      this.currentEpoch = storedEpoch;
     }
   }
 
   /** Sets the seq (also lower: the server's `last_seq` wins when it is below ours). */
   set(seq: number): void {
     this.current = seq;
+    this.write('', String(seq));
+  }
+
+  /** Sets the store epoch (from a welcome). */
+  setEpoch(epoch: string): void {
+    if (epoch === this.currentEpoch) return;
+    this.currentEpoch = epoch;
+    this.write(':epoch', epoch);
+  }
+
+  private write(suffix: string, value: string): void {
     if (!this.persist || this.key === null) return;
     try {
-      const done = this.storage.set(this.key, String(seq));
+      const done = this.storage.set(`${this.key}${suffix}`, value);
       if (done && typeof done.catch === 'function') done.catch(() => undefined);
     } catch {
       // A full or disabled storage only costs a longer replay after a reload.

@@ -158,6 +158,32 @@ test('a stored seq is resumed; a welcome below it (another database) moves the s
   herald.close();
 });
 
+test('the store epoch is kept with the seq and sent back; a welcome resuming below our seq moves it back', async () => {
+  const storage = memory();
+  const key = 'herald:seq:https://herald.example/base:alice';
+  storage.set(key, '8');
+  storage.set(`${key}:epoch`, 'e0');
+  const { herald, sockets, events } = client({ storage });
+  herald.connect();
+  await until(() => sockets.length === 1, 'a socket');
+  const asked = new URL(sockets[0].url).searchParams;
+  assert.deepEqual([asked.get('since'), asked.get('epoch')], ['8', 'e0']);
+  // The store was restored from a backup taken at seq 5: the server resumes
+  // after 5, and seqs 6.. are new notifications, though we saw seqs 6..8 before.
+  sockets[0].welcome(7, { epoch: 'e1', since: 5 });
+  assert.equal(herald.lastSeq, 5);
+  for (const seq of [6, 7]) sockets[0].notify(seq);
+  assert.deepEqual(events.seqs, [6, 7]);
+  assert.deepEqual([storage.map.get(key), storage.map.get(`${key}:epoch`)], ['7', 'e1']);
+  sockets[0].end(1013, 'overloaded');
+  await until(() => sockets.length === 2, 'a reconnect');
+  const again = new URL(sockets[1].url).searchParams;
+  assert.deepEqual([again.get('since'), again.get('epoch')], ['7', 'e1']);
+  sockets[1].welcome(7, { epoch: 'e1', since: 7 });
+  assert.equal(herald.lastSeq, 7, 'a welcome at our seq changes nothing');
+  herald.close();
+});
+
 test('truncation is reported; the token can travel in the query', async () => {
   const storage = memory();
   storage.set('herald:seq:https://herald.example/base:alice', '4');

@@ -64,6 +64,17 @@ pub struct Welcome {
     pub truncated: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_seq: Option<Seq>,
+    /// The store's epoch: which history the seqs belong to. A client keeps
+    /// it with its cursor and sends it back with `since` (`epoch=`); it
+    /// changes only when the store is restored from a backup.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<String>,
+    /// With `since`: the seq the replay starts after. Below the client's
+    /// `since` when that ran past `last_seq` or belongs to an earlier epoch
+    /// (seqs after this one were lost in a restore and handed out again):
+    /// the client moves its cursor back to it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Seq>,
 }
 
 fn is_false(b: &bool) -> bool {

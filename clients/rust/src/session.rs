@@ -49,6 +49,7 @@ pub struct Connect {
     base: String,
     token: String,
     since: Option<Seq>,
+    epoch: Option<String>,
     via: TokenVia,
     origin: Option<String>,
     tls: TlsOptions,
@@ -63,6 +64,7 @@ impl Connect {
             base: base.into(),
             token: token.into(),
             since: None,
+            epoch: None,
             via: TokenVia::Header,
             origin: None,
             tls: TlsOptions::default(),
@@ -73,6 +75,16 @@ impl Connect {
     /// Resume after `seq`: the server first sends every notification after it.
     pub fn since(mut self, seq: Seq) -> Connect {
         self.since = Some(seq);
+        self
+    }
+
+    /// The store epoch `since` belongs to (the `epoch` of the welcome that
+    /// began the history the client's cursor counts). If the store was
+    /// restored from a backup since, the server resumes from where the two
+    /// histories part and says so in the welcome's `since`; an epoch the
+    /// server does not send yet is harmless to omit.
+    pub fn epoch(mut self, epoch: impl Into<String>) -> Connect {
+        self.epoch = Some(epoch.into());
         self
     }
 
@@ -159,6 +171,9 @@ impl Connect {
         let mut params = Vec::new();
         if let Some(since) = self.since {
             params.push(format!("since={since}"));
+        }
+        if let Some(epoch) = &self.epoch {
+            params.push(format!("epoch={}", crate::http::encode_segment(epoch)));
         }
         if self.via == TokenVia::Query {
             params.push(format!("access_token={}", self.token));
@@ -254,6 +269,7 @@ mod tests {
     fn urls_carry_since_and_map_http_schemes() {
         let c = Connect::new("https://h:1/", "t").since(4);
         assert_eq!(c.url(), "wss://h:1/v1/ws?since=4");
+        assert_eq!(c.epoch("e 1").url(), "wss://h:1/v1/ws?since=4&epoch=e%201");
         let c = Connect::new("ws://h:1", "t").token_via(TokenVia::Query);
         assert_eq!(c.url(), "ws://h:1/v1/ws?access_token=t");
         assert_eq!(Connect::new("http://h", "t").url(), "ws://h/v1/ws");

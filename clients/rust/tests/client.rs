@@ -90,6 +90,33 @@ async fn without_since_a_reconnect_resumes_from_the_first_welcome() {
     assert_eq!(fake.accept().await.since, Some(41));
 }
 
+/// The store epoch comes with the welcome and goes back with `since`; a
+/// welcome resuming below the client's cursor (a restore) moves it back and
+/// says so, and what follows is delivered though its seqs were seen.
+#[tokio::test]
+async fn the_epoch_is_sent_back_and_a_restore_rewinds_to_the_fork() {
+    let fake = Fake::start().await;
+    let client = builder(&fake).since(8).epoch("e0").build().unwrap();
+    let mut conn = fake.accept().await;
+    assert_eq!((conn.since, conn.epoch.as_deref()), (Some(8), Some("e0")));
+    let mut w = welcome("alice", 7, 25);
+    w["epoch"] = json!("e1");
+    w["since"] = json!(5);
+    conn.send(w).await;
+    conn.send(note(6)).await;
+    connected(&client).await;
+    match next(&client).await {
+        Event::Rewound { since: 8, last_seq: 5 } => {}
+        other => panic!("expected Rewound from 8 to 5, got {other:?}"),
+    }
+    assert_eq!(next_seq(&client).await, 6);
+    assert_eq!((client.last_seq(), client.epoch().as_deref()), (Some(6), Some("e1")));
+    conn.close(1013, "try again later").await;
+    assert_eq!(disconnected(&client).await.0, Some(1013));
+    let conn = fake.accept().await;
+    assert_eq!((conn.since, conn.epoch.as_deref()), (Some(6), Some("e1")));
+}
+
 #[tokio::test]
 async fn a_starting_seq_is_sent_and_truncation_is_reported() {
     let fake = Fake::start().await;

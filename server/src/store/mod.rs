@@ -47,6 +47,44 @@ const REVOKE_SQL: &str = "INSERT INTO revocations (user_id, issued_before, expir
      updated_ms = excluded.updated_ms \
      RETURNING user_id, issued_before, expires_at";
 
+/// The store's current epoch (docs: "Store epochs" in migrations).
+const EPOCH_SQL: &str = "SELECT epoch FROM store_epochs ORDER BY ordinal DESC LIMIT 1";
+
+/// For a client's epoch `$1` and user `$2`: the epoch's ordinal (NULL: not
+/// one of this store's), the current ordinal, and the lowest fork of the
+/// user over the epochs from `$1` to the current one (a user without a fork
+/// row in one of them had nothing stored at that restore: 0).
+const FORK_SQL: &str = "SELECT (SELECT ordinal FROM store_epochs WHERE epoch = $1) AS known, \
+     (SELECT MAX(ordinal) FROM store_epochs) AS current_ordinal, \
+     (SELECT MIN(COALESCE(f.seq, 0)) FROM store_epochs e \
+      LEFT JOIN store_forks f ON f.epoch = e.epoch AND f.user_id = $2 \
+      WHERE e.ordinal >= (SELECT ordinal FROM store_epochs WHERE epoch = $1) \
+        AND e.ordinal < (SELECT MAX(ordinal) FROM store_epochs)) AS fork";
+
+/// A restore, first step: every user's counter as the current epoch's fork.
+/// (`WHERE true`: SQLite's parser needs a `WHERE` before an upsert's `ON`.)
+const FORKS_SQL: &str = "INSERT INTO store_forks (epoch, user_id, seq) \
+     SELECT (SELECT epoch FROM store_epochs ORDER BY ordinal DESC LIMIT 1), user_id, last_seq FROM users \
+     WHERE true ON CONFLICT DO NOTHING";
+
+/// A restore, second step: the new epoch `$1`, restored at `$2` (unix ms).
+const NEW_EPOCH_SQL: &str = "INSERT INTO store_epochs (epoch, restored_ms) VALUES ($1, $2)";
+
+/// Where a client's cursor from another epoch must go back to, from
+/// [`FORK_SQL`]'s row: `None` when `epoch` is the current one.
+fn fork_from(known: Option<i64>, current: i64, fork: Option<i64>) -> Option<Seq> {
+    match known {
+        None => Some(0),
+        Some(known) if known == current => None,
+        Some(_) => Some(fork.unwrap_or(0)),
+    }
+}
+
+/// A new epoch's name.
+fn new_epoch() -> String {
+    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
+}
+
 /// Erasure: user `$1`'s oldest `$3` notifications with `seq <= $2`.
 const ERASE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE user_id = $1 AND seq IN \
      (SELECT seq FROM notifications WHERE user_id = $1 AND seq <= $2 ORDER BY seq LIMIT $3)";
@@ -285,6 +323,21 @@ pub trait Store: JobStore + Send + Sync + 'static {
     /// (every one with `None`), and that clock's time before they were read.
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError>;
 
+    /// The store's epoch: which history its seqs belong to. It changes only
+    /// with [`mark_restored`](Self::mark_restored).
+    async fn epoch(&self) -> Result<String, StoreError>;
+
+    /// Where a cursor of `user` kept from the store's epoch `epoch` must go
+    /// back to: seqs up to the returned one are the same in both histories,
+    /// later ones of that epoch were lost in a restore (0 for an epoch this
+    /// store never had). `None` when `epoch` is the current one.
+    async fn fork(&self, user: &str, epoch: &str) -> Result<Option<Seq>, StoreError>;
+
+    /// Records that the store was just restored from a backup: every user's
+    /// counter becomes the current epoch's fork, and a new epoch begins;
+    /// returns it. Run with no node serving the store.
+    async fn mark_restored(&self) -> Result<String, StoreError>;
+
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;
 
@@ -407,6 +460,32 @@ pub async fn backup(database_url: &str, to: &std::path::Path) -> Result<sqlite::
         ));
     }
     sqlite::backup(database_url, to).await
+}
+
+/// `herald restore`: puts the SQLite backup `from` in place of the store
+/// named by `database_url` (its node stopped), migrates it and marks it
+/// restored; the new epoch and what was done. PostgreSQL: `pg_restore`,
+/// then [`mark_restored`].
+pub async fn restore(database_url: &str, from: &std::path::Path) -> Result<(String, sqlite::Restore), StoreError> {
+    if is_postgres(database_url) {
+        return Err(StoreError::Internal(
+            "herald restore puts a SQLite backup in place; restore PostgreSQL with its own tools, then run \
+             herald mark-restored"
+                .into(),
+        ));
+    }
+    let restored = sqlite::restore(database_url, from).await?;
+    Ok((mark_restored(database_url).await?, restored))
+}
+
+/// `herald mark-restored`: records that the store named by `database_url`
+/// was just restored from a backup ([`Store::mark_restored`]); the new epoch.
+pub async fn mark_restored(database_url: &str) -> Result<String, StoreError> {
+    let options = StoreOptions { pool_size: 1, ..StoreOptions::default() };
+    let store = open(database_url, &options).await?;
+    let marked = store.mark_restored().await;
+    store.close().await;
+    marked
 }
 
 /// Runs the migrations of the store named by `database_url`, alone.

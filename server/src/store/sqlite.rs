@@ -27,7 +27,7 @@ use super::{
     StoredNotification, Unread,
 };
 
-pub use backup::Backup;
+pub use backup::{Backup, Restore};
 
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -130,6 +130,18 @@ pub async fn backup(url: &str, to: &std::path::Path) -> Result<Backup, StoreErro
     tokio::task::spawn_blocking(move || backup::backup(&source, &to))
         .await
         .map_err(|e| StoreError::Internal(format!("the backup thread failed: {e}")))?
+}
+
+/// `herald restore`: puts the backup `from` in place of the database named
+/// by `url`, whose node is stopped ([`backup::restore`]). The caller marks
+/// the store restored.
+pub async fn restore(url: &str, from: &std::path::Path) -> Result<Restore, StoreError> {
+    let options =
+        SqliteConnectOptions::from_str(url).map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?;
+    let (database, from) = (options.get_filename().to_path_buf(), from.to_path_buf());
+    tokio::task::spawn_blocking(move || backup::restore(&from, &database))
+        .await
+        .map_err(|e| StoreError::Internal(format!("the restore thread failed: {e}")))?
 }
 
 #[async_trait]
@@ -246,6 +258,25 @@ impl Store for SqliteStore {
         let changed =
             sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms.unwrap_or(i64::MIN)).fetch_all(&self.pool).await?;
         Ok(Revocations { changed, as_of_ms })
+    }
+
+    async fn epoch(&self) -> Result<String, StoreError> {
+        Ok(sqlx::query_scalar(super::EPOCH_SQL).fetch_one(&self.pool).await?)
+    }
+
+    async fn fork(&self, user: &str, epoch: &str) -> Result<Option<Seq>, StoreError> {
+        let (known, current, fork) =
+            sqlx::query_as(super::FORK_SQL).bind(epoch).bind(user).fetch_one(&self.pool).await?;
+        Ok(super::fork_from(known, current, fork))
+    }
+
+    async fn mark_restored(&self) -> Result<String, StoreError> {
+        let epoch = super::new_epoch();
+        let mut tx = self.pool.begin().await?;
+        sqlx::query(super::FORKS_SQL).execute(&mut *tx).await?;
+        sqlx::query(super::NEW_EPOCH_SQL).bind(&epoch).bind(super::now_ms()).execute(&mut *tx).await?;
+        tx.commit().await?;
+        Ok(epoch)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

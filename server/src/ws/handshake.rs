@@ -156,6 +156,16 @@ async fn check(
                 ApiError::bad_request("invalid_since", "`since` is a seq: a whole number, 0 or more")
             })?),
         };
+    let epoch = match query.get("epoch") {
+        None => None,
+        Some(raw) if is_epoch(raw) => Some(raw.clone()),
+        Some(_) => {
+            return Err(ApiError::bad_request(
+                "invalid_epoch",
+                "`epoch` is the welcome's `epoch`: 1 to 64 letters, digits, `-` or `_`",
+            ))
+        }
+    };
     let permits = state.limits.admit(ip, &user.user_id).map_err(refused)?;
     cluster_sessions_per_user(state, &user.user_id).await.map_err(refused)?;
     let ctx = SessionContext {
@@ -164,9 +174,16 @@ async fn check(
         expires_at: user.expires_at,
         issued_at: user.issued_at,
         since,
+        epoch,
         request_id: String::new(),
     };
     Ok((ctx, permits))
+}
+
+/// An epoch as welcomes carry them (any this shape is accepted; one the
+/// store never had resumes from 0).
+fn is_epoch(raw: &str) -> bool {
+    (1..=64).contains(&raw.len()) && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
 /// With Redis, the per-user cap also counts the user's sessions on the other

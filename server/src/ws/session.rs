@@ -64,6 +64,8 @@ pub struct SessionContext {
     /// `iat` of the current token, if it has one (checked against revocations).
     pub issued_at: Option<i64>,
     pub since: Option<Seq>,
+    /// The store epoch the client's `since` belongs to, when it said.
+    pub epoch: Option<String>,
     /// The handshake request's id, on every log line of the session.
     pub request_id: String,
 }
@@ -140,9 +142,10 @@ impl Session {
         // With Redis: wait (bounded) until this node hears the user's channel,
         // so what commits after the head read below arrives live.
         self.state.broker.subscribed(&self.ctx.user).await;
-        let read = self.state.store.resume(&self.ctx.user, self.ctx.since, REPLAY_PAGE);
+        let since = self.since().await?;
+        let read = self.state.store.resume(&self.ctx.user, since, REPLAY_PAGE);
         let (head, page) = self.state.metrics.store_op("resume", read).await.map_err(|e| self.failed(e))?;
-        let truncated = self.ctx.since.is_some_and(|since| since < head.oldest_seq - 1);
+        let truncated = since.is_some_and(|since| since < head.oldest_seq - 1);
         if truncated {
             self.state.metrics.truncations.inc();
         }
@@ -155,8 +158,10 @@ impl Session {
             token_expires_at: self.ctx.expires_at,
             truncated,
             oldest_seq: truncated.then_some(head.oldest_seq),
+            epoch: Some(self.state.epoch.clone()),
+            since: since.map(|since| head.resume_after(Some(since))),
         });
-        self.cursor = head.resume_after(self.ctx.since);
+        self.cursor = head.resume_after(since);
         let mut frames = Vec::with_capacity(1 + page.len());
         frames.push(text(&welcome));
         let more = self.add_page(page, &mut frames);
@@ -165,6 +170,26 @@ impl Session {
             self.replay_to(None).await?;
         }
         Ok(())
+    }
+
+    /// The client's `since`, moved back to the fork when its cursor belongs
+    /// to an earlier epoch of the store (a restore since): the seqs after
+    /// the fork that it saw were lost, and the ones stored under them now
+    /// are new to it.
+    async fn since(&mut self) -> Result<Option<Seq>, SessionEnd> {
+        let (Some(since), Some(epoch)) = (self.ctx.since, self.ctx.epoch.clone()) else {
+            return Ok(self.ctx.since);
+        };
+        if epoch == self.state.epoch {
+            return Ok(Some(since));
+        }
+        let fork = self.state.store.fork(&self.ctx.user, &epoch);
+        let fork = self.state.metrics.store_op("fork", fork).await.map_err(|e| self.failed(e))?;
+        if let Some(fork) = fork.filter(|fork| *fork < since) {
+            tracing::info!(since, fork, "a cursor from an earlier store epoch resumes from the fork");
+            return Ok(Some(fork));
+        }
+        Ok(Some(since))
     }
 
     /// Sends every stored notification after `cursor`, up to `up_to`.

@@ -160,6 +160,9 @@ impl Driver {
         }
         if let Some(since) = self.cursor {
             connect = connect.since(since);
+            if let Some(epoch) = self.shared.epoch.lock().expect("the epoch lock is never poisoned").clone() {
+                connect = connect.epoch(epoch);
+            }
         }
         match self.ctl.during(tokio::time::timeout(self.settings.connect_timeout, connect.connect())).await {
             None => Opened::Stop,
@@ -189,11 +192,17 @@ impl Driver {
                 let oldest_seq = welcome.oldest_seq.unwrap_or(since + 1);
                 self.ctl.outlet.event(Event::Truncated { since, oldest_seq });
             }
-            Some(since) if welcome.last_seq < since => {
-                self.ctl.outlet.event(Event::Rewound { since, last_seq: welcome.last_seq });
-                self.set_cursor(welcome.last_seq);
+            // Where the server resumed (`welcome.since`; servers before store
+            // epochs said only `last_seq`), when below this client's cursor.
+            Some(since) if welcome.since.unwrap_or(welcome.last_seq) < since => {
+                let resumed = welcome.since.unwrap_or(welcome.last_seq);
+                self.ctl.outlet.event(Event::Rewound { since, last_seq: resumed });
+                self.set_cursor(resumed);
             }
             Some(_) => {}
+        }
+        if let Some(epoch) = &welcome.epoch {
+            *self.shared.epoch.lock().expect("the epoch lock is never poisoned") = Some(epoch.clone());
         }
         Ok(())
     }

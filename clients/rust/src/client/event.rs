@@ -22,9 +22,11 @@ pub enum Event {
     /// The server no longer holds seqs `since + 1 .. oldest_seq - 1`: they
     /// were deleted by retention while this client was away and will not come.
     Truncated { since: Seq, oldest_seq: Seq },
-    /// The server's newest seq is below the one this client resumed from (its
-    /// database was replaced or restored). The client continues after `last_seq`;
-    /// later notifications may reuse seqs it has seen.
+    /// The server resumed below the seq this client gave: its store was
+    /// restored from a backup (the client's epoch is an earlier one, and seqs
+    /// after `last_seq` were lost there and handed out again) or replaced.
+    /// The client continues after `last_seq`; what follows is new to it even
+    /// where it reuses seqs it has seen.
     Rewound { since: Seq, last_seq: Seq },
     /// The client stopped for good; the last event of the stream.
     Error(Error),

@@ -85,6 +85,7 @@ pub struct ClientBuilder {
     url: String,
     provider: Option<Arc<dyn TokenProvider>>,
     since: Option<Seq>,
+    epoch: Option<String>,
     tls: TlsOptions,
     via: TokenVia,
     origin: Option<String>,
@@ -112,6 +113,16 @@ impl ClientBuilder {
     /// client starts with what is committed after it first connects.
     pub fn since(mut self, seq: Seq) -> ClientBuilder {
         self.since = Some(seq);
+        self
+    }
+
+    /// The store epoch the `since` belongs to (persisted from
+    /// [`Client::epoch`] with the seq). If the server's store was restored
+    /// from a backup meanwhile, the client resumes from where the two
+    /// histories part ([`Event::Rewound`]) instead of skipping the
+    /// notifications stored under seqs it saw before the restore.
+    pub fn epoch(mut self, epoch: impl Into<String>) -> ClientBuilder {
+        self.epoch = Some(epoch.into());
         self
     }
 
@@ -189,7 +200,10 @@ impl ClientBuilder {
         };
         let (events_tx, events_rx) = mpsc::channel(self.event_capacity);
         let (commands_tx, commands_rx) = mpsc::channel(COMMANDS);
-        let shared = Arc::new(Shared { last_seq: AtomicI64::new(self.since.unwrap_or(NO_SEQ)) });
+        let shared = Arc::new(Shared {
+            last_seq: AtomicI64::new(self.since.unwrap_or(NO_SEQ)),
+            epoch: std::sync::Mutex::new(self.epoch),
+        });
         let driver = Driver::new(settings, provider, shared.clone(), commands_rx, events_tx);
         runtime.spawn(driver.run());
         Ok(Client { inner: Arc::new(Inner { commands: commands_tx, events: Mutex::new(events_rx), shared }) })
@@ -212,6 +226,7 @@ impl ClientBuilder {
 /// let client = Client::builder("wss://herald.example.com")
 ///     .token_provider(|| async { Ok::<_, std::io::Error>(fetch_token().await) })
 ///     .since(load_last_seq())
+///     .epoch(load_epoch())
 ///     .build()?;
 /// let mut events = client.events();
 /// while let Some(event) = events.next().await {
@@ -219,7 +234,7 @@ impl ClientBuilder {
 ///         Event::Notification(n) => {
 ///             println!("#{} {}: {}", n.seq, n.topic, n.payload);
 ///             client.mark_read(ReadMark::Seqs { seqs: vec![n.seq] }).await?;
-///             save_last_seq(n.seq);
+///             save_last_seq(n.seq, client.epoch());
 ///         }
 ///         Event::State(State::Disconnected { code, retry_in, .. }) => {
 ///             println!("disconnected ({code:?}); retrying in {retry_in:?}");
@@ -231,7 +246,8 @@ impl ClientBuilder {
 /// # Ok(()) }
 /// # async fn fetch_token() -> String { String::new() }
 /// # fn load_last_seq() -> i64 { 0 }
-/// # fn save_last_seq(_: i64) {}
+/// # fn load_epoch() -> String { String::new() }
+/// # fn save_last_seq(_: i64, _: Option<String>) {}
 /// ```
 #[derive(Clone)]
 pub struct Client {
@@ -249,6 +265,8 @@ struct Inner {
 pub(crate) struct Shared {
     /// The cursor: the last seq handed to the consumer, [`NO_SEQ`] before any.
     pub last_seq: AtomicI64,
+    /// The store epoch the cursor belongs to (from the last welcome).
+    pub epoch: std::sync::Mutex<Option<String>>,
 }
 
 pub(crate) const NO_SEQ: i64 = i64::MIN;
@@ -266,6 +284,7 @@ impl Client {
             url: url.into(),
             provider: None,
             since: None,
+            epoch: None,
             tls: TlsOptions::default(),
             via: TokenVia::Header,
             origin: None,
@@ -310,6 +329,14 @@ impl Client {
             NO_SEQ => None,
             seq => Some(seq),
         }
+    }
+
+    /// The store epoch the seqs belong to, from the last welcome (or the
+    /// one the client was built with): persist it with the seq and give it
+    /// back to [`ClientBuilder::epoch`]. `None` from a server that does not
+    /// send one.
+    pub fn epoch(&self) -> Option<String> {
+        self.inner.shared.epoch.lock().expect("the epoch lock is never poisoned").clone()
     }
 
     /// Closes the session with 1000 and stops the task. Events already

@@ -27,6 +27,7 @@ pub struct Fake {
 pub struct Conn {
     pub ws: WebSocketStream<TcpStream>,
     pub since: Option<i64>,
+    pub epoch: Option<String>,
     pub authorization: Option<String>,
 }
 
@@ -44,14 +45,14 @@ impl Fake {
 
     pub async fn accept_within(&self, wait: Duration) -> Option<Conn> {
         let (tcp, _) = tokio::time::timeout(wait, self.listener.accept()).await.ok()?.unwrap();
-        let mut seen = (None, None);
+        let mut seen = (None, None, None);
         let ws = tokio_tungstenite::accept_hdr_async(tcp, |req: &Request, resp: Response| {
             seen = inspect(req);
             Ok::<_, ErrorResponse>(resp)
         })
         .await
         .unwrap();
-        Some(Conn { ws, since: seen.0, authorization: seen.1 })
+        Some(Conn { ws, since: seen.0, epoch: seen.1, authorization: seen.2 })
     }
 
     /// Answers the next handshake with an HTTP error and the spec's body.
@@ -67,11 +68,13 @@ impl Fake {
     }
 }
 
-fn inspect(req: &Request) -> (Option<i64>, Option<String>) {
-    let since =
-        req.uri().query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix("since="))).map(|s| s.parse().unwrap());
+fn inspect(req: &Request) -> (Option<i64>, Option<String>, Option<String>) {
+    let param = |name: &str| {
+        let prefix = format!("{name}=");
+        req.uri().query().and_then(|q| q.split('&').find_map(|p| p.strip_prefix(prefix.as_str()).map(str::to_string)))
+    };
     let authorization = req.headers().get("authorization").map(|v| v.to_str().unwrap().to_string());
-    (since, authorization)
+    (param("since").map(|s| s.parse().unwrap()), param("epoch"), authorization)
 }
 
 pub fn welcome(user: &str, last_seq: i64, heartbeat_secs: u64) -> Value {

@@ -12,6 +12,11 @@
 //! The copy is then checked (`PRAGMA integrity_check`, and that no stored
 //! notification is beyond its user's counter) and synced to disk before
 //! [`backup`] returns.
+//!
+//! `herald restore` puts such a copy in place of a stopped node's database
+//! ([`restore`]): checked the same way first, the replaced files moved aside,
+//! never deleted. The caller then marks the store restored (a new epoch, see
+//! [`Store::mark_restored`](crate::store::Store::mark_restored)).
 
 use std::path::{Path, PathBuf};
 
@@ -54,10 +59,18 @@ pub fn backup(source: &Path, to: &Path) -> Result<Backup, StoreError> {
 
 /// Checks the copy at `file` and syncs it (and its directory) to disk.
 fn check(file: &Path) -> Result<Backup, StoreError> {
+    let (users, notifications) = inspect(file)?;
+    let bytes = sync(file)?;
+    Ok(Backup { file: file.to_path_buf(), bytes, users, notifications })
+}
+
+/// `PRAGMA integrity_check`, and no notification beyond its user's counter;
+/// `(users, notifications)`.
+fn inspect(file: &Path) -> Result<(i64, i64), StoreError> {
     let conn = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(store_error)?;
     let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(store_error)?;
     if integrity != "ok" {
-        return Err(StoreError::Internal(format!("the copy failed its integrity check: {integrity}")));
+        return Err(StoreError::Internal(format!("{} failed its integrity check: {integrity}", file.display())));
     }
     let beyond: i64 = conn
         .query_row(
@@ -68,19 +81,71 @@ fn check(file: &Path) -> Result<Backup, StoreError> {
         )
         .map_err(store_error)?;
     if beyond != 0 {
-        return Err(StoreError::Internal(format!("the copy has {beyond} notifications beyond their user's counter")));
+        return Err(StoreError::Internal(format!(
+            "{} has {beyond} notifications beyond their user's counter",
+            file.display()
+        )));
     }
     let users = conn.query_row("SELECT COUNT(*) FROM users", [], |r| r.get(0)).map_err(store_error)?;
     let notifications = conn.query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0)).map_err(store_error)?;
-    drop(conn);
+    Ok((users, notifications))
+}
+
+/// Syncs `file` and its directory to disk; the file's size.
+fn sync(file: &Path) -> Result<u64, StoreError> {
     let io = |e: std::io::Error| StoreError::Internal(format!("syncing {}: {e}", file.display()));
     let written = std::fs::File::open(file).map_err(io)?;
     written.sync_all().map_err(io)?;
-    let bytes = written.metadata().map_err(io)?.len();
     if let Some(dir) = file.parent().filter(|d| !d.as_os_str().is_empty()) {
         std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io)?;
     }
-    Ok(Backup { file: file.to_path_buf(), bytes, users, notifications })
+    written.metadata().map(|m| m.len()).map_err(io)
+}
+
+/// What [`restore`] did.
+#[derive(Debug)]
+pub struct Restore {
+    pub users: i64,
+    pub notifications: i64,
+    /// The database's files it replaced, and where they were moved.
+    pub moved_aside: Vec<(PathBuf, PathBuf)>,
+}
+
+/// Puts the backup `from` in place of the database at `database` (whose
+/// node must be stopped): checks it, copies it beside the database, moves
+/// the database and its `-wal` and `-shm` files aside (`….replaced-<unix
+/// ms>`; a WAL left beside the restored file would belong to the other
+/// database), then renames the copy into place.
+pub fn restore(from: &Path, database: &Path) -> Result<Restore, StoreError> {
+    let (users, notifications) = inspect(from)?;
+    let io = |what: &str, e: std::io::Error| StoreError::Internal(format!("{what}: {e}"));
+    let staged = sibling(database, ".restoring");
+    std::fs::copy(from, &staged).map_err(|e| io("copying the backup", e))?;
+    let staged_ok = sync(&staged);
+    if let Err(e) = staged_ok {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
+    }
+    let suffix = format!(".replaced-{}", crate::store::now_ms());
+    let mut moved_aside = Vec::new();
+    for ending in ["", "-wal", "-shm"] {
+        let file = sibling(database, ending);
+        if file.exists() {
+            let aside = sibling(&file, &suffix);
+            std::fs::rename(&file, &aside).map_err(|e| io("moving the database aside", e))?;
+            moved_aside.push((file, aside));
+        }
+    }
+    std::fs::rename(&staged, database).map_err(|e| io("putting the backup in place", e))?;
+    sync(database)?;
+    Ok(Restore { users, notifications, moved_aside })
+}
+
+/// `file` with `ending` appended to its name.
+fn sibling(file: &Path, ending: &str) -> PathBuf {
+    let mut name = file.as_os_str().to_owned();
+    name.push(ending);
+    PathBuf::from(name)
 }
 
 #[cfg(test)]
