@@ -444,6 +444,20 @@ async fn after_herald_restore_a_client_from_before_resumes_from_the_fork() {
     let mut seen = Connect::new(&ws, &token).since(0).connect().await.unwrap();
     let e0 = seen.welcome().epoch.clone().expect("the welcome names the store's epoch");
     assert_eq!(notifications(&mut seen, 8).await.last().unwrap().payload, json!("lost-8"));
+    let listing = || {
+        let mut names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        names.sort();
+        names
+    };
+    let before = listing();
+    let refused = herald(dir.path(), &vars).arg("restore").arg("--from").arg(&backup).output().unwrap();
+    assert!(!refused.status.success(), "restored under a running node");
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("in use"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(listing(), before, "a refused restore moved files");
     server.signal("-TERM");
     assert_eq!(server.wait(), 0);
 

@@ -118,6 +118,9 @@ pub struct Restore {
 /// database), then renames the copy into place.
 pub fn restore(from: &Path, database: &Path) -> Result<Restore, StoreError> {
     let (users, notifications) = inspect(from)?;
+    if database.exists() {
+        ensure_unused(database)?;
+    }
     let io = |what: &str, e: std::io::Error| StoreError::Internal(format!("{what}: {e}"));
     let staged = sibling(database, ".restoring");
     std::fs::copy(from, &staged).map_err(|e| io("copying the backup", e))?;
@@ -139,6 +142,19 @@ pub fn restore(from: &Path, database: &Path) -> Result<Restore, StoreError> {
     std::fs::rename(&staged, database).map_err(|e| io("putting the backup in place", e))?;
     sync(database)?;
     Ok(Restore { users, notifications, moved_aside })
+}
+
+/// Fails when another connection has the database open — a node still
+/// running on it: an exclusive lock (SQLite's `locking_mode=EXCLUSIVE`)
+/// cannot be had beside a WAL-mode connection, even an idle one.
+fn ensure_unused(database: &Path) -> Result<(), StoreError> {
+    let in_use =
+        || StoreError::Internal(format!("{} is in use (is a node running on it?): stop it first", database.display()));
+    let conn = Connection::open_with_flags(database, OpenFlags::SQLITE_OPEN_READ_WRITE).map_err(store_error)?;
+    conn.busy_timeout(std::time::Duration::ZERO).map_err(store_error)?;
+    conn.pragma_update(None, "locking_mode", "EXCLUSIVE").map_err(store_error)?;
+    conn.execute_batch("BEGIN EXCLUSIVE; ROLLBACK;").map_err(|_| in_use())?;
+    Ok(())
 }
 
 /// `file` with `ending` appended to its name.
