@@ -115,6 +115,24 @@ async fn the_epoch_is_sent_back_and_a_restore_rewinds_to_the_fork() {
     assert_eq!(disconnected(&client).await.0, Some(1013));
     let conn = fake.accept().await;
     assert_eq!((conn.since, conn.epoch.as_deref()), (Some(6), Some("e1")));
+    client.close().await;
+    drop(conn);
+
+    // A cursor of 9 from before a restore whose fork retention has since
+    // purged past: the server resumes after the oldest retained seq less one
+    // (7), still below 9, and says truncated. The client follows it.
+    let client = builder(&fake).since(9).epoch("e1").build().unwrap();
+    let mut conn = fake.accept().await;
+    let mut w = welcome("alice", 12, 25);
+    (w["epoch"], w["since"], w["truncated"], w["oldest_seq"]) = (json!("e2"), json!(7), json!(true), json!(8));
+    conn.send(w).await;
+    conn.send(note(8)).await;
+    connected(&client).await;
+    match next(&client).await {
+        Event::Rewound { since: 9, last_seq: 7 } => {}
+        other => panic!("expected Rewound from 9 to 7, got {other:?}"),
+    }
+    assert_eq!(next_seq(&client).await, 8, "seq 8 of the new history is delivered");
 }
 
 #[tokio::test]

@@ -475,7 +475,13 @@ pub async fn restore(database_url: &str, from: &std::path::Path) -> Result<(Stri
         ));
     }
     let restored = sqlite::restore(database_url, from).await?;
-    Ok((mark_restored(database_url).await?, restored))
+    match mark_restored(database_url).await {
+        Ok(epoch) => Ok((epoch, restored)),
+        Err(e) => Err(StoreError::Internal(format!(
+            "the backup is in place, but the store could not be marked restored ({e}): run herald mark-restored \
+             before starting the node"
+        ))),
+    }
 }
 
 /// `herald mark-restored`: records that the store named by `database_url`

@@ -124,24 +124,30 @@ async fn database_file(pool: &SqlitePool) -> Result<std::path::PathBuf, StoreErr
 /// `herald backup`: copies the database named by `url` into the new file
 /// `to`, a consistent snapshot taken beside a running node ([`backup`]).
 pub async fn backup(url: &str, to: &std::path::Path) -> Result<Backup, StoreError> {
-    let options =
-        SqliteConnectOptions::from_str(url).map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?;
-    let (source, to) = (options.get_filename().to_path_buf(), to.to_path_buf());
-    tokio::task::spawn_blocking(move || backup::backup(&source, &to))
-        .await
-        .map_err(|e| StoreError::Internal(format!("the backup thread failed: {e}")))?
+    let (source, to) = (file_of(url)?, to.to_path_buf());
+    off_runtime(move || backup::backup(&source, &to)).await
 }
 
 /// `herald restore`: puts the backup `from` in place of the database named
 /// by `url`, whose node is stopped ([`backup::restore`]). The caller marks
 /// the store restored.
 pub async fn restore(url: &str, from: &std::path::Path) -> Result<Restore, StoreError> {
+    let (database, from) = (file_of(url)?, from.to_path_buf());
+    off_runtime(move || backup::restore(&from, &database)).await
+}
+
+/// The file a `sqlite://` URL names.
+fn file_of(url: &str) -> Result<std::path::PathBuf, StoreError> {
     let options =
         SqliteConnectOptions::from_str(url).map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?;
-    let (database, from) = (options.get_filename().to_path_buf(), from.to_path_buf());
-    tokio::task::spawn_blocking(move || backup::restore(&from, &database))
-        .await
-        .map_err(|e| StoreError::Internal(format!("the restore thread failed: {e}")))?
+    Ok(options.get_filename().to_path_buf())
+}
+
+/// Runs blocking file work on a thread of its own.
+async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(work).await.map_err(|e| StoreError::Internal(format!("the file thread failed: {e}")))?
 }
 
 #[async_trait]

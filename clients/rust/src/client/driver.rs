@@ -186,18 +186,22 @@ impl Driver {
         self.token_fresh = false;
         self.ctl.outlet.reset_lag();
         self.ctl.outlet.event(Event::State(State::Connected(welcome.clone())));
+        // Where the server resumed: `welcome.since` (servers before store
+        // epochs said only `last_seq`, which mattered when below ours).
+        let resumed = welcome.since.unwrap_or(welcome.last_seq);
         match self.cursor {
             None => self.set_cursor(welcome.last_seq),
+            // Below our cursor (a restore, or another database): follow it,
+            // or what the server sends up to our old seq would be dropped.
+            // Checked before truncation: after a restore the resume point
+            // may also have been raised to the oldest retained seq.
+            Some(since) if resumed < since => {
+                self.ctl.outlet.event(Event::Rewound { since, last_seq: resumed });
+                self.set_cursor(resumed);
+            }
             Some(since) if welcome.truncated => {
                 let oldest_seq = welcome.oldest_seq.unwrap_or(since + 1);
                 self.ctl.outlet.event(Event::Truncated { since, oldest_seq });
-            }
-            // Where the server resumed (`welcome.since`; servers before store
-            // epochs said only `last_seq`), when below this client's cursor.
-            Some(since) if welcome.since.unwrap_or(welcome.last_seq) < since => {
-                let resumed = welcome.since.unwrap_or(welcome.last_seq);
-                self.ctl.outlet.event(Event::Rewound { since, last_seq: resumed });
-                self.set_cursor(resumed);
             }
             Some(_) => {}
         }
