@@ -106,8 +106,8 @@ class HeraldServer {
     return `https://127.0.0.1:${this.port}`;
   }
 
-  async start() {
-    if (this.child) throw new Error('herald is already running');
+  /** The binary and the environment it runs with (settings from this server's). */
+  command() {
     const bin = process.env.HERALD_BIN ?? path.join(repoRoot, 'target/debug/herald');
     if (!existsSync(bin)) throw new Error(`no herald binary at ${bin}: build it (cargo build) or set HERALD_BIN`);
     const env = Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('HERALD_')));
@@ -122,6 +122,18 @@ class HeraldServer {
       ...(this.devMode ? {} : { HERALD_JWT_SECRET: this.jwtSecret, HERALD_API_KEYS: this.apiKey }),
       ...this.extraEnv,
     });
+    return { bin, env };
+  }
+
+  /** Runs `herald <args>` with this server's settings (e.g. `backup`); its stdout. */
+  cli(...args) {
+    const { bin, env } = this.command();
+    return execFileSync(bin, args, { env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'] });
+  }
+
+  async start() {
+    if (this.child) throw new Error('herald is already running');
+    const { bin, env } = this.command();
     const child = spawn(bin, ['serve'], { env, stdio: ['ignore', 'pipe', 'pipe'] });
     this.child = child;
     running.add(child);

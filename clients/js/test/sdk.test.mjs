@@ -1,8 +1,9 @@
 // The SDK in headless Chromium against a real herald over wss: resume across a
-// server restart, in-band token refresh, read marks across devices, one
+// server restart and across a restore from a backup, in-band token refresh, read marks across devices, one
 // connection shared by the tabs of an origin, and what each close code does.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
+import path from 'node:path';
 
 import { launchBrowser, newContext, publish, startHerald } from './harness.mjs';
 
@@ -28,7 +29,7 @@ after(async () => {
  * `window.log`. `token` is the provider, run in the test (so tests can count
  * calls and change tokens).
  */
-async function openClient(context, { token, options = {}, connect = true, origin = server.url }) {
+async function openClient(context, { token, options = {}, connect = true, srv = server, origin = srv.url }) {
   const page = await context.newPage();
   const problems = [];
   page.on('pageerror', (e) => problems.push(e.message));
@@ -52,7 +53,7 @@ async function openClient(context, { token, options = {}, connect = true, origin
       herald.on('truncated', (t) => log.truncated.push(t));
       if (connect) herald.connect().catch((e) => (log.connectError = e.code));
     },
-    { options, connect, url: server.url },
+    { options, connect, url: srv.url },
   );
   return page;
 }
@@ -122,6 +123,47 @@ test('resumes after a server restart: every seq once, in order; a reload resumes
   assert.equal(await again.evaluate(() => window.herald.lastSeq), 10);
   assert.deepEqual(again.problems, []);
   await context.close();
+});
+
+test('after a restore from a backup, a reload resumes from the fork: the notifications stored under seqs it saw are new', { timeout: 60_000 }, async () => {
+  const srv = await startHerald();
+  const user = 'una';
+  const context = await newContext(browser);
+  const opts = { token: () => srv.token(user), options: FAST, srv };
+  try {
+    const page = await openClient(context, opts);
+    await waitOpen(page);
+    for (const n of range(1, 3)) await publish(srv, user, 't', { n });
+    await expectSeqs(page, range(1, 3));
+    const backup = path.join(srv.dir, 'backup.db');
+    assert.match(srv.cli('backup', '--to', backup), /3 notifications of 1 users/);
+    // Seen by the page, then lost in the restore.
+    for (const n of range(4, 5)) await publish(srv, user, 't', { n: `lost-${n}` });
+    await expectSeqs(page, range(1, 5));
+    const stored = () => page.evaluate(() => Object.fromEntries(Object.entries(localStorage)));
+    const before = await stored();
+    const key = Object.keys(before).find((k) => k.startsWith('herald:seq:') && !k.endsWith(':epoch'));
+    assert.equal(before[key], '5');
+    assert.ok(before[`${key}:epoch`], `the epoch is kept with the seq: ${JSON.stringify(before)}`);
+    await page.close();
+
+    await srv.stop();
+    assert.match(srv.cli('restore', '--from', backup), /store epoch now/);
+    await srv.start();
+    for (const n of range(4, 6)) await publish(srv, user, 't', { n: `new-${n}` });
+    const again = await openClient(context, opts);
+    await waitOpen(again);
+    await expectSeqs(again, range(4, 6));
+    const l = await log(again);
+    assert.deepEqual(l.notifications.map((n) => n.payload.n), ['new-4', 'new-5', 'new-6']);
+    const after = await again.evaluate(() => Object.fromEntries(Object.entries(localStorage)));
+    assert.equal(after[key], '6');
+    assert.notEqual(after[`${key}:epoch`], before[`${key}:epoch`], 'the new epoch is kept');
+    assert.deepEqual(l.errors, []);
+  } finally {
+    await context.close();
+    await srv.dispose();
+  }
 });
 
 test('a token about to expire is refreshed in-band: same socket, still delivering after the old exp', { timeout: 60_000 }, async () => {
