@@ -1,6 +1,7 @@
 // The SDK in headless Chromium against a real herald over wss: resume across a
-// server restart and across a restore from a backup, in-band token refresh, read marks across devices, one
-// connection shared by the tabs of an origin, and what each close code does.
+// server restart and across a restore from a backup, in-band token refresh,
+// read marks across devices, one connection shared by the tabs of an origin,
+// and what each close code does.
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 import path from 'node:path';
