@@ -465,12 +465,16 @@ async fn after_herald_restore_a_client_from_before_resumes_from_the_fork() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(said.contains("5 notifications of 1 users") && said.contains("store epoch now"), "{said}");
-    let aside: Vec<_> = std::fs::read_dir(dir.path())
+    let aside = std::fs::read_dir(dir.path())
         .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .filter(|name| name.starts_with("herald.db.replaced-"))
-        .collect();
-    assert!(!aside.is_empty(), "the replaced database was not kept aside");
+        .map(|e| e.unwrap().path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().ends_with(char::is_numeric))
+        .expect("the replaced database is kept aside");
+    assert!(aside.file_name().unwrap().to_string_lossy().starts_with("herald.db.replaced-"), "{aside:?}");
+    let kept = rusqlite::Connection::open_with_flags(&aside, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).unwrap();
+    let count: i64 = kept.query_row("SELECT COUNT(*) FROM notifications", [], |r| r.get(0)).unwrap();
+    assert_eq!(count, 8, "the replaced database, lost notifications and all, still opens as it was");
+    drop(kept);
 
     let server = start(dir.path(), &vars);
     let (ws, http) = (format!("ws://127.0.0.1:{}", server.port), format!("http://127.0.0.1:{}", server.port));

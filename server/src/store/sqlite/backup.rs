@@ -113,9 +113,10 @@ pub struct Restore {
 
 /// Puts the backup `from` in place of the database at `database` (whose
 /// node must be stopped): checks it, copies it beside the database, moves
-/// the database and its `-wal` and `-shm` files aside (`….replaced-<unix
-/// ms>`; a WAL left beside the restored file would belong to the other
-/// database), then renames the copy into place.
+/// the database and its `-wal` and `-shm` files aside (to
+/// `<database>.replaced-<unix ms>` and that name's `-wal` and `-shm`, so the
+/// old database still opens as it was; a WAL left beside the restored file
+/// would belong to the other database), then renames the copy into place.
 pub fn restore(from: &Path, database: &Path) -> Result<Restore, StoreError> {
     let (users, notifications) = inspect(from)?;
     if database.exists() {
@@ -129,12 +130,12 @@ pub fn restore(from: &Path, database: &Path) -> Result<Restore, StoreError> {
         let _ = std::fs::remove_file(&staged);
         return Err(e);
     }
-    let suffix = format!(".replaced-{}", crate::store::now_ms());
+    let replaced = sibling(database, &format!(".replaced-{}", crate::store::now_ms()));
     let mut moved_aside = Vec::new();
     for ending in ["", "-wal", "-shm"] {
         let file = sibling(database, ending);
         if file.exists() {
-            let aside = sibling(&file, &suffix);
+            let aside = sibling(&replaced, ending);
             std::fs::rename(&file, &aside).map_err(|e| io("moving the database aside", e))?;
             moved_aside.push((file, aside));
         }
