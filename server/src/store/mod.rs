@@ -12,11 +12,13 @@ use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
 use serde_json::value::RawValue;
 
+pub mod epochs;
 pub mod jobs;
 mod plan;
 pub mod postgres;
 pub mod sqlite;
 
+pub use epochs::EpochStore;
 pub use jobs::JobStore;
 
 /// Rows deleted per statement by retention and erasure, so neither holds
@@ -46,44 +48,6 @@ const REVOKE_SQL: &str = "INSERT INTO revocations (user_id, issued_before, expir
                        ELSE revocations.expires_at END, \
      updated_ms = excluded.updated_ms \
      RETURNING user_id, issued_before, expires_at";
-
-/// The store's current epoch (docs: "Store epochs" in migrations).
-const EPOCH_SQL: &str = "SELECT epoch FROM store_epochs ORDER BY ordinal DESC LIMIT 1";
-
-/// For a client's epoch `$1` and user `$2`: the epoch's ordinal (NULL: not
-/// one of this store's), the current ordinal, and the lowest fork of the
-/// user over the epochs from `$1` to the current one (a user without a fork
-/// row in one of them had nothing stored at that restore: 0).
-const FORK_SQL: &str = "SELECT (SELECT ordinal FROM store_epochs WHERE epoch = $1) AS known, \
-     (SELECT MAX(ordinal) FROM store_epochs) AS current_ordinal, \
-     (SELECT MIN(COALESCE(f.seq, 0)) FROM store_epochs e \
-      LEFT JOIN store_forks f ON f.epoch = e.epoch AND f.user_id = $2 \
-      WHERE e.ordinal >= (SELECT ordinal FROM store_epochs WHERE epoch = $1) \
-        AND e.ordinal < (SELECT MAX(ordinal) FROM store_epochs)) AS fork";
-
-/// A restore, first step: every user's counter as the current epoch's fork.
-/// (`WHERE true`: SQLite's parser needs a `WHERE` before an upsert's `ON`.)
-const FORKS_SQL: &str = "INSERT INTO store_forks (epoch, user_id, seq) \
-     SELECT (SELECT epoch FROM store_epochs ORDER BY ordinal DESC LIMIT 1), user_id, last_seq FROM users \
-     WHERE true ON CONFLICT DO NOTHING";
-
-/// A restore, second step: the new epoch `$1`, restored at `$2` (unix ms).
-const NEW_EPOCH_SQL: &str = "INSERT INTO store_epochs (epoch, restored_ms) VALUES ($1, $2)";
-
-/// Where a client's cursor from another epoch must go back to, from
-/// [`FORK_SQL`]'s row: `None` when `epoch` is the current one.
-fn fork_from(known: Option<i64>, current: i64, fork: Option<i64>) -> Option<Seq> {
-    match known {
-        None => Some(0),
-        Some(known) if known == current => None,
-        Some(_) => Some(fork.unwrap_or(0)),
-    }
-}
-
-/// A new epoch's name.
-fn new_epoch() -> String {
-    uuid::Uuid::new_v4().simple().to_string()[..16].to_string()
-}
 
 /// Erasure: user `$1`'s oldest `$3` notifications with `seq <= $2`.
 const ERASE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE user_id = $1 AND seq IN \
@@ -242,7 +206,7 @@ pub struct Unread {
 /// Durable storage of notifications and read state (and, through
 /// [`JobStore`], of jobs and digest windows).
 #[async_trait]
-pub trait Store: JobStore + Send + Sync + 'static {
+pub trait Store: JobStore + EpochStore + Send + Sync + 'static {
     /// Stores each notification and assigns it the user's next `seq` **in the
     /// same transaction as the insert**, so each user's seqs are 1, 2, 3, …
     /// without gaps, in commit order. Durable when it returns `Ok`.
@@ -322,21 +286,6 @@ pub trait Store: JobStore + Send + Sync + 'static {
     /// The revocations changed at or after `since_ms` on the store's clock
     /// (every one with `None`), and that clock's time before they were read.
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError>;
-
-    /// The store's epoch: which history its seqs belong to. It changes only
-    /// with [`mark_restored`](Self::mark_restored).
-    async fn epoch(&self) -> Result<String, StoreError>;
-
-    /// Where a cursor of `user` kept from the store's epoch `epoch` must go
-    /// back to: seqs up to the returned one are the same in both histories,
-    /// later ones of that epoch were lost in a restore (0 for an epoch this
-    /// store never had). `None` when `epoch` is the current one.
-    async fn fork(&self, user: &str, epoch: &str) -> Result<Option<Seq>, StoreError>;
-
-    /// Records that the store was just restored from a backup: every user's
-    /// counter becomes the current epoch's fork, and a new epoch begins;
-    /// returns it. Run with no node serving the store.
-    async fn mark_restored(&self) -> Result<String, StoreError>;
 
     /// Answers when the database does.
     async fn ping(&self) -> Result<(), StoreError>;
@@ -485,7 +434,7 @@ pub async fn restore(database_url: &str, from: &std::path::Path) -> Result<(Stri
 }
 
 /// `herald mark-restored`: records that the store named by `database_url`
-/// was just restored from a backup ([`Store::mark_restored`]); the new epoch.
+/// was just restored from a backup ([`EpochStore::mark_restored`]); the new epoch.
 pub async fn mark_restored(database_url: &str) -> Result<String, StoreError> {
     let options = StoreOptions { pool_size: 1, ..StoreOptions::default() };
     let store = open(database_url, &options).await?;

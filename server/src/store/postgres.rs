@@ -279,6 +279,8 @@ fn rows(user: &str, rows: Vec<PgRow>) -> Result<Vec<StoredNotification>, StoreEr
     Ok(rows.iter().map(|r| from_row(&user, r)).collect::<Result<_, _>>()?)
 }
 
+super::epochs::impl_epoch_store!(PostgresStore);
+
 #[async_trait]
 impl Store for PostgresStore {
     fn pool_usage(&self) -> (u32, u32) {
@@ -423,31 +425,6 @@ impl Store for PostgresStore {
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
         delete_in_chunks(&self.pool, &self.read_only, || sqlx::query(super::ERASE_CHUNK_SQL).bind(user).bind(up_to))
             .await
-    }
-
-    async fn epoch(&self) -> Result<String, StoreError> {
-        Ok(sqlx::query_scalar(super::EPOCH_SQL).fetch_one(&self.pool).await?)
-    }
-
-    async fn fork(&self, user: &str, epoch: &str) -> Result<Option<Seq>, StoreError> {
-        let (known, current, fork) =
-            sqlx::query_as(super::FORK_SQL).bind(epoch).bind(user).fetch_one(&self.pool).await?;
-        Ok(super::fork_from(known, current, fork))
-    }
-
-    async fn mark_restored(&self) -> Result<String, StoreError> {
-        let epoch = super::new_epoch();
-        let mut tx = self.pool.begin().await.map_err(|e| self.db_error(e))?;
-        sqlx::query(super::FORKS_SQL).execute(&mut *tx).await.map_err(|e| self.db_error(e))?;
-        let now_ms = super::now_ms();
-        sqlx::query(super::NEW_EPOCH_SQL)
-            .bind(&epoch)
-            .bind(now_ms)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| self.db_error(e))?;
-        tx.commit().await.map_err(|e| self.db_error(e))?;
-        Ok(epoch)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

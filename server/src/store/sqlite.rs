@@ -150,6 +150,8 @@ async fn off_runtime<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.map_err(|e| StoreError::Internal(format!("the file thread failed: {e}")))?
 }
 
+super::epochs::impl_epoch_store!(SqliteStore);
+
 #[async_trait]
 impl Store for SqliteStore {
     fn pool_usage(&self) -> (u32, u32) {
@@ -264,25 +266,6 @@ impl Store for SqliteStore {
         let changed =
             sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms.unwrap_or(i64::MIN)).fetch_all(&self.pool).await?;
         Ok(Revocations { changed, as_of_ms })
-    }
-
-    async fn epoch(&self) -> Result<String, StoreError> {
-        Ok(sqlx::query_scalar(super::EPOCH_SQL).fetch_one(&self.pool).await?)
-    }
-
-    async fn fork(&self, user: &str, epoch: &str) -> Result<Option<Seq>, StoreError> {
-        let (known, current, fork) =
-            sqlx::query_as(super::FORK_SQL).bind(epoch).bind(user).fetch_one(&self.pool).await?;
-        Ok(super::fork_from(known, current, fork))
-    }
-
-    async fn mark_restored(&self) -> Result<String, StoreError> {
-        let epoch = super::new_epoch();
-        let mut tx = self.pool.begin().await?;
-        sqlx::query(super::FORKS_SQL).execute(&mut *tx).await?;
-        sqlx::query(super::NEW_EPOCH_SQL).bind(&epoch).bind(super::now_ms()).execute(&mut *tx).await?;
-        tx.commit().await?;
-        Ok(epoch)
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

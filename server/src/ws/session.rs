@@ -177,13 +177,13 @@ impl Session {
     /// the fork that it saw were lost, and the ones stored under them now
     /// are new to it.
     async fn since(&mut self) -> Result<Option<Seq>, SessionEnd> {
-        let (Some(since), Some(epoch)) = (self.ctx.since, self.ctx.epoch.clone()) else {
+        let (Some(since), Some(epoch)) = (self.ctx.since, self.ctx.epoch.as_deref()) else {
             return Ok(self.ctx.since);
         };
         if epoch == self.state.epoch {
             return Ok(Some(since));
         }
-        let fork = self.state.store.fork(&self.ctx.user, &epoch);
+        let fork = self.state.store.fork(&self.ctx.user, epoch);
         let fork = self.state.metrics.store_op("fork", fork).await.map_err(|e| self.failed(e))?;
         if let Some(fork) = fork.filter(|fork| *fork < since) {
             tracing::info!(since, fork, "a cursor from an earlier store epoch resumes from the fork");

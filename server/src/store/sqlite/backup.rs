@@ -16,7 +16,7 @@
 //! `herald restore` puts such a copy in place of a stopped node's database
 //! ([`restore`]): checked the same way first, the replaced files moved aside,
 //! never deleted. The caller then marks the store restored (a new epoch, see
-//! [`Store::mark_restored`](crate::store::Store::mark_restored)).
+//! [`EpochStore::mark_restored`](crate::store::EpochStore::mark_restored)).
 
 use std::path::{Path, PathBuf};
 
