@@ -2,7 +2,9 @@
 //!
 //! Appends go through one writer thread that owns one connection and commits
 //! whatever has queued up in a single transaction (group commit, [`writer`]);
-//! `synchronous=FULL`, so a commit survives power loss. Reads of
+//! `synchronous=FULL`, so a commit survives power loss, and through the
+//! `herald_walbuf` VFS, so its WAL frames reach the kernel in a few large
+//! writes. Reads of
 //! notifications run on reader threads of their own ([`reader`]); the rest
 //! (unread counts, read marks, retention, jobs, migrations) use a small sqlx pool. WAL lets the
 //! readers run beside the writer.

@@ -134,8 +134,17 @@ pub(super) fn closed() -> StoreError {
 
 /// A connection to the (created, migrated) database file, for a thread of its own.
 pub(super) fn open(path: &Path) -> Result<Connection, StoreError> {
+    open_with(path, None)
+}
+
+/// The same, through the VFS named `vfs` (SQLite's default when `None`).
+pub(super) fn open_with(path: &Path, vfs: Option<&str>) -> Result<Connection, StoreError> {
     let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-    let conn = Connection::open_with_flags(path, flags).map_err(store_error)?;
+    let conn = match vfs {
+        Some(vfs) => Connection::open_with_flags_and_vfs(path, flags, vfs),
+        None => Connection::open_with_flags(path, flags),
+    }
+    .map_err(store_error)?;
     conn.busy_timeout(BUSY_TIMEOUT).map_err(store_error)?;
     Ok(conn)
 }

@@ -22,7 +22,7 @@ use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot};
 
-use super::reader::{closed, open, store_error, NotificationColumns};
+use super::reader::{closed, open_with, store_error, NotificationColumns};
 use crate::store::plan::{Key, Plan};
 use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
 
@@ -106,8 +106,15 @@ impl Writer {
 /// leaf per notification, and every page not cached is read back first:
 /// batched storing ≈57k/s with 2 MiB, ≈61k/s with 64, ≈65k/s with 256,
 /// docs/BENCHMARKS.md). The cache fills only as pages are used.
+///
+/// It goes through [`herald_walbuf`], which hands a commit's WAL frames to
+/// the kernel in 64 KiB writes instead of two writes per page (the largest
+/// item of the writer's profile; docs/BENCHMARKS.md). That VFS relies on the
+/// commit syncing the WAL before publishing it, which `synchronous=FULL` does.
 fn open_writer(path: &Path, cache_mib: u32) -> Result<Connection, StoreError> {
-    let conn = open(path)?;
+    herald_walbuf::register()
+        .map_err(|code| StoreError::Internal(format!("registering SQLite's WAL-buffering VFS failed (code {code})")))?;
+    let conn = open_with(path, Some(herald_walbuf::NAME))?;
     conn.pragma_update(None, "synchronous", "FULL").map_err(store_error)?;
     conn.pragma_update(None, "wal_autocheckpoint", CHECKPOINT_PAGES).map_err(store_error)?;
     conn.pragma_update(None, "journal_size_limit", WAL_SIZE_LIMIT).map_err(store_error)?;
@@ -257,7 +264,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_writer_connection_takes_its_cache_size() {
+    fn the_writer_connection_takes_its_settings_and_the_wal_buffering_vfs() {
         let dir = std::env::temp_dir().join(format!("herald-writer-{}", uuid::Uuid::now_v7()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("herald.db");
@@ -267,8 +274,14 @@ mod tests {
             let kib: i64 = conn.pragma_query_value(None, "cache_size", |r| r.get(0)).unwrap();
             assert_eq!(kib, -i64::from(mib) * 1024);
             let sync: i64 = conn.pragma_query_value(None, "synchronous", |r| r.get(0)).unwrap();
-            assert_eq!(sync, 2, "synchronous=FULL");
+            assert_eq!(sync, 2, "synchronous=FULL (the WAL-buffering VFS relies on it)");
         }
+        // Its commits go through the WAL-buffering VFS.
+        let conn = open_writer(&path, 1).unwrap();
+        conn.pragma_update(None, "journal_mode", "WAL").unwrap();
+        let (writes, _) = herald_walbuf::wal_writes();
+        conn.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);").unwrap();
+        assert!(herald_walbuf::wal_writes().0 > writes, "the writer's WAL writes went through herald_walbuf");
         std::fs::remove_dir_all(dir).ok();
     }
 }
