@@ -26,7 +26,10 @@
 //!   write lock and append where they were, as the unix VFS would have
 //!   written them at once; they can never land on top of its frames later.
 //! - A failed flush returns its error to the call that caused it (a commit's
-//!   `xSync` fails, so the commit does), and the run is dropped.
+//!   `xSync` fails, so the commit does), and the run is dropped. A lock is
+//!   released even when the flush before it failed.
+//! - A WAL whose database was not opened through this VFS (so the lock
+//!   release would not reach it) is not buffered at all.
 //!
 //! Only connections opened with [`NAME`] use it; others on the same file use
 //! the default VFS beside it (locks and the WAL index are the unix VFS's own).
@@ -239,14 +242,13 @@ fn flush(wal: &mut File) -> c_int {
     rc
 }
 
-/// Flushes `file`'s own run (a WAL) or its WAL's (a main database).
-fn flush_any(file: &mut File) -> c_int {
-    match file.kind {
-        Kind::Wal => flush(file),
-        // SAFETY: a linked WAL is open (close unlinks it).
-        Kind::Main if !file.wal.is_null() => flush(unsafe { &mut *file.wal }),
-        Kind::Main => ffi::SQLITE_OK,
+/// Flushes the run of a main database's WAL, if it has one open through us.
+fn flush_wal_of(db: &mut File) -> c_int {
+    if db.wal.is_null() {
+        return ffi::SQLITE_OK;
     }
+    // SAFETY: a linked WAL is open (its close unlinks it).
+    flush(unsafe { &mut *db.wal })
 }
 
 /// The default VFS's method `$m` of `$file`'s inner file.
@@ -262,15 +264,15 @@ macro_rules! inner_call {
     }};
 }
 
-/// A method that flushes first (for a WAL; for a main database, only
-/// where `$flush` says), then passes the call on.
+/// A method that, on a WAL, flushes first (and fails with the flush's
+/// error, not doing what needs the data); then passes the call on.
 macro_rules! passing_on {
-    ($name:ident, $m:ident, $flush:expr, $default:expr, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
+    ($name:ident, $m:ident, $default:expr, ($($arg:ident: $ty:ty),*) -> $ret:ty) => {
         unsafe extern "C" fn $name(file: *mut ffi::sqlite3_file $(, $arg: $ty)*) -> $ret {
             // SAFETY: SQLite calls methods only on files its xOpen opened.
             let this = unsafe { this(file) };
-            if this.kind == Kind::Wal || $flush {
-                let rc = flush_any(this);
+            if this.kind == Kind::Wal {
+                let rc = flush(this);
                 if rc != ffi::SQLITE_OK {
                     return rc;
                 }
@@ -280,20 +282,46 @@ macro_rules! passing_on {
     };
 }
 
-passing_on!(read, xRead, false, ffi::SQLITE_IOERR_READ, (buf: *mut c_void, amount: c_int, offset: i64) -> c_int);
-passing_on!(truncate, xTruncate, false, ffi::SQLITE_IOERR_TRUNCATE, (size: i64) -> c_int);
-passing_on!(sync, xSync, false, ffi::SQLITE_IOERR_FSYNC, (flags: c_int) -> c_int);
-passing_on!(file_size, xFileSize, false, ffi::SQLITE_IOERR_FSTAT, (size: *mut i64) -> c_int);
-passing_on!(lock, xLock, false, ffi::SQLITE_IOERR_LOCK, (level: c_int) -> c_int);
-passing_on!(unlock, xUnlock, false, ffi::SQLITE_IOERR_UNLOCK, (level: c_int) -> c_int);
-passing_on!(check_reserved_lock, xCheckReservedLock, false, ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, (out: *mut c_int) -> c_int);
-passing_on!(file_control, xFileControl, false, ffi::SQLITE_NOTFOUND, (op: c_int, arg: *mut c_void) -> c_int);
-passing_on!(shm_map, xShmMap, false, ffi::SQLITE_IOERR_SHMMAP, (page: c_int, size: c_int, extend: c_int, out: *mut *mut c_void) -> c_int);
-// Releasing a lock on the WAL index ends a write transaction: the WAL's run goes first.
-passing_on!(shm_lock, xShmLock, flags & ffi::SQLITE_SHM_UNLOCK != 0, ffi::SQLITE_IOERR_SHMLOCK, (offset: c_int, n: c_int, flags: c_int) -> c_int);
-passing_on!(shm_unmap, xShmUnmap, true, ffi::SQLITE_OK, (delete: c_int) -> c_int);
-passing_on!(fetch, xFetch, false, ffi::SQLITE_OK, (offset: i64, amount: c_int, out: *mut *mut c_void) -> c_int);
-passing_on!(unfetch, xUnfetch, false, ffi::SQLITE_OK, (offset: i64, page: *mut c_void) -> c_int);
+passing_on!(read, xRead, ffi::SQLITE_IOERR_READ, (buf: *mut c_void, amount: c_int, offset: i64) -> c_int);
+passing_on!(truncate, xTruncate, ffi::SQLITE_IOERR_TRUNCATE, (size: i64) -> c_int);
+passing_on!(sync, xSync, ffi::SQLITE_IOERR_FSYNC, (flags: c_int) -> c_int);
+passing_on!(file_size, xFileSize, ffi::SQLITE_IOERR_FSTAT, (size: *mut i64) -> c_int);
+passing_on!(lock, xLock, ffi::SQLITE_IOERR_LOCK, (level: c_int) -> c_int);
+passing_on!(unlock, xUnlock, ffi::SQLITE_IOERR_UNLOCK, (level: c_int) -> c_int);
+passing_on!(check_reserved_lock, xCheckReservedLock, ffi::SQLITE_IOERR_CHECKRESERVEDLOCK, (out: *mut c_int) -> c_int);
+passing_on!(file_control, xFileControl, ffi::SQLITE_NOTFOUND, (op: c_int, arg: *mut c_void) -> c_int);
+passing_on!(shm_map, xShmMap, ffi::SQLITE_IOERR_SHMMAP, (page: c_int, size: c_int, extend: c_int, out: *mut *mut c_void) -> c_int);
+passing_on!(fetch, xFetch, ffi::SQLITE_OK, (offset: i64, amount: c_int, out: *mut *mut c_void) -> c_int);
+passing_on!(unfetch, xUnfetch, ffi::SQLITE_OK, (offset: i64, page: *mut c_void) -> c_int);
+
+/// Releasing a lock on the WAL index (of the main database) is how a write
+/// transaction ends, committed or rolled back: the WAL's run is written
+/// first. The lock is released whatever that write did (the run then holds
+/// no committed frame: a commit's were written at its sync), so a failed
+/// write cannot leave other connections waiting.
+unsafe extern "C" fn shm_lock(file: *mut ffi::sqlite3_file, offset: c_int, n: c_int, flags: c_int) -> c_int {
+    // SAFETY: SQLite calls methods only on files its xOpen opened.
+    let this = unsafe { this(file) };
+    let flushed = if flags & ffi::SQLITE_SHM_UNLOCK != 0 { flush_wal_of(this) } else { ffi::SQLITE_OK };
+    let rc = inner_call!(this, xShmLock, ffi::SQLITE_IOERR_SHMLOCK, offset, n, flags);
+    if rc == ffi::SQLITE_OK {
+        flushed
+    } else {
+        rc
+    }
+}
+
+unsafe extern "C" fn shm_unmap(file: *mut ffi::sqlite3_file, delete: c_int) -> c_int {
+    // SAFETY: as above.
+    let this = unsafe { this(file) };
+    let flushed = flush_wal_of(this);
+    let rc = inner_call!(this, xShmUnmap, ffi::SQLITE_OK, delete);
+    if rc == ffi::SQLITE_OK {
+        flushed
+    } else {
+        rc
+    }
+}
 
 unsafe extern "C" fn sector_size(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite calls methods only on files its xOpen opened.
@@ -316,7 +344,9 @@ unsafe extern "C" fn shm_barrier(file: *mut ffi::sqlite3_file) {
 unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, buf: *const c_void, amount: c_int, offset: i64) -> c_int {
     // SAFETY: SQLite calls methods only on files its xOpen opened.
     let this = unsafe { this(file) };
-    if this.kind == Kind::Main {
+    if this.kind == Kind::Main || this.db.is_null() {
+        // A WAL not linked to its database would not see the lock release
+        // that ends a transaction: it is not buffered.
         return inner_call!(this, xWrite, ffi::SQLITE_IOERR_WRITE, buf, amount, offset);
     }
     let Ok(amount) = usize::try_from(amount) else {
@@ -350,7 +380,10 @@ unsafe extern "C" fn write(file: *mut ffi::sqlite3_file, buf: *const c_void, amo
 unsafe extern "C" fn close(file: *mut ffi::sqlite3_file) -> c_int {
     // SAFETY: SQLite calls methods only on files its xOpen opened.
     let this = unsafe { this(file) };
-    let flushed = flush_any(this);
+    let flushed = match this.kind {
+        Kind::Wal => flush(this),
+        Kind::Main => flush_wal_of(this),
+    };
     match this.kind {
         // SAFETY: a linked database is open while its WAL is (SQLite closes the WAL first).
         Kind::Wal if !this.db.is_null() => unsafe { (*this.db).wal = null_mut() },
