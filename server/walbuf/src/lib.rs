@@ -116,7 +116,7 @@ enum Kind {
 /// bytes): this header, then the default VFS's own file at [`INNER_OFFSET`].
 #[repr(C)]
 struct File {
-    /// Its `pMethods` are [`MAIN_METHODS`] or [`WAL_METHODS`].
+    /// Its `pMethods` are [`METHODS`].
     base: ffi::sqlite3_file,
     inner: *mut ffi::sqlite3_file,
     kind: Kind,
@@ -177,12 +177,8 @@ unsafe extern "C" fn open(
         return rc;
     }
     let this = file.cast::<File>();
-    let methods = match kind {
-        Kind::Main => &MAIN_METHODS,
-        Kind::Wal => &WAL_METHODS,
-    };
     let file_header = File {
-        base: ffi::sqlite3_file { pMethods: methods },
+        base: ffi::sqlite3_file { pMethods: &METHODS },
         inner,
         kind,
         wal: null_mut(),
@@ -197,8 +193,9 @@ unsafe extern "C" fn open(
         // sqlite3_database_file_object takes; it returns the main database's
         // file, open for as long as its WAL is.
         let db = unsafe { ffi::sqlite3_database_file_object(name) }.cast::<File>();
-        // SAFETY: db is a valid sqlite3_file; only ours have MAIN_METHODS.
-        if !db.is_null() && unsafe { ptr::eq((*db).base.pMethods, &MAIN_METHODS) } {
+        // SAFETY: db is a valid sqlite3_file; only ours have METHODS, and
+        // this one is a main database.
+        if !db.is_null() && unsafe { ptr::eq((*db).base.pMethods, &METHODS) } {
             // SAFETY: both are ours and initialised; one connection uses them
             // at a time (SQLite serialises a connection's calls).
             unsafe {
@@ -425,10 +422,9 @@ const fn methods() -> ffi::sqlite3_io_methods {
     }
 }
 
-/// One table for both kinds (each method looks at `File::kind`); two
-/// statics so [`open`] can tell a main database of ours by its pointer.
-static MAIN_METHODS: ffi::sqlite3_io_methods = methods();
-static WAL_METHODS: ffi::sqlite3_io_methods = methods();
+/// One table for both kinds (each method looks at `File::kind`); [`open`]
+/// tells a file of ours by its pointer.
+static METHODS: ffi::sqlite3_io_methods = methods();
 
 unsafe extern "C" fn delete(vfs: *mut ffi::sqlite3_vfs, name: *const c_char, sync_dir: c_int) -> c_int {
     base_call!(vfs, xDelete, ffi::SQLITE_IOERR_DELETE, name, sync_dir)
