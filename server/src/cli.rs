@@ -47,6 +47,10 @@ pub enum Command {
     /// epoch): clients whose cursors ran past the backup resume from it.
     /// Run with no node serving the store.
     MarkRestored,
+    /// Check the store, read-only (safe while nodes run): SQLite's
+    /// integrity check, and no notification beyond its user's counter.
+    /// Exits 1 if it finds a fault.
+    Check,
     /// Mint a user token with HERALD_JWT_SECRET.
     Token {
         #[arg(long)]
@@ -169,6 +173,11 @@ pub fn main(cli: Cli) -> ExitCode {
             Command::MarkRestored => {
                 let epoch = store::mark_restored(&settings.database_url).await?;
                 println!("marked {} restored; store epoch now {epoch}", settings.database_display());
+                Ok(())
+            }
+            Command::Check => {
+                let (users, notifications) = store::check(&settings.database_url).await?;
+                println!("{} is sound: {notifications} notifications of {users} users", settings.database_display());
                 Ok(())
             }
             Command::Token { sub, ttl } => {

@@ -378,6 +378,53 @@ async fn kill_9_while_publishing_loses_no_acknowledged_notification() {
     assert_eq!(server.wait(), 0);
 }
 
+/// `herald check`, read-only, beside a running node and after it: a sound
+/// store passes with its counts; a notification beyond its user's counter
+/// and a zeroed page are each found (exit 1, the fault named on stderr).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn herald_check_passes_a_sound_store_and_names_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("HERALD_JWT_SECRET", SECRET), ("HERALD_API_KEYS", API_KEY)];
+    let server = start(dir.path(), &vars);
+    let publisher = Publisher::new(format!("http://127.0.0.1:{}", server.port), API_KEY);
+    for i in 0..300 {
+        let user = ["ann", "bob", "cat"][i % 3];
+        publisher.publish_one(user, "t", json!({"i": i, "pad": "x".repeat(500)})).await.unwrap();
+    }
+    let check = || herald(dir.path(), &vars).arg("check").output().unwrap();
+    let beside = check();
+    assert!(beside.status.success(), "{}", String::from_utf8_lossy(&beside.stderr));
+    assert!(String::from_utf8_lossy(&beside.stdout).contains("is sound: 300 notifications of 3 users"));
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+    let after = check();
+    assert!(after.status.success(), "{}", String::from_utf8_lossy(&after.stderr));
+
+    let file = dir.path().join("herald.db");
+    let db = rusqlite::Connection::open(&file).unwrap();
+    db.execute_batch(
+        "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at) VALUES ('ann', 999, 'x', 't', '{}', 0)",
+    )
+    .unwrap();
+    let beyond = check();
+    assert_eq!(beyond.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&beyond.stderr).contains("1 notifications beyond their user's counter"));
+    db.execute_batch("DELETE FROM notifications WHERE seq = 999; PRAGMA wal_checkpoint(TRUNCATE);").unwrap();
+    let root: usize =
+        db.query_row("SELECT rootpage FROM sqlite_master WHERE name = 'notifications'", [], |r| r.get(0)).unwrap();
+    drop(db);
+    assert!(check().status.success());
+
+    // The notifications table's root page zeroed (pages count from 1).
+    let mut torn = std::fs::read(&file).unwrap();
+    torn[(root - 1) * 4096..root * 4096].fill(0);
+    std::fs::write(&file, &torn).unwrap();
+    let corrupt = check();
+    assert_eq!(corrupt.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&corrupt.stderr).contains("failed its integrity check"));
+    assert_eq!(std::fs::read(&file).unwrap(), torn, "the check wrote nothing");
+}
+
 /// Every seq stored for `user`, reading the history page by page.
 async fn stored_seqs(publisher: &Publisher, user: &str) -> (Vec<i64>, i64) {
     let (mut seqs, mut after) = (Vec::new(), 0);

@@ -793,3 +793,27 @@ async fn a_database_migrated_by_a_newer_build_still_opens() {
     store.ping().await.unwrap();
     store.close().await;
 }
+
+/// `herald check` on PostgreSQL (`store::check`, read-only): a sound store
+/// passes with its counts; a notification stored beyond its user's counter
+/// (which no append can produce) is found, and the check changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_passes_a_sound_store_and_finds_a_notification_beyond_its_counter() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    let batch = vec![note("ann", "t", "1", None), note("ann", "t", "2", None), note("bob", "t", "3", None)];
+    store.append(batch).await.unwrap();
+    assert_eq!(herald_server::store::check(&db.url).await.unwrap(), (2, 3));
+
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query(
+        "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at) VALUES ('ann', 9, 'x', 't', '{}', 0)",
+    )
+    .execute(&mut conn)
+    .await
+    .unwrap();
+    let fault = herald_server::store::check(&db.url).await.unwrap_err().to_string();
+    assert!(fault.contains("1 notifications are beyond their user's counter"), "{fault}");
+    assert_eq!(seqs(&all_of(&*store, "ann").await), [1, 2, 9], "the check changed nothing");
+    store.close().await;
+}

@@ -29,6 +29,11 @@ const DELETE_CHUNK: i64 = 1000;
 const PURGE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE (user_id, seq) IN \
      (SELECT user_id, seq FROM notifications WHERE created_at < $1 LIMIT $2)";
 
+/// How many stored notifications lie beyond their user's counter (or have
+/// no counter): 0 in a sound store, whatever retention or erasure did.
+const BEYOND_COUNTER_SQL: &str = "SELECT COUNT(*) FROM notifications n LEFT JOIN users u ON u.user_id = n.user_id \
+     WHERE u.last_seq IS NULL OR n.seq > u.last_seq";
+
 /// The revocations changed at or after `$1` (unix ms).
 const REVOCATIONS_SQL: &str = "SELECT user_id, issued_before, expires_at FROM revocations WHERE updated_ms >= $1";
 
@@ -441,6 +446,18 @@ pub async fn mark_restored(database_url: &str) -> Result<String, StoreError> {
     let marked = store.mark_restored().await;
     store.close().await;
     marked
+}
+
+/// `herald check`: the store named by `database_url` is sound — SQLite's
+/// `PRAGMA integrity_check` passes (SQLite only), and no notification is
+/// beyond its user's counter; `(users, notifications)`. Read-only; safe
+/// beside running nodes. Run it after a crash, a restore or a disk scare.
+pub async fn check(database_url: &str) -> Result<(i64, i64), StoreError> {
+    if is_postgres(database_url) {
+        postgres::check(database_url, StoreOptions::default().connect_timeout).await
+    } else {
+        sqlite::check(database_url).await
+    }
 }
 
 /// Runs the migrations of the store named by `database_url`, alone.

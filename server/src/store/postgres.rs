@@ -151,6 +151,31 @@ impl PostgresStore {
     }
 }
 
+/// `herald check` on PostgreSQL: no notification beyond its user's counter
+/// (PostgreSQL checks its own pages; `amcheck` is its tool for indexes);
+/// `(users, notifications)`. Reads one snapshot, beside running nodes.
+pub async fn check(url: &str, connect_timeout: Duration) -> Result<(i64, i64), StoreError> {
+    let connect = PgConnectOptions::from_str(url)
+        .map_err(|e| StoreError::Internal(format!("bad database url: {e}")))?
+        .application_name("herald check");
+    let pool = PgPoolOptions::new().max_connections(1).acquire_timeout(connect_timeout).connect_with(connect).await?;
+    let counted = async {
+        let mut tx = pool.begin().await?;
+        sqlx::query("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY").execute(&mut *tx).await?;
+        let beyond: i64 = sqlx::query_scalar(super::BEYOND_COUNTER_SQL).fetch_one(&mut *tx).await?;
+        let users: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM users").fetch_one(&mut *tx).await?;
+        let notifications: i64 = sqlx::query_scalar("SELECT COUNT(*) FROM notifications").fetch_one(&mut *tx).await?;
+        Ok::<_, sqlx::Error>((beyond, users, notifications))
+    }
+    .await;
+    pool.close().await;
+    let (beyond, users, notifications) = counted?;
+    if beyond != 0 {
+        return Err(StoreError::Internal(format!("{beyond} notifications are beyond their user's counter")));
+    }
+    Ok((users, notifications))
+}
+
 /// Runs the migrations on a connection of their own, with no statement
 /// timeout (an index built on a big table may take long). sqlx holds an
 /// advisory lock on the database meanwhile, so nodes starting together

@@ -138,6 +138,16 @@ pub async fn restore(url: &str, from: &std::path::Path) -> Result<Restore, Store
     off_runtime(move || backup::restore(&from, &database)).await
 }
 
+/// `herald check`: [`backup::inspect`] on the database named by `url`,
+/// read-only, whether a node runs on it or not; `(users, notifications)`.
+pub async fn check(url: &str) -> Result<(i64, i64), StoreError> {
+    let file = file_of(url)?;
+    if !file.is_file() {
+        return Err(StoreError::Internal(format!("there is no database at {}", file.display())));
+    }
+    off_runtime(move || backup::inspect(&file)).await
+}
+
 /// The file a `sqlite://` URL names.
 fn file_of(url: &str) -> Result<std::path::PathBuf, StoreError> {
     let options =

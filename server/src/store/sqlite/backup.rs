@@ -65,21 +65,15 @@ fn check(file: &Path) -> Result<Backup, StoreError> {
 }
 
 /// `PRAGMA integrity_check`, and no notification beyond its user's counter;
-/// `(users, notifications)`.
-fn inspect(file: &Path) -> Result<(i64, i64), StoreError> {
+/// `(users, notifications)`. Read-only: safe beside a running node (it reads
+/// one snapshot).
+pub(super) fn inspect(file: &Path) -> Result<(i64, i64), StoreError> {
     let conn = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(store_error)?;
     let integrity: String = conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).map_err(store_error)?;
     if integrity != "ok" {
         return Err(StoreError::Internal(format!("{} failed its integrity check: {integrity}", file.display())));
     }
-    let beyond: i64 = conn
-        .query_row(
-            "SELECT COUNT(*) FROM notifications n LEFT JOIN users u ON u.user_id = n.user_id \
-             WHERE u.last_seq IS NULL OR n.seq > u.last_seq",
-            [],
-            |r| r.get(0),
-        )
-        .map_err(store_error)?;
+    let beyond: i64 = conn.query_row(crate::store::BEYOND_COUNTER_SQL, [], |r| r.get(0)).map_err(store_error)?;
     if beyond != 0 {
         return Err(StoreError::Internal(format!(
             "{} has {beyond} notifications beyond their user's counter",
