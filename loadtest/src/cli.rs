@@ -156,6 +156,40 @@ pub enum Command {
         #[arg(long, default_value_t = 100_000)]
         audience: usize,
     },
+    /// Crash-consistency soak: start herald, publish, SIGKILL it at a random
+    /// moment, restart it on the same store and check that nothing
+    /// acknowledged was lost, round after round.
+    Crash {
+        /// The herald binary to run.
+        #[arg(long, default_value = "target/release/herald")]
+        herald_bin: std::path::PathBuf,
+        /// The store (e.g. a fresh postgres://… database); default a SQLite file in --out.
+        #[arg(long)]
+        database_url: Option<String>,
+        /// More settings for herald, KEY=VALUE (repeat).
+        #[arg(long = "herald-env", value_parser = key_value)]
+        herald_env: Vec<(String, String)>,
+        #[arg(long, default_value_t = 8)]
+        rounds: usize,
+        /// Stop starting new rounds after this long.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        until: Option<Duration>,
+        /// Each round kills herald at a random moment between --kill-min and --kill-max.
+        #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+        kill_min: Duration,
+        #[arg(long, default_value = "8s", value_parser = humantime::parse_duration)]
+        kill_max: Duration,
+        #[arg(long, default_value_t = 2000)]
+        users: usize,
+        /// Users per publish (1: single-user publishes).
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+        #[arg(long, default_value_t = 16)]
+        publishers: usize,
+        /// Result folder; default target/loadtest/crash-<timestamp>.
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// A worker process holding clients (started by the scenarios themselves).
     #[command(hide = true)]
     Worker,
@@ -224,6 +258,33 @@ pub async fn run(command: Command) -> anyhow::Result<i32> {
             };
             crate::ping::run(args).await.map(|()| 0)
         }
+        Command::Crash {
+            herald_bin,
+            database_url,
+            herald_env,
+            rounds,
+            until,
+            kill_min,
+            kill_max,
+            users,
+            batch,
+            publishers,
+            out,
+        } => {
+            let args = crate::crash::Args {
+                herald_bin,
+                database_url,
+                herald_env,
+                rounds,
+                until,
+                kill_after: (kill_min, kill_max.max(kill_min)),
+                users: users.max(1),
+                batch,
+                publishers,
+                out,
+            };
+            crate::crash::run(args).await
+        }
         Command::Worker => unreachable!("main runs workers on their own runtime"),
     }
 }
@@ -243,4 +304,12 @@ async fn check(url: String, api_key: String, token: String, user: String) -> any
             }
         }
     }
+}
+
+/// `KEY=VALUE`.
+fn key_value(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .filter(|(k, _)| !k.is_empty())
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("expected KEY=VALUE, got {text:?}"))
 }

@@ -10,8 +10,10 @@
 //! - `storm`: everyone drops, misses M notifications, reconnects with `since`; catch-up times.
 //! - `slow`: some clients stop reading; they get 1013 and recover; the others' latency.
 //!
-//! And two small tools: `check` (one publish read back) and
-//! `ping-under-fanout` (the worker-pool benchmark in docs/BENCHMARKS.md).
+//! And three tools: `check` (one publish read back), `ping-under-fanout`
+//! (the worker-pool benchmark in docs/BENCHMARKS.md) and `crash` (a
+//! crash-consistency soak: SIGKILL mid-publishing, restart, nothing
+//! acknowledged lost).
 //!
 //! Layout: [`fleet`] holds the clients in worker processes (this binary
 //! re-executed as `herald-loadtest worker`); [`publish`] drives the HTTP
@@ -21,6 +23,7 @@
 mod args;
 mod chart;
 mod cli;
+mod crash;
 mod fleet;
 mod hist;
 mod ping;
