@@ -67,7 +67,9 @@ struct Outcome {
     publishers: usize,
     rounds: Vec<Round>,
     acknowledged: u64,
-    stored_at_end: i64,
+    /// The sum of the users' counters: every notification ever stored for them
+    /// (acknowledged, or in flight at a kill and committed), retention or not.
+    stored_in_all: i64,
     passed: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     fault: Option<String>,
@@ -99,7 +101,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         publishers: args.publishers,
         rounds: Vec::new(),
         acknowledged: 0,
-        stored_at_end: 0,
+        stored_in_all: 0,
         passed: false,
         fault: None,
     };
@@ -195,7 +197,7 @@ async fn soak(args: &Args, node: &Node, prefix: &str, outcome: &mut Outcome) -> 
     for (&j, _) in checked.iter() {
         stored += publisher.history(&format!("{prefix}-{j}"), 0, 1).await?.last_seq;
     }
-    outcome.stored_at_end = stored;
+    outcome.stored_in_all = stored;
     up.stop().await?;
     node.check().await.context("after the last round: herald check")?;
     Ok(())
@@ -448,7 +450,7 @@ fn summary(run: &Run, o: &Outcome) -> String {
         );
     }
     s += &format!(
-        "\n**{}** — {} rounds, {} notifications acknowledged, {} stored at the end.\n",
+        "\n**{}** — {} rounds, {} notifications acknowledged, {} stored in all (the users' counters).\n",
         if o.passed {
             "Passed: every acknowledged notification stored under its id, no gap, `herald check` ok after every restart"
         } else {
@@ -456,7 +458,7 @@ fn summary(run: &Run, o: &Outcome) -> String {
         },
         o.rounds.len(),
         o.acknowledged,
-        o.stored_at_end
+        o.stored_in_all
     );
     if let Some(f) = &o.fault {
         s += &format!("\nFault: {f}\n");
