@@ -240,6 +240,7 @@ pub struct Metrics {
     pub frames_received: Family<FrameKind, Counter>,
     pub frames_sent: Counter,
     pub truncations: Counter,
+    pub fork_resumes: Counter,
     pub store_seconds: Family<StoreOp, Histogram, fn() -> Histogram>,
     pub db_pool_connections: Family<PoolState, Gauge>,
     pub revoked_users: Gauge,
@@ -404,6 +405,12 @@ impl Metrics {
                 &mut r,
                 "herald_truncations",
                 "Resumes whose `since` was older than retention (welcome with truncated)",
+                Counter::default(),
+            ),
+            fork_resumes: registered(
+                &mut r,
+                "herald_fork_resumes",
+                "Resumes whose cursor, from an earlier store epoch (before a restore), went back to the fork",
                 Counter::default(),
             ),
             store_seconds: registered(

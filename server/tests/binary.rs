@@ -610,6 +610,9 @@ async fn after_herald_restore_a_client_from_before_resumes_from_the_fork() {
     let mut stranger = Connect::new(&ws, &token).since(8).epoch("another-store").connect().await.unwrap();
     assert_eq!(stranger.welcome().since, Some(0));
     assert_eq!(notifications(&mut stranger, 9).await.first().unwrap().payload, json!("old-1"));
+    // Two of those went back to a fork (after 5, and to the start); the other two did not.
+    let metrics = reqwest::get(format!("{http}/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.lines().any(|l| l == "herald_fork_resumes_total 2"), "{metrics}");
     server.signal("-TERM");
     assert_eq!(server.wait(), 0);
 }

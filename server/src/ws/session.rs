@@ -187,6 +187,7 @@ impl Session {
         let fork = self.state.metrics.store_op("fork", fork).await.map_err(|e| self.failed(e))?;
         if let Some(fork) = fork.filter(|fork| *fork < since) {
             tracing::info!(since, fork, "a cursor from an earlier store epoch resumes from the fork");
+            self.state.metrics.fork_resumes.inc();
             return Ok(Some(fork));
         }
         Ok(Some(since))
