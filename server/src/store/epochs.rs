@@ -104,7 +104,8 @@ macro_rules! impl_epoch_store {
 
                 async fn mark_restored(&self) -> Result<String, StoreError> {
                     let epoch = new_epoch();
-                    let mut tx = self.pool.begin().await.map_err(|e| self.db_error(e))?;
+                    let (mut conn, _turn) = self.for_writing().await?;
+                    let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(|e| self.db_error(e))?;
                     sqlx::query(sql::FORKS).execute(&mut *tx).await.map_err(|e| self.db_error(e))?;
                     sqlx::query(sql::NEW_EPOCH)
                         .bind(&epoch)

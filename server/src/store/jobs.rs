@@ -361,12 +361,16 @@ pub(crate) fn lock_order(entries: &[DigestEntry]) -> Vec<usize> {
 /// (PostgreSQL: [`sql::SKIP_LOCKED`], so concurrent claimers pass over each
 /// other's rows instead of waiting; SQLite: nothing, a claim is one statement
 /// under its single writer lock).
+/// Every write goes through the store's `for_writing` (a pool connection,
+/// and on SQLite a turn at the write lock beside its writer thread), held
+/// for that statement or transaction only.
 macro_rules! impl_job_store {
     ($store:ty, begin: $begin:expr, lock: $lock:expr) => {
         const _: () = {
             use std::time::Duration;
 
             use async_trait::async_trait;
+            use sqlx::Connection;
 
             use $crate::store::jobs::{
                 lock_order, outcome_columns, sql, DigestAdded, DigestEntry, DigestWindow, Job, JobOutcome, JobRow,
@@ -377,6 +381,7 @@ macro_rules! impl_job_store {
             #[async_trait]
             impl JobStore for $store {
                 async fn enqueue(&self, job: NewJob) -> Result<(String, bool), StoreError> {
+                    let (mut conn, _turn) = self.for_writing().await?;
                     let inserted = sqlx::query(sql::ENQUEUE)
                         .bind(&job.id)
                         .bind(&job.kind)
@@ -384,7 +389,7 @@ macro_rules! impl_job_store {
                         .bind(job.total)
                         .bind(now_ms())
                         .bind(&job.idempotency_key)
-                        .execute(&self.pool)
+                        .execute(&mut *conn)
                         .await
                         .map_err(|e| self.db_error(e))?;
                     if inserted.rows_affected() == 1 {
@@ -392,19 +397,20 @@ macro_rules! impl_job_store {
                     }
                     let id: String = sqlx::query_scalar(sql::JOB_BY_KEY)
                         .bind(&job.idempotency_key)
-                        .fetch_one(&self.pool)
+                        .fetch_one(&mut *conn)
                         .await
                         .map_err(|e| self.db_error(e))?;
                     Ok((id, false))
                 }
 
                 async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StoreError> {
+                    let (mut conn, _turn) = self.for_writing().await?;
                     let now = now_ms();
                     let row: Option<JobRow> = sqlx::query_as(&sql::claim($lock))
                         .bind(owner)
                         .bind(now + lease.as_millis() as i64)
                         .bind(now)
-                        .fetch_optional(&self.pool)
+                        .fetch_optional(&mut *conn)
                         .await
                         .map_err(|e| self.db_error(e))?;
                     row.map(Job::try_from).transpose()
@@ -417,6 +423,7 @@ macro_rules! impl_job_store {
                     done: i64,
                     lease: Duration,
                 ) -> Result<bool, StoreError> {
+                    let (mut conn, _turn) = self.for_writing().await?;
                     let now = now_ms();
                     let updated = sqlx::query(sql::PROGRESS)
                         .bind(done)
@@ -424,13 +431,14 @@ macro_rules! impl_job_store {
                         .bind(now)
                         .bind(id)
                         .bind(owner)
-                        .execute(&self.pool)
+                        .execute(&mut *conn)
                         .await
                         .map_err(|e| self.db_error(e))?;
                     Ok(updated.rows_affected() == 1)
                 }
 
                 async fn finish(&self, id: &str, owner: &str, outcome: JobOutcome) -> Result<(), StoreError> {
+                    let (mut conn, _turn) = self.for_writing().await?;
                     let now = now_ms();
                     let (state, due_at, error) = outcome_columns(&outcome, now);
                     sqlx::query(sql::FINISH)
@@ -440,7 +448,7 @@ macro_rules! impl_job_store {
                         .bind(now)
                         .bind(id)
                         .bind(owner)
-                        .execute(&self.pool)
+                        .execute(&mut *conn)
                         .await
                         .map_err(|e| self.db_error(e))?;
                     Ok(())
@@ -456,7 +464,8 @@ macro_rules! impl_job_store {
                 }
 
                 async fn digest_add(&self, entries: Vec<DigestEntry>) -> Result<Vec<DigestAdded>, StoreError> {
-                    let mut tx = self.pool.begin_with($begin).await.map_err(|e| self.db_error(e))?;
+                    let (mut conn, _turn) = self.for_writing().await?;
+                    let mut tx = conn.begin_with($begin).await.map_err(|e| self.db_error(e))?;
                     let mut added = vec![None; entries.len()];
                     for i in lock_order(&entries) {
                         let entry = &entries[i];
@@ -499,19 +508,20 @@ macro_rules! impl_job_store {
                     lease: Duration,
                     limit: u32,
                 ) -> Result<Vec<DigestWindow>, StoreError> {
+                    let (mut conn, _turn) = self.for_writing().await?;
                     let rows: Vec<WindowRow> = sqlx::query_as(&sql::digest_claim($lock))
                         .bind(owner)
                         .bind(now_ms + lease.as_millis() as i64)
                         .bind(now_ms)
                         .bind(i64::from(limit))
-                        .fetch_all(&self.pool)
+                        .fetch_all(&mut *conn)
                         .await
                         .map_err(|e| self.db_error(e))?;
                     let mut windows = Vec::with_capacity(rows.len());
                     for row in rows {
                         let items: Vec<String> = sqlx::query_scalar(sql::DIGEST_ITEMS)
                             .bind(row.id())
-                            .fetch_all(&self.pool)
+                            .fetch_all(&mut *conn)
                             .await
                             .map_err(|e| self.db_error(e))?;
                         windows.push(row.with_items(items)?);
@@ -520,7 +530,8 @@ macro_rules! impl_job_store {
                 }
 
                 async fn digest_delete(&self, id: &str) -> Result<(), StoreError> {
-                    let mut tx = self.pool.begin_with($begin).await.map_err(|e| self.db_error(e))?;
+                    let (mut conn, _turn) = self.for_writing().await?;
+                    let mut tx = conn.begin_with($begin).await.map_err(|e| self.db_error(e))?;
                     sqlx::query(sql::DIGEST_DELETE_ITEMS)
                         .bind(id)
                         .execute(&mut *tx)
@@ -539,7 +550,8 @@ macro_rules! impl_job_store {
                 }
 
                 async fn digest_erase(&self, user: &str) -> Result<u64, StoreError> {
-                    let mut tx = self.pool.begin_with($begin).await.map_err(|e| self.db_error(e))?;
+                    let (mut conn, _turn) = self.for_writing().await?;
+                    let mut tx = conn.begin_with($begin).await.map_err(|e| self.db_error(e))?;
                     sqlx::query(sql::DIGEST_ERASE_ITEMS)
                         .bind(user)
                         .execute(&mut *tx)

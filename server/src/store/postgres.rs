@@ -54,6 +54,7 @@ use herald_protocol::{ReadMark, Seq};
 use serde_json::value::RawValue;
 use sqlx::error::DatabaseError;
 use sqlx::migrate::MigrateError;
+use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgDatabaseError, PgPoolOptions, PgRow};
 use sqlx::query::Query;
 use sqlx::{PgPool, Postgres, Row};
@@ -142,6 +143,13 @@ impl PostgresStore {
     /// job store's statements (`impl_job_store!`) go through this.
     fn db_error(&self, error: sqlx::Error) -> StoreError {
         self.read_only.error(error)
+    }
+
+    /// A pool connection to write on (the shared job and epoch stores ask
+    /// SQLite for a turn at its write lock this way; PostgreSQL's row locks
+    /// need none).
+    async fn for_writing(&self) -> Result<(PoolConnection<Postgres>, ()), StoreError> {
+        Ok((self.pool.acquire().await.map_err(|e| self.db_error(e))?, ()))
     }
 
     /// The database's clock, unix ms: the same for every node.

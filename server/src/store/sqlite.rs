@@ -21,8 +21,10 @@ use std::time::Duration;
 use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
 use rusqlite::types::Value;
+use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, Row, SqlitePool};
+use sqlx::{ConnectOptions, Row, Sqlite, SqlitePool};
+use tokio::sync::OwnedMutexGuard;
 
 use super::{
     Appended, Head, ListQuery, NewNotification, Revocation, Revocations, Store, StoreError, StoreOptions,
@@ -35,6 +37,8 @@ pub struct SqliteStore {
     pool: SqlitePool,
     writer: writer::Writer,
     readers: reader::Readers,
+    /// Turns at the write lock with the writer thread ([`writer::Gate`]).
+    gate: writer::Gate,
 }
 
 impl SqliteStore {
@@ -42,6 +46,16 @@ impl SqliteStore {
     /// this; PostgreSQL notes read-only refusals there).
     fn db_error(&self, error: sqlx::Error) -> StoreError {
         error.into()
+    }
+
+    /// A pool connection to write on, and the turn to write with it: the
+    /// writer thread waits while the turn is held, so hold it for one
+    /// statement or transaction only. The connection comes first, so no
+    /// turn is held while the pool is exhausted. Every write on the pool
+    /// goes through this (the job and epoch stores' too).
+    async fn for_writing(&self) -> Result<(PoolConnection<Sqlite>, OwnedMutexGuard<()>), StoreError> {
+        let conn = self.pool.acquire().await?;
+        Ok((conn, self.gate.turn().await))
     }
 
     /// Opens (creating if missing) and migrates the database, then starts the
@@ -70,12 +84,16 @@ impl SqliteStore {
                 Err(e) => return Err(e),
             }
         };
+        let gate = writer::Gate::default();
         let threads = async {
             let file = database_file(&pool).await?;
-            Ok((writer::Writer::start(&file, cache_mib)?, reader::Readers::start(file, pool_size as usize)?))
+            Ok((
+                writer::Writer::start(&file, cache_mib, gate.clone())?,
+                reader::Readers::start(file, pool_size as usize)?,
+            ))
         };
         match threads.await {
-            Ok((writer, readers)) => Ok(SqliteStore { pool, writer, readers }),
+            Ok((writer, readers)) => Ok(SqliteStore { pool, writer, readers, gate }),
             Err(e) => {
                 pool.close().await;
                 Err(e)
@@ -230,7 +248,8 @@ impl Store for SqliteStore {
             .bind(topic.as_str())
             .bind(up_to_seq.unwrap_or(Seq::MAX)),
         };
-        let mut marked: Vec<Seq> = query.fetch_all(&self.pool).await?;
+        let (mut conn, _turn) = self.for_writing().await?;
+        let mut marked: Vec<Seq> = query.fetch_all(&mut *conn).await?;
         marked.sort_unstable();
         Ok(marked)
     }
@@ -259,18 +278,20 @@ impl Store for SqliteStore {
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Revocation, StoreError> {
+        let (mut conn, _turn) = self.for_writing().await?;
         let in_force = sqlx::query_as(super::REVOKE_SQL)
             .bind(&revocation.user_id)
             .bind(revocation.issued_before)
             .bind(revocation.expires_at)
             .bind(super::now_ms())
-            .fetch_one(&self.pool)
+            .fetch_one(&mut *conn)
             .await?;
         Ok(in_force)
     }
 
     async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError> {
-        Ok(sqlx::query(super::PURGE_REVOCATIONS_SQL).bind(now_secs).execute(&self.pool).await?.rows_affected())
+        let (mut conn, _turn) = self.for_writing().await?;
+        Ok(sqlx::query(super::PURGE_REVOCATIONS_SQL).bind(now_secs).execute(&mut *conn).await?.rows_affected())
     }
 
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError> {
@@ -292,5 +313,49 @@ impl Store for SqliteStore {
         self.writer.close().await;
         self.readers.close().await;
         self.pool.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use serde_json::value::RawValue;
+
+    use super::*;
+
+    fn note(user: &str) -> NewNotification {
+        NewNotification {
+            user_id: user.into(),
+            id: uuid::Uuid::now_v7().to_string(),
+            topic: "t".into(),
+            payload: RawValue::from_string("{}".into()).unwrap().into(),
+            created_at_ms: super::super::now_ms(),
+            idempotency_key: None,
+        }
+    }
+
+    /// The writer thread takes its turn at the write lock like the pool's
+    /// writes do: while another holds the turn, a publish waits (it would
+    /// otherwise starve them under a steady load; see writer.rs), and it
+    /// commits once the turn is given back.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_writer_waits_for_a_write_turn_held_elsewhere() {
+        let dir = tempfile::tempdir().unwrap();
+        let url = format!("sqlite://{}/herald.db", dir.path().display());
+        let store = Arc::new(SqliteStore::open(&url, &StoreOptions::default()).await.unwrap());
+        store.append(vec![note("ann")]).await.unwrap();
+
+        let (conn, turn) = store.for_writing().await.unwrap();
+        let mut waiting = tokio::spawn({
+            let store = store.clone();
+            async move { store.append(vec![note("ann")]).await }
+        });
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut waiting).await;
+        assert!(early.is_err(), "a publish committed while another write held the turn");
+        drop((turn, conn));
+        let appended = waiting.await.unwrap().unwrap();
+        assert_eq!(appended[0].notification.seq, 2);
+        store.close().await;
     }
 }

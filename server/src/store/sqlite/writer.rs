@@ -14,13 +14,24 @@
 //! sleeps ever longer between tries, and a delete loop takes the lock back
 //! at once (a 100,000-row erasure held publishes up for ≈300 ms that way;
 //! docs/BENCHMARKS.md).
+//!
+//! The other way round, this thread would starve the store's other writes
+//! (read marks, jobs, digest windows, revocations, on the sqlx pool): under
+//! a steady publishing load it begins the next group the moment one
+//! commits, and a statement waiting in SQLite's busy handler wakes up to
+//! find the lock taken again, for up to its 5 s timeout, then fails. So
+//! writes take turns through a [`Gate`]: a fair (first come, first served)
+//! lock this thread holds for each transaction and those writes hold for
+//! theirs. A read mark then waits for at most the group in progress, and a
+//! group for at most one such write.
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::Arc;
 
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OptionalExtension, TransactionBehavior};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
 
 use super::reader::{closed, open_with, store_error, NotificationColumns};
 use crate::store::plan::{Key, Plan};
@@ -45,6 +56,24 @@ pub(super) const CHECKPOINT_PAGES: i64 = 65_536;
 /// Once checkpointed, the WAL file is cut back to this size (bytes).
 const WAL_SIZE_LIMIT: i64 = CHECKPOINT_PAGES * 4096;
 
+/// Turns at SQLite's write lock between this thread and the writes made on
+/// the sqlx pool (the module doc). A cheap handle; fair: turns are granted
+/// in the order they were asked for.
+#[derive(Clone, Default)]
+pub(super) struct Gate(Arc<tokio::sync::Mutex<()>>);
+
+impl Gate {
+    /// Waits for this task's turn; the turn lasts until the guard drops.
+    pub async fn turn(&self) -> OwnedMutexGuard<()> {
+        self.0.clone().lock_owned().await
+    }
+
+    /// [`turn`](Self::turn) for the writer thread (not a runtime thread).
+    fn blocking_turn(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.0.blocking_lock()
+    }
+}
+
 type AppendReply = oneshot::Sender<Result<Vec<Appended>, StoreError>>;
 type DeleteReply = oneshot::Sender<Result<u64, StoreError>>;
 
@@ -61,13 +90,14 @@ pub(super) struct Writer {
 }
 
 impl Writer {
-    /// Opens the writer's connection and starts its thread.
-    pub fn start(path: &Path, cache_mib: u32) -> Result<Writer, StoreError> {
+    /// Opens the writer's connection and starts its thread, which takes its
+    /// turns through `gate`.
+    pub fn start(path: &Path, cache_mib: u32, gate: Gate) -> Result<Writer, StoreError> {
         let conn = open_writer(path, cache_mib)?;
         let (tx, rx) = mpsc::channel(QUEUE);
         std::thread::Builder::new()
             .name("herald-sqlite-writer".into())
-            .spawn(move || run(conn, rx))
+            .spawn(move || run(conn, rx, &gate))
             .map_err(|e| StoreError::Internal(format!("spawning the writer thread: {e}")))?;
         Ok(Writer { queue: tx })
     }
@@ -122,7 +152,7 @@ fn open_writer(path: &Path, cache_mib: u32) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>) {
+fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
     let mut closing = None;
     while let Some(first) = queue.blocking_recv() {
         let mut group = Vec::new();
@@ -146,10 +176,12 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>) {
             }
         }
         if !group.is_empty() {
+            let _turn = gate.blocking_turn();
             commit_group(&mut conn, group);
         }
         match after {
             Some(Request::Delete(sql, params, reply)) => {
+                let _turn = gate.blocking_turn();
                 let deleted = conn.execute(sql, params_from_iter(params)).map(|n| n as u64).map_err(store_error);
                 let _ = reply.send(deleted);
             }
