@@ -4,10 +4,11 @@
 //! whatever has queued up in a single transaction (group commit, [`writer`]);
 //! `synchronous=FULL`, so a commit survives power loss, and through the
 //! `herald_walbuf` VFS, so its WAL frames reach the kernel in a few large
-//! writes. Reads of
-//! notifications run on reader threads of their own ([`reader`]); the rest
-//! (unread counts, read marks, retention, jobs, migrations) use a small sqlx pool. WAL lets the
-//! readers run beside the writer.
+//! writes. Retention and erasure delete on the writer too, between groups.
+//! Reads of notifications run on reader threads of their own ([`reader`]);
+//! the rest (unread counts, read marks, jobs, revocations, migrations) use a
+//! small sqlx pool, whose writes take turns at SQLite's write lock with the
+//! writer thread (`writer::Gate`). WAL lets the readers run beside the writer.
 
 mod backup;
 mod jobs;

@@ -23,7 +23,9 @@
 //! writes take turns through a [`Gate`]: a fair (first come, first served)
 //! lock this thread holds for each transaction and those writes hold for
 //! theirs. A read mark then waits for at most the group in progress, and a
-//! group for at most one such write.
+//! group for at most the writes that asked before it. (A write whose
+//! request is cancelled gives its turn back while sqlx may still be running
+//! the statement; this thread then waits in its busy handler, as before.)
 
 use std::collections::HashMap;
 use std::path::Path;
