@@ -76,14 +76,29 @@ fn commit() -> Option<String> {
     out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
 }
 
-/// Secrets stay out of the recorded command line.
+/// Secrets stay out of the recorded command line (a URL's password too,
+/// e.g. `--database-url`'s).
 fn redact(arg: &str) -> String {
     for flag in ["--jwt-secret=", "--api-key="] {
         if arg.starts_with(flag) {
             return format!("{flag}…");
         }
     }
-    arg.to_string()
+    redact_url(arg)
+}
+
+/// A URL without its password (anything else as it is).
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let userinfo = &url[scheme + 3..at];
+            match userinfo.split_once(':') {
+                Some((user, _)) => format!("{}{user}:…{}", &url[..scheme + 3], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
 }
 
 /// Whether a run met a target.
@@ -140,4 +155,15 @@ pub fn targets_table(targets: &[Target]) -> String {
 /// Prints where the results are.
 pub fn announce(dir: &Path) {
     eprintln!("results: {}", dir.display());
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn database_passwords_stay_out_of_the_results() {
+        assert_eq!(super::redact_url("postgres://u:secret@127.0.0.1/db"), "postgres://u:…@127.0.0.1/db");
+        assert_eq!(super::redact_url("postgres://u@127.0.0.1/db"), "postgres://u@127.0.0.1/db");
+        assert_eq!(super::redact_url("sqlite:///tmp/h.db"), "sqlite:///tmp/h.db");
+        assert_eq!(super::redact("--database-url=postgres://u:secret@h/db"), "--database-url=postgres://u:…@h/db");
+    }
 }
