@@ -14,6 +14,13 @@ const SECRET: &str = "smoke-secret-0123456789abcdef";
 const KEY: &str = "smoke-key";
 
 /// `<target>/<profile>/herald`, built from the workspace on first use.
+///
+/// Built as `cargo test --workspace` builds it: with the whole workspace's
+/// features, dev-dependencies included (`--workspace --tests`). Under that
+/// command, as in CI, this finds everything fresh and builds nothing. Built
+/// alone (`-p herald-server`), the shared dependencies resolve other features
+/// (libc without the `extra_traits` the load generator's nix asks for, say),
+/// and about 75 crates were compiled again, a second time, for this one test.
 fn herald_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -21,7 +28,7 @@ fn herald_binary() -> &'static Path {
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        build.args(["build", "-p", "herald-server", "--bin", "herald"]);
+        build.args(["build", "--workspace", "--tests", "--bin", "herald"]);
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
