@@ -95,8 +95,9 @@ pub async fn serve(state: AppState, listener: TcpListener) {
     tracing::info!("stopped");
 }
 
-/// Deletes notifications older than the retention, and token revocations
-/// past their `expires_at`, every `purge_interval`.
+/// Deletes notifications older than the retention (and the idempotency keys
+/// of digest entries whose digest is as old), and token revocations past
+/// their `expires_at`, every `purge_interval`.
 async fn retention(state: AppState) {
     let settings = &state.settings;
     let mut tick = tokio::time::interval(settings.purge_interval);
@@ -113,6 +114,11 @@ async fn retention(state: AppState) {
                 tracing::info!(purged = n, "retention purge");
             }
             Err(e) => tracing::warn!(error = %e, "retention purge failed; retrying next interval"),
+        }
+        match state.store.digest_purge_keys(before).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(purged = n, "digest entry keys past retention deleted"),
+            Err(e) => tracing::warn!(error = %e, "purging digest entry keys failed; retrying next interval"),
         }
         let now_secs = crate::auth::unix_now();
         match state.store.purge_revocations(now_secs).await {

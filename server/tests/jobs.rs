@@ -231,6 +231,64 @@ async fn digests_become_one_notification_when_the_window_closes_on_postgres() {
     digests_become_one_notification_when_the_window_closes(Db::postgres()).await;
 }
 
+/// A retried digest publish (a lost answer, a timeout) carries its
+/// `idempotency_key` again: the entry is in the window once, and the retry
+/// gets the first answer with 200.
+async fn a_retried_digest_entry_is_counted_once(db: Db) {
+    let dir = tempfile::tempdir().unwrap();
+    let server = db.start(dir.path(), &[]).await;
+    let mut bob = server.connect("bob").await;
+    let keyed = |users: &[&str], n: i64, key: &str| PublishRequest {
+        user_id: None,
+        user_ids: Some(users.iter().map(|u| u.to_string()).collect()),
+        idempotency_key: Some(key.into()),
+        ..digest_request("-", "post:9", 2, n)
+    };
+    let publisher = server.publisher();
+    let submit = |request: PublishRequest| {
+        let publisher = publisher.clone();
+        async move {
+            match publisher.submit(&request).await.unwrap() {
+                (status, Submitted::Digest(d)) => (status, d.digests),
+                other => panic!("expected digests, got {other:?}"),
+            }
+        }
+    };
+
+    let (status, first) = submit(keyed(&["bob"], 1, "like-1")).await;
+    assert_eq!((status, first[0].count), (StatusCode::ACCEPTED, 1));
+    let (status, again) = submit(keyed(&["bob"], 1, "like-1")).await;
+    assert_eq!(status, StatusCode::OK, "a repeat of every entry is 200");
+    assert_eq!(again, first, "the repeat answers what the first publish did");
+    let (status, second) = submit(keyed(&["bob"], 2, "like-2")).await;
+    assert_eq!((status, second[0].count), (StatusCode::ACCEPTED, 2));
+    // One repeated entry beside a new one: 202, each user's own answer.
+    let (status, mixed) = submit(keyed(&["carol", "bob"], 1, "like-1")).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    assert_eq!((mixed[0].user_id.as_str(), mixed[0].count), ("carol", 1));
+    assert_eq!(mixed[1], first[0]);
+
+    let digest = next_notification(&mut bob).await.payload["digest"].clone();
+    assert_eq!(digest["count"], 2, "{digest}");
+    assert_eq!(digest["items"], json!([{"like": 1}, {"like": 2}]));
+    let extra = bob.next_frame_within(Duration::from_millis(300)).await;
+    assert!(!matches!(extra, Ok(Some(ServerFrame::Notification(_)))), "{extra:?}");
+    // After the window closed the key still answers, and opens nothing.
+    let (status, late) = submit(keyed(&["bob"], 1, "like-1")).await;
+    assert_eq!((status, late), (StatusCode::OK, first));
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_digest_entry_is_counted_once_on_sqlite() {
+    a_retried_digest_entry_is_counted_once(Db::Sqlite).await;
+}
+
+#[tokio::test]
+async fn a_retried_digest_entry_is_counted_once_on_postgres() {
+    a_retried_digest_entry_is_counted_once(Db::postgres()).await;
+}
+
 async fn a_digest_window_open_across_a_restart_still_closes_once(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let server = db.start(dir.path(), &[]).await;

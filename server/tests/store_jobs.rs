@@ -82,7 +82,15 @@ fn raw(json: &str) -> Arc<RawValue> {
 
 fn entry(user_key_topic: (&str, &str, &str), payload: &str, at_ms: i64, window_ms: i64) -> DigestEntry {
     let (user, key, topic) = user_key_topic;
-    DigestEntry { user_id: user.into(), key: key.into(), topic: topic.into(), payload: raw(payload), at_ms, window_ms }
+    DigestEntry {
+        user_id: user.into(),
+        key: key.into(),
+        topic: topic.into(),
+        payload: raw(payload),
+        at_ms,
+        window_ms,
+        idempotency_key: None,
+    }
 }
 
 fn texts(window: &DigestWindow) -> Vec<&str> {
@@ -138,6 +146,12 @@ on_both!(digest_windows_collect_and_close =>
 on_both!(concurrent_digest_adds_count_each_once =>
     concurrent_digest_adds_count_each_once_on_sqlite,
     concurrent_digest_adds_count_each_once_on_postgres);
+on_both!(a_digest_entry_key_adds_its_entry_once =>
+    a_digest_entry_key_adds_its_entry_once_on_sqlite,
+    a_digest_entry_key_adds_its_entry_once_on_postgres);
+on_both!(racing_adds_under_one_entry_key_add_one_entry =>
+    racing_adds_under_one_entry_key_add_one_entry_on_sqlite,
+    racing_adds_under_one_entry_key_add_one_entry_on_postgres);
 on_both!(an_expired_digest_lease_passes_the_window_on =>
     an_expired_digest_lease_passes_the_window_on_on_sqlite,
     an_expired_digest_lease_passes_the_window_on_on_postgres);
@@ -294,8 +308,9 @@ async fn digest_windows_collect_and_close(db: Db) {
     let closes = base + WINDOW;
     let window = added[0].window_id.clone();
     let counts: Vec<DigestAdded> = u1k.iter().map(|&i| added[i].clone()).collect();
-    let expected: Vec<DigestAdded> =
-        (1..=15).map(|count| DigestAdded { window_id: window.clone(), count, closes_at_ms: closes }).collect();
+    let expected: Vec<DigestAdded> = (1..=15)
+        .map(|count| DigestAdded { window_id: window.clone(), count, closes_at_ms: closes, repeated: false })
+        .collect();
     assert_eq!(counts, expected, "answers for (u1, k), in input order");
     assert_eq!((added[u2k].count, added[u2k].closes_at_ms), (1, base + 3 + WINDOW));
     assert_eq!((added[u1other].count, added[u1other].closes_at_ms), (1, base + 9 + WINDOW));
@@ -376,6 +391,106 @@ async fn concurrent_digest_adds_count_each_once(db: Db) {
     assert_eq!(texts(window), first_ten, "the items are the entries counted 1 to 10");
     let ats = answers.iter().map(|(_, _, at)| *at);
     assert_eq!((window.first_at_ms, window.last_at_ms), (ats.clone().min().unwrap(), ats.max().unwrap()));
+    close_all(&nodes).await;
+}
+
+fn keyed(user_key_topic: (&str, &str, &str), payload: &str, at_ms: i64, window_ms: i64, key: &str) -> DigestEntry {
+    DigestEntry { idempotency_key: Some(key.into()), ..entry(user_key_topic, payload, at_ms, window_ms) }
+}
+
+async fn a_digest_entry_key_adds_its_entry_once(db: Db) {
+    const WINDOW: i64 = 1000;
+    let db = TestDb::create(db).await;
+    let store = db.open().await;
+    let base = now_ms();
+
+    let first = store
+        .digest_add(vec![
+            keyed(("u1", "d", "t"), r#"{"n":1}"#, base, WINDOW, "k1"),
+            keyed(("u2", "d", "t"), r#"{"n":1}"#, base, WINDOW, "k1"),
+        ])
+        .await
+        .unwrap();
+    assert!(first.iter().all(|a| !a.repeated && a.count == 1), "{first:?}");
+    let unkeyed = store.digest_add(vec![entry(("u1", "d", "t"), r#"{"n":2}"#, base + 1, WINDOW)]).await.unwrap();
+    assert_eq!((unkeyed[0].count, unkeyed[0].repeated), (2, false));
+
+    // The same key again, for u1 with a new user beside it; later, and with
+    // another payload: u1's answer is its first, and nothing is added.
+    let again = store
+        .digest_add(vec![
+            keyed(("u3", "d", "t"), r#"{"n":3}"#, base + 2, WINDOW, "k1"),
+            keyed(("u1", "d", "t"), r#"{"n":3}"#, base + 2, WINDOW, "k1"),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(again[1], DigestAdded { repeated: true, ..first[0].clone() }, "u1's repeat answers its first entry");
+    assert_eq!((again[0].count, again[0].repeated), (1, false), "the key is per user: u3's entry is new");
+    // Another key is another entry.
+    let other = store.digest_add(vec![keyed(("u1", "d", "t"), r#"{"n":4}"#, base + 3, WINDOW, "k2")]).await.unwrap();
+    assert_eq!((other[0].count, other[0].repeated), (3, false));
+
+    let claimed = store.digest_claim_due("A", base + 2 * WINDOW, LONG, 100).await.unwrap();
+    let u1 = claimed.iter().find(|w| &*w.user_id == "u1").unwrap();
+    assert_eq!((u1.count, texts(u1)), (3, vec![r#"{"n":1}"#, r#"{"n":2}"#, r#"{"n":4}"#]));
+    store.digest_delete(&u1.id).await.unwrap();
+
+    // Once its window is closed and delivered the key still answers: a
+    // retry that comes late adds nothing to the next window.
+    let late =
+        store.digest_add(vec![keyed(("u1", "d", "t"), r#"{"n":5}"#, base + 3 * WINDOW, WINDOW, "k1")]).await.unwrap();
+    assert_eq!(late[0], DigestAdded { repeated: true, ..first[0].clone() });
+
+    // Retention: keys whose window closed before the bound go. u1's k1
+    // and k2 and u2's k1 closed at base + WINDOW; u3's at base + 2 + WINDOW.
+    assert_eq!(store.digest_purge_keys(base + WINDOW + 1).await.unwrap(), 3, "u1's k1, k2 and u2's k1");
+    assert_eq!(store.digest_purge_keys(base + WINDOW + 1).await.unwrap(), 0);
+    let reused =
+        store.digest_add(vec![keyed(("u1", "d", "t"), r#"{"n":6}"#, base + 3 * WINDOW, WINDOW, "k1")]).await.unwrap();
+    assert_eq!((reused[0].count, reused[0].repeated), (1, false), "a purged key names a new entry");
+
+    // Erasure: the user's keys go with the user's windows; others' stay.
+    assert_eq!(store.digest_erase("u3").await.unwrap(), 1);
+    let u3 =
+        store.digest_add(vec![keyed(("u3", "d", "t"), r#"{"n":7}"#, base + 3 * WINDOW, WINDOW, "k1")]).await.unwrap();
+    assert_eq!((u3[0].count, u3[0].repeated), (1, false), "an erased user's key still answered");
+    let u1 =
+        store.digest_add(vec![keyed(("u1", "d", "t"), r#"{"n":8}"#, base + 3 * WINDOW, WINDOW, "k1")]).await.unwrap();
+    assert!(u1[0].repeated, "erasing u3 took u1's key");
+    store.close().await;
+}
+
+async fn racing_adds_under_one_entry_key_add_one_entry(db: Db) {
+    const WINDOW: i64 = 3_600_000;
+    let db = TestDb::create(db).await;
+    let nodes = [db.open().await, db.open().await];
+    let at = now_ms();
+
+    // Every round, 6 adders on two nodes send the same entry key at once.
+    for round in 0..10 {
+        let key = format!("retry-{round}");
+        let tasks = (0..6).map(|t| {
+            let (store, key) = (nodes[t % 2].clone(), key.clone());
+            tokio::spawn(async move {
+                store.digest_add(vec![keyed(("u", "d", "t"), r#"{"x":1}"#, at, WINDOW, &key)]).await.unwrap().remove(0)
+            })
+        });
+        let answers: Vec<DigestAdded> =
+            join_all(tasks).await.into_iter().map(|t| t.expect("an adder panicked")).collect();
+        let firsts: Vec<&DigestAdded> = answers.iter().filter(|a| !a.repeated).collect();
+        assert_eq!(firsts.len(), 1, "round {round}: {answers:?}");
+        assert_eq!(firsts[0].count, round + 1, "round {round}: one entry per key so far");
+        for a in &answers {
+            assert_eq!(
+                DigestAdded { repeated: false, ..a.clone() },
+                *firsts[0],
+                "round {round}: a repeat answered differently"
+            );
+        }
+    }
+    let claimed = nodes[0].digest_claim_due("A", at + 2 * WINDOW, LONG, 100).await.unwrap();
+    assert_eq!(claimed.len(), 1);
+    assert_eq!(claimed[0].count, 10, "one entry per key");
     close_all(&nodes).await;
 }
 

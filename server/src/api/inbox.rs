@@ -106,7 +106,8 @@ pub struct EraseParams {
 /// `DELETE /v1/users/{user_id}/notifications[?up_to_seq=N]`: erases what
 /// the user has stored, committed before the request (all of it, or up to
 /// `up_to_seq`): notifications, their read state and idempotency keys and,
-/// when everything goes, the digest windows still collecting. The counter
+/// when everything goes, the digest windows still collecting and the
+/// user's digest entry keys. The counter
 /// stays, so seqs are never reused; a session resuming below what is left
 /// gets `truncated`, and open sessions get a `read` frame up to the erased
 /// seq, so badges agree with `GET /v1/me/unread`.

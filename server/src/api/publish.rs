@@ -5,7 +5,8 @@
 //! {"job_id"}` when the publish names more users than `max_user_ids` — a
 //! durable job that the worker pool stores and delivers; `202
 //! {"digests"}` when it carries `digest` — each user's entry is durably
-//! added to the open window, which closes into one notification.
+//! added to the open window, which closes into one notification (`200` with
+//! the same body when every entry's `idempotency_key` was used already).
 
 use std::sync::Arc;
 
@@ -159,6 +160,7 @@ async fn digest(
     let key: Arc<str> = digest.key.into();
     let topic: Arc<str> = request.topic.into();
     let payload: Arc<RawValue> = Arc::from(request.payload);
+    let idempotency_key: Option<Arc<str>> = request.idempotency_key.map(Into::into);
     let at_ms = now_ms();
     let entries = users
         .into_iter()
@@ -169,10 +171,13 @@ async fn digest(
             payload: payload.clone(),
             at_ms,
             window_ms: digest.window_secs as i64 * 1000,
+            idempotency_key: idempotency_key.clone(),
         })
         .collect::<Vec<_>>();
     let users: Vec<String> = entries.iter().map(|e| e.user_id.to_string()).collect();
     let added = state.store.digest_add(entries).await?;
+    // As for notifications: 200 when every entry was already there.
+    let status = if added.iter().all(|a| a.repeated) { StatusCode::OK } else { StatusCode::ACCEPTED };
     let digests = users
         .into_iter()
         .zip(added)
@@ -183,7 +188,7 @@ async fn digest(
             closes_at: rfc3339_ms(a.closes_at_ms),
         })
         .collect();
-    Ok((StatusCode::ACCEPTED, Json(DigestAccepted { digests })).into_response())
+    Ok((status, Json(DigestAccepted { digests })).into_response())
 }
 
 /// Checks a publish; returns its distinct user ids in request order.

@@ -101,15 +101,22 @@ pub struct DigestEntry {
     pub at_ms: i64,
     /// The window's length, used when this entry opens a window.
     pub window_ms: i64,
+    /// The publish's `idempotency_key`: an entry with a key the user already
+    /// has an entry under is not added again.
+    pub idempotency_key: Option<Arc<str>>,
 }
 
 /// Where a [`DigestEntry`] went.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DigestAdded {
     pub window_id: String,
-    /// Entries in the window so far, this one included.
+    /// Entries in the window so far, this one included (for a repeat: as
+    /// the first answer said, the entry's place in its window).
     pub count: i64,
     pub closes_at_ms: i64,
+    /// The entry's idempotency key was already used for this user: nothing
+    /// was added, and the rest is what the first entry under it was told.
+    pub repeated: bool,
 }
 
 /// A window to close into one notification.
@@ -158,6 +165,10 @@ pub trait JobStore: Send + Sync + 'static {
     /// time has passed (that one is sealed and closes on its own). Keeps the
     /// first [`DIGEST_ITEMS`] payloads, counts the rest. Atomic per entry
     /// under concurrent adds from any node: no entry is lost or counted twice.
+    /// An entry whose `idempotency_key` the user already has an entry under
+    /// is not added: its answer is that entry's, marked `repeated`, however
+    /// many adds race with the same key (the key's row is written first, so
+    /// a second writer waits for the first and then finds it).
     async fn digest_add(&self, entries: Vec<DigestEntry>) -> Result<Vec<DigestAdded>, StoreError>;
 
     /// Claims up to `limit` windows whose time has passed (`closes_at <=
@@ -181,8 +192,14 @@ pub trait JobStore: Send + Sync + 'static {
 
     /// Deletes every window of `user` with its items (erasure); returns how
     /// many windows. A window a closer had already claimed and read may
-    /// still be appended as its digest notification.
+    /// still be appended as its digest notification. The user's digest
+    /// entry keys go too.
     async fn digest_erase(&self, user: &str) -> Result<u64, StoreError>;
+
+    /// Retention for digest entry keys: deletes those whose window closed
+    /// before `before_ms` (its digest notification is as old, and goes with
+    /// the same retention), `DELETE_CHUNK` rows per statement; returns how many.
+    async fn digest_purge_keys(&self, before_ms: i64) -> Result<u64, StoreError>;
 }
 
 /// The statements both stores run: `$n` placeholders (SQLite reads them as
@@ -234,6 +251,20 @@ pub(crate) mod sql {
           last_at = CASE WHEN excluded.last_at > digest_windows.last_at THEN excluded.last_at ELSE digest_windows.last_at END \
         RETURNING id, count, closes_at";
     pub const DIGEST_ITEM: &str = "INSERT INTO digest_items (window_id, n, payload) VALUES ($1, $2, $3)";
+    /// Claims (`$1` user, `$2` key) before the entry is added; the real values
+    /// follow in [`DIGEST_KEY_SET`]. On PostgreSQL a concurrent claim of the
+    /// same key waits here for this transaction, then does nothing.
+    pub const DIGEST_KEY_CLAIM: &str = "INSERT INTO digest_entry_keys \
+        (user_id, idempotency_key, window_id, count, closes_at) VALUES ($1, $2, '', 0, 0) \
+        ON CONFLICT (user_id, idempotency_key) DO NOTHING";
+    pub const DIGEST_KEY_SET: &str = "UPDATE digest_entry_keys SET window_id = $3, count = $4, closes_at = $5 \
+        WHERE user_id = $1 AND idempotency_key = $2";
+    pub const DIGEST_KEY: &str =
+        "SELECT window_id, count, closes_at FROM digest_entry_keys WHERE user_id = $1 AND idempotency_key = $2";
+    pub const DIGEST_ERASE_KEYS: &str = "DELETE FROM digest_entry_keys WHERE user_id = $1";
+    /// `$1` before, `$2` chunk.
+    pub const DIGEST_PURGE_KEYS: &str = "DELETE FROM digest_entry_keys WHERE (user_id, idempotency_key) IN \
+        (SELECT user_id, idempotency_key FROM digest_entry_keys WHERE closes_at < $1 LIMIT $2)";
 
     /// `$1` owner, `$2` lease until, `$3` now, `$4` limit; then the lock clause.
     pub fn digest_claim(lock: &str) -> String {
@@ -376,7 +407,7 @@ macro_rules! impl_job_store {
                 lock_order, outcome_columns, sql, DigestAdded, DigestEntry, DigestWindow, Job, JobOutcome, JobRow,
                 JobStore, NewJob, WindowRow, DIGEST_ITEMS,
             };
-            use $crate::store::{now_ms, StoreError};
+            use $crate::store::{now_ms, StoreError, DELETE_CHUNK};
 
             #[async_trait]
             impl JobStore for $store {
@@ -469,6 +500,25 @@ macro_rules! impl_job_store {
                     let mut added = vec![None; entries.len()];
                     for i in lock_order(&entries) {
                         let entry = &entries[i];
+                        if let Some(key) = &entry.idempotency_key {
+                            let claimed = sqlx::query(sql::DIGEST_KEY_CLAIM)
+                                .bind(&*entry.user_id)
+                                .bind(&**key)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(|e| self.db_error(e))?;
+                            if claimed.rows_affected() == 0 {
+                                let (window_id, count, closes_at_ms): (String, i64, i64) =
+                                    sqlx::query_as(sql::DIGEST_KEY)
+                                        .bind(&*entry.user_id)
+                                        .bind(&**key)
+                                        .fetch_one(&mut *tx)
+                                        .await
+                                        .map_err(|e| self.db_error(e))?;
+                                added[i] = Some(DigestAdded { window_id, count, closes_at_ms, repeated: true });
+                                continue;
+                            }
+                        }
                         sqlx::query(sql::DIGEST_SEAL_EXPIRED)
                             .bind(&*entry.user_id)
                             .bind(&*entry.key)
@@ -495,7 +545,18 @@ macro_rules! impl_job_store {
                                 .await
                                 .map_err(|e| self.db_error(e))?;
                         }
-                        added[i] = Some(DigestAdded { window_id, count, closes_at_ms });
+                        if let Some(key) = &entry.idempotency_key {
+                            sqlx::query(sql::DIGEST_KEY_SET)
+                                .bind(&*entry.user_id)
+                                .bind(&**key)
+                                .bind(&window_id)
+                                .bind(count)
+                                .bind(closes_at_ms)
+                                .execute(&mut *tx)
+                                .await
+                                .map_err(|e| self.db_error(e))?;
+                        }
+                        added[i] = Some(DigestAdded { window_id, count, closes_at_ms, repeated: false });
                     }
                     tx.commit().await.map_err(|e| self.db_error(e))?;
                     Ok(added.into_iter().flatten().collect())
@@ -562,8 +623,31 @@ macro_rules! impl_job_store {
                         .execute(&mut *tx)
                         .await
                         .map_err(|e| self.db_error(e))?;
+                    sqlx::query(sql::DIGEST_ERASE_KEYS)
+                        .bind(user)
+                        .execute(&mut *tx)
+                        .await
+                        .map_err(|e| self.db_error(e))?;
                     tx.commit().await.map_err(|e| self.db_error(e))?;
                     Ok(windows.rows_affected())
+                }
+
+                async fn digest_purge_keys(&self, before_ms: i64) -> Result<u64, StoreError> {
+                    let mut purged = 0;
+                    loop {
+                        let (mut conn, _turn) = self.for_writing().await?;
+                        let deleted = sqlx::query(sql::DIGEST_PURGE_KEYS)
+                            .bind(before_ms)
+                            .bind(DELETE_CHUNK)
+                            .execute(&mut *conn)
+                            .await
+                            .map_err(|e| self.db_error(e))?
+                            .rows_affected();
+                        purged += deleted;
+                        if deleted < DELETE_CHUNK as u64 {
+                            return Ok(purged);
+                        }
+                    }
                 }
             }
         };

@@ -23,7 +23,7 @@ pub use jobs::JobStore;
 
 /// Rows deleted per statement by retention and erasure, so neither holds
 /// long locks.
-const DELETE_CHUNK: i64 = 1000;
+pub(crate) const DELETE_CHUNK: i64 = 1000;
 
 /// Retention: a chunk of notifications created before `$1` (`$2` rows).
 const PURGE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE (user_id, seq) IN \
