@@ -289,6 +289,26 @@ async fn a_retried_digest_entry_is_counted_once_on_postgres() {
     a_retried_digest_entry_is_counted_once(Db::postgres()).await;
 }
 
+/// Retention forgets a digest entry's key once the digest it went into is
+/// as old as `HERALD_RETENTION`: the same key then names a new entry.
+#[tokio::test]
+async fn retention_forgets_a_digest_entry_key_with_its_digest() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [("HERALD_RETENTION", "2s"), ("HERALD_PURGE_INTERVAL", "200ms")];
+    let server = Db::Sqlite.start(dir.path(), &vars).await;
+    let mut erin = server.connect("erin").await;
+    let request = PublishRequest { idempotency_key: Some("like-1".into()), ..digest_request("erin", "post:1", 1, 1) };
+    let publisher = server.publisher();
+    let submit = || async { publisher.submit(&request).await.unwrap().0 };
+
+    assert_eq!(submit().await, StatusCode::ACCEPTED);
+    assert_eq!(next_notification(&mut erin).await.payload["digest"]["count"], 1);
+    assert_eq!(submit().await, StatusCode::OK, "the key went before its digest");
+    eventually("the key is purged and names a new entry", || async { submit().await == StatusCode::ACCEPTED }).await;
+    assert_eq!(next_notification(&mut erin).await.payload["digest"]["count"], 1);
+    server.stop().await;
+}
+
 async fn a_digest_window_open_across_a_restart_still_closes_once(db: Db) {
     let dir = tempfile::tempdir().unwrap();
     let server = db.start(dir.path(), &[]).await;
