@@ -21,6 +21,10 @@ const KEY: &str = "smoke-key";
 /// alone (`-p herald-server`), the shared dependencies resolve other features
 /// (libc without the `extra_traits` the load generator's nix asks for, say),
 /// and about 75 crates were compiled again, a second time, for this one test.
+/// The variables cargo sets for this test process are dropped too: ring's
+/// build script asks to rerun when `CARGO_MANIFEST_DIR` or `CARGO_PKG_NAME`
+/// differ from what the outer cargo saw (unset), and that alone recompiled
+/// ring and the 20 crates above it here, and again in the next build.
 fn herald_binary() -> &'static Path {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
     BIN.get_or_init(|| {
@@ -29,6 +33,11 @@ fn herald_binary() -> &'static Path {
         let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build.args(["build", "--workspace", "--tests", "--bin", "herald"]);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(set_by_cargo_for_tests) {
+                build.env_remove(name);
+            }
+        }
         if profile_dir.file_name().is_some_and(|n| n == "release") {
             build.arg("--release");
         }
@@ -38,6 +47,23 @@ fn herald_binary() -> &'static Path {
         assert!(bin.exists(), "no herald binary at {}", bin.display());
         bin
     })
+}
+
+/// What cargo sets in a test's environment (its package's metadata and
+/// paths), as opposed to settings a user gives cargo (`CARGO_TARGET_DIR`,
+/// `CARGO_HOME`, `CARGO_PROFILE_*`, …), which the inner build must keep.
+fn set_by_cargo_for_tests(name: &str) -> bool {
+    const EXACT: [&str; 8] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    EXACT.contains(&name) || name.starts_with("CARGO_PKG_") || name.starts_with("CARGO_BIN_EXE_") || name == "OUT_DIR"
 }
 
 /// A herald process on a free port; killed on drop.
