@@ -87,7 +87,8 @@ impl Publisher {
     }
 
     /// `POST /v1/notifications` with any answer: stored (201/200), a job for a
-    /// large audience (202 `job_id`), or digest entries (202 `digests`).
+    /// large audience (202 `job_id`), or digest entries (202 `digests`; 200
+    /// when the `idempotency_key` had added every user's entry already).
     pub async fn submit(&self, request: &PublishRequest) -> Result<(StatusCode, Submitted), Error> {
         answer(self.post_notification(request).send().await?).await
     }
