@@ -262,9 +262,10 @@ pub(crate) mod sql {
     pub const DIGEST_KEY: &str =
         "SELECT window_id, count, closes_at FROM digest_entry_keys WHERE user_id = $1 AND idempotency_key = $2";
     pub const DIGEST_ERASE_KEYS: &str = "DELETE FROM digest_entry_keys WHERE user_id = $1";
-    /// `$1` before, `$2` chunk.
+    /// `$1` before, `$2` chunk; in `closes_at` order so that the index is
+    /// used with or without statistics (as retention's `PURGE_CHUNK_SQL`).
     pub const DIGEST_PURGE_KEYS: &str = "DELETE FROM digest_entry_keys WHERE (user_id, idempotency_key) IN \
-        (SELECT user_id, idempotency_key FROM digest_entry_keys WHERE closes_at < $1 LIMIT $2)";
+        (SELECT user_id, idempotency_key FROM digest_entry_keys WHERE closes_at < $1 ORDER BY closes_at LIMIT $2)";
 
     /// `$1` owner, `$2` lease until, `$3` now, `$4` limit; then the lock clause.
     pub fn digest_claim(lock: &str) -> String {
