@@ -294,7 +294,9 @@ async fn a_retried_digest_entry_is_counted_once_on_postgres() {
 #[tokio::test]
 async fn retention_forgets_a_digest_entry_key_with_its_digest() {
     let dir = tempfile::tempdir().unwrap();
-    let vars = [("HERALD_RETENTION", "2s"), ("HERALD_PURGE_INTERVAL", "200ms")];
+    // The window closes after 1 s and its key goes 3 s later: time enough
+    // for the delivery and the repeat below on a busy box.
+    let vars = [("HERALD_RETENTION", "3s"), ("HERALD_PURGE_INTERVAL", "200ms")];
     let server = Db::Sqlite.start(dir.path(), &vars).await;
     let mut erin = server.connect("erin").await;
     let request = PublishRequest { idempotency_key: Some("like-1".into()), ..digest_request("erin", "post:1", 1, 1) };
