@@ -63,7 +63,7 @@ const REVOKE_SQL: &str = "INSERT INTO revocations (user_id, issued_before, expir
 const ERASE_CHUNK_SQL: &str = "DELETE FROM notifications WHERE user_id = $1 AND seq IN \
      (SELECT seq FROM notifications WHERE user_id = $1 AND seq <= $2 ORDER BY seq LIMIT $3)";
 
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum StoreError {
     /// The database cannot be reached or refused the work; retry later.
     #[error("store unavailable: {0}")]
@@ -87,7 +87,7 @@ impl From<sqlx::Error> for StoreError {
             sqlx::Error::Database(ref db) if postgres::is_unavailable(db.as_ref()) => {
                 StoreError::Unavailable(e.to_string())
             }
-            sqlx::Error::Database(ref db) if db.message().contains("locked") || db.message().contains("busy") => {
+            sqlx::Error::Database(ref db) if sqlite::is_unavailable_error(db.as_ref()) => {
                 StoreError::Unavailable(e.to_string())
             }
             other => StoreError::Internal(other.to_string()),

@@ -174,6 +174,33 @@ fn file_of(url: &str) -> Result<std::path::PathBuf, StoreError> {
     Ok(options.get_filename().to_path_buf())
 }
 
+/// Whether a SQLite result code (primary or extended) means "not now"
+/// rather than "never". The statement or transaction it ended rolled back,
+/// so nothing of it was written, and the same work succeeds later:
+/// another writer holds the lock (`BUSY`, `LOCKED`), the file cannot be
+/// opened (`CANTOPEN`), the disk is full (`FULL`: `ENOSPC`), or the
+/// operating system refused a read, write or sync (`IOERR`: a disk quota
+/// (`EDQUOT`), a file system remounted read-only, a failing device). An
+/// operator makes room or mends the disk, and writes resume without a
+/// restart. Anything else (a constraint, corruption, misuse) is a bug or
+/// damage. The PostgreSQL store's counterpart is `postgres::is_unavailable`.
+pub(super) fn is_unavailable(code: std::ffi::c_int) -> bool {
+    use rusqlite::ffi;
+    matches!(
+        code & 0xff,
+        ffi::SQLITE_BUSY | ffi::SQLITE_LOCKED | ffi::SQLITE_CANTOPEN | ffi::SQLITE_FULL | ffi::SQLITE_IOERR
+    )
+}
+
+/// [`is_unavailable`] for an error from sqlx's SQLite driver, which reports
+/// the extended result code. Errors of other databases: `false`.
+pub(super) fn is_unavailable_error(error: &(dyn sqlx::error::DatabaseError + 'static)) -> bool {
+    use sqlx::error::DatabaseError as _;
+    error
+        .try_downcast_ref::<sqlx::sqlite::SqliteError>()
+        .is_some_and(|e| e.code().and_then(|code| code.parse().ok()).is_some_and(is_unavailable))
+}
+
 /// Runs blocking file work on a thread of its own.
 async fn off_runtime<T: Send + 'static>(
     work: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
@@ -333,6 +360,29 @@ mod tests {
             payload: RawValue::from_string("{}".into()).unwrap().into(),
             created_at_ms: super::super::now_ms(),
             idempotency_key: None,
+        }
+    }
+
+    /// "Not now" is the disk (full, a quota, read-only, failing) or the
+    /// lock, with any extended code; a constraint, corruption or a malformed
+    /// statement is not. A full disk end to end: `tests/binary.rs`.
+    #[test]
+    fn what_sqlite_errors_are_worth_retrying() {
+        use rusqlite::ffi;
+        for code in [
+            ffi::SQLITE_FULL,
+            ffi::SQLITE_IOERR,
+            ffi::SQLITE_IOERR_WRITE,
+            ffi::SQLITE_IOERR_FSYNC,
+            ffi::SQLITE_BUSY,
+            ffi::SQLITE_BUSY_SNAPSHOT,
+            ffi::SQLITE_LOCKED,
+            ffi::SQLITE_CANTOPEN,
+        ] {
+            assert!(is_unavailable(code), "{code}");
+        }
+        for code in [ffi::SQLITE_CONSTRAINT_PRIMARYKEY, ffi::SQLITE_CORRUPT, ffi::SQLITE_ERROR, ffi::SQLITE_MISUSE] {
+            assert!(!is_unavailable(code), "{code}");
         }
     }
 

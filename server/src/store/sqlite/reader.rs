@@ -273,9 +273,10 @@ fn last_seqs(conn: &Connection, users: &[Arc<str>]) -> rusqlite::Result<Vec<Seq>
 }
 
 pub(super) fn store_error(e: rusqlite::Error) -> StoreError {
-    use rusqlite::ErrorCode::{CannotOpen, DatabaseBusy, DatabaseLocked};
-    match e.sqlite_error_code() {
-        Some(DatabaseBusy | DatabaseLocked | CannotOpen) => StoreError::Unavailable(e.to_string()),
+    match e {
+        rusqlite::Error::SqliteFailure(ref failure, _) if super::is_unavailable(failure.extended_code) => {
+            StoreError::Unavailable(e.to_string())
+        }
         _ => StoreError::Internal(e.to_string()),
     }
 }

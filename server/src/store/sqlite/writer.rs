@@ -156,6 +156,7 @@ fn open_writer(path: &Path, cache_mib: u32) -> Result<Connection, StoreError> {
 
 fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
     let mut closing = None;
+    let mut failures = Failures::default();
     while let Some(first) = queue.blocking_recv() {
         let mut group = Vec::new();
         let mut size = 0;
@@ -179,7 +180,7 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
         }
         if !group.is_empty() {
             let _turn = gate.blocking_turn();
-            commit_group(&mut conn, group);
+            commit_group(&mut conn, group, &mut failures);
         }
         match after {
             Some(Request::Delete(sql, params, reply)) => {
@@ -200,7 +201,38 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
     }
 }
 
-fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendReply)>) {
+/// Group commits that failed in a row. A full disk fails every group until
+/// an operator makes room: the log says when that starts (and whenever the
+/// error changes) and when it ends, not once per group.
+#[derive(Default)]
+struct Failures {
+    in_a_row: u64,
+    last: Option<StoreError>,
+}
+
+impl Failures {
+    fn failed(&mut self, err: &StoreError) {
+        self.in_a_row += 1;
+        if self.last.as_ref() == Some(err) {
+            tracing::debug!(error = %err, in_a_row = self.in_a_row, "group commit failed; nothing of it was stored");
+        } else {
+            tracing::error!(
+                error = %err,
+                "group commit failed; nothing of it was stored (until one succeeds, the same error is logged at debug)"
+            );
+            self.last = Some(err.clone());
+        }
+    }
+
+    fn succeeded(&mut self) {
+        if self.in_a_row > 0 {
+            tracing::info!(failed_in_a_row = self.in_a_row, "group commits succeed again");
+            *self = Failures::default();
+        }
+    }
+}
+
+fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendReply)>, failures: &mut Failures) {
     let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
     let result = (|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(store_error)?;
@@ -214,12 +246,13 @@ fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendR
     // A failed transaction rolls back when it is dropped: nothing of the group is stored.
     match result {
         Ok(outcomes) => {
+            failures.succeeded();
             for (reply, out) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(out));
             }
         }
         Err(err) => {
-            tracing::error!(error = %err, "group commit failed; nothing of it was stored");
+            failures.failed(&err);
             for reply in replies {
                 let _ = reply.send(Err(err.clone()));
             }
