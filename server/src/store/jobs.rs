@@ -217,6 +217,13 @@ pub(crate) mod sql {
     const JOB_COLUMNS: &str = "id, kind, payload, state, attempts, done, total, error, created_at, updated_at";
 
     /// `$1` owner, `$2` lease until, `$3` now; then the lock clause.
+    ///
+    /// Read its row with `fetch_all`. On SQLite outside a transaction a
+    /// statement with `RETURNING` commits only when it runs to its end;
+    /// `fetch_one`/`fetch_optional` stop at the first row and leave the
+    /// commit to sqlx's statement reset, which drops its error
+    /// (sqlx issue 3430): a claim whose commit failed (the disk full)
+    /// would look made, and the job would be worked on unclaimed.
     pub fn claim(lock: &str) -> String {
         format!(
             "UPDATE jobs SET state = 'running', owner = $1, lease_until = $2, attempts = attempts + 1, updated_at = $3 \
@@ -438,14 +445,15 @@ macro_rules! impl_job_store {
                 async fn claim(&self, owner: &str, lease: Duration) -> Result<Option<Job>, StoreError> {
                     let (mut conn, _turn) = self.for_writing().await?;
                     let now = now_ms();
-                    let row: Option<JobRow> = sqlx::query_as(&sql::claim($lock))
+                    // `fetch_all`, not `fetch_optional`: see `sql::claim`.
+                    let rows: Vec<JobRow> = sqlx::query_as(&sql::claim($lock))
                         .bind(owner)
                         .bind(now + lease.as_millis() as i64)
                         .bind(now)
-                        .fetch_optional(&mut *conn)
+                        .fetch_all(&mut *conn)
                         .await
                         .map_err(|e| self.db_error(e))?;
-                    row.map(Job::try_from).transpose()
+                    rows.into_iter().next().map(Job::try_from).transpose()
                 }
 
                 async fn progress(

@@ -307,14 +307,18 @@ impl Store for SqliteStore {
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Revocation, StoreError> {
         let (mut conn, _turn) = self.for_writing().await?;
-        let in_force = sqlx::query_as(super::REVOKE_SQL)
+        // `fetch_all`: a `RETURNING` statement read with `fetch_one` would
+        // commit at sqlx's statement reset, which drops a failed commit's
+        // error (see `jobs::sql::claim`): a revocation not stored would be
+        // answered as in force.
+        let in_force: Vec<Revocation> = sqlx::query_as(super::REVOKE_SQL)
             .bind(&revocation.user_id)
             .bind(revocation.issued_before)
             .bind(revocation.expires_at)
             .bind(super::now_ms())
-            .fetch_one(&mut *conn)
+            .fetch_all(&mut *conn)
             .await?;
-        Ok(in_force)
+        in_force.into_iter().next().ok_or_else(|| StoreError::Internal("the revocation returned no row".into()))
     }
 
     async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError> {
