@@ -36,8 +36,14 @@ const IDLE_POLL: Duration = Duration::from_millis(500);
 const DIGEST_POLL: Duration = Duration::from_secs(1);
 /// Digest windows closed per claim.
 const DIGEST_CLAIM: u32 = 100;
-/// Claims of a job before it is kept as failed.
+/// Claims of a job before a failure keeps it as failed (see [`retries`]).
 const MAX_ATTEMPTS: u32 = 5;
+/// How long after it was accepted a job whose step failed for a transient
+/// reason (the store unavailable, its disk full) is still retried, however
+/// many claims that takes: the job is durable and the fault is an
+/// operator's to mend, so an outage of up to this long costs a delay, not
+/// the publish.
+const TRANSIENT_RETRY_FOR: Duration = Duration::from_secs(3600);
 
 /// A large-audience publish, as stored in the job's payload.
 #[derive(Debug, Serialize, Deserialize)]
@@ -126,6 +132,14 @@ async fn job_loop(state: AppState, owner: String) {
     }
 }
 
+/// Whether a job that failed for a transient reason on claim `attempts`,
+/// `age_ms` after it was accepted, is retried: for its first
+/// [`MAX_ATTEMPTS`] claims, and for [`TRANSIENT_RETRY_FOR`] after it was
+/// accepted (with [`backoff`], a claim every 15–30 s by then).
+fn retries(attempts: u32, age_ms: i64) -> bool {
+    attempts < MAX_ATTEMPTS || age_ms < TRANSIENT_RETRY_FOR.as_millis() as i64
+}
+
 /// Exponential, capped at 30 s, with jitter.
 fn backoff(attempt: u32) -> Duration {
     let base = Duration::from_millis(250) * 2u32.saturating_pow(attempt.min(7));
@@ -165,7 +179,7 @@ async fn run_job(state: &AppState, owner: &str, job: Job) {
             tracing::warn!(parent: &span, "lease lost; another worker has the job");
             return;
         }
-        Err(JobError::Transient(e)) if job.attempts < MAX_ATTEMPTS => {
+        Err(JobError::Transient(e)) if retries(job.attempts, now_ms() - job.created_at_ms) => {
             tracing::warn!(parent: &span, error = %e, "job failed; retrying");
             JobOutcome::Retry { at_ms: now_ms() + backoff(job.attempts).as_millis() as i64, error: e }
         }
@@ -356,6 +370,16 @@ mod tests {
             r#"{"digest":{"key":"post:9:\"likes\"","count":12,"first_at":"1970-01-01T00:00:00.000Z","last_at":"1970-01-01T00:00:01.000Z","items":[{"by": "bob" },[1.50]]}}"#
         );
         assert_eq!(n.idempotency_key.as_deref(), Some("digest:w1"));
+    }
+
+    #[test]
+    fn transient_failures_are_retried_for_an_hour_and_at_least_five_claims() {
+        let minutes = |m: i64| m * 60_000;
+        assert!(retries(1, 0));
+        assert!(retries(5, minutes(1)), "a sixth claim within the hour");
+        assert!(retries(200, minutes(59)));
+        assert!(retries(4, minutes(600)), "five claims, however long ago it was accepted");
+        assert!(!retries(5, minutes(61)));
     }
 
     #[test]
