@@ -13,7 +13,12 @@ use serde_json::json;
 const BIN: &str = env!("CARGO_BIN_EXE_herald");
 
 fn herald(dir: &Path, vars: &[(&str, &str)]) -> Command {
-    let mut cmd = Command::new(BIN);
+    with_settings(Command::new(BIN), dir, vars)
+}
+
+/// `cmd` with a node's environment: nothing inherited but `PATH`, a port of
+/// its own, the SQLite store in `dir`, and `vars`.
+fn with_settings(mut cmd: Command, dir: &Path, vars: &[(&str, &str)]) -> Command {
     cmd.env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("HERALD_LISTEN", "127.0.0.1:0")
@@ -32,12 +37,14 @@ struct Running {
 
 /// Starts `herald serve`, waiting (with a deadline) for its `listening` line.
 fn start(dir: &Path, vars: &[(&str, &str)]) -> Running {
-    let (out, err) = (dir.join("stdout"), dir.join("stderr"));
-    let mut child = herald(dir, vars)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .unwrap();
+    start_command(herald(dir, vars), dir)
+}
+
+/// Starts `cmd`, which runs `herald serve`, with its output in `logs`.
+fn start_command(mut cmd: Command, logs: &Path) -> Running {
+    let (out, err) = (logs.join("stdout"), logs.join("stderr"));
+    let mut child =
+        cmd.stdout(std::fs::File::create(&out).unwrap()).stderr(std::fs::File::create(&err).unwrap()).spawn().unwrap();
     let deadline = Instant::now() + WAIT;
     loop {
         let log = std::fs::read_to_string(&err).unwrap_or_default();
@@ -615,4 +622,213 @@ async fn after_herald_restore_a_client_from_before_resumes_from_the_fork() {
     assert!(metrics.lines().any(|l| l == "herald_fork_resumes_total 2"), "{metrics}");
     server.signal("-TERM");
     assert_eq!(server.wait(), 0);
+}
+
+/// `sh -c` script: mounts a 10 MiB tmpfs on `$1` (in the mount namespace
+/// `unshare` made), fills part of it with three files an operator can delete
+/// to make room, then runs the rest of its arguments.
+const ON_A_SMALL_DISK: &str = r#"mount -t tmpfs -o size=10m herald-test-disk "$1" &&
+head -c 65536 /dev/zero > "$1/room-for-a-job" &&
+head -c 1048576 /dev/zero > "$1/room-for-attempts" &&
+head -c 5242880 /dev/zero > "$1/room" &&
+shift && exec "$@""#;
+
+/// A SQLite store whose disk fills up. The real binary runs in a user and
+/// mount namespace of its own (`unshare`, as root or not) with its database
+/// on a 10 MiB tmpfs there, which this test reaches through
+/// `/proc/<pid>/root`. While the disk is full every write is refused with
+/// 503 `store_unavailable` and `Retry-After` (the HTTP API), an `error`
+/// frame (a session's `read`), or a retry (a large-audience job accepted
+/// before: it must not fail for good); the node keeps serving reads and
+/// sessions, and every acknowledged notification stays stored and
+/// delivered. Once room is made, writes resume without a restart, seqs
+/// carry on without a gap, the job completes, and `herald check` finds the
+/// store sound. The writer logs the failures once, and their end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_refuses_writes_with_503_loses_nothing_and_recovers_once_room_is_made() {
+    let (logs, dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let vars = [
+        ("HERALD_JWT_SECRET", SECRET),
+        ("HERALD_API_KEYS", API_KEY),
+        ("HERALD_MAX_USER_IDS", "100"),
+        // An attempt whose end could not be recorded is taken up again after this.
+        ("HERALD_JOB_LEASE", "2s"),
+    ];
+    let mut unshare = with_settings(Command::new("unshare"), dir.path(), &vars);
+    unshare.args([
+        "--user",
+        "--map-root-user",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        ON_A_SMALL_DISK,
+        "sh",
+    ]);
+    unshare.arg(dir.path()).args([BIN, "serve"]);
+    let server = start_command(unshare, logs.path());
+    let disk =
+        Path::new("/proc").join(server.child.id().to_string()).join("root").join(dir.path().strip_prefix("/").unwrap());
+    assert!(disk.join("room").is_file(), "the node's tmpfs is not visible at {}", disk.display());
+
+    let base = format!("127.0.0.1:{}", server.port);
+    let http = reqwest::Client::new();
+    let publish = |body: serde_json::Value| {
+        raw(http.post(format!("http://{base}/v1/notifications")).bearer_auth(API_KEY).json(&body))
+    };
+    let refused_for_now = |answer: &Raw, what: &str| {
+        assert_eq!(answer.status, 503, "{what}: {}", answer.body);
+        assert_eq!(answer.error_code(), "store_unavailable", "{what}");
+        assert!(answer.headers.contains_key("retry-after"), "{what}: 503 without Retry-After");
+    };
+    let token = herald_server::auth::mint(SECRET, "alice", 3600);
+    let mut alice = Connect::new(format!("ws://{base}"), token.clone()).connect().await.unwrap();
+
+    let pad = "x".repeat(1000);
+    let mut acknowledged = Vec::new();
+    for i in 0..30 {
+        let answer = publish(json!({"user_id": "alice", "topic": "t", "payload": {"i": i, "pad": pad}})).await;
+        assert_eq!(answer.status, 201, "{}", answer.body);
+        acknowledged.push(answer.body["notifications"][0]["seq"].as_i64().unwrap());
+    }
+    let stored_before = acknowledged.len() as i64;
+
+    // Something else fills the disk, to the last block.
+    let mut filler = std::fs::File::create(disk.join("filler")).unwrap();
+    let block = vec![0u8; 64 << 10];
+    loop {
+        match std::io::Write::write(&mut filler, &block) {
+            Ok(0) => break,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+
+    // Every write is refused for now, and stores nothing.
+    for i in 0..3 {
+        let answer = publish(json!({"user_id": "alice", "topic": "t", "payload": {"refused": i}})).await;
+        refused_for_now(&answer, "a publish on a full disk");
+    }
+    let marked = raw(http
+        .post(format!("http://{base}/v1/me/notifications/read"))
+        .bearer_auth(&token)
+        .json(&json!({"up_to_seq": 1})))
+    .await;
+    refused_for_now(&marked, "a read mark on a full disk");
+    let audience: Vec<String> = (0..600).map(|i| format!("fan{i:03}")).collect();
+    let job = json!({"user_ids": audience, "topic": "fan", "payload": {"pad": pad}});
+    refused_for_now(&publish(job.clone()).await, "a large publish on a full disk");
+    let digest =
+        json!({"user_id": "alice", "topic": "likes", "payload": {}, "digest": {"key": "k", "window_secs": 60}});
+    refused_for_now(&publish(digest).await, "a digest entry on a full disk");
+    let revoke =
+        raw(http.post(format!("http://{base}/v1/users/mallory/tokens/revoke")).bearer_auth(API_KEY).json(&json!({})))
+            .await;
+    refused_for_now(&revoke, "a token revocation on a full disk");
+    // Reads and sessions go on: everything acknowledged is stored and was
+    // delivered, in order, and nothing refused was.
+    for path in ["healthz", "readyz"] {
+        assert_eq!(raw(http.get(format!("http://{base}/{path}"))).await.status, 200, "{path}");
+    }
+    let publisher = Publisher::new(format!("http://{base}"), API_KEY);
+    assert_eq!(stored_seqs(&publisher, "alice").await, (acknowledged.clone(), stored_before));
+    let delivered: Vec<_> = notifications(&mut alice, acknowledged.len()).await.iter().map(|n| n.seq).collect();
+    assert_eq!(delivered, acknowledged);
+    // A session's read mark gets an error frame, and the session stays.
+    alice.send_text(r#"{"type":"read","up_to_seq":1,"ref":7}"#).await.unwrap();
+    match next(&mut alice).await {
+        ServerFrame::Error { reference, code, .. } => {
+            assert_eq!((reference, code.as_str()), (Some(json!(7)), "unavailable"))
+        }
+        other => panic!("expected an error frame, got {other:?}"),
+    }
+
+    let unread = raw(http.get(format!("http://{base}/v1/me/unread")).bearer_auth(&token)).await;
+    assert_eq!(unread.body["total"], stored_before, "a refused read mark was stored");
+    let mut since =
+        Connect::new(format!("ws://{base}"), token.clone()).since(stored_before - 2).connect().await.unwrap();
+    let replayed: Vec<_> = notifications(&mut since, 2).await.iter().map(|n| n.seq).collect();
+    assert_eq!(replayed, vec![stored_before - 1, stored_before]);
+
+    // Room for the job's row and a claim or so, not for its 600
+    // notifications: it is accepted, its attempts fail, then its claims do.
+    // A claim is only made when it is recorded (the worker backs off
+    // rather than working on a job it could not claim), and the job is
+    // retried, not failed for good.
+    std::fs::remove_file(disk.join("room-for-a-job")).unwrap();
+    let accepted = publish(job).await;
+    assert_eq!(accepted.status, 202, "{}", accepted.body);
+    let job_id = accepted.body["job_id"].as_str().unwrap().to_string();
+    let job_status =
+        || async { raw(http.get(format!("http://{base}/v1/jobs/{job_id}")).bearer_auth(API_KEY)).await.body };
+    let log = || std::fs::read_to_string(logs.path().join("stderr")).unwrap();
+    let claims_logged = || log().lines().filter(|l| l.contains(job_id.as_str()) && l.contains("job claimed")).count();
+    let job_not_done = |status: &serde_json::Value| {
+        assert_ne!(status["state"], "failed", "a job failed for good on a full disk: {status}");
+        assert_ne!(status["state"], "done", "the job fitted; the disk is larger than this test assumes");
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !log().contains("cannot claim jobs") {
+        job_not_done(&job_status().await);
+        assert!(Instant::now() < deadline, "claims never failed for want of room");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let status = job_status().await;
+    job_not_done(&status);
+    assert_eq!(claims_logged() as u64, status["attempts"].as_u64().unwrap(), "a claim not recorded: {status}");
+
+    // Room for claims, not for the notifications: the attempts go on past
+    // the 5 claims a failure of another kind gets (8–15 s of backoff).
+    std::fs::remove_file(disk.join("room-for-attempts")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(40);
+    let retrying = loop {
+        let status = job_status().await;
+        job_not_done(&status);
+        if status["attempts"].as_u64().unwrap() > 5 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the job was not retried: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(retrying["progress"]["done"], 0, "{retrying}");
+    assert_eq!(retrying["error"], "database or disk is full", "{retrying}");
+
+    // The operator makes room: writes resume where they stopped.
+    std::fs::remove_file(disk.join("room")).unwrap();
+    let next_one = publish(json!({"user_id": "alice", "topic": "t", "payload": "after"})).await;
+    assert_eq!(next_one.status, 201, "{}", next_one.body);
+    assert_eq!(next_one.body["notifications"][0]["seq"], stored_before + 1, "a refused publish took a seq");
+    assert!(matches!(next(&mut alice).await, ServerFrame::Notification(n) if n.seq == stored_before + 1));
+    let deadline = Instant::now() + Duration::from_secs(40);
+    loop {
+        let status = job_status().await;
+        if status["state"] == "done" {
+            assert_eq!(status["progress"]["done"], 600, "{status}");
+            assert_eq!(claims_logged() as u64, status["attempts"].as_u64().unwrap(), "{status}");
+            break;
+        }
+        assert_ne!(status["state"], "failed", "{status}");
+        assert!(Instant::now() < deadline, "the job did not finish once there was room: {status}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for user in ["fan000", "fan299", "fan599"] {
+        assert_eq!(stored_seqs(&publisher, user).await, (vec![1], 1), "{user}");
+    }
+    // In the node's namespaces: SQLite resolves `/proc/<pid>/root` to `/`.
+    let pid = server.child.id().to_string();
+    let check = with_settings(Command::new("nsenter"), dir.path(), &vars)
+        .args(["--target", &pid, "--user", "--mount", BIN, "check"])
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "{}", String::from_utf8_lossy(&check.stderr));
+
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+    let log = log();
+    let failures: Vec<_> = log.lines().filter(|l| l.contains("group commit failed")).collect();
+    assert_eq!(failures.len(), 1, "the writer logs a run of failures once: {failures:#?}");
+    assert!(failures[0].contains("ERROR") && failures[0].contains("database or disk is full"), "{}", failures[0]);
+    assert!(log.contains("group commits succeed again"), "the end of the failures is not logged");
 }
