@@ -350,6 +350,22 @@ async fn postgres_outage_answers_503_and_no_false_2xx() {
     let answers = publishing.stop().await;
     let failed = answers.iter().filter(|a| a.is_err()).count();
     eprintln!("the publish loop had {failed} of {} publishes refused during the outage", answers.len());
+    // The writers log each error of the outage once, and its end.
+    for node in &cluster.nodes {
+        let log = node.log();
+        let failed: Vec<_> =
+            log.lines().filter(|l| l.contains("group commit failed") && !l.contains("DEBUG")).collect();
+        let mut kinds: Vec<&str> = failed
+            .iter()
+            .map(|l| l.split_once("error=").and_then(|(_, r)| r.rsplit_once(" notifications=")).unwrap().0)
+            .collect();
+        kinds.sort_unstable();
+        kinds.dedup();
+        assert_eq!(kinds.len(), failed.len(), "{}: an outage logged per group: {failed:#?}", node.name);
+        if !failed.is_empty() {
+            assert!(log.contains("group commits succeed again"), "{}: the outage's end is not logged", node.name);
+        }
+    }
     acknowledged.extend(answers.into_iter().flatten());
 
     // Every 2xx is stored, under its seq and id; the stored seqs have no gap.

@@ -95,6 +95,46 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
+/// The group commits that failed in a row, for a writer's log. An outage
+/// (the database down, its disk full) fails every group until it is mended:
+/// the log says when it starts, each other error it brings once, and when
+/// it ends — not once per group. An unavailable store is a `warn`, anything
+/// else an `error`, as at the HTTP edge.
+#[derive(Default)]
+pub(crate) struct CommitFailures {
+    in_a_row: u64,
+    /// The errors of this run logged so far (at most [`Self::KINDS`]).
+    logged: Vec<StoreError>,
+}
+
+impl CommitFailures {
+    /// Distinct errors logged per run; more are logged at `debug`.
+    const KINDS: usize = 16;
+
+    /// A group of `notifications` failed with `err`; its publishes are refused.
+    pub(crate) fn failed(&mut self, err: &StoreError, notifications: usize) {
+        self.in_a_row += 1;
+        if self.logged.contains(err) || self.logged.len() >= Self::KINDS {
+            tracing::debug!(error = %err, notifications, in_a_row = self.in_a_row, "group commit failed");
+            return;
+        }
+        const FAILED: &str =
+            "group commit failed; its publishes are refused (this error again is logged at debug until a commit succeeds)";
+        match err {
+            StoreError::Unavailable(_) => tracing::warn!(error = %err, notifications, "{FAILED}"),
+            StoreError::Internal(_) => tracing::error!(error = %err, notifications, "{FAILED}"),
+        }
+        self.logged.push(err.clone());
+    }
+
+    pub(crate) fn succeeded(&mut self) {
+        if self.in_a_row > 0 {
+            tracing::info!(failed_in_a_row = self.in_a_row, "group commits succeed again");
+            *self = CommitFailures::default();
+        }
+    }
+}
+
 /// One notification to store for one user.
 #[derive(Debug, Clone)]
 pub struct NewNotification {

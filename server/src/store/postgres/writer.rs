@@ -39,7 +39,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::from_row;
 use crate::store::plan::{Key, Plan, Rows};
-use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
+use crate::store::{Appended, CommitFailures, NewNotification, StoreError, StoredNotification};
 
 /// Most notifications committed in one group transaction (a single larger
 /// request still commits whole, alone).
@@ -69,6 +69,9 @@ pub(super) struct Writers {
     deadline: Duration,
     /// Whether a writer keeps its connection between groups.
     hold: bool,
+    /// One log of failed commits for all the writers: an outage is logged
+    /// once per node, not once per writer.
+    failures: Arc<std::sync::Mutex<CommitFailures>>,
 }
 
 /// A writer's connection between groups, and when it last answered.
@@ -85,7 +88,8 @@ impl Writers {
         deadline: Duration,
         hold: bool,
     ) -> Self {
-        Writers { pool, read_only, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold }
+        let failures = Arc::default();
+        Writers { pool, read_only, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold, failures }
     }
 
     /// Commits groups until the store closes and the queue is drained.
@@ -133,16 +137,14 @@ impl Writers {
             };
         match result {
             Ok(outcomes) => {
+                self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).succeeded();
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
             }
             Err(err) => {
-                let n: usize = batches.iter().map(Vec::len).sum();
-                match &err {
-                    StoreError::Unavailable(_) => tracing::warn!(error = %err, n, "group commit failed"),
-                    StoreError::Internal(_) => tracing::error!(error = %err, n, "group commit failed"),
-                }
+                let notifications = batches.iter().map(Vec::len).sum();
+                self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).failed(&err, notifications);
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
                 }

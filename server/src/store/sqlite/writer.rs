@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
 
 use super::reader::{closed, open_with, store_error, NotificationColumns};
 use crate::store::plan::{Key, Plan};
-use crate::store::{Appended, NewNotification, StoreError, StoredNotification};
+use crate::store::{Appended, CommitFailures, NewNotification, StoreError, StoredNotification};
 
 /// Most notifications committed in one group transaction.
 const MAX_GROUP: usize = 2048;
@@ -156,7 +156,7 @@ fn open_writer(path: &Path, cache_mib: u32) -> Result<Connection, StoreError> {
 
 fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
     let mut closing = None;
-    let mut failures = Failures::default();
+    let mut failures = CommitFailures::default();
     while let Some(first) = queue.blocking_recv() {
         let mut group = Vec::new();
         let mut size = 0;
@@ -201,38 +201,7 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
     }
 }
 
-/// Group commits that failed in a row. A full disk fails every group until
-/// an operator makes room: the log says when that starts (and whenever the
-/// error changes) and when it ends, not once per group.
-#[derive(Default)]
-struct Failures {
-    in_a_row: u64,
-    last: Option<StoreError>,
-}
-
-impl Failures {
-    fn failed(&mut self, err: &StoreError) {
-        self.in_a_row += 1;
-        if self.last.as_ref() == Some(err) {
-            tracing::debug!(error = %err, in_a_row = self.in_a_row, "group commit failed; nothing of it was stored");
-        } else {
-            tracing::error!(
-                error = %err,
-                "group commit failed; nothing of it was stored (until one succeeds, the same error is logged at debug)"
-            );
-            self.last = Some(err.clone());
-        }
-    }
-
-    fn succeeded(&mut self) {
-        if self.in_a_row > 0 {
-            tracing::info!(failed_in_a_row = self.in_a_row, "group commits succeed again");
-            *self = Failures::default();
-        }
-    }
-}
-
-fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendReply)>, failures: &mut Failures) {
+fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendReply)>, failures: &mut CommitFailures) {
     let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
     let result = (|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(store_error)?;
@@ -252,7 +221,7 @@ fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendR
             }
         }
         Err(err) => {
-            failures.failed(&err);
+            failures.failed(&err, batches.iter().map(Vec::len).sum());
             for reply in replies {
                 let _ = reply.send(Err(err.clone()));
             }
