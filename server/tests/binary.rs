@@ -636,12 +636,12 @@ shift && exec "$@""#;
 /// A SQLite store whose disk fills up. The real binary runs in a user and
 /// mount namespace of its own (`unshare`, as root or not) with its database
 /// on a 10 MiB tmpfs there, which this test reaches through
-/// `/proc/<pid>/root`. While the disk is full every write is refused with
-/// 503 `store_unavailable` and `Retry-After` (the HTTP API), an `error`
-/// frame (a session's `read`), or a retry (a large-audience job accepted
-/// before: it must not fail for good); the node keeps serving reads and
-/// sessions, and every acknowledged notification stays stored and
-/// delivered. Once room is made, writes resume without a restart, seqs
+/// `/proc/<pid>/root`. While the disk is full (something else filled it to
+/// the last block) every write is refused with 503 `store_unavailable` and
+/// `Retry-After` (the HTTP API), an `error` frame (a session's `read`), or
+/// a retry (a large-audience job: never failed for good, never worked on
+/// unclaimed); the node keeps serving reads and sessions, and every
+/// acknowledged notification stays stored and delivered. Once room is made, writes resume without a restart, seqs
 /// carry on without a gap, the job completes, and `herald check` finds the
 /// store sound. The writer logs the failures once, and their end.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
