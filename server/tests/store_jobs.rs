@@ -140,6 +140,9 @@ on_both!(an_expired_lease_passes_the_job_on =>
 on_both!(retries_wait_and_failures_stay =>
     retries_wait_and_failures_stay_on_sqlite,
     retries_wait_and_failures_stay_on_postgres);
+on_both!(a_repeat_of_a_failed_job_queues_it_again =>
+    a_repeat_of_a_failed_job_queues_it_again_on_sqlite,
+    a_repeat_of_a_failed_job_queues_it_again_on_postgres);
 on_both!(digest_windows_collect_and_close =>
     digest_windows_collect_and_close_on_sqlite,
     digest_windows_collect_and_close_on_postgres);
@@ -276,6 +279,33 @@ async fn retries_wait_and_failures_stay(db: Db) {
     assert_eq!((failed.state, failed.error.as_deref()), (JobState::Failed, Some("bad")));
     assert!(store.claim("C", LONG).await.unwrap().is_none(), "a failed job was claimed");
     store.close().await;
+}
+
+/// The same idempotency key again answers the job; once it has failed, it
+/// also queues it again, due now with fresh attempts and its progress kept,
+/// and only once however many repeats race (two nodes).
+async fn a_repeat_of_a_failed_job_queues_it_again(db: Db) {
+    let db = TestDb::create(db).await;
+    let nodes = [db.open().await, db.open().await];
+    let first = new_job(3000, Some("publish:failing"));
+    let id = first.id.clone();
+    assert_eq!(nodes[0].enqueue(first).await.unwrap(), (id.clone(), true));
+    assert_eq!(nodes[0].claim("A", LONG).await.unwrap().expect("A claims it").id, id);
+    assert!(nodes[0].progress(&id, "A", 1000, LONG).await.unwrap());
+    assert_eq!(nodes[1].enqueue(new_job(3000, Some("publish:failing"))).await.unwrap(), (id.clone(), false));
+    assert_eq!(job(&nodes[1], &id).await.state, JobState::Running, "a repeat of a running job changed it");
+    nodes[0].finish(&id, "A", JobOutcome::Failed { error: "gave up".into() }).await.unwrap();
+
+    let repeats = nodes.iter().map(|node| node.enqueue(new_job(3000, Some("publish:failing"))));
+    let answers: Vec<_> = join_all(repeats).await.into_iter().map(Result::unwrap).collect();
+    assert!(answers.iter().all(|(answered, _)| *answered == id), "{answers:?}");
+    assert_eq!(answers.iter().filter(|(_, queued)| *queued).count(), 1, "queued again by each repeat: {answers:?}");
+    let queued = job(&nodes[0], &id).await;
+    assert_eq!((queued.state, queued.attempts, queued.done), (JobState::Queued, 0, 1000));
+    assert_eq!(queued.error.as_deref(), Some("gave up"), "the last reason is kept");
+    let resumed = claim_within(&nodes[1], "B", common::WAIT).await;
+    assert_eq!((resumed.id.as_str(), resumed.attempts, resumed.done), (id.as_str(), 1, 1000));
+    close_all(&nodes).await;
 }
 
 async fn digest_windows_collect_and_close(db: Db) {

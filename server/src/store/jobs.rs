@@ -141,8 +141,12 @@ pub const DIGEST_ITEMS: i64 = 10;
 /// Durable jobs and digest windows. Every store implements it.
 #[async_trait]
 pub trait JobStore: Send + Sync + 'static {
-    /// Stores a queued job, due now. When `idempotency_key` matches an earlier
-    /// job, stores nothing and returns that job's id with `false`.
+    /// Stores a queued job, due now, and returns its id with `true`. When
+    /// `idempotency_key` matches an earlier job, stores nothing and returns
+    /// that job's id: with `false`, or, when that job had failed, with `true`
+    /// after queueing it again (due now, its progress kept, its attempts
+    /// counted afresh) — a repeat of a failed publish retries it, and its
+    /// notifications' keys keep the users it reached from getting it twice.
     async fn enqueue(&self, job: NewJob) -> Result<(String, bool), StoreError>;
 
     /// Takes one job that is queued and due, or running with an expired
@@ -213,6 +217,10 @@ pub(crate) mod sql {
         VALUES ($1, $2, $3, 'queued', 0, 0, $4, $5, $6, $5, $5) \
         ON CONFLICT (idempotency_key) DO NOTHING";
     pub const JOB_BY_KEY: &str = "SELECT id FROM jobs WHERE idempotency_key = $1";
+    /// `$1` key, `$2` now. Read with `fetch_all` (see [`claim`]).
+    pub const REQUEUE_FAILED: &str = "UPDATE jobs SET state = 'queued', due_at = $2, attempts = 0, \
+        owner = NULL, lease_until = NULL, updated_at = $2 \
+        WHERE idempotency_key = $1 AND state = 'failed' RETURNING id";
 
     const JOB_COLUMNS: &str = "id, kind, payload, state, attempts, done, total, error, created_at, updated_at";
 
@@ -433,6 +441,15 @@ macro_rules! impl_job_store {
                         .map_err(|e| self.db_error(e))?;
                     if inserted.rows_affected() == 1 {
                         return Ok((job.id, true));
+                    }
+                    let requeued: Vec<String> = sqlx::query_scalar(sql::REQUEUE_FAILED)
+                        .bind(&job.idempotency_key)
+                        .bind(now_ms())
+                        .fetch_all(&mut *conn)
+                        .await
+                        .map_err(|e| self.db_error(e))?;
+                    if let Some(id) = requeued.into_iter().next() {
+                        return Ok((id, true));
                     }
                     let id: String = sqlx::query_scalar(sql::JOB_BY_KEY)
                         .bind(&job.idempotency_key)
