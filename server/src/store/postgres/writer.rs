@@ -92,6 +92,12 @@ impl Writers {
         Writers { pool, read_only, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold, failures }
     }
 
+    /// The writers' shared log of failed commits (a panic elsewhere while it
+    /// was held leaves it usable: it only counts and logs).
+    fn failures(&self) -> std::sync::MutexGuard<'_, CommitFailures> {
+        self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Commits groups until the store closes and the queue is drained.
     pub async fn run(self) {
         let mut held = None;
@@ -137,14 +143,14 @@ impl Writers {
             };
         match result {
             Ok(outcomes) => {
-                self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).succeeded();
+                self.failures().succeeded();
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
             }
             Err(err) => {
                 let notifications = batches.iter().map(Vec::len).sum();
-                self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).failed(&err, notifications);
+                self.failures().failed(&err, notifications);
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
                 }
