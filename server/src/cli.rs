@@ -134,10 +134,20 @@ pub fn main(cli: Cli) -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    let command = cli.command.unwrap_or(Command::Serve);
+    // Before the runtime opens anything: the capacity is checked against
+    // the raised limit, and refused like a bad setting.
+    let raised = matches!(command, Command::Serve).then(crate::capacity::raise_open_file_limit);
+    if raised.is_some() {
+        if let Err(e) = crate::capacity::of(&settings) {
+            eprintln!("herald: configuration error: {e}");
+            return ExitCode::from(2);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("a Tokio runtime");
     let result = runtime.block_on(async move {
-        match cli.command.unwrap_or(Command::Serve) {
-            Command::Serve => serve(settings).await,
+        match command {
+            Command::Serve => serve(settings, raised.unwrap_or_default()).await,
             Command::Migrate => {
                 let _tracing = telemetry::init_tracing(&settings);
                 store::migrate(&settings.database_url).await?;
@@ -255,8 +265,13 @@ fn connectable(addr: SocketAddr) -> SocketAddr {
     }
 }
 
-async fn serve(settings: Settings) -> anyhow::Result<()> {
+/// `open_files`: the soft open-file limit before and after it was raised.
+async fn serve(settings: Settings, open_files: (Option<u64>, Option<u64>)) -> anyhow::Result<()> {
     let _tracing = telemetry::init_tracing(&settings);
+    let (before, after) = open_files;
+    if before != after {
+        tracing::info!(from = before, to = after, "raised the open-file limit to the hard limit");
+    }
     let shutdown = CancellationToken::new();
     let state = AppState::build(settings.clone(), shutdown.clone()).await?;
     let listener = crate::listen::bind(settings.listen)

@@ -17,6 +17,7 @@ use ipnet::IpNet;
 
 use crate::auth::{ApiKeyGrant, Scopes};
 use crate::broker::redis::{RedisTarget, RedisTls};
+use crate::capacity::Cap;
 use crate::limit::{LimitSettings, Rate};
 use crate::tls::TlsFiles;
 use rand::Rng;
@@ -168,6 +169,10 @@ pub struct Settings {
     pub body_timeout: Duration,
     /// Largest request head (request line and headers), in bytes (431 above it).
     pub max_header_bytes: usize,
+    /// Client connections held at once (see [`crate::capacity`]).
+    pub max_connections: Cap,
+    /// WebSocket sessions open at once (see [`crate::capacity`]).
+    pub max_sessions: Cap,
     /// `OTEL_EXPORTER_OTLP_ENDPOINT`: export traces there (OTLP over HTTP).
     pub otel_endpoint: Option<String>,
 }
@@ -373,6 +378,8 @@ const KEYS: &[&str] = &[
     "header_timeout",
     "body_timeout",
     "max_header_bytes",
+    "max_connections",
+    "max_sessions",
     "otel_exporter_otlp_endpoint",
 ];
 
@@ -646,6 +653,8 @@ impl Settings {
             header_timeout: src.duration("header_timeout", Duration::from_secs(10))?,
             body_timeout: src.duration("body_timeout", Duration::from_secs(30))?,
             max_header_bytes: src.number("max_header_bytes", 16 * 1024usize, 8 * 1024)?,
+            max_connections: src.parse("max_connections", Cap::Auto, Cap::parse)?,
+            max_sessions: src.parse("max_sessions", Cap::Auto, Cap::parse)?,
             otel_endpoint: src.string("otel_exporter_otlp_endpoint"),
         };
         if settings.header_timeout < Duration::from_millis(100) {

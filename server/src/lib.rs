@@ -22,6 +22,7 @@
 //!   `protocol` (client frames), `session` (one loop per connection), `close`.
 //! - [`hub`]: user → local sessions, bounded outboxes.
 //! - [`limit`]: abuse limits — handshake and publish rates, session caps, frame rates.
+//! - [`capacity`]: how many connections and sessions a node takes, below its open-file limit.
 //! - [`broker`]: fan-out between nodes (`memory` for one node, `redis` for many,
 //!   with the periodic repair that delivers what Redis lost).
 //! - [`store`]: durable notifications and read state (`sqlite`, `postgres`).
@@ -40,6 +41,7 @@ use tokio_util::task::TaskTracker;
 pub mod api;
 pub mod auth;
 pub mod broker;
+pub mod capacity;
 pub mod cli;
 pub mod config;
 pub mod hub;
@@ -98,6 +100,10 @@ pub struct Node {
     /// The store's epoch, read at start (a restore happens with the nodes
     /// stopped): sent in every welcome, compared with a resuming client's.
     pub epoch: String,
+    /// How many connections and sessions the node takes ([`capacity`]).
+    pub capacity: capacity::Capacity,
+    /// The connection slots every accepted connection holds ([`listen`]).
+    pub connections: listen::Slots,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,11 +116,14 @@ pub enum StartError {
     Jwks(KeyFileError),
     #[error("HERALD_REDIS_URL: {0}")]
     Redis(String),
+    #[error("{0}")]
+    Capacity(String),
 }
 
 impl AppState {
     /// Opens the store (running migrations) and wires the node together.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<AppState, StartError> {
+        let capacity = capacity::of(&settings).map_err(StartError::Capacity)?;
         let store = store::open(&settings.database_url, &settings.store_options()).await.map_err(|e| match e {
             StoreError::Unavailable(m) => StoreError::Unavailable(tls::with_certificate_hint(m, "sslrootcert=PATH")),
             other => other,
@@ -153,7 +162,12 @@ impl AppState {
         let mut verifier = Verifier::new(&settings.jwt)?;
         verifier.fetch_jwks(&settings.jwt, shutdown.clone(), metrics.clone()).await.map_err(StartError::Jwks)?;
         let pool = Pool::new(settings.workers, settings.workers * 4, metrics.clone());
-        let limits = Arc::new(Limits::new(settings.limits.clone(), shared, metrics.clone()));
+        let limits = Arc::new(Limits::new(settings.limits.clone(), capacity.sessions, shared, metrics.clone()));
+        let connections = listen::Slots::new(capacity.connections, &metrics);
+        let as_gauge = |cap: Option<usize>| cap.map_or(0, |n| n as i64);
+        metrics.connections_max.set(as_gauge(capacity.connections));
+        metrics.sessions_max.set(as_gauge(capacity.sessions));
+        tracing::info!(%capacity, "capacity");
         Ok(AppState(Arc::new(Node {
             limits,
             verifier: Arc::new(verifier),
@@ -169,6 +183,8 @@ impl AppState {
             sessions: TaskTracker::new(),
             revocations_loaded_at_ms,
             epoch,
+            capacity,
+            connections,
         })))
     }
 }

@@ -291,6 +291,7 @@ impl<K: std::hash::Hash + Eq + Clone + Send + Sync + 'static> Drop for Permit<K>
 /// What a session holds while it is open: its places under the caps.
 #[derive(Default)]
 pub struct SessionPermits {
+    _node: Option<tokio::sync::OwnedSemaphorePermit>,
     _ip: Option<Permit<IpAddr>>,
     _user: Option<Permit<Arc<str>>>,
 }
@@ -304,6 +305,8 @@ impl std::fmt::Debug for SessionPermits {
 /// Why a handshake was refused by a limit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
+    /// The node holds `HERALD_MAX_SESSIONS` sessions ([`crate::capacity`]).
+    NodeFull(usize),
     HandshakeRate(Decision),
     SessionsPerIp(usize),
     SessionsPerUser(usize),
@@ -314,6 +317,8 @@ pub struct Limits {
     pub settings: LimitSettings,
     handshakes: Option<KeyedRate>,
     publishes: Option<KeyedRate>,
+    /// Sessions this node takes (`HERALD_MAX_SESSIONS`), with its cap.
+    per_node: Option<(Arc<tokio::sync::Semaphore>, usize)>,
     per_ip: Option<Arc<Cap<IpAddr>>>,
     per_user: Option<Arc<Cap<Arc<str>>>>,
     /// One clock for every session's frame limiter (making one per session
@@ -323,13 +328,20 @@ pub struct Limits {
 }
 
 impl Limits {
-    pub fn new(settings: LimitSettings, shared: Option<RedisCommands>, metrics: Arc<Metrics>) -> Limits {
+    /// `sessions_per_node`: [`crate::capacity::Capacity::sessions`].
+    pub fn new(
+        settings: LimitSettings,
+        sessions_per_node: Option<usize>,
+        shared: Option<RedisCommands>,
+        metrics: Arc<Metrics>,
+    ) -> Limits {
         let rate = |kind: &'static str, rate: Option<Rate>| {
             rate.map(|r| KeyedRate::new(Limit { limit: kind }, r, shared.clone(), metrics.clone()))
         };
         Limits {
             handshakes: rate("handshakes_per_ip", settings.handshakes_per_ip),
             publishes: rate("publishes_per_key", settings.publishes_per_key),
+            per_node: sessions_per_node.map(|max| (Arc::new(tokio::sync::Semaphore::new(max)), max)),
             per_ip: settings.sessions_per_ip.map(Cap::new),
             per_user: settings.sessions_per_user.map(Cap::new),
             clock: governor::clock::DefaultClock::default(),
@@ -349,9 +361,25 @@ impl Limits {
         }
     }
 
-    /// After the token is checked: a place under the per-IP and per-user caps.
-    pub fn admit(&self, ip: Option<IpAddr>, user: &Arc<str>) -> Result<SessionPermits, Refusal> {
+    /// First of all: a place among the sessions this node takes. Not a
+    /// limit on a client, so not counted in `herald_rate_limited_total`
+    /// (`herald_handshakes_total{outcome="node_full"}` counts it).
+    pub fn node_place(&self) -> Result<SessionPermits, Refusal> {
         let mut permits = SessionPermits::default();
+        if let Some((semaphore, max)) = &self.per_node {
+            permits._node = Some(semaphore.clone().try_acquire_owned().map_err(|_| Refusal::NodeFull(*max))?);
+        }
+        Ok(permits)
+    }
+
+    /// After the token is checked: `permits` (from [`Limits::node_place`])
+    /// with places under the per-IP and per-user caps.
+    pub fn admit(
+        &self,
+        mut permits: SessionPermits,
+        ip: Option<IpAddr>,
+        user: &Arc<str>,
+    ) -> Result<SessionPermits, Refusal> {
         if let (Some(cap), Some(ip)) = (&self.per_ip, ip) {
             permits._ip =
                 Some(cap.acquire(ip).ok_or_else(|| self.refused("sessions_per_ip", Refusal::SessionsPerIp(cap.max)))?);
@@ -439,7 +467,7 @@ mod tests {
     use super::*;
 
     fn limits(settings: LimitSettings) -> Limits {
-        Limits::new(settings, None, Arc::new(Metrics::new()))
+        Limits::new(settings, None, None, Arc::new(Metrics::new()))
     }
 
     fn off() -> LimitSettings {
@@ -483,18 +511,37 @@ mod tests {
     }
 
     #[test]
+    fn the_node_refuses_sessions_past_its_cap_until_one_ends() {
+        let l =
+            Limits::new(LimitSettings { sessions_per_ip: Some(1), ..off() }, Some(2), None, Arc::new(Metrics::new()));
+        let (ip, other): (IpAddr, IpAddr) = ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let alice: Arc<str> = "alice".into();
+        let a = l.admit(l.node_place().unwrap(), Some(ip), &alice).unwrap();
+        // Refused by a later cap: the node place it took is given back.
+        assert_eq!(l.admit(l.node_place().unwrap(), Some(ip), &alice).unwrap_err(), Refusal::SessionsPerIp(1));
+        let _b = l.admit(l.node_place().unwrap(), Some(other), &alice).unwrap();
+        assert_eq!(l.node_place().unwrap_err(), Refusal::NodeFull(2));
+        drop(a);
+        assert!(l.node_place().is_ok());
+        assert!(limits(off()).node_place().is_ok(), "no cap: always a place");
+    }
+
+    #[test]
     fn caps_count_open_sessions_and_give_places_back() {
         let l = limits(LimitSettings { sessions_per_ip: Some(2), sessions_per_user: Some(3), ..off() });
         let ip: IpAddr = "10.0.0.1".parse().unwrap();
         let alice: Arc<str> = "alice".into();
-        let a = l.admit(Some(ip), &alice).unwrap();
-        let b = l.admit(Some(ip), &alice).unwrap();
-        assert_eq!(l.admit(Some(ip), &alice).unwrap_err(), Refusal::SessionsPerIp(2));
+        let a = l.admit(SessionPermits::default(), Some(ip), &alice).unwrap();
+        let b = l.admit(SessionPermits::default(), Some(ip), &alice).unwrap();
+        assert_eq!(l.admit(SessionPermits::default(), Some(ip), &alice).unwrap_err(), Refusal::SessionsPerIp(2));
         // The refused attempt took nothing from the user's count.
-        let c = l.admit(Some("10.0.0.2".parse().unwrap()), &alice).unwrap();
-        assert_eq!(l.admit(Some("10.0.0.3".parse().unwrap()), &alice).unwrap_err(), Refusal::SessionsPerUser(3));
+        let c = l.admit(SessionPermits::default(), Some("10.0.0.2".parse().unwrap()), &alice).unwrap();
+        assert_eq!(
+            l.admit(SessionPermits::default(), Some("10.0.0.3".parse().unwrap()), &alice).unwrap_err(),
+            Refusal::SessionsPerUser(3)
+        );
         drop(a);
-        let _d = l.admit(Some(ip), &"bob".into()).unwrap();
+        let _d = l.admit(SessionPermits::default(), Some(ip), &"bob".into()).unwrap();
         drop((b, c));
         assert_eq!(l.per_ip.as_ref().unwrap().open(&ip), 1);
         assert_eq!(l.per_user.as_ref().unwrap().open(&alice), 0);

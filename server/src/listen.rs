@@ -3,7 +3,7 @@
 //!
 //! - a request's headers must arrive within `HERALD_HEADER_TIMEOUT`, or the
 //!   connection is closed (slowloris; it also bounds a WebSocket handshake);
-//!   so must a new connection's first bytes ([`FirstBytesDeadline`]);
+//!   so must a new connection's first bytes ([`Socket`]);
 //! - a request head above twice `HERALD_MAX_HEADER_BYTES`, or with more than
 //!   hyper's 100 header fields, is refused by hyper with a bare 431 (raising
 //!   the field limit would put two heap buffers of that many slots into
@@ -17,6 +17,13 @@
 //! clients connect at once, and a SYN that finds the accept queue full is
 //! dropped and retried by the client only after a second.
 //!
+//! Every connection holds one of the node's [`Slots`]
+//! (`HERALD_MAX_CONNECTIONS`, see [`crate::capacity`]) from its accept until
+//! its socket closes, through a WebSocket upgrade for the session's life.
+//! With every slot taken the loop waits: new connections queue in the
+//! kernel's listen queue instead of taking the descriptors the node keeps
+//! for its store and broker.
+//!
 //! On `stop_accepting` the loop stops accepting, asks every connection to
 //! finish its request in flight and close, and waits for them. Upgraded
 //! WebSockets are not connections any more: shutdown drains them itself.
@@ -25,6 +32,8 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -33,19 +42,22 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::Next;
 use axum::response::Response;
-use axum::serve::ListenerExt;
 use axum::Router;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto::Builder;
+use prometheus_client::metrics::counter::Counter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Sleep;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::api::error::ApiError;
+use crate::store::now_ms;
+use crate::telemetry::Metrics;
 
 /// Connections the kernel completes and queues before `accept` takes them;
 /// Linux caps it at `net.core.somaxconn` (4096 by default since 5.4).
@@ -60,15 +72,120 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)
 }
 
-/// The plain listener's connections with `TCP_NODELAY` set, as the TLS
-/// listener sets it on its own: a flushed frame goes out at once instead of
-/// waiting (Nagle's algorithm) until the peer acknowledges what went before.
-pub fn no_delay(listener: TcpListener) -> impl axum::serve::Listener<Io = TcpStream, Addr = SocketAddr> {
-    listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::trace!(error = %e, "TCP_NODELAY not set");
+/// How often, at most, a wait for a slot is logged.
+const FULL_LOG_EVERY_MS: i64 = 60_000;
+
+/// The node's connection slots (`HERALD_MAX_CONNECTIONS`): one per accepted
+/// connection, held by its socket ([`Slot`]). A cheap handle.
+#[derive(Clone)]
+pub struct Slots {
+    semaphore: Arc<Semaphore>,
+    max: Option<usize>,
+    waits: Counter,
+    /// Unix ms of the last "every slot is taken" line.
+    logged_at_ms: Arc<AtomicI64>,
+}
+
+/// A connection's place under `HERALD_MAX_CONNECTIONS`, given back when dropped.
+pub struct Slot {
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Slots {
+    /// `max` connections at once; `None`: as many as the process can open.
+    pub fn new(max: Option<usize>, metrics: &Metrics) -> Slots {
+        Slots {
+            semaphore: Arc::new(Semaphore::new(max.unwrap_or(Semaphore::MAX_PERMITS))),
+            max,
+            waits: metrics.accept_waits.clone(),
+            logged_at_ms: Arc::new(AtomicI64::new(i64::MIN)),
         }
-    })
+    }
+
+    /// Connections holding a slot now.
+    pub fn open(&self) -> usize {
+        self.max.unwrap_or(Semaphore::MAX_PERMITS) - self.semaphore.available_permits()
+    }
+
+    /// A free slot, waiting for one when every slot is taken.
+    pub async fn take(&self) -> Slot {
+        if let Ok(permit) = self.semaphore.clone().try_acquire_owned() {
+            return Slot { _permit: permit };
+        }
+        self.waits.inc();
+        let now = now_ms();
+        let last = self.logged_at_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) >= FULL_LOG_EVERY_MS
+            && self.logged_at_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+        {
+            tracing::warn!(
+                max_connections = self.max,
+                "every connection slot is taken (HERALD_MAX_CONNECTIONS): new connections wait in the listen queue \
+                 until one closes"
+            );
+        }
+        Slot { _permit: self.semaphore.clone().acquire_owned().await.expect("the semaphore is never closed") }
+    }
+}
+
+/// Where [`serve`] takes its connections from: a plain [`Accept`], or
+/// [`crate::tls::TlsListener`] with its handshakes done.
+pub trait Listener: Send + 'static {
+    type Io: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// The next connection, its peer and its slot.
+    fn accept(&mut self) -> impl Future<Output = (Self::Io, SocketAddr, Slot)> + Send;
+}
+
+/// Accepts from the listening socket, each connection with a slot and
+/// `TCP_NODELAY` set: a flushed frame goes out at once instead of waiting
+/// (Nagle's algorithm) until the peer acknowledges what went before.
+pub struct Accept {
+    listener: TcpListener,
+    slots: Slots,
+}
+
+impl Accept {
+    pub fn new(listener: TcpListener, slots: Slots) -> Accept {
+        Accept { listener, slots }
+    }
+
+    /// The next connection. The slot is taken before `accept`, so the loop
+    /// waits with the socket still in the kernel's queue.
+    pub async fn next(&mut self) -> (TcpStream, SocketAddr, Slot) {
+        let slot = self.slots.take().await;
+        loop {
+            match self.listener.accept().await {
+                Ok((tcp, peer)) => {
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::trace!(error = %e, "TCP_NODELAY not set");
+                    }
+                    return (tcp, peer, slot);
+                }
+                // The peer gave up while it waited in the queue.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::ConnectionAborted
+                            | io::ErrorKind::ConnectionReset
+                            | io::ErrorKind::ConnectionRefused
+                    ) => {}
+                Err(e) => {
+                    // Out of file descriptors (something besides the clients
+                    // took them) and the like: back off.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+impl Listener for Accept {
+    type Io = TcpStream;
+
+    fn accept(&mut self) -> impl Future<Output = (TcpStream, SocketAddr, Slot)> + Send {
+        self.next()
+    }
 }
 
 /// What each connection is served with.
@@ -80,15 +197,17 @@ pub struct ConnectionLimits {
 
 /// Serves `app` on `listener` until `stop_accepting` completes, then lets the
 /// connections finish what they are doing.
-pub async fn serve<L>(mut listener: L, app: Router, limits: ConnectionLimits, stop_accepting: impl Future<Output = ()>)
-where
-    L: axum::serve::Listener<Addr = SocketAddr>,
-{
+pub async fn serve(
+    mut listener: impl Listener,
+    app: Router,
+    limits: ConnectionLimits,
+    stop_accepting: impl Future<Output = ()>,
+) {
     let connections = TaskTracker::new();
     let finish = CancellationToken::new();
     let mut stop_accepting = pin!(stop_accepting);
     loop {
-        let (io, peer) = tokio::select! {
+        let (io, peer, slot) = tokio::select! {
             _ = &mut stop_accepting => break,
             accepted = listener.accept() => accepted,
         };
@@ -106,7 +225,7 @@ where
                 .header_read_timeout(limits.header_timeout)
                 .max_buf_size(limits.max_header_bytes * 2);
             builder.http2().timer(TokioTimer::new()).max_header_list_size((limits.max_header_bytes * 2) as u32);
-            let io = TokioIo::new(FirstBytesDeadline::new(io, limits.header_timeout));
+            let io = TokioIo::new(Socket::new(io, slot, limits.header_timeout));
             let mut connection = pin!(builder.serve_connection_with_upgrades(io, service));
             tokio::select! {
                 result = connection.as_mut() => {
@@ -126,24 +245,27 @@ where
     connections.wait().await;
 }
 
-/// A connection whose first bytes must arrive within a deadline. hyper's
+/// A client's connection as the server holds it: with its [`Slot`], given
+/// back when the socket closes (an upgraded connection's socket lives on in
+/// its WebSocket session), and with a deadline for its first bytes. hyper's
 /// header timeout starts only once a request has begun, and the HTTP/1-or-2
 /// detection in front of it waits for the first bytes without a limit, so a
 /// client that connects and says nothing would hold its socket (and a file
 /// descriptor) forever. Once any byte has arrived the deadline is gone and
 /// reads and writes pass straight through.
-struct FirstBytesDeadline<Io> {
+struct Socket<Io> {
     io: Io,
     deadline: Option<Pin<Box<Sleep>>>,
+    _slot: Slot,
 }
 
-impl<Io> FirstBytesDeadline<Io> {
-    fn new(io: Io, within: Duration) -> Self {
-        FirstBytesDeadline { io, deadline: Some(Box::pin(tokio::time::sleep(within))) }
+impl<Io> Socket<Io> {
+    fn new(io: Io, slot: Slot, within: Duration) -> Self {
+        Socket { io, deadline: Some(Box::pin(tokio::time::sleep(within))), _slot: slot }
     }
 }
 
-impl<Io: AsyncRead + Unpin> AsyncRead for FirstBytesDeadline<Io> {
+impl<Io: AsyncRead + Unpin> AsyncRead for Socket<Io> {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         let before = buf.filled().len();
@@ -163,7 +285,7 @@ impl<Io: AsyncRead + Unpin> AsyncRead for FirstBytesDeadline<Io> {
     }
 }
 
-impl<Io: AsyncWrite + Unpin> AsyncWrite for FirstBytesDeadline<Io> {
+impl<Io: AsyncWrite + Unpin> AsyncWrite for Socket<Io> {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
     }
@@ -210,13 +332,37 @@ mod tests {
 
     #[tokio::test]
     async fn accepted_connections_send_without_delay() {
-        use axum::serve::Listener;
-        let mut listener = no_delay(bind("127.0.0.1:0".parse().unwrap()).unwrap());
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let addr = listener.local_addr().unwrap();
+        let mut accept = Accept::new(listener, Slots::new(None, &Metrics::new()));
         let client = tokio::net::TcpStream::connect(addr).await.unwrap();
-        let (accepted, peer) = listener.accept().await;
+        let (accepted, peer, _slot) = accept.next().await;
         assert_eq!(peer, client.local_addr().unwrap());
         assert!(accepted.nodelay().unwrap());
+    }
+
+    /// A connection holds its slot until it is dropped; with none free the
+    /// next connection stays in the kernel's queue, unaccepted, and is
+    /// accepted once a slot is given back.
+    #[tokio::test]
+    async fn a_connection_beyond_the_slots_waits_in_the_queue_until_one_closes() {
+        let metrics = Metrics::new();
+        let slots = Slots::new(Some(2), &metrics);
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut accept = Accept::new(listener, slots.clone());
+        let clients: Vec<_> = futures_util::future::join_all((0..3).map(|_| TcpStream::connect(addr))).await;
+        assert!(clients.iter().all(Result::is_ok), "the kernel completes all three: {clients:?}");
+        let first = accept.next().await;
+        let _second = accept.next().await;
+        assert_eq!(slots.open(), 2);
+        assert!(tokio::time::timeout(Duration::from_millis(300), accept.next()).await.is_err(), "a third was accepted");
+        assert_eq!(metrics.accept_waits.get(), 1);
+        drop(first);
+        let (_, peer, _third) = tokio::time::timeout(Duration::from_secs(5), accept.next()).await.expect("accepted");
+        let ports: Vec<u16> = clients.iter().map(|c| c.as_ref().unwrap().local_addr().unwrap().port()).collect();
+        assert!(ports.contains(&peer.port()));
+        assert_eq!(slots.open(), 2);
     }
 
     /// With `TcpListener::bind`'s 128, the connects beyond 129 would hang:

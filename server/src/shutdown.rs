@@ -39,15 +39,16 @@ pub async fn serve(state: AppState, listener: TcpListener) {
         header_timeout: settings.header_timeout,
         max_header_bytes: settings.max_header_bytes,
     };
+    let accept = crate::listen::Accept::new(listener, state.connections.clone());
     let mut server = match &settings.tls {
         None => tokio::spawn(async move {
-            crate::listen::serve(crate::listen::no_delay(listener), app, limits, stop_accepting).await;
+            crate::listen::serve(accept, app, limits, stop_accepting).await;
             Ok(())
         }),
         // The files were checked with the settings; they can still change before this.
-        Some(files) => match crate::tls::Tls::new(files).map_err(io::Error::other).and_then(|t| t.listen(listener)) {
-            Ok(listener) => tokio::spawn(async move {
-                crate::listen::serve(listener, app, limits, stop_accepting).await;
+        Some(files) => match crate::tls::Tls::new(files).map_err(io::Error::other) {
+            Ok(tls) => tokio::spawn(async move {
+                crate::listen::serve(tls.listen(accept), app, limits, stop_accepting).await;
                 Ok(())
             }),
             Err(e) => tokio::spawn(async move { Err(e) }),

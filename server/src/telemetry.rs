@@ -211,6 +211,10 @@ pub struct CloseCode {
 pub struct Metrics {
     registry: Registry,
     pub sessions_active: Gauge,
+    pub sessions_max: Gauge,
+    pub connections_open: Gauge,
+    pub connections_max: Gauge,
+    pub accept_waits: Counter,
     pub handshakes: Family<Outcome, Counter>,
     pub sessions_closed: Family<CloseCode, Counter>,
     pub notifications_published: Counter,
@@ -257,6 +261,30 @@ impl Metrics {
                 "herald_sessions_active",
                 "WebSocket sessions open on this node",
                 Gauge::default(),
+            ),
+            sessions_max: registered(
+                &mut r,
+                "herald_sessions_max",
+                "Most WebSocket sessions this node takes (HERALD_MAX_SESSIONS; 0: no cap of its own)",
+                Gauge::default(),
+            ),
+            connections_open: registered(
+                &mut r,
+                "herald_connections_open",
+                "Client connections (HTTP and WebSocket) holding a slot, sampled at scrape",
+                Gauge::default(),
+            ),
+            connections_max: registered(
+                &mut r,
+                "herald_connections_max",
+                "Most client connections this node holds (HERALD_MAX_CONNECTIONS; 0: no cap)",
+                Gauge::default(),
+            ),
+            accept_waits: registered(
+                &mut r,
+                "herald_accept_waits",
+                "Times the accept loop found every connection slot taken and waited for one",
+                Counter::default(),
             ),
             handshakes: registered(&mut r, "herald_handshakes", "WebSocket handshakes by outcome", Family::default()),
             sessions_closed: registered(

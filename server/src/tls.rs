@@ -1,8 +1,9 @@
 //! Native TLS (`HERALD_TLS_CERT` / `HERALD_TLS_KEY`): https and wss on the
 //! node's one port, with rustls.
 //!
-//! [`TlsListener`] plugs into `axum::serve` like a `TcpListener`. One task
-//! accepts TCP connections and runs each TLS handshake in a task of its own,
+//! [`TlsListener`] feeds [`crate::listen::serve`] as the plain listener
+//! does. One task accepts TCP connections (each taking its slot under
+//! `HERALD_MAX_CONNECTIONS` first) and runs each TLS handshake in a task of its own,
 //! bounded in number and in time, so a slow or silent client (slowloris)
 //! never holds up the accept loop or anyone else's handshake. Finished
 //! handshakes wait in a bounded queue for axum to take them.
@@ -11,7 +12,6 @@
 //! `HERALD_TLS_RELOAD_INTERVAL`), so a renewed certificate is served without
 //! a restart; a renewal that cannot be read is logged and the old one kept.
 
-use std::io;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
@@ -23,10 +23,12 @@ use rustls::sign::CertifiedKey;
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::{mpsc, Semaphore};
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
+
+use crate::listen::{Accept, Listener, Slot};
 
 /// Longest a client may take to finish its TLS handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -137,70 +139,53 @@ impl Tls {
         Ok(Tls { config: Arc::new(config), current, files: files.clone() })
     }
 
-    /// Wraps `listener`: the returned listener yields finished TLS streams.
-    pub fn listen(self, listener: TcpListener) -> io::Result<TlsListener> {
-        let local = listener.local_addr()?;
+    /// Wraps `accept`: the returned listener yields finished TLS streams.
+    pub fn listen(self, accept: Accept) -> TlsListener {
         let (ready, rx) = mpsc::channel(READY_QUEUE);
         let acceptor = TlsAcceptor::from(self.config);
-        tokio::spawn(accept_loop(listener, acceptor, ready.clone()));
+        tokio::spawn(accept_loop(accept, acceptor, ready.clone()));
         tokio::spawn(reload_loop(self.files, self.current, ready));
-        Ok(TlsListener { ready: rx, local })
+        TlsListener { ready: rx }
     }
 }
 
+/// A connection whose TLS handshake has finished, with its peer and slot.
+type Ready = (TlsStream<TcpStream>, SocketAddr, Slot);
+
 /// Yields TLS streams whose handshake has finished; see the module doc.
 pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
+    ready: mpsc::Receiver<Ready>,
 }
 
-impl axum::serve::Listener for TlsListener {
+impl Listener for TlsListener {
     type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
 
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+    async fn accept(&mut self) -> Ready {
         match self.ready.recv().await {
             Some(ready) => ready,
             // The accept loop only ends when this listener is dropped.
             None => std::future::pending().await,
         }
     }
-
-    fn local_addr(&self) -> io::Result<SocketAddr> {
-        Ok(self.local)
-    }
 }
 
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>,
-) {
-    let slots = Arc::new(Semaphore::new(HANDSHAKES));
+async fn accept_loop(mut accept: Accept, acceptor: TlsAcceptor, ready: mpsc::Sender<Ready>) {
+    let handshakes = Arc::new(Semaphore::new(HANDSHAKES));
     loop {
-        let slot = tokio::select! {
+        let handshake = tokio::select! {
             _ = ready.closed() => return,
-            slot = slots.clone().acquire_owned() => slot.expect("the semaphore is never closed"),
+            handshake = handshakes.clone().acquire_owned() => handshake.expect("the semaphore is never closed"),
         };
-        let (tcp, peer) = tokio::select! {
+        let (tcp, peer, slot) = tokio::select! {
             _ = ready.closed() => return,
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(e) => {
-                    // Out of file descriptors and the like: back off, as axum does.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            },
+            accepted = accept.next() => accepted,
         };
-        let _ = tcp.set_nodelay(true);
         let (acceptor, ready) = (acceptor.clone(), ready.clone());
         tokio::spawn(async move {
             match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    drop(slot);
-                    let _ = ready.send((stream, peer)).await;
+                    drop(handshake);
+                    let _ = ready.send((stream, peer, slot)).await;
                 }
                 Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
@@ -209,7 +194,7 @@ async fn accept_loop(
     }
 }
 
-async fn reload_loop(files: TlsFiles, current: Arc<Current>, ready: mpsc::Sender<(TlsStream<TcpStream>, SocketAddr)>) {
+async fn reload_loop(files: TlsFiles, current: Arc<Current>, ready: mpsc::Sender<Ready>) {
     let mut seen = files.modified();
     loop {
         tokio::select! {

@@ -832,3 +832,113 @@ async fn a_full_disk_refuses_writes_with_503_loses_nothing_and_recovers_once_roo
     assert!(failures[0].contains("WARN") && failures[0].contains("database or disk is full"), "{}", failures[0]);
     assert!(log.contains("group commits succeed again"), "the end of the failures is not logged");
 }
+
+/// A node whose process may open few files (256 here; the soft limit of
+/// 200 is raised to the hard 256 at start) takes no more clients than it
+/// can hold beside its own descriptors: sessions past its cap get 503
+/// `node_full` with `Retry-After` before the upgrade, the HTTP API keeps
+/// room beside a node full of sessions, connections past the connection cap
+/// wait in the listen queue instead of taking the store's descriptors, and
+/// the store keeps opening the connections it needs. Nothing ever meets
+/// "Too many open files".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_short_of_file_descriptors_caps_its_clients_and_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let vars = [
+        ("HERALD_JWT_SECRET", SECRET),
+        ("HERALD_API_KEYS", API_KEY),
+        ("HERALD_LIMIT_HANDSHAKES_PER_IP", "off"),
+        ("HERALD_LIMIT_SESSIONS_PER_IP", "off"),
+        // Connections that send nothing are closed after this.
+        ("HERALD_HEADER_TIMEOUT", "1s"),
+    ];
+    let mut prlimit = with_settings(Command::new("prlimit"), dir.path(), &vars);
+    prlimit.args(["--nofile=200:256", BIN, "serve"]);
+    let server = start_command(prlimit, dir.path());
+    let log = || std::fs::read_to_string(dir.path().join("stderr")).unwrap();
+    assert!(log().contains("raised the open-file limit"), "{}", log());
+
+    let http = format!("http://127.0.0.1:{}", server.port);
+    let ws = format!("ws://127.0.0.1:{}", server.port);
+    let connections = 256 - herald_server::capacity::reserve(8);
+    let sessions = connections - 64;
+    assert_eq!(metric_at(&http, "herald_connections_max").await, connections as f64);
+    assert_eq!(metric_at(&http, "herald_sessions_max").await, sessions as f64);
+
+    // More sessions than the node takes: the last ones are refused, early.
+    let users: Vec<String> = (0..sessions + 10).map(|i| format!("u{i:03}")).collect();
+    let mut open = Vec::new();
+    let mut refused = Vec::new();
+    for user in &users {
+        let token = herald_server::auth::mint(SECRET, user, 3600);
+        match Connect::new(ws.clone(), token).connect().await {
+            Ok(session) => open.push(session),
+            Err(herald_client::Error::Refused { status, code, .. }) => refused.push((status, code)),
+            Err(e) => panic!("{user}: neither a session nor a refusal: {e}"),
+        }
+    }
+    assert_eq!(open.len(), sessions);
+    assert!(refused.iter().all(|r| *r == (503, "node_full".to_string())), "{refused:?}");
+    assert_eq!(refused.len(), 10);
+    let answer = raw(reqwest::Client::new()
+        .get(format!("{http}/v1/ws"))
+        .query(&[("access_token", herald_server::auth::mint(SECRET, "late", 3600))]))
+    .await;
+    assert_eq!((answer.status, answer.error_code()), (503, "node_full"), "{}", answer.body);
+    assert_eq!(answer.headers["retry-after"], "5");
+    assert_eq!(metric_at(&http, "herald_handshakes_total{outcome=\"node_full\"}").await, 11.0);
+
+    // A node full of sessions still takes publishes, and its store the
+    // connections it opens under load.
+    let publisher = Publisher::new(http.clone(), API_KEY);
+    let batch = json!({"user_ids": users[..sessions], "topic": "t", "payload": {"full": true}});
+    let answer =
+        raw(reqwest::Client::new().post(format!("{http}/v1/notifications")).bearer_auth(API_KEY).json(&batch)).await;
+    assert_eq!(answer.status, 201, "{}", answer.body);
+    for session in &mut open {
+        let n = next_notification(session).await;
+        assert_eq!(n.payload, json!({"full": true}));
+    }
+    let reads = (0..32).map(|i| publisher.history(&users[i], 0, 10));
+    for read in futures_util::future::join_all(reads).await {
+        assert_eq!(read.unwrap().notifications.len(), 1);
+    }
+
+    // Connections that hold their slot and say nothing: past the cap the
+    // rest wait in the listen queue; a publisher's connection waits behind
+    // them, and is served once the silent ones are closed (after 1 s each).
+    let silent: Vec<_> = futures_util::future::join_all(
+        (0..120).map(|_| tokio::net::TcpStream::connect(format!("127.0.0.1:{}", server.port))),
+    )
+    .await;
+    assert!(silent.iter().all(Result::is_ok));
+    let late = Publisher::new(http.clone(), API_KEY);
+    let published = tokio::time::timeout(Duration::from_secs(30), late.publish_one("u000", "t", json!("late")))
+        .await
+        .expect("the publish was never served")
+        .unwrap();
+    assert_eq!(published.seq, 2);
+    assert_eq!(next_notification(&mut open[0]).await.seq, 2);
+    assert!(metric_at(&http, "herald_accept_waits_total").await >= 1.0);
+    assert!(log().contains("every connection slot is taken"), "{}", log());
+
+    // A session that ends gives its place back.
+    drop(open.pop());
+    let token = herald_server::auth::mint(SECRET, "newcomer", 3600);
+    let mut welcomed = false;
+    let deadline = Instant::now() + WAIT;
+    while !welcomed {
+        match Connect::new(ws.clone(), token.clone()).connect().await {
+            Ok(_) => welcomed = true,
+            Err(herald_client::Error::Refused { status: 503, .. }) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the place of a closed session was not given back: {e}"),
+        }
+    }
+    drop(silent);
+    server.signal("-TERM");
+    assert_eq!(server.wait(), 0);
+    let log = log();
+    assert!(!log.contains("Too many open files") && !log.contains("accept failed"), "{log}");
+}

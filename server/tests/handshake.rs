@@ -739,11 +739,12 @@ impl JwksEndpoint {
                     key: certs.key.clone(),
                     reload_every: Duration::from_secs(3600),
                 };
-                let listener = herald_server::tls::Tls::new(&files).unwrap().listen(listener).unwrap();
-                (
-                    format!("https://{at}/.well-known/jwks.json"),
-                    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() }),
-                )
+                use herald_server::listen::{Accept, ConnectionLimits, Slots};
+                let accept = Accept::new(listener, Slots::new(None, &herald_server::telemetry::Metrics::new()));
+                let listener = herald_server::tls::Tls::new(&files).unwrap().listen(accept);
+                let limits = ConnectionLimits { header_timeout: Duration::from_secs(10), max_header_bytes: 16 * 1024 };
+                let serve = herald_server::listen::serve(listener, app, limits, std::future::pending());
+                (format!("https://{at}/.well-known/jwks.json"), tokio::spawn(serve))
             }
         };
         JwksEndpoint { url, document, redirect, fetches, _server: server }

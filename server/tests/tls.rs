@@ -162,6 +162,45 @@ async fn silent_connections_do_not_hold_up_other_handshakes() {
     server.stop().await;
 }
 
+/// Over TLS, a connection holds its slot under `HERALD_MAX_CONNECTIONS`
+/// from its TCP accept, through its handshake and a WebSocket upgrade, to
+/// its close; and `HERALD_MAX_SESSIONS` refuses the session past it.
+#[tokio::test]
+async fn tls_connections_and_sessions_hold_their_places_until_they_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let certs = TestCerts::create(dir.path());
+    let caps = [("HERALD_MAX_CONNECTIONS", "3"), ("HERALD_MAX_SESSIONS", "1")];
+    let server = start_tls(dir.path(), &certs, &caps).await;
+    let mut alice = wss_connect(&server, &certs.ca_pem, "alice").await.expect("wss handshake");
+    assert_eq!(next_json(&mut alice).await["type"], "welcome");
+    match wss_connect(&server, &certs.ca_pem, "bob").await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+            assert_eq!(response.status(), 503);
+            let body: serde_json::Value = serde_json::from_slice(response.body().as_deref().unwrap()).unwrap();
+            assert_eq!(body["error"]["code"], "node_full");
+        }
+        other => panic!("a second session on a node that takes one: {other:?}"),
+    }
+
+    // alice's session and a silent connection take two of the three slots;
+    // a client that keeps its connection takes the third.
+    let _silent = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let keeper = client_trusting(&certs.ca_pem);
+    assert_eq!(keeper.get(format!("{}/healthz", https(&server))).send().await.unwrap().status(), 200);
+    let connections = keeper.get(format!("{}/metrics", https(&server))).send().await.unwrap().text().await.unwrap();
+    assert!(connections.lines().any(|l| l == "herald_connections_open 3"), "{connections}");
+    // A fourth connection waits: its TLS handshake does not even begin.
+    let (waiting, url) = (client_trusting(&certs.ca_pem), format!("{}/healthz", https(&server)));
+    let late = tokio::spawn(async move { waiting.get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!late.is_finished(), "a connection past the cap was served");
+    // alice leaves: her socket's slot lets the waiting one in.
+    drop(alice);
+    let answer = tokio::time::timeout(WAIT, late).await.expect("served once a slot was free").unwrap().unwrap();
+    assert_eq!(answer.status(), 200);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_renewed_certificate_is_served_without_a_restart() {
     let dir = tempfile::tempdir().unwrap();

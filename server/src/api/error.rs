@@ -74,6 +74,11 @@ impl ApiError {
         }
     }
 
+    /// The same error, with `Retry-After: secs`.
+    pub fn with_retry_after(self, secs: u64) -> ApiError {
+        ApiError { retry_after: Some(secs), ..self }
+    }
+
     /// The same error, carrying `rate`'s headers.
     pub fn with_rate(self, rate: Option<Decision>) -> ApiError {
         ApiError { rate: rate.map(Box::new).or(self.rate), ..self }

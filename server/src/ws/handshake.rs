@@ -1,10 +1,11 @@
 //! The upgrade: every refusal happens here, before the socket exists, with
 //! the same error type and body as the HTTP API.
 //!
-//! Order: draining → origin → handshake rate per IP → token (header, then
-//! subprotocol, then query) → `since` → session caps per IP and per user →
-//! a well-formed upgrade request. The rate comes before the token so a flood
-//! costs no signature checks.
+//! Order: draining → the node's session cap → origin → handshake rate per
+//! IP → token (header, then subprotocol, then query) → `since` → session caps
+//! per IP and per user → a well-formed upgrade request. The node's cap and
+//! the rate come before the token so a full node and a flood cost no
+//! signature checks.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -145,6 +146,7 @@ async fn check(
     if state.shutdown.is_cancelled() {
         return Err(ApiError::draining());
     }
+    let permits = state.limits.node_place().map_err(refused)?;
     check_origin(state, headers)?;
     state.limits.handshake_rate(ip).await.map_err(refused)?;
     let token = token(headers, query).ok_or(AuthError::Missing)?;
@@ -166,7 +168,7 @@ async fn check(
             ))
         }
     };
-    let permits = state.limits.admit(ip, &user.user_id).map_err(refused)?;
+    let permits = state.limits.admit(permits, ip, &user.user_id).map_err(refused)?;
     cluster_sessions_per_user(state, &user.user_id).await.map_err(refused)?;
     let ctx = SessionContext {
         session_id: uuid::Uuid::now_v7().to_string(),
@@ -208,6 +210,11 @@ async fn cluster_sessions_per_user(state: &AppState, user: &str) -> Result<(), R
 
 fn refused(refusal: Refusal) -> ApiError {
     match refusal {
+        Refusal::NodeFull(max) => ApiError::unavailable(
+            "node_full",
+            format!("this node holds its most sessions ({max}); retry after Retry-After seconds, or connect to another node"),
+        )
+        .with_retry_after(CAP_RETRY_AFTER_SECS),
         Refusal::HandshakeRate(d) => ApiError::rate_limited(
             "too many connection attempts from this address; retry after Retry-After seconds",
             d.retry_after_secs(),

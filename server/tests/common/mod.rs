@@ -88,6 +88,17 @@ pub async fn handshake_refusal(ws: &str, token: &str) -> Option<(u16, String)> {
     }
 }
 
+/// The value of one metric line (`name` with its labels, as exposed) of the
+/// node at `http` (its `http://` base); 0 when the line is not there.
+pub async fn metric_at(http: &str, line_prefix: &str) -> f64 {
+    let text = reqwest::get(format!("{http}/metrics")).await.unwrap().text().await.unwrap();
+    text.lines()
+        .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// Settings as the server would read them, from `HERALD_*` pairs.
 pub fn settings(db_dir: &Path, vars: &[(&str, &str)]) -> Settings {
     let mut env: HashMap<String, String> = HashMap::new();
@@ -161,12 +172,7 @@ impl TestServer {
 
     /// The value of one metric line (`name` with its labels, as exposed).
     pub async fn metric(&self, line_prefix: &str) -> f64 {
-        let text = reqwest::get(format!("{}/metrics", self.http())).await.unwrap().text().await.unwrap();
-        text.lines()
-            .find(|l| l.starts_with(line_prefix) && l[line_prefix.len()..].starts_with(' '))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0)
+        metric_at(&self.http(), line_prefix).await
     }
 
     /// Starts draining (as SIGTERM does).
