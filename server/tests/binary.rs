@@ -95,7 +95,13 @@ fn bad_settings_exit_2_naming_the_variable_before_binding() {
     let dir = tempfile::tempdir().unwrap();
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let listen = format!("127.0.0.1:{port}");
-    for (var, value) in [("HERALD_HEARTBEAT_SECS", "soon"), ("HERALD_JWT_PUBLIC_KEYS", "/nonexistent/keys.pem")] {
+    for (var, value) in [
+        ("HERALD_HEARTBEAT_SECS", "soon"),
+        ("HERALD_JWT_PUBLIC_KEYS", "/nonexistent/keys.pem"),
+        ("HERALD_MAX_SESSIONS", "lots"),
+        // More than any open-file limit can hold.
+        ("HERALD_MAX_CONNECTIONS", "1000000000000"),
+    ] {
         let out =
             herald(dir.path(), &[("HERALD_LISTEN", &listen), ("HERALD_API_KEYS", "k"), (var, value)]).output().unwrap();
         assert_eq!(out.status.code(), Some(2), "{var}");
@@ -941,4 +947,6 @@ async fn a_node_short_of_file_descriptors_caps_its_clients_and_keeps_serving() {
     assert_eq!(server.wait(), 0);
     let log = log();
     assert!(!log.contains("Too many open files") && !log.contains("accept failed"), "{log}");
+    let refusals = log.lines().filter(|l| l.contains("request refused: unavailable") && l.contains("node_full"));
+    assert_eq!(refusals.count(), 1, "a run of refusals is one warn line: {log}");
 }

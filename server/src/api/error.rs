@@ -2,7 +2,11 @@
 //! answered with the spec's body `{"error":{"code","message"}}`. Internal
 //! details never reach the client; [`log_errors`] logs them.
 
-use axum::extract::{MatchedPath, Request};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use axum::extract::{MatchedPath, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -143,11 +147,51 @@ pub fn rate_headers(headers: &mut HeaderMap, rate: &Decision) {
     headers.insert("x-ratelimit-reset", HeaderValue::from(rate.reset_after.as_secs_f64().ceil() as u64));
 }
 
+/// How often, at most, 503s of one code are logged at `warn`.
+pub const UNAVAILABLE_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps a run of 503s from flooding the log: of each code, one line at
+/// `warn` per [`UNAVAILABLE_LOG_EVERY`], carrying how many went to `debug`
+/// since the line before. One per node; a cheap handle.
+#[derive(Clone, Default)]
+pub struct UnavailableLog(Arc<Mutex<HashMap<&'static str, Quiet>>>);
+
+struct Quiet {
+    logged_at: Instant,
+    unlogged: u64,
+}
+
+impl UnavailableLog {
+    /// `Some(n)` when a 503 with `code` is to be logged at `warn` now, `n`
+    /// of them having gone unlogged since the last such line; `None` when it
+    /// is one of those.
+    fn warn_now(&self, code: &'static str, now: Instant) -> Option<u64> {
+        let mut codes = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match codes.get_mut(code) {
+            Some(quiet) if now.duration_since(quiet.logged_at) < UNAVAILABLE_LOG_EVERY => {
+                quiet.unlogged += 1;
+                None
+            }
+            Some(quiet) => {
+                let unlogged = std::mem::take(&mut quiet.unlogged);
+                quiet.logged_at = now;
+                Some(unlogged)
+            }
+            None => {
+                codes.insert(code, Quiet { logged_at: now, unlogged: 0 });
+                Some(0)
+            }
+        }
+    }
+}
+
 /// Logs refusals: internal errors at `error` with their internal detail,
-/// the other server errors (503: the store or broker away, a node draining —
-/// states an operator expects and fixes elsewhere) at `warn`, client errors
-/// at `debug`. Logs the route template, never the URI.
-pub async fn log_errors(request: Request, next: Next) -> Response {
+/// the other server errors (503: the store or broker away, a node draining
+/// or full — states an operator expects and fixes elsewhere) at `warn`, one
+/// line per code every [`UNAVAILABLE_LOG_EVERY`] (the rest at `debug`;
+/// `herald_http_requests_total` counts each), client errors at `debug`.
+/// Logs the route template, never the URI.
+pub async fn log_errors(State(unavailable): State<UnavailableLog>, request: Request, next: Next) -> Response {
     let route = request.extensions().get::<MatchedPath>().map(|p| p.as_str().to_owned());
     let method = request.method().clone();
     let response = next.run(request).await;
@@ -157,10 +201,38 @@ pub async fn log_errors(request: Request, next: Next) -> Response {
         if response.status() == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(%method, route, status, code = logged.code, detail = logged.internal.as_deref().unwrap_or(""), "request failed");
         } else if response.status().is_server_error() {
-            tracing::warn!(%method, route, status, code = logged.code, "request refused: unavailable");
+            match unavailable.warn_now(logged.code, Instant::now()) {
+                Some(unlogged) => tracing::warn!(
+                    %method,
+                    route,
+                    status,
+                    code = logged.code,
+                    unlogged,
+                    "request refused: unavailable"
+                ),
+                None => tracing::debug!(%method, route, status, code = logged.code, "request refused: unavailable"),
+            }
         } else {
             tracing::debug!(%method, route, status, code = logged.code, "request refused");
         }
     }
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_of_503s_is_one_warn_line_per_code_and_period_with_the_count_between() {
+        let log = UnavailableLog::default();
+        let start = Instant::now();
+        assert_eq!(log.warn_now("node_full", start), Some(0));
+        assert_eq!(log.warn_now("node_full", start + Duration::from_secs(1)), None);
+        assert_eq!(log.warn_now("node_full", start + Duration::from_secs(9)), None);
+        // Another code has its own period.
+        assert_eq!(log.warn_now("store_unavailable", start + Duration::from_secs(9)), Some(0));
+        assert_eq!(log.warn_now("node_full", start + UNAVAILABLE_LOG_EVERY), Some(2));
+        assert_eq!(log.warn_now("node_full", start + UNAVAILABLE_LOG_EVERY * 3), Some(0));
+    }
 }

@@ -68,7 +68,7 @@ pub fn router(state: AppState) -> Router {
         })
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(settings.max_header_bytes, crate::listen::header_size))
-        .layer(middleware::from_fn(error::log_errors))
+        .layer(middleware::from_fn_with_state(error::UnavailableLog::default(), error::log_errors))
         .layer(middleware::from_fn_with_state(state.metrics.clone(), request::traced))
         .with_state(state)
 }
