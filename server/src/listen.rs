@@ -3,7 +3,9 @@
 //!
 //! - a request's headers must arrive within `HERALD_HEADER_TIMEOUT`, or the
 //!   connection is closed (slowloris; it also bounds a WebSocket handshake);
-//!   so must a new connection's first bytes ([`Socket`]);
+//!   so must a new connection's first bytes ([`Socket`]); and a connection
+//!   with no request in flight for as long is closed, HTTP/2 included
+//!   ([`Requests`]);
 //! - a request head above twice `HERALD_MAX_HEADER_BYTES`, or with more than
 //!   hyper's 100 header fields, is refused by hyper with a bare 431 (raising
 //!   the field limit would put two heap buffers of that many slots into
@@ -32,7 +34,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -214,9 +216,17 @@ pub async fn serve(
         let app = app.clone();
         let finish = finish.clone();
         connections.spawn(async move {
+            let requests = Arc::new(Requests::new());
+            let in_flight = requests.clone();
             let service = hyper::service::service_fn(move |mut request: hyper::Request<Incoming>| {
                 request.extensions_mut().insert(ConnectInfo(peer));
-                app.clone().oneshot(request.map(Body::new))
+                let open = in_flight.begin();
+                let response = app.clone().oneshot(request.map(Body::new));
+                async move {
+                    let response = response.await;
+                    drop(open);
+                    response
+                }
             });
             let mut builder = Builder::new(TokioExecutor::new());
             builder
@@ -227,22 +237,84 @@ pub async fn serve(
             builder.http2().timer(TokioTimer::new()).max_header_list_size((limits.max_header_bytes * 2) as u32);
             let io = TokioIo::new(Socket::new(io, slot, limits.header_timeout));
             let mut connection = pin!(builder.serve_connection_with_upgrades(io, service));
-            tokio::select! {
-                result = connection.as_mut() => {
-                    if let Err(e) = result {
-                        tracing::trace!(error = %e, "connection ended with an error");
+            let idle_check = tokio::time::sleep(limits.header_timeout);
+            let mut idle_check = pin!(idle_check);
+            let draining = loop {
+                tokio::select! {
+                    result = connection.as_mut() => {
+                        if let Err(e) = result {
+                            tracing::trace!(error = %e, "connection ended with an error");
+                        }
+                        return;
+                    }
+                    _ = finish.cancelled() => break true,
+                    _ = &mut idle_check => {
+                        let idle = requests.idle_for();
+                        if idle >= limits.header_timeout {
+                            break false;
+                        }
+                        idle_check.as_mut().reset(tokio::time::Instant::now() + limits.header_timeout - idle);
                     }
                 }
-                _ = finish.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    let _ = connection.await;
-                }
+            };
+            // Let the requests in flight finish (publishes included, when
+            // draining), then close; an idle connection has none, and a peer
+            // that does not take the goodbye is not waited for.
+            connection.as_mut().graceful_shutdown();
+            if draining {
+                let _ = connection.await;
+            } else {
+                let _ = tokio::time::timeout(limits.header_timeout, connection).await;
             }
         });
     }
     finish.cancel();
     connections.close();
     connections.wait().await;
+}
+
+/// A connection's requests in flight, and since when it has had none. An
+/// HTTP/1 connection waiting for its next request is closed by hyper's
+/// header timeout; an HTTP/2 one would be held open for ever (by any client
+/// that sends the preface and nothing more, each holding a [`Slot`]), so
+/// [`serve`] closes a connection that has had no request in flight for
+/// `HERALD_HEADER_TIMEOUT`, as nginx's `keepalive_timeout` does.
+struct Requests {
+    opened: std::time::Instant,
+    in_flight: AtomicUsize,
+    /// When the last request ended, in ms since `opened`.
+    idle_since_ms: AtomicU64,
+}
+
+/// A request in flight on its connection ([`Requests`]).
+struct InFlight(Arc<Requests>);
+
+impl Requests {
+    fn new() -> Requests {
+        Requests { opened: std::time::Instant::now(), in_flight: AtomicUsize::new(0), idle_since_ms: AtomicU64::new(0) }
+    }
+
+    fn begin(self: &Arc<Self>) -> InFlight {
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self.clone())
+    }
+
+    /// How long the connection has had no request in flight (zero while it has one).
+    fn idle_for(&self) -> Duration {
+        if self.in_flight.load(Ordering::SeqCst) > 0 {
+            return Duration::ZERO;
+        }
+        let since = Duration::from_millis(self.idle_since_ms.load(Ordering::SeqCst));
+        self.opened.elapsed().saturating_sub(since)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let now = self.0.opened.elapsed().as_millis() as u64;
+        self.0.idle_since_ms.store(now, Ordering::SeqCst);
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// A client's connection as the server holds it: with its [`Slot`], given

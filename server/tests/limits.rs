@@ -224,6 +224,47 @@ async fn a_client_that_connects_and_says_nothing_is_disconnected() {
     server.stop().await;
 }
 
+/// HTTP/2 has no "next request's headers" for hyper's header timeout to
+/// time: a connection with no request in flight for `HERALD_HEADER_TIMEOUT`
+/// is closed (one that sent the preface and nothing more would otherwise
+/// hold its socket, and its connection slot, for ever), but never while a
+/// request is in flight, however slowly its body comes.
+#[tokio::test]
+async fn an_http2_connection_is_closed_once_idle_for_the_header_timeout_never_mid_request() {
+    let server = TestServer::start_with(&[("HERALD_HEADER_TIMEOUT", "500ms")]).await;
+    let mut preface_only = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    preface_only.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, preface_only.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "an idle HTTP/2 connection was still open after {WAIT:?}");
+
+    let tcp = tokio::net::TcpStream::connect(server.addr).await.unwrap();
+    let (client, connection) = h2::client::handshake(tcp).await.unwrap();
+    let connection = tokio::spawn(connection);
+    let mut client = client.ready().await.unwrap();
+    let request = axum::http::Request::post(format!("{}/v1/notifications", server.http()))
+        .header("authorization", format!("Bearer {API_KEY}"))
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap();
+    let (response, mut body) = client.send_request(request, false).unwrap();
+    // Four chunks 400 ms apart: the request is in flight for more than
+    // three times the timeout.
+    let json = br#"{"user_id":"alice","topic":"t","payload":{"slow":true}}"#;
+    for chunk in json.chunks(json.len() / 4 + 1) {
+        tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+        body.send_data(bytes::Bytes::copy_from_slice(chunk), false).unwrap();
+    }
+    body.send_data(bytes::Bytes::new(), true).unwrap();
+    let response = tokio::time::timeout(WAIT, response).await.expect("answered").unwrap();
+    assert_eq!(response.status(), 201);
+    // Idle again: closed.
+    let ended = tokio::time::timeout(WAIT, connection).await;
+    assert!(ended.is_ok(), "the HTTP/2 connection was still open {WAIT:?} after its last request");
+    assert_eq!(server.publisher().history("alice", 0, 10).await.unwrap().last_seq, 1);
+    server.stop().await;
+}
+
 /// A publisher that sends its headers and then stalls the body gets 408
 /// with the error body after `HERALD_BODY_TIMEOUT`, and nothing is stored.
 #[tokio::test]
