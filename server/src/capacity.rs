@@ -15,8 +15,9 @@
 //! - `HERALD_MAX_CONNECTIONS` (default `auto`: the limit minus the reserve):
 //!   at the cap the node stops accepting, and new connections wait in the
 //!   listen queue until one closes ([`crate::listen::Slots`]).
-//! - `HERALD_MAX_SESSIONS` (default `auto`: the connections minus 1%, at
-//!   least 64 of them when there are 128 or more): above it a handshake is
+//! - `HERALD_MAX_SESSIONS` (default `auto`: the connections minus 1% of
+//!   them, and minus at least 64 when there are 128 or more, half below
+//!   that, kept for the HTTP API): above it a handshake is
 //!   refused before the upgrade with 503 `node_full` and `Retry-After`
 //!   ([`crate::limit::Limits::node_place`]).
 
