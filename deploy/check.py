@@ -130,9 +130,14 @@ def check_compose():
 
 # --- nginx ----------------------------------------------------------------
 
-def check_nginx(heartbeat):
+def check_nginx(heartbeat, node_idle):
     where = "deploy/nginx/herald.conf"
     text = (DEPLOY / "nginx/herald.conf").read_text()
+    upstream = re.search(r"^upstream\s+herald\s*\{(.*?)^\}", text, re.M | re.S)
+    idle = re.findall(r"^\s*keepalive_timeout\s+(\S+);", upstream.group(1) if upstream else "", re.M)
+    if not idle or seconds(idle[0]) >= node_idle:
+        problem(where, f"the upstream's keepalive_timeout ({idle[0] if idle else 'nginx default 60s'}) must be "
+                       f"shorter than the nodes' idle timeout (HERALD_HEADER_TIMEOUT, {node_idle}s)")
     for directive in ("proxy_read_timeout", "proxy_send_timeout"):
         values = re.findall(rf"^\s*{directive}\s+(\S+);", text, re.M)
         if not values:
@@ -276,9 +281,10 @@ def check_dockerfile():
 
 def main():
     heartbeat = 25  # HERALD_HEARTBEAT_SECS' default (docs/configuration.md)
+    node_idle = 10  # HERALD_HEADER_TIMEOUT's default: a node closes idle connections after it
     exported = exported_metrics()
     services = check_compose()
-    check_nginx(heartbeat)
+    check_nginx(heartbeat, node_idle)
     check_k8s(heartbeat)
     check_grafana(exported)
     check_prometheus(exported, services)
