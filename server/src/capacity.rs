@@ -136,24 +136,29 @@ pub fn open_file_limit() -> Option<u64> {
     }
 }
 
-/// Raises the soft open-file limit to the hard one (an unlimited hard limit
-/// to the kernel's `fs.nr_open`). Returns the soft limit before and after.
+/// Raises the soft open-file limit to the hard one. An unlimited hard
+/// limit is raised towards instead: Linux's `fs.nr_open`, or else (macOS,
+/// whose soft limit is 256) the first of 1,048,576, 65,536 and 10,240
+/// (macOS's `OPEN_MAX`) the kernel takes. Returns the soft limit before and
+/// after; a refused raise leaves it, and the capacity is worked out from it.
 pub fn raise_open_file_limit() -> (Option<u64>, Option<u64>) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
     let before = open_file_limit();
     let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else { return (before, before) };
-    let target = if hard == RLIM_INFINITY {
-        match std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()) {
-            Some(n) => n,
-            None => return (before, before),
-        }
+    let targets = if hard != RLIM_INFINITY {
+        vec![hard]
     } else {
-        hard
+        match std::fs::read_to_string("/proc/sys/fs/nr_open").ok().and_then(|s| s.trim().parse().ok()) {
+            Some(nr_open) => vec![nr_open],
+            None => vec![1 << 20, 65_536, 10_240],
+        }
     };
-    if soft != RLIM_INFINITY && soft < target {
-        // Refused (a hard limit above `fs.nr_open`): the limit stays, and
-        // the capacity is worked out from it.
-        let _ = setrlimit(Resource::RLIMIT_NOFILE, target, hard);
+    if soft != RLIM_INFINITY {
+        for target in targets.into_iter().filter(|t| *t > soft) {
+            if setrlimit(Resource::RLIMIT_NOFILE, target, hard).is_ok() {
+                break;
+            }
+        }
     }
     (before, open_file_limit())
 }
