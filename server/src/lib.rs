@@ -100,8 +100,6 @@ pub struct Node {
     /// The store's epoch, read at start (a restore happens with the nodes
     /// stopped): sent in every welcome, compared with a resuming client's.
     pub epoch: String,
-    /// How many connections and sessions the node takes ([`capacity`]).
-    pub capacity: capacity::Capacity,
     /// The connection slots every accepted connection holds ([`listen`]).
     pub connections: listen::Slots,
 }
@@ -183,7 +181,6 @@ impl AppState {
             sessions: TaskTracker::new(),
             revocations_loaded_at_ms,
             epoch,
-            capacity,
             connections,
         })))
     }

@@ -6,7 +6,7 @@
 //! `HERALD_MAX_CONNECTIONS` first) and runs each TLS handshake in a task of its own,
 //! bounded in number and in time, so a slow or silent client (slowloris)
 //! never holds up the accept loop or anyone else's handshake. Finished
-//! handshakes wait in a bounded queue for axum to take them.
+//! handshakes wait in a bounded queue for the server to take them.
 //!
 //! The certificate files are read again when they change (checked every
 //! `HERALD_TLS_RELOAD_INTERVAL`), so a renewed certificate is served without

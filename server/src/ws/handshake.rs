@@ -212,7 +212,7 @@ fn refused(refusal: Refusal) -> ApiError {
     match refusal {
         Refusal::NodeFull(max) => ApiError::unavailable(
             "node_full",
-            format!("this node holds its most sessions ({max}); retry after Retry-After seconds, or connect to another node"),
+            format!("this node is full ({max} sessions); retry after Retry-After seconds, or connect to another node"),
         )
         .with_retry_after(CAP_RETRY_AFTER_SECS),
         Refusal::HandshakeRate(d) => ApiError::rate_limited(
