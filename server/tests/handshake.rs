@@ -93,7 +93,7 @@ async fn accepted(server: &TestServer, token: &str) -> String {
 async fn refusal(server: &TestServer, via: TokenVia, token: &str) -> (u16, String) {
     match Connect::new(server.ws(), token).token_via(via).connect().await {
         Ok(session) => panic!("accepted as {:?} with {via:?}", session.welcome().user_id),
-        Err(Error::Refused { status, code, message }) => {
+        Err(Error::Refused { status, code, message, .. }) => {
             assert!(!message.is_empty(), "a refusal carries a message");
             (status, code)
         }

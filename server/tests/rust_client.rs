@@ -70,6 +70,34 @@ fn is_disconnect(state: &State) -> bool {
     matches!(state, State::Disconnected { .. })
 }
 
+/// A full node refuses with 503 `node_full` and `Retry-After: 5`: the client
+/// waits at least that long (not its own 50 ms backoff) before trying again,
+/// and gets in once a place is free.
+#[tokio::test]
+async fn a_full_node_is_tried_again_after_its_retry_after_and_lets_the_client_in_once_a_place_frees() {
+    let server = TestServer::start_with(&[("HERALD_MAX_SESSIONS", "1")]).await;
+    let alice = server.connect("alice").await;
+    let client = quick(server.ws()).token(server.token("bob")).build().unwrap();
+    let retry_in = loop {
+        match next(&client).await {
+            Event::State(State::Disconnected { reason, retry_in, .. }) => {
+                assert!(reason.contains("node_full"), "{reason}");
+                break retry_in;
+            }
+            Event::State(_) => {}
+            other => panic!("unexpected event: {other:?}"),
+        }
+    };
+    assert!(retry_in >= Duration::from_secs(5), "retrying in {retry_in:?}, before the node's Retry-After");
+    assert!(retry_in <= Duration::from_millis(5_500), "{retry_in:?}: Retry-After plus the backoff's jitter");
+    alice.close().await.unwrap();
+    let states = until_connected(&client).await;
+    assert!(!states.iter().any(is_disconnect), "refused again once alice had left: {states:?}");
+    assert_eq!(server.metric("herald_handshakes_total{outcome=\"node_full\"}").await, 1.0);
+    client.close().await;
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_stream_yields_notifications_in_order_and_close_sends_1000() {
     let server = TestServer::start().await;

@@ -9,9 +9,12 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// The server refused the handshake or an HTTP call with the spec's error body.
+    /// The server refused the handshake or an HTTP call with the spec's error
+    /// body; `retry_after` is its `Retry-After` (429 and 503 carry one), which
+    /// [`Client`](crate::Client) waits at least before trying again.
     #[error("HTTP {status}: {code}: {message}")]
-    Refused { status: u16, code: String, message: String },
+    #[non_exhaustive]
+    Refused { status: u16, code: String, message: String, retry_after: Option<std::time::Duration> },
     /// The server closed the session.
     #[error("closed with {code}: {reason}")]
     Closed { code: u16, reason: String },
@@ -95,11 +98,22 @@ fn describe(tls: &rustls::Error) -> String {
     }
 }
 
-/// An error answer: the spec's body when it parses, else the raw text.
-pub(crate) fn refusal(status: u16, body: &[u8]) -> Error {
+/// An error answer: the spec's body when it parses, else the raw text, with
+/// its `Retry-After` in seconds (an HTTP date is not read).
+pub(crate) fn refusal(status: u16, headers: &tungstenite::http::HeaderMap, body: &[u8]) -> Error {
+    let retry_after = headers
+        .get(tungstenite::http::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs);
     match serde_json::from_slice::<ErrorBody>(body) {
-        Ok(b) => Error::Refused { status, code: b.error.code, message: b.error.message },
-        Err(_) => Error::Refused { status, code: String::new(), message: String::from_utf8_lossy(body).into_owned() },
+        Ok(b) => Error::Refused { status, code: b.error.code, message: b.error.message, retry_after },
+        Err(_) => Error::Refused {
+            status,
+            code: String::new(),
+            message: String::from_utf8_lossy(body).into_owned(),
+            retry_after,
+        },
     }
 }
 
@@ -121,12 +135,22 @@ mod tests {
     }
 
     #[test]
-    fn refusals_read_the_spec_body() {
-        let e = refusal(401, br#"{"error":{"code":"token_expired","message":"expired"}}"#);
-        assert!(matches!(e, Error::Refused { status: 401, code, .. } if code == "token_expired"));
-        let e = refusal(502, b"bad gateway");
+    fn refusals_read_the_spec_body_and_retry_after() {
+        let none = tungstenite::http::HeaderMap::new();
+        let e = refusal(401, &none, br#"{"error":{"code":"token_expired","message":"expired"}}"#);
+        assert!(matches!(e, Error::Refused { status: 401, code, retry_after: None, .. } if code == "token_expired"));
+        let e = refusal(502, &none, b"bad gateway");
         assert!(
-            matches!(e, Error::Refused { status: 502, code, message } if code.is_empty() && message == "bad gateway")
+            matches!(e, Error::Refused { status: 502, code, message, .. } if code.is_empty() && message == "bad gateway")
         );
+        let mut headers = tungstenite::http::HeaderMap::new();
+        headers.insert(tungstenite::http::header::RETRY_AFTER, tungstenite::http::HeaderValue::from_static("5"));
+        let e = refusal(503, &headers, br#"{"error":{"code":"node_full","message":"full"}}"#);
+        assert!(matches!(e, Error::Refused { retry_after: Some(d), .. } if d == std::time::Duration::from_secs(5)));
+        headers.insert(
+            tungstenite::http::header::RETRY_AFTER,
+            tungstenite::http::HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
+        assert!(matches!(refusal(503, &headers, b""), Error::Refused { retry_after: None, .. }));
     }
 }

@@ -8,10 +8,10 @@ use crate::Error;
 
 /// A 2xx answer's status and JSON body, or the spec's error as [`Error::Refused`].
 pub(crate) async fn answer<T: DeserializeOwned>(response: reqwest::Response) -> Result<(StatusCode, T), Error> {
-    let status = response.status();
+    let (status, headers) = (response.status(), response.headers().clone());
     let body = response.bytes().await?;
     if !status.is_success() {
-        return Err(refusal(status.as_u16(), &body));
+        return Err(refusal(status.as_u16(), &headers, &body));
     }
     let value = serde_json::from_slice(&body).map_err(|e| Error::Protocol(format!("bad response body: {e}")))?;
     Ok((status, value))
@@ -19,10 +19,10 @@ pub(crate) async fn answer<T: DeserializeOwned>(response: reqwest::Response) -> 
 
 /// A 2xx answer without a body.
 pub(crate) async fn no_content(response: reqwest::Response) -> Result<(), Error> {
-    let status = response.status();
+    let (status, headers) = (response.status(), response.headers().clone());
     let body = response.bytes().await?;
     if !status.is_success() {
-        return Err(refusal(status.as_u16(), &body));
+        return Err(refusal(status.as_u16(), &headers, &body));
     }
     Ok(())
 }

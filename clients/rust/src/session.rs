@@ -146,7 +146,7 @@ impl Connect {
                 Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
                     let status = response.status().as_u16();
                     let body = response.body().as_deref().unwrap_or_default();
-                    return Err(refusal(status, body));
+                    return Err(refusal(status, response.headers(), body));
                 }
                 Err(e) => return Err(e.into()),
             };

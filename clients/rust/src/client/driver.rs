@@ -6,7 +6,7 @@
 //! | 1001 going away | reconnect promptly (jitter within `base`), with `since` |
 //! | 4001 token expired / refresh refused | a new token from the provider, reconnect at once |
 //! | 401 at the handshake with a cached token | the same |
-//! | 1013, 1011, 1000, 4029, dropped, dead, refused 5xx/429/408, timeout | backoff, then reconnect with `since` |
+//! | 1013, 1011, 1000, 4029, dropped, dead, refused 5xx/429/408, timeout | backoff (after the refusal's `Retry-After`, when it has one: a full or draining node, a rate limit), then reconnect with `since` |
 //! | 4003, 1008, 1009, 1002, 1007, refused 4xx, TLS failure, 401 with a new token | stop with [`Event::Error`] |
 
 use std::sync::atomic::Ordering;
@@ -228,7 +228,14 @@ impl Driver {
                 self.token = None;
                 Next::Retry { delay: Duration::ZERO, code: None, reason: e.to_string() }
             }
-            Error::Refused { status: 408 | 429 | 500.., .. } => self.backoff(None, e.to_string()),
+            Error::Refused { status: 408 | 429 | 500.., retry_after, .. } => {
+                let at_least = retry_after.unwrap_or_default();
+                let mut next = self.backoff(None, e.to_string());
+                if let Next::Retry { delay, .. } = &mut next {
+                    *delay += at_least;
+                }
+                next
+            }
             Error::Refused { .. } | Error::Tls(_) | Error::Config(_) => Next::Stop(Some(e)),
             Error::WebSocket(tungstenite::Error::Url(_)) => Next::Stop(Some(e)),
             Error::Closed { code, reason } => self.after_close(*code, reason.clone()),
