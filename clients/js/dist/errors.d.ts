@@ -13,9 +13,15 @@ export declare class HeraldError extends Error {
     readonly status?: number;
     /** The WebSocket close code, for errors that ended a connection. */
     readonly closeCode?: number;
+    /**
+     * Seconds the server asked to be left alone before a retry (its
+     * `Retry-After`, sent with 429 and 503), for errors from the HTTP API.
+     */
+    readonly retryAfter?: number;
     constructor(code: string, message: string, details?: {
         status?: number;
         closeCode?: number;
+        retryAfter?: number;
         cause?: unknown;
     });
 }

@@ -44,6 +44,7 @@ var HeraldError = class extends Error {
     this.name = "HeraldError";
     this.code = code;
     if (details.status !== void 0) this.status = details.status;
+    if (details.retryAfter !== void 0) this.retryAfter = details.retryAfter;
     if (details.closeCode !== void 0) this.closeCode = details.closeCode;
     if (details.cause !== void 0) this.cause = details.cause;
   }
@@ -155,7 +156,9 @@ async function errorOf(response) {
   const error = body?.error;
   const code = typeof error?.code === "string" ? error.code : `http_${response.status}`;
   const message = typeof error?.message === "string" ? error.message : `HTTP ${response.status}`;
-  return new HeraldError(code, message, { status: response.status });
+  const header = response.headers.get("retry-after");
+  const retryAfter = header !== null && /^\d+$/.test(header.trim()) ? Number(header.trim()) : void 0;
+  return new HeraldError(code, message, { status: response.status, retryAfter });
 }
 
 // src/token.ts

@@ -13,12 +13,22 @@ export class HeraldError extends Error {
   readonly status?: number;
   /** The WebSocket close code, for errors that ended a connection. */
   readonly closeCode?: number;
+  /**
+   * Seconds the server asked to be left alone before a retry (its
+   * `Retry-After`, sent with 429 and 503), for errors from the HTTP API.
+   */
+  readonly retryAfter?: number;
 
-  constructor(code: string, message: string, details: { status?: number; closeCode?: number; cause?: unknown } = {}) {
+  constructor(
+    code: string,
+    message: string,
+    details: { status?: number; closeCode?: number; retryAfter?: number; cause?: unknown } = {},
+  ) {
     super(message);
     this.name = 'HeraldError';
     this.code = code;
     if (details.status !== undefined) this.status = details.status;
+    if (details.retryAfter !== undefined) this.retryAfter = details.retryAfter;
     if (details.closeCode !== undefined) this.closeCode = details.closeCode;
     if (details.cause !== undefined) (this as { cause?: unknown }).cause = details.cause;
   }

@@ -118,5 +118,8 @@ async function errorOf(response: Response): Promise<HeraldError> {
   const error = (body as { error?: { code?: unknown; message?: unknown } } | null)?.error;
   const code = typeof error?.code === 'string' ? error.code : `http_${response.status}`;
   const message = typeof error?.message === 'string' ? error.message : `HTTP ${response.status}`;
-  return new HeraldError(code, message, { status: response.status });
+  // Seconds; an HTTP date (which Herald never sends) is left out.
+  const header = response.headers.get('retry-after');
+  const retryAfter = header !== null && /^\d+$/.test(header.trim()) ? Number(header.trim()) : undefined;
+  return new HeraldError(code, message, { status: response.status, retryAfter });
 }

@@ -297,6 +297,21 @@ test('inbox errors carry the server code and status', async () => {
   await assert.rejects(herald.inbox.unread(), (e) => e.code === 'invalid_token' && e.status === 401);
 });
 
+test("inbox errors carry the server's Retry-After, in seconds", async () => {
+  const { herald } = client({
+    fetch: async () =>
+      new Response('{"error":{"code":"store_unavailable","message":"retry"}}', {
+        status: 503,
+        headers: { 'retry-after': '1' },
+      }),
+  });
+  await assert.rejects(herald.inbox.unread(), (e) => e.code === 'store_unavailable' && e.retryAfter === 1);
+  const { herald: other } = client({
+    fetch: async () => new Response('{"error":{"code":"invalid_token","message":"no"}}', { status: 401 }),
+  });
+  await assert.rejects(other.inbox.unread(), (e) => e.status === 401 && e.retryAfter === undefined);
+});
+
 test('an inbox call refused as token_revoked asks the provider for a new token once', async () => {
   const tokens = [jwt('alice'), jwt('alice', 7200)];
   let asked = 0;
