@@ -947,6 +947,8 @@ async fn a_node_short_of_file_descriptors_caps_its_clients_and_keeps_serving() {
     assert_eq!(server.wait(), 0);
     let log = log();
     assert!(!log.contains("Too many open files") && !log.contains("accept failed"), "{log}");
-    let refusals = log.lines().filter(|l| l.contains("request refused: unavailable") && l.contains("node_full"));
-    assert_eq!(refusals.count(), 1, "a run of refusals is one warn line: {log}");
+    // Eleven refusals or more, within seconds: one warn line per 10 s (a
+    // second only if the newcomer's retries came 10 s after the first).
+    let lines = log.lines().filter(|l| l.contains("request refused: unavailable") && l.contains("node_full")).count();
+    assert!((1..=2).contains(&lines), "a run of refusals is one warn line per 10 s, not one each: {log}");
 }
