@@ -31,12 +31,20 @@ pub enum Cap {
     At(usize),
 }
 
+/// The largest explicit cap: more than any process can open (Linux's
+/// `fs.nr_open` stops at 2^30), and far below what a semaphore can count.
+const MOST: usize = 1 << 32;
+
 impl Cap {
     pub fn parse(v: &str) -> Result<Cap, String> {
         match v.trim() {
             "auto" => Ok(Cap::Auto),
             "off" | "0" => Ok(Cap::Off),
-            n => n.parse().map(Cap::At).map_err(|_| format!("`{n}` is not a whole number (or `auto`, or `off`)")),
+            n => match n.parse::<usize>() {
+                Ok(n) if n <= MOST => Ok(Cap::At(n)),
+                Ok(_) => Err(format!("`{n}` is more than any process can hold (at most {MOST})")),
+                Err(_) => Err(format!("`{n}` is not a whole number (or `auto`, or `off`)")),
+            },
         }
     }
 }
@@ -174,6 +182,9 @@ mod tests {
         assert_eq!(Cap::parse("0"), Ok(Cap::Off));
         assert_eq!(Cap::parse(" 500 "), Ok(Cap::At(500)));
         assert!(Cap::parse("-1").is_err());
+        assert_eq!(Cap::parse("4294967296"), Ok(Cap::At(1 << 32)));
+        assert!(Cap::parse("4294967297").is_err());
+        assert!(Cap::parse("18446744073709551615").is_err());
         assert!(Cap::parse("lots").is_err());
     }
 

@@ -100,7 +100,7 @@ fn bad_settings_exit_2_naming_the_variable_before_binding() {
         ("HERALD_JWT_PUBLIC_KEYS", "/nonexistent/keys.pem"),
         ("HERALD_MAX_SESSIONS", "lots"),
         // More than any open-file limit can hold.
-        ("HERALD_MAX_CONNECTIONS", "1000000000000"),
+        ("HERALD_MAX_CONNECTIONS", "4000000000"),
     ] {
         let out =
             herald(dir.path(), &[("HERALD_LISTEN", &listen), ("HERALD_API_KEYS", "k"), (var, value)]).output().unwrap();
