@@ -34,7 +34,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -58,8 +58,7 @@ use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
 use crate::api::error::ApiError;
-use crate::store::now_ms;
-use crate::telemetry::Metrics;
+use crate::telemetry::{LogSampler, Metrics};
 
 /// Connections the kernel completes and queues before `accept` takes them;
 /// Linux caps it at `net.core.somaxconn` (4096 by default since 5.4).
@@ -75,7 +74,7 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 /// How often, at most, a wait for a slot is logged.
-const FULL_LOG_EVERY_MS: i64 = 60_000;
+const FULL_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// The node's connection slots (`HERALD_MAX_CONNECTIONS`): one per accepted
 /// connection, held by its socket ([`Slot`]). A cheap handle.
@@ -84,8 +83,8 @@ pub struct Slots {
     semaphore: Arc<Semaphore>,
     max: Option<usize>,
     waits: Counter,
-    /// Unix ms of the last "every slot is taken" line.
-    logged_at_ms: Arc<AtomicI64>,
+    /// The "every slot is taken" line, at most once per [`FULL_LOG_EVERY`].
+    full_log: LogSampler,
 }
 
 /// A connection's place under `HERALD_MAX_CONNECTIONS`, given back when dropped.
@@ -100,7 +99,7 @@ impl Slots {
             semaphore: Arc::new(Semaphore::new(max.unwrap_or(Semaphore::MAX_PERMITS))),
             max,
             waits: metrics.accept_waits.clone(),
-            logged_at_ms: Arc::new(AtomicI64::new(i64::MIN)),
+            full_log: LogSampler::new(FULL_LOG_EVERY),
         }
     }
 
@@ -115,13 +114,10 @@ impl Slots {
             return Slot { _permit: permit };
         }
         self.waits.inc();
-        let now = now_ms();
-        let last = self.logged_at_ms.load(Ordering::Relaxed);
-        if now.saturating_sub(last) >= FULL_LOG_EVERY_MS
-            && self.logged_at_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
-        {
+        if let Some(unlogged) = self.full_log.sample("connections", std::time::Instant::now()) {
             tracing::warn!(
                 max_connections = self.max,
+                unlogged,
                 "every connection slot is taken (HERALD_MAX_CONNECTIONS): new connections wait in the listen queue \
                  until one closes"
             );

@@ -491,6 +491,47 @@ impl Metrics {
     }
 }
 
+/// Logs a repeated event at most once per period for each key: [`sample`]
+/// answers `Some(n)` when this occurrence is to be logged, `n` of the same
+/// key having gone unlogged since the last one, and `None` otherwise. A
+/// cheap handle.
+///
+/// [`sample`]: LogSampler::sample
+#[derive(Clone)]
+pub struct LogSampler {
+    every: std::time::Duration,
+    keys: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<&'static str, Sampled>>>,
+}
+
+struct Sampled {
+    logged_at: std::time::Instant,
+    unlogged: u64,
+}
+
+impl LogSampler {
+    pub fn new(every: std::time::Duration) -> LogSampler {
+        LogSampler { every, keys: std::sync::Arc::default() }
+    }
+
+    pub fn sample(&self, key: &'static str, now: std::time::Instant) -> Option<u64> {
+        let mut keys = self.keys.lock().unwrap_or_else(|e| e.into_inner());
+        match keys.get_mut(key) {
+            Some(seen) if now.duration_since(seen.logged_at) < self.every => {
+                seen.unlogged += 1;
+                None
+            }
+            Some(seen) => {
+                seen.logged_at = now;
+                Some(std::mem::take(&mut seen.unlogged))
+            }
+            None => {
+                keys.insert(key, Sampled { logged_at: now, unlogged: 0 });
+                Some(0)
+            }
+        }
+    }
+}
+
 /// Registers `metric` (a cheap handle) and returns it.
 fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
     registry.register(name, help, metric.clone());
@@ -545,6 +586,21 @@ fn p99(samples: &mut [std::time::Duration]) -> std::time::Duration {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_run_of_503s_is_one_warn_line_per_code_and_period_with_the_count_between() {
+        use std::time::Instant;
+        let every = crate::api::error::UNAVAILABLE_LOG_EVERY;
+        let log = super::LogSampler::new(every);
+        let start = Instant::now();
+        assert_eq!(log.sample("node_full", start), Some(0));
+        assert_eq!(log.sample("node_full", start + Duration::from_secs(1)), None);
+        assert_eq!(log.sample("node_full", start + Duration::from_secs(9)), None);
+        // Another code has its own period.
+        assert_eq!(log.sample("store_unavailable", start + Duration::from_secs(9)), Some(0));
+        assert_eq!(log.sample("node_full", start + every), Some(2));
+        assert_eq!(log.sample("node_full", start + every * 3), Some(0));
+    }
+
     use std::time::Duration;
 
     #[test]

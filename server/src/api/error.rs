@@ -2,8 +2,6 @@
 //! answered with the spec's body `{"error":{"code","message"}}`. Internal
 //! details never reach the client; [`log_errors`] logs them.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use axum::extract::{MatchedPath, Request, State};
@@ -16,6 +14,7 @@ use herald_protocol::http::{ErrorBody, ErrorDetail};
 use crate::auth::AuthError;
 use crate::limit::Decision;
 use crate::store::StoreError;
+use crate::telemetry::LogSampler;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -153,35 +152,12 @@ pub const UNAVAILABLE_LOG_EVERY: Duration = Duration::from_secs(10);
 /// Keeps a run of 503s from flooding the log: of each code, one line at
 /// `warn` per [`UNAVAILABLE_LOG_EVERY`], carrying how many went to `debug`
 /// since the line before. One per node; a cheap handle.
-#[derive(Clone, Default)]
-pub struct UnavailableLog(Arc<Mutex<HashMap<&'static str, Quiet>>>);
+#[derive(Clone)]
+pub struct UnavailableLog(LogSampler);
 
-struct Quiet {
-    logged_at: Instant,
-    unlogged: u64,
-}
-
-impl UnavailableLog {
-    /// `Some(n)` when a 503 with `code` is to be logged at `warn` now, `n`
-    /// of them having gone unlogged since the last such line; `None` when it
-    /// is one of those.
-    fn warn_now(&self, code: &'static str, now: Instant) -> Option<u64> {
-        let mut codes = self.0.lock().unwrap_or_else(|e| e.into_inner());
-        match codes.get_mut(code) {
-            Some(quiet) if now.duration_since(quiet.logged_at) < UNAVAILABLE_LOG_EVERY => {
-                quiet.unlogged += 1;
-                None
-            }
-            Some(quiet) => {
-                let unlogged = std::mem::take(&mut quiet.unlogged);
-                quiet.logged_at = now;
-                Some(unlogged)
-            }
-            None => {
-                codes.insert(code, Quiet { logged_at: now, unlogged: 0 });
-                Some(0)
-            }
-        }
+impl Default for UnavailableLog {
+    fn default() -> Self {
+        UnavailableLog(LogSampler::new(UNAVAILABLE_LOG_EVERY))
     }
 }
 
@@ -201,7 +177,7 @@ pub async fn log_errors(State(unavailable): State<UnavailableLog>, request: Requ
         if response.status() == StatusCode::INTERNAL_SERVER_ERROR {
             tracing::error!(%method, route, status, code = logged.code, detail = logged.internal.as_deref().unwrap_or(""), "request failed");
         } else if response.status().is_server_error() {
-            match unavailable.warn_now(logged.code, Instant::now()) {
+            match unavailable.0.sample(logged.code, Instant::now()) {
                 Some(unlogged) => tracing::warn!(
                     %method,
                     route,
@@ -217,22 +193,4 @@ pub async fn log_errors(State(unavailable): State<UnavailableLog>, request: Requ
         }
     }
     response
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_run_of_503s_is_one_warn_line_per_code_and_period_with_the_count_between() {
-        let log = UnavailableLog::default();
-        let start = Instant::now();
-        assert_eq!(log.warn_now("node_full", start), Some(0));
-        assert_eq!(log.warn_now("node_full", start + Duration::from_secs(1)), None);
-        assert_eq!(log.warn_now("node_full", start + Duration::from_secs(9)), None);
-        // Another code has its own period.
-        assert_eq!(log.warn_now("store_unavailable", start + Duration::from_secs(9)), Some(0));
-        assert_eq!(log.warn_now("node_full", start + UNAVAILABLE_LOG_EVERY), Some(2));
-        assert_eq!(log.warn_now("node_full", start + UNAVAILABLE_LOG_EVERY * 3), Some(0));
-    }
 }
