@@ -31,7 +31,8 @@ pub enum AuthError {
     #[error("the token is not valid: {0}")]
     Invalid(&'static str),
     /// The user's tokens issued before a time were revoked
-    /// (`POST /v1/users/{id}/tokens/revoke`), and this is one of them.
+    /// (`POST /v1/users/{id}/tokens/revoke`), and this is one of them; or
+    /// this very token was (`POST /v1/users/{id}/tokens/{jti}/revoke`).
     #[error("the token was revoked; get a new one")]
     Revoked,
 }
@@ -52,6 +53,30 @@ pub struct UserToken {
     /// `iat`, unix seconds, when the token has one (a revocation refuses a
     /// token without it).
     pub issued_at: Option<i64>,
+    /// `jti`, when the token has one a backend could name to revoke it
+    /// alone ([`token_id`]).
+    pub token_id: Option<Arc<str>>,
+}
+
+/// A token's `jti` as one that can be revoked alone: a string of 1 to 256
+/// bytes without control characters, what `POST
+/// /v1/users/{id}/tokens/{jti}/revoke` accepts. Any other `jti` (RFC 7519
+/// asks for a string; some issuers send numbers) is accepted and ignored:
+/// no revocation can name it, so it is not kept.
+pub fn token_id(jti: Option<serde_json::Value>) -> Option<Arc<str>> {
+    match jti {
+        Some(serde_json::Value::String(id)) if check_token_id(&id).is_ok() => Some(id.into()),
+        _ => None,
+    }
+}
+
+/// A `jti` a single-token revocation may name.
+pub fn check_token_id(jti: &str) -> Result<(), &'static str> {
+    if jti.is_empty() || jti.len() > 256 || jti.contains(char::is_control) {
+        Err("a jti is 1 to 256 bytes, without control characters")
+    } else {
+        Ok(())
+    }
 }
 
 /// The claims Herald reads. `exp` and `iat` are NumericDates (RFC 7519
@@ -64,6 +89,10 @@ pub struct Claims {
     pub exp: i64,
     #[serde(default, deserialize_with = "optional_numeric_date", skip_serializing_if = "Option::is_none")]
     pub iat: Option<i64>,
+    /// Read as any JSON value, so a token with a `jti` of another type is
+    /// not refused for it ([`token_id`] keeps only strings).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<serde_json::Value>,
 }
 
 /// A NumericDate: a JSON number of seconds, whole or not, in `i64` range.
@@ -388,7 +417,12 @@ impl Verifier {
         if crate::api::publish::check_user_id(&sub).is_err() {
             return Err(AuthError::Invalid("sub must be 1 to 256 bytes, without control characters"));
         }
-        Ok(UserToken { user_id: sub.into(), expires_at: data.claims.exp, issued_at: data.claims.iat })
+        Ok(UserToken {
+            user_id: sub.into(),
+            expires_at: data.claims.exp,
+            issued_at: data.claims.iat,
+            token_id: token_id(data.claims.jti),
+        })
     }
 }
 
@@ -399,10 +433,12 @@ fn install_crypto_provider() {
     let _ = jsonwebtoken::crypto::rust_crypto::DEFAULT_PROVIDER.install_default();
 }
 
-/// Mints an HS256 user token (the `herald token` command, dev mode, tests).
+/// Mints an HS256 user token (the `herald token` command, dev mode, tests)
+/// with a fresh `jti`, so that it can be revoked alone.
 pub fn mint(secret: &str, sub: &str, ttl_secs: i64) -> String {
     let now = unix_now();
-    mint_claims(secret, &Claims { sub: sub.into(), exp: now + ttl_secs, iat: Some(now) })
+    let jti = Some(uuid::Uuid::now_v7().to_string().into());
+    mint_claims(secret, &Claims { sub: sub.into(), exp: now + ttl_secs, iat: Some(now), jti })
 }
 
 /// Mints an HS256 token with exactly these claims.

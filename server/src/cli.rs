@@ -104,14 +104,19 @@ pub enum Command {
         #[arg(long)]
         api_key: Option<String>,
     },
-    /// Revoke a user's tokens: those issued before a time are refused, and
-    /// their sessions close (close code 4001), on every node.
+    /// Revoke a user's tokens: those issued before a time (or the one token
+    /// with `--jti`) are refused, and their sessions close (close code
+    /// 4001), on every node.
     Revoke {
         #[arg(long)]
         user: String,
         /// Unix seconds; by default every token issued up to now.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "jti")]
         issued_before: Option<i64>,
+        /// Revoke only the token whose `jti` claim this is; the user's other
+        /// tokens keep working.
+        #[arg(long)]
+        jti: Option<String>,
         /// Unix seconds: when the last token revoked expires, after which
         /// the revocation may be forgotten; by default it is kept for good.
         #[arg(long)]
@@ -220,11 +225,19 @@ pub fn main(cli: Cli) -> ExitCode {
                 println!("the sessions of {user} were told to close");
                 Ok(())
             }
-            Command::Revoke { user, issued_before, expires_at, url, api_key } => {
+            Command::Revoke { user, issued_before, jti, expires_at, url, api_key } => {
                 let publisher = publisher(&settings, url, api_key, Scopes::DISCONNECT)?;
-                let revocation = herald_client::RevokeTokens { issued_before, expires_at };
-                let answer = publisher.revoke_tokens(&user, &revocation).await?;
-                println!("{}", serde_json::to_string_pretty(&answer)?);
+                let answer = match jti {
+                    Some(jti) => {
+                        let revocation = herald_client::RevokeToken { expires_at };
+                        serde_json::to_string_pretty(&publisher.revoke_token(&user, &jti, &revocation).await?)?
+                    }
+                    None => {
+                        let revocation = herald_client::RevokeTokens { issued_before, expires_at };
+                        serde_json::to_string_pretty(&publisher.revoke_tokens(&user, &revocation).await?)?
+                    }
+                };
+                println!("{answer}");
                 Ok(())
             }
         }

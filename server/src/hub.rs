@@ -6,7 +6,7 @@
 //! ends with 1013 — its client resumes with `since` and loses nothing, and no
 //! other session is slowed down by it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -34,6 +34,10 @@ pub enum Delivery {
     /// revoked: a session whose token is one of them closes with 4001.
     /// After `expires_at` (`None`: never) the revocation may be forgotten.
     Revoke { issued_before: i64, expires_at: Option<i64> },
+    /// One token of the user, the one whose `jti` this is, is revoked: a
+    /// session running on it closes with 4001. After `expires_at` (`None`:
+    /// never) the revocation may be forgotten.
+    RevokeToken { jti: Arc<str>, expires_at: Option<i64> },
 }
 
 /// Told whenever the number of a user's local sessions changes (the first
@@ -163,6 +167,8 @@ struct Shared {
     /// Token revocations this node knows of: user → (tokens issued before
     /// this are refused, until this expiry). Only ever raised.
     revoked: DashMap<Arc<str>, (i64, Option<i64>)>,
+    /// Single tokens revoked: user → `jti` → expiry (`None`: never).
+    revoked_tokens: DashMap<Arc<str>, HashMap<Arc<str>, Option<i64>>>,
     next_id: AtomicU64,
     interest: Arc<dyn Interest>,
 }
@@ -187,6 +193,7 @@ impl Hub {
             shared: Arc::new(Shared {
                 users: DashMap::new(),
                 revoked: DashMap::new(),
+                revoked_tokens: DashMap::new(),
                 next_id: AtomicU64::new(1),
                 interest,
             }),
@@ -205,15 +212,19 @@ impl Hub {
     /// Hands `delivery` to every local session of `user` without waiting.
     /// Returns how many sessions took it.
     ///
-    /// A [`Delivery::Revoke`] first raises what [`is_revoked`](Self::is_revoked)
-    /// answers, and goes to no session when it raises nothing (this node
-    /// knew already). A session checks `is_revoked` once registered, so one
-    /// registering meanwhile is refused either way.
+    /// A [`Delivery::Revoke`] or [`Delivery::RevokeToken`] first raises
+    /// what [`is_revoked`](Self::is_revoked) answers, and goes to no session
+    /// when it raises nothing (this node knew already). A session checks
+    /// `is_revoked` once registered, so one registering meanwhile is refused
+    /// either way.
     pub fn deliver(&self, user: &str, delivery: &Delivery) -> usize {
-        if let Delivery::Revoke { issued_before, expires_at } = delivery {
-            if !self.raise_revocation(user, *issued_before, *expires_at) {
-                return 0;
-            }
+        let news = match delivery {
+            Delivery::Revoke { issued_before, expires_at } => self.raise_revocation(user, *issued_before, *expires_at),
+            Delivery::RevokeToken { jti, expires_at } => self.add_token_revocation(user, jti, *expires_at),
+            _ => true,
+        };
+        if !news {
+            return 0;
         }
         let Some(mut local) = self.shared.users.get_mut(user) else { return 0 };
         if let Delivery::Notification { seq, .. } | Delivery::Head { seq } = delivery {
@@ -223,9 +234,12 @@ impl Hub {
     }
 
     /// True when a revocation covers a token of `user` issued at `issued_at`
-    /// (a token without `iat` is covered by any revocation of its user).
-    pub fn is_revoked(&self, user: &str, issued_at: Option<i64>) -> bool {
+    /// (a token without `iat` is covered by any revocation of its user), or
+    /// the token with this `jti` was revoked alone.
+    pub fn is_revoked(&self, user: &str, issued_at: Option<i64>, jti: Option<&str>) -> bool {
         self.shared.revoked.get(user).is_some_and(|known| crate::auth::revokes(known.0, issued_at))
+            || jti
+                .is_some_and(|jti| self.shared.revoked_tokens.get(user).is_some_and(|tokens| tokens.contains_key(jti)))
     }
 
     /// Users with a revocation this node knows of.
@@ -233,12 +247,42 @@ impl Hub {
         self.shared.revoked.len()
     }
 
+    /// Single tokens revoked that this node knows of.
+    pub fn token_revocation_count(&self) -> usize {
+        self.shared.revoked_tokens.iter().map(|tokens| tokens.len()).sum()
+    }
+
     /// Forgets the revocations that expired before `now_secs` (every token
-    /// they covered has expired too); how many.
+    /// they covered has expired too), single tokens' among them; how many.
     pub fn forget_expired_revocations(&self, now_secs: i64) -> usize {
+        let live = |expires_at: &Option<i64>| expires_at.is_none_or(|at| at >= now_secs);
         let before = self.shared.revoked.len();
-        self.shared.revoked.retain(|_, (_, expires_at)| expires_at.is_none_or(|at| at >= now_secs));
-        before - self.shared.revoked.len()
+        self.shared.revoked.retain(|_, (_, expires_at)| live(expires_at));
+        let mut forgotten = before - self.shared.revoked.len();
+        self.shared.revoked_tokens.retain(|_, tokens| {
+            let before = tokens.len();
+            tokens.retain(|_, expires_at| live(expires_at));
+            forgotten += before - tokens.len();
+            !tokens.is_empty()
+        });
+        forgotten
+    }
+
+    /// Records a single token's revocation (merged with one known: the
+    /// later expiry, `None` the latest); true when the token was not known
+    /// revoked.
+    fn add_token_revocation(&self, user: &str, jti: &Arc<str>, expires_at: Option<i64>) -> bool {
+        let mut tokens = self.shared.revoked_tokens.entry(user.into()).or_default();
+        match tokens.get_mut(jti) {
+            Some(known) => {
+                *known = known.zip(expires_at).map(|(a, b)| a.max(b));
+                false
+            }
+            None => {
+                tokens.insert(jti.clone(), expires_at);
+                true
+            }
+        }
     }
 
     /// Merges a revocation into the user's (the later `issued_before`, the
@@ -305,6 +349,39 @@ mod tests {
 
     fn frame(seq: Seq) -> Delivery {
         Delivery::Notification { seq, frame: Frame::from(format!("{seq}")) }
+    }
+
+    /// A single token's revocation reaches the user's sessions once (a
+    /// repeat, as the store's re-read brings, is news to nobody), names
+    /// only that token of that user, and is forgotten after its expiry
+    /// unless one of them said never.
+    #[test]
+    fn single_token_revocations_are_told_once_and_forgotten_after_their_expiry() {
+        let (hub, reg) = alice_alone(8);
+        let revoke = |jti: &str, expires_at| Delivery::RevokeToken { jti: jti.into(), expires_at };
+        assert_eq!(hub.deliver("alice", &revoke("phone", Some(100))), 1);
+        assert_eq!(hub.deliver("alice", &revoke("phone", Some(50))), 0, "known already");
+        assert_eq!(hub.deliver("bob", &revoke("phone", Some(100))), 0, "bob has no session here");
+        assert_eq!(hub.deliver("alice", &revoke("watch", None)), 1);
+        let mut told = Vec::new();
+        while let Some(Delivery::RevokeToken { jti, .. }) = reg.outbox.try_recv().unwrap() {
+            told.push(jti.to_string());
+        }
+        assert_eq!(told, ["phone", "watch"]);
+        assert!(hub.is_revoked("alice", Some(1), Some("phone")));
+        assert!(hub.is_revoked("bob", Some(1), Some("phone")), "learned though no session took it");
+        assert!(!hub.is_revoked("alice", Some(1), Some("laptop")));
+        assert!(!hub.is_revoked("alice", None, None), "a token without jti is not one of them");
+        assert!(!hub.is_revoked("carol", None, Some("phone")));
+        assert_eq!(hub.token_revocation_count(), 3);
+        // A later expiry wins when merged: alice's phone is kept to 200.
+        assert_eq!(hub.deliver("alice", &revoke("phone", Some(200))), 0);
+        assert_eq!(hub.forget_expired_revocations(150), 1, "bob's phone (100) goes");
+        assert!(hub.is_revoked("alice", Some(1), Some("phone")));
+        assert!(!hub.is_revoked("bob", Some(1), Some("phone")));
+        assert_eq!(hub.forget_expired_revocations(i64::MAX), 1, "alice's phone goes; her watch is kept for good");
+        assert!(hub.is_revoked("alice", Some(1), Some("watch")));
+        assert_eq!(hub.token_revocation_count(), 1);
     }
 
     #[tokio::test]

@@ -192,7 +192,7 @@ impl Node {
     /// handshake, a session's `refresh` and the `/v1/me` routes.
     pub async fn authenticate(&self, token: &str) -> Result<auth::UserToken, auth::AuthError> {
         let user = self.verifier.verify_fresh(token).await?;
-        if self.hub.is_revoked(&user.user_id, user.issued_at) {
+        if self.hub.is_revoked(&user.user_id, user.issued_at, user.token_id.as_deref()) {
             return Err(auth::AuthError::Revoked);
         }
         Ok(user)

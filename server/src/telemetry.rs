@@ -248,6 +248,7 @@ pub struct Metrics {
     pub store_seconds: Family<StoreOp, Histogram, fn() -> Histogram>,
     pub db_pool_connections: Family<PoolState, Gauge>,
     pub revoked_users: Gauge,
+    pub revoked_tokens: Gauge,
     pub http_requests: Family<HttpRequest, Counter>,
     pub jwks_fetches: Family<Outcome, Counter>,
 }
@@ -457,6 +458,12 @@ impl Metrics {
                 &mut r,
                 "herald_revoked_users",
                 "Users with a token revocation this node knows of (every node should agree), sampled at scrape",
+                Gauge::default(),
+            ),
+            revoked_tokens: registered(
+                &mut r,
+                "herald_revoked_tokens",
+                "Single tokens revoked by jti that this node knows of (every node should agree), sampled at scrape",
                 Gauge::default(),
             ),
             http_requests: registered(

@@ -214,6 +214,32 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a revoked token opened a session"),
     }
+    // `herald token` gives each token its own `jti`; `herald revoke --jti`
+    // refuses that one alone.
+    let mint = || {
+        let out = herald(dir.path(), &vars).args(["token", "--sub", "cleo"]).output().unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let (first, second) = (mint(), mint());
+    let jti = {
+        let key = jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes());
+        let claims: serde_json::Value =
+            jsonwebtoken::decode(&first, &key, &jsonwebtoken::Validation::default()).unwrap().claims;
+        claims["jti"].as_str().expect("a jti").to_string()
+    };
+    let out =
+        herald(dir.path(), &vars).args(["revoke", "--user", "cleo", "--jti", &jti, "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(revoked, json!({"user_id": "cleo", "jti": jti}));
+    assert!(Connect::new(format!("ws://{base}"), &first).connect().await.is_err(), "the revoked one");
+    assert!(Connect::new(format!("ws://{base}"), &second).connect().await.is_ok(), "the other");
+    let both = herald(dir.path(), &vars)
+        .args(["revoke", "--user", "cleo", "--jti", &jti, "--issued-before", "1", "--url", &url])
+        .output()
+        .unwrap();
+    assert!(!both.status.success(), "--jti and --issued-before are one or the other");
+
     let ahead = (herald_server::auth::unix_now() + 86_400).to_string();
     let refused = herald(dir.path(), &vars)
         .args(["revoke", "--user", "bob", "--url", &url, "--issued-before", &ahead])

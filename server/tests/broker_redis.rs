@@ -111,6 +111,14 @@ async fn connect_issued_earlier(node: &TestServer, user: &str) -> (herald_client
     (herald_client::Connect::new(node.ws(), &token).connect().await.unwrap(), token)
 }
 
+/// A node on the same database as the others but another Redis namespace:
+/// it hears none of their messages, nor they its, as if every one were lost.
+async fn node_not_hearing(dir: &tempfile::TempDir) -> TestServer {
+    let (url, elsewhere) = (redis_url(), prefix("elsewhere"));
+    let vars = [("HERALD_REDIS_URL", url.as_str()), ("HERALD_REDIS_PREFIX", &elsewhere), ("HERALD_NODE_ID", "lost")];
+    TestServer::start_in(dir.path(), &vars).await
+}
+
 async fn revoke_tokens(node: &TestServer, user: &str) {
     let url = format!("{}/v1/users/{user}/tokens/revoke", node.http());
     let answer = raw(reqwest::Client::new().post(url).bearer_auth(API_KEY).json(&json!({}))).await;
@@ -133,15 +141,7 @@ async fn revoked_tokens_close_sessions_on_every_node_by_message_or_from_the_stor
     assert_eq!(handshake_refusal(&nodes[1].ws(), &token).await, Some((401, "token_revoked".into())));
     drop((here, there));
 
-    let elsewhere = TestServer::start_in(
-        dir.path(),
-        &[
-            ("HERALD_REDIS_URL", &redis_url()),
-            ("HERALD_REDIS_PREFIX", &prefix("elsewhere")),
-            ("HERALD_NODE_ID", "lost"),
-        ],
-    )
-    .await;
+    let elsewhere = node_not_hearing(&dir).await;
     let (mut on_a, token) = connect_issued_earlier(&nodes[0], "hank").await;
     let (mut on_b, _) = connect_issued_earlier(&nodes[1], "hank").await;
     revoke_tokens(&elsewhere, "hank").await;
@@ -153,6 +153,60 @@ async fn revoked_tokens_close_sessions_on_every_node_by_message_or_from_the_stor
     }
     drop((on_a, on_b));
     elsewhere.stop().await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// One token revoked alone closes its sessions on every node — by message
+/// where Redis carries it, from the store where it does not — and every
+/// node refuses it, a node started later too; the user's other token keeps
+/// its sessions on both nodes.
+#[tokio::test]
+async fn a_single_revoked_token_closes_its_sessions_on_every_node() {
+    let p = prefix("revoke-one");
+    let (dir, nodes) = nodes(2, &p, &[("HERALD_REPAIR_INTERVAL", "500ms")]).await;
+    let connect = |node: &TestServer, token: &str| herald_client::Connect::new(node.ws(), token).connect();
+    let revoke_one = |node: &TestServer, jti: &str| {
+        let url = format!("{}/v1/users/mia/tokens/{jti}/revoke", node.http());
+        raw(reqwest::Client::new().post(url).bearer_auth(API_KEY).json(&json!({})))
+    };
+    let (phone, laptop, watch) = (
+        token_with_jti("mia", json!("phone")),
+        token_with_jti("mia", json!("laptop")),
+        token_with_jti("mia", json!("watch")),
+    );
+    let mut phone_here = connect(&nodes[0], &phone).await.unwrap();
+    let mut phone_there = connect(&nodes[1], &phone).await.unwrap();
+    let mut laptop_there = connect(&nodes[1], &laptop).await.unwrap();
+    assert_eq!(revoke_one(&nodes[0], "phone").await.status, 200);
+    assert_eq!(close_code(&mut phone_here).await, 4001);
+    assert_eq!(close_code(&mut phone_there).await, 4001, "the other node's session closes too");
+    assert_eq!(handshake_refusal(&nodes[1].ws(), &phone).await, Some((401, "token_revoked".into())));
+
+    // Taken by a node in another Redis namespace, as if the message were lost.
+    let elsewhere = node_not_hearing(&dir).await;
+    let mut watch_here = connect(&nodes[0], &watch).await.unwrap();
+    let mut watch_there = connect(&nodes[1], &watch).await.unwrap();
+    assert_eq!(revoke_one(&elsewhere, "watch").await.status, 200);
+    assert_eq!(close_code(&mut watch_here).await, 4001, "from the store");
+    assert_eq!(close_code(&mut watch_there).await, 4001, "from the store");
+    for node in &nodes {
+        assert_eq!(node.metric("herald_revoked_tokens").await, 2.0, "every node knows both");
+    }
+    assert!(laptop_there.next_frame_within(Duration::from_millis(300)).await.unwrap().is_none(), "the laptop stays");
+    nodes[0].publish("mia", "t", json!("for the laptop")).await;
+    assert_eq!(next_notification(&mut laptop_there).await.payload, json!("for the laptop"));
+
+    let later =
+        TestServer::start_in(dir.path(), &[("HERALD_REDIS_URL", &redis_url()), ("HERALD_REDIS_PREFIX", &p)]).await;
+    assert_eq!(handshake_refusal(&later.ws(), &phone).await, Some((401, "token_revoked".into())));
+    assert_eq!(handshake_refusal(&later.ws(), &watch).await, Some((401, "token_revoked".into())));
+    assert!(connect(&later, &laptop).await.is_ok(), "the laptop's token works on a new node");
+    drop((phone_here, phone_there, laptop_there, watch_here, watch_there));
+    for node in [elsewhere, later] {
+        node.stop().await;
+    }
     for node in nodes {
         node.stop().await;
     }

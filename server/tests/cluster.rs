@@ -12,7 +12,7 @@ mod services;
 use std::time::Duration;
 
 use common::*;
-use herald_client::{Connect, PublishRequest, Published, RevokeTokens, Seq};
+use herald_client::{Connect, PublishRequest, Published, RevokeToken, RevokeTokens, Seq};
 use herald_server::auth::unix_now;
 use serde_json::json;
 use services::*;
@@ -500,7 +500,8 @@ async fn a_job_on_a_killed_node_is_taken_over_and_each_user_gets_it_once() {
 /// node serving the user's session closes it (4001) on the Redis message; a
 /// node serving none of them learns from the store within the repair
 /// interval; a node started afterwards refuses the token from its start;
-/// and a token issued at the revocation's time works everywhere.
+/// and a token issued at the revocation's time works everywhere. One token
+/// revoked alone by its `jti` likewise, while the user's other token works.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_reaches_every_node_and_the_nodes_started_later() {
     let mut cluster = Cluster::build().nodes(3).env("HERALD_REPAIR_INTERVAL", "500ms").start();
@@ -527,6 +528,25 @@ async fn a_revocation_reaches_every_node_and_the_nodes_started_later() {
     for i in [2, late] {
         assert_eq!(handshake_refusal(&cluster.node(i).ws(), &fresh).await, None, "a newer token on node {i}");
     }
+
+    // One token revoked alone, by its `jti`: the same, for that token only.
+    let (phone, laptop) = (token_with_jti("pia", json!("phone")), token_with_jti("pia", json!("laptop")));
+    let mut phone_on_a = Connect::new(cluster.node(0).ws(), &phone).connect().await.expect("connect the phone");
+    let mut laptop_on_c = Connect::new(cluster.node(2).ws(), &laptop).connect().await.expect("connect the laptop");
+    let one = cluster.node(1).publisher().revoke_token("pia", "phone", &RevokeToken::default()).await.expect("revoke");
+    assert_eq!(one.jti, "phone");
+    assert_eq!(close_code(&mut phone_on_a).await, 4001, "closed on node-0\n{}", cluster.logs());
+    for i in [0, 1, 2, late] {
+        let node = cluster.node(i);
+        within(&format!("{} refuses the revoked phone", node.name), DEADLINE, || async {
+            handshake_refusal(&node.ws(), &phone).await == refused
+        })
+        .await;
+        assert_eq!(handshake_refusal(&node.ws(), &laptop).await, None, "the laptop's token on {}", node.name);
+    }
+    assert!(laptop_on_c.next_frame_within(Duration::from_millis(300)).await.unwrap().is_none(), "the laptop stays");
+    let later = cluster.add_node();
+    assert_eq!(handshake_refusal(&cluster.node(later).ws(), &phone).await, refused, "from its start");
 }
 
 /// The operator's PostgreSQL restore: `pg_dump` while the nodes serve, more

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use futures_util::future::{join_all, try_join_all};
 use herald_protocol::ReadMark;
 use herald_server::store::{
-    open, Appended, Head, ListQuery, NewNotification, Revocation, Store, StoreError, StoreOptions,
+    open, Appended, Head, ListQuery, NewNotification, Revocation, Store, StoreError, StoreOptions, TokenRevocation,
 };
 use serde_json::value::RawValue;
 use sqlx::{Connection, PgConnection};
@@ -773,6 +773,41 @@ async fn revocations_only_rise_and_are_read_by_when_they_changed() {
             store.revocations(None).await.unwrap().changed.into_iter().map(|r| r.user_id).collect();
         left.sort();
         assert_eq!(left, ["a", "b"], "{name}");
+    }
+    on_both_stores(|store, name| Box::pin(scenario(store, name))).await;
+}
+
+/// Single tokens' revocations on both stores: merged to the later expiry
+/// (never is the latest), keyed by user and `jti` together, read back by
+/// when they changed, and purged after their expiry.
+#[tokio::test]
+async fn single_token_revocations_merge_and_are_read_by_when_they_changed() {
+    async fn scenario(store: &dyn Store, name: &str) {
+        let t =
+            |user: &str, jti: &str, expires_at| TokenRevocation { user_id: user.into(), jti: jti.into(), expires_at };
+        assert!(store.revocations(None).await.unwrap().tokens.is_empty(), "{name}");
+        assert_eq!(store.revoke_token(&t("a", "x", Some(1000))).await.unwrap(), t("a", "x", Some(1000)), "{name}");
+        assert_eq!(store.revoke_token(&t("a", "x", Some(900))).await.unwrap(), t("a", "x", Some(1000)), "{name}");
+        assert_eq!(store.revoke_token(&t("a", "x", Some(2000))).await.unwrap(), t("a", "x", Some(2000)), "{name}");
+        assert_eq!(store.revoke_token(&t("b", "x", None)).await.unwrap(), t("b", "x", None), "{name}: per user");
+        assert_eq!(store.revoke_token(&t("b", "x", Some(30))).await.unwrap(), t("b", "x", None), "{name}: for good");
+        assert_eq!(store.revoke_token(&t("a", "y", Some(50))).await.unwrap(), t("a", "y", Some(50)), "{name}");
+        let read = store.revocations(None).await.unwrap();
+        assert!(read.changed.is_empty(), "{name}: no user-wide revocation");
+        let mut all = read.tokens;
+        all.sort_by(|p, q| (&p.user_id, &p.jti).cmp(&(&q.user_id, &q.jti)));
+        assert_eq!(all, vec![t("a", "x", Some(2000)), t("a", "y", Some(50)), t("b", "x", None)], "{name}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let mark = store.revocations(None).await.unwrap().as_of_ms;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        store.revoke_token(&t("c", "z", Some(60))).await.unwrap();
+        assert_eq!(store.revocations(Some(mark)).await.unwrap().tokens, vec![t("c", "z", Some(60))], "{name}");
+        // Expired before 1999: a/y (50) and c/z (60) go; a/x (2000) and b/x (never) stay.
+        assert_eq!(store.purge_revocations(1999).await.unwrap(), 2, "{name}");
+        let mut left: Vec<(String, String)> =
+            store.revocations(None).await.unwrap().tokens.into_iter().map(|t| (t.user_id, t.jti)).collect();
+        left.sort();
+        assert_eq!(left, [("a".into(), "x".into()), ("b".into(), "x".into())], "{name}");
     }
     on_both_stores(|store, name| Box::pin(scenario(store, name))).await;
 }

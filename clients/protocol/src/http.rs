@@ -140,6 +140,29 @@ pub struct TokensRevoked {
     pub expires_at: Option<i64>,
 }
 
+/// `POST /v1/users/{id}/tokens/{jti}/revoke`: the body. One token — the
+/// one whose `jti` claim is in the path — is refused from then on; the
+/// user's other tokens keep working.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevokeToken {
+    /// Unix seconds: when the token expires (its `exp`), after which Herald
+    /// may forget the revocation. Default: kept for good.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+/// `POST /v1/users/{id}/tokens/{jti}/revoke`: the revocation in force,
+/// merged with any earlier one of the same token (the later `expires_at`;
+/// absent: kept for good).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenRevoked {
+    pub user_id: String,
+    pub jti: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
 /// `GET /v1/me/unread`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnreadCounts {

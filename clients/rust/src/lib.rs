@@ -56,7 +56,7 @@ pub use client::{Client, ClientBuilder, Event, Events, State, TokenFuture, Token
 pub use error::{BoxError, Error};
 pub use herald_protocol::http::{
     Digest, DigestAccepted, DigestPending, ErrorBody, JobAccepted, JobProgress, JobStatus, NotificationPage,
-    PublishRequest, PublishResponse, Published, RevokeTokens, TokensRevoked, UnreadCounts,
+    PublishRequest, PublishResponse, Published, RevokeToken, RevokeTokens, TokenRevoked, TokensRevoked, UnreadCounts,
 };
 pub use herald_protocol::{close, ClientFrame, Notification, ReadMark, Seq, ServerFrame, Welcome};
 pub use inbox::Inbox;

@@ -2,7 +2,7 @@
 
 use herald_protocol::http::{
     DigestAccepted, Erased, JobAccepted, JobStatus, NotificationPage, PublishRequest, PublishResponse, Published,
-    RevokeTokens, TokensRevoked, UnreadCounts,
+    RevokeToken, RevokeTokens, TokenRevoked, TokensRevoked, UnreadCounts,
 };
 use herald_protocol::{ReadMark, Seq};
 use reqwest::StatusCode;
@@ -160,6 +160,16 @@ impl Publisher {
     /// issued so far, for good. Answers the revocation in force.
     pub async fn revoke_tokens(&self, user: &str, revocation: &RevokeTokens) -> Result<TokensRevoked, Error> {
         let url = format!("{}/v1/users/{}/tokens/revoke", self.base, encode_segment(user));
+        Ok(answer(self.http.post(url).bearer_auth(&self.api_key).json(revocation).send().await?).await?.1)
+    }
+
+    /// `POST /v1/users/{user}/tokens/{jti}/revoke`: the one token of `user`
+    /// whose `jti` claim is `jti` is refused from then on, and its sessions
+    /// close with 4001, on every node; the user's other tokens keep working.
+    /// Give `revocation.expires_at` the token's `exp`, so the revocation is
+    /// forgotten once the token has expired. Answers the revocation in force.
+    pub async fn revoke_token(&self, user: &str, jti: &str, revocation: &RevokeToken) -> Result<TokenRevoked, Error> {
+        let url = format!("{}/v1/users/{}/tokens/{}/revoke", self.base, encode_segment(user), encode_segment(jti));
         Ok(answer(self.http.post(url).bearer_auth(&self.api_key).json(revocation).send().await?).await?.1)
     }
 

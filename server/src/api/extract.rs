@@ -181,6 +181,27 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for QueryParams<T>
     }
 }
 
+/// `{user_id}` and `{jti}` path segments, 1 to 256 bytes each
+/// (percent-decoded: a `jti` with a `/` in it is sent as `%2F`).
+pub struct UserTokenPath {
+    pub user: String,
+    pub jti: String,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for UserTokenPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let axum::extract::Path((user, jti)) =
+            axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+                .await
+                .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+        crate::api::publish::check_user_id(&user).map_err(|m| ApiError::bad_request("invalid_user_id", m))?;
+        crate::auth::check_token_id(&jti).map_err(|m| ApiError::bad_request("invalid_jti", m))?;
+        Ok(UserTokenPath { user, jti })
+    }
+}
+
 /// A `{user_id}` path segment, 1 to 256 bytes.
 pub struct UserPath(pub String);
 

@@ -53,6 +53,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/users/{user_id}/notifications/read", post(inbox::user_mark_read).layer(declared(body_limit)))
         .route("/v1/users/{user_id}/unread", get(inbox::user_unread))
         .route("/v1/users/{user_id}/tokens/revoke", post(revoke::revoke).layer(declared(body_limit)))
+        .route("/v1/users/{user_id}/tokens/{jti}/revoke", post(revoke::revoke_token).layer(declared(body_limit)))
         .merge(me)
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))

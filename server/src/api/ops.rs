@@ -51,6 +51,7 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
     pool.get_or_create(&PoolState { state: "busy" }).set(busy.into());
     pool.get_or_create(&PoolState { state: "idle" }).set(idle.into());
     state.metrics.revoked_users.set(state.hub.revocation_count() as i64);
+    state.metrics.revoked_tokens.set(state.hub.token_revocation_count() as i64);
     state.metrics.connections_open.set(state.connections.open() as i64);
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.encode())
 }

@@ -2,12 +2,14 @@
 //! database on a handshake.
 //!
 //! The revocations live in the `revocations` table (one row per user, only
-//! ever raised) and, on each node, in memory in the [`Hub`](crate::hub::Hub),
+//! ever raised) and the `token_revocations` table (one row per token revoked
+//! alone, by its `jti`) and, on each node, in memory in the [`Hub`](crate::hub::Hub),
 //! which [`Node::authenticate`](crate::Node::authenticate) and each session
 //! consult. A node learns of one in three ways:
 //! - at start, [`load`] reads them all before the node serves;
-//! - the node that takes `POST /v1/users/{id}/tokens/revoke` stores it, then
-//!   publishes a [`Delivery::Revoke`]: its own hub at once, and with Redis
+//! - the node that takes `POST /v1/users/{id}/tokens/revoke` (or
+//!   `…/tokens/{jti}/revoke`) stores it, then publishes a [`Delivery::Revoke`]
+//!   (a [`Delivery::RevokeToken`]): its own hub at once, and with Redis
 //!   every node serving one of the user's sessions (they subscribe to the
 //!   user's channel), which closes those sessions;
 //! - with Redis, [`follow`] re-reads every `HERALD_REPAIR_INTERVAL` the rows
@@ -35,6 +37,9 @@ async fn read(store: &dyn Store, hub: &Hub, since_ms: Option<i64>) -> Result<i64
     let read = store.revocations(since_ms).await?;
     for r in &read.changed {
         hub.deliver(&r.user_id, &Delivery::Revoke { issued_before: r.issued_before, expires_at: r.expires_at });
+    }
+    for r in &read.tokens {
+        hub.deliver(&r.user_id, &Delivery::RevokeToken { jti: r.jti.as_str().into(), expires_at: r.expires_at });
     }
     Ok(read.as_of_ms)
 }

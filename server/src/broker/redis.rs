@@ -727,8 +727,12 @@ impl Broker for RedisBroker {
 /// `<kind> <seq> <id> <user bytes> <origin bytes>[ <traceparent>]\n<user><origin><frame>`,
 /// kind `n` (notification), `r` (read), `h` (head), `d` (disconnect) or
 /// `t` (tokens revoked; the seq field carries `issued_before`, the frame
-/// `expires_at` in decimal or nothing).
-/// Older nodes ignore the optional trace field, and kinds they do not know.
+/// `expires_at` in decimal or nothing) or `j` (one token revoked; the seq
+/// field carries `expires_at`, 0 for never, the frame the `jti`).
+/// Older nodes ignore the optional trace field, and kinds they do not know
+/// (a node before `j` learns of a single token's revocation only from the
+/// table, which it does not read either: it goes on taking the token until
+/// it is upgraded).
 struct Message {
     user: Arc<str>,
     origin: String,
@@ -748,6 +752,8 @@ impl Message {
                 expiry = expires_at.map(|at| at.to_string()).unwrap_or_default();
                 ('t', *issued_before, expiry.as_str())
             }
+            // An expiry is after the revocation was taken, so never 0.
+            Delivery::RevokeToken { jti, expires_at } => ('j', expires_at.unwrap_or(0), &**jti),
         };
         let id = event.id.as_deref().unwrap_or("-");
         let user = &*event.user_id;
@@ -789,6 +795,7 @@ impl Message {
             "h" => Delivery::Head { seq },
             "d" => Delivery::Disconnect,
             "t" => Delivery::Revoke { issued_before: seq, expires_at: frame.as_str().parse().ok() },
+            "j" => Delivery::RevokeToken { jti: frame.as_str().into(), expires_at: (seq != 0).then_some(seq) },
             _ => return None,
         };
         Some(Message { user: user.into(), origin: origin.to_string(), delivery, trace })
@@ -1153,6 +1160,16 @@ mod tests {
         let kept = Event { delivery: Delivery::Revoke { issued_before: 7, expires_at: None }, ..revoke };
         let m = Message::decode(&Message::encode(&kept, "a")).unwrap();
         assert!(matches!(m.delivery, Delivery::Revoke { issued_before: 7, expires_at: None }), "{:?}", m.delivery);
+        for (jti, expires_at) in [("phone 1/é", Some(1_767_312_000)), ("x", None)] {
+            let one = Event { delivery: Delivery::RevokeToken { jti: jti.into(), expires_at }, ..kept.clone() };
+            let m = Message::decode(&Message::encode(&one, "a")).unwrap();
+            match m.delivery {
+                Delivery::RevokeToken { jti: read, expires_at: read_at } => {
+                    assert_eq!((&*read, read_at), (jti, expires_at))
+                }
+                other => panic!("{other:?}"),
+            }
+        }
     }
 
     impl Message {

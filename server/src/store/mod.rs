@@ -42,8 +42,25 @@ const BEYOND_COUNTER_SQL: &str = "SELECT COUNT(*) FROM notifications n LEFT JOIN
 /// The revocations changed at or after `$1` (unix ms).
 const REVOCATIONS_SQL: &str = "SELECT user_id, issued_before, expires_at FROM revocations WHERE updated_ms >= $1";
 
+/// The single tokens revoked at or after `$1` (unix ms).
+const TOKEN_REVOCATIONS_SQL: &str = "SELECT user_id, jti, expires_at FROM token_revocations WHERE updated_ms >= $1";
+
 /// Deletes the revocations whose `expires_at` (unix seconds) is before `$1`.
 const PURGE_REVOCATIONS_SQL: &str = "DELETE FROM revocations WHERE expires_at < $1";
+
+/// Deletes the single tokens' revocations whose `expires_at` is before `$1`.
+const PURGE_TOKEN_REVOCATIONS_SQL: &str = "DELETE FROM token_revocations WHERE expires_at < $1";
+
+/// A single token's revocation, merged with the one stored: the later
+/// `expires_at` (NULL, never, is the latest). `$1` user, `$2` jti, `$3` expires_at, `$4` updated_ms.
+const REVOKE_TOKEN_SQL: &str = "INSERT INTO token_revocations (user_id, jti, expires_at, updated_ms) \
+     VALUES ($1, $2, $3, $4) \
+     ON CONFLICT (user_id, jti) DO UPDATE SET \
+     expires_at = CASE WHEN excluded.expires_at IS NULL OR token_revocations.expires_at IS NULL THEN NULL \
+                       WHEN excluded.expires_at > token_revocations.expires_at THEN excluded.expires_at \
+                       ELSE token_revocations.expires_at END, \
+     updated_ms = excluded.updated_ms \
+     RETURNING user_id, jti, expires_at";
 
 /// A revocation row's answer: merged with the one stored, the later
 /// `issued_before` and the later `expires_at` (NULL, never, is the latest).
@@ -238,10 +255,22 @@ pub struct Revocation {
     pub expires_at: Option<i64>,
 }
 
+/// One token of a user revoked alone: the token whose `jti` this is is
+/// refused; after `expires_at` (`None`: never) it has expired, and the
+/// revocation may be forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, sqlx::FromRow)]
+pub struct TokenRevocation {
+    pub user_id: String,
+    pub jti: String,
+    pub expires_at: Option<i64>,
+}
+
 /// What [`Store::revocations`] read.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Revocations {
     pub changed: Vec<Revocation>,
+    /// Single tokens' revocations, read the same way.
+    pub tokens: Vec<TokenRevocation>,
     /// The store's clock (unix ms) before the read: the next read asks from
     /// a little before it, for writes that committed late.
     pub as_of_ms: i64,
@@ -330,11 +359,17 @@ pub trait Store: JobStore + EpochStore + Send + Sync + 'static {
     /// back); returns the one in force afterwards.
     async fn revoke(&self, revocation: &Revocation) -> Result<Revocation, StoreError>;
 
-    /// Deletes the revocations that expired before `now_secs`; how many.
+    /// Stores a single token's revocation, merged with an earlier one of the
+    /// same token (the later `expires_at`); returns the one in force.
+    async fn revoke_token(&self, revocation: &TokenRevocation) -> Result<TokenRevocation, StoreError>;
+
+    /// Deletes the revocations that expired before `now_secs`, single
+    /// tokens' too; how many.
     async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError>;
 
     /// The revocations changed at or after `since_ms` on the store's clock
-    /// (every one with `None`), and that clock's time before they were read.
+    /// (every one with `None`), single tokens' too, and that clock's time
+    /// before they were read.
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError>;
 
     /// Answers when the database does.

@@ -64,7 +64,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{
     Appended, Head, ListQuery, NewNotification, Revocation, Revocations, Store, StoreError, StoreOptions,
-    StoredNotification, Unread,
+    StoredNotification, TokenRevocation, Unread,
 };
 
 /// `SELECT <the columns from_row reads> FROM notifications <rest>`.
@@ -435,20 +435,34 @@ impl Store for PostgresStore {
         Ok(in_force)
     }
 
-    async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError> {
-        let purged = sqlx::query(super::PURGE_REVOCATIONS_SQL)
-            .bind(now_secs)
-            .execute(&self.pool)
+    async fn revoke_token(&self, revocation: &TokenRevocation) -> Result<TokenRevocation, StoreError> {
+        let now_ms = self.clock_ms().await?;
+        let in_force = sqlx::query_as(super::REVOKE_TOKEN_SQL)
+            .bind(&revocation.user_id)
+            .bind(&revocation.jti)
+            .bind(revocation.expires_at)
+            .bind(now_ms)
+            .fetch_one(&self.pool)
             .await
             .map_err(|e| self.db_error(e))?;
-        Ok(purged.rows_affected())
+        Ok(in_force)
+    }
+
+    async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError> {
+        let mut purged = 0;
+        for sql in [super::PURGE_REVOCATIONS_SQL, super::PURGE_TOKEN_REVOCATIONS_SQL] {
+            let done = sqlx::query(sql).bind(now_secs).execute(&self.pool).await.map_err(|e| self.db_error(e))?;
+            purged += done.rows_affected();
+        }
+        Ok(purged)
     }
 
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError> {
         let as_of_ms = self.clock_ms().await?;
-        let changed =
-            sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms.unwrap_or(i64::MIN)).fetch_all(&self.pool).await?;
-        Ok(Revocations { changed, as_of_ms })
+        let since_ms = since_ms.unwrap_or(i64::MIN);
+        let changed = sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms).fetch_all(&self.pool).await?;
+        let tokens = sqlx::query_as(super::TOKEN_REVOCATIONS_SQL).bind(since_ms).fetch_all(&self.pool).await?;
+        Ok(Revocations { changed, tokens, as_of_ms })
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {

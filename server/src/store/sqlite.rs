@@ -29,7 +29,7 @@ use tokio::sync::OwnedMutexGuard;
 
 use super::{
     Appended, Head, ListQuery, NewNotification, Revocation, Revocations, Store, StoreError, StoreOptions,
-    StoredNotification, Unread,
+    StoredNotification, TokenRevocation, Unread,
 };
 
 pub use backup::{Backup, Restore};
@@ -321,16 +321,32 @@ impl Store for SqliteStore {
         in_force.into_iter().next().ok_or_else(|| StoreError::Internal("the revocation returned no row".into()))
     }
 
+    async fn revoke_token(&self, revocation: &TokenRevocation) -> Result<TokenRevocation, StoreError> {
+        let (mut conn, _turn) = self.for_writing().await?;
+        // `fetch_all`, as in `revoke`.
+        let in_force: Vec<TokenRevocation> = sqlx::query_as(super::REVOKE_TOKEN_SQL)
+            .bind(&revocation.user_id)
+            .bind(&revocation.jti)
+            .bind(revocation.expires_at)
+            .bind(super::now_ms())
+            .fetch_all(&mut *conn)
+            .await?;
+        in_force.into_iter().next().ok_or_else(|| StoreError::Internal("the revocation returned no row".into()))
+    }
+
     async fn purge_revocations(&self, now_secs: i64) -> Result<u64, StoreError> {
         let (mut conn, _turn) = self.for_writing().await?;
-        Ok(sqlx::query(super::PURGE_REVOCATIONS_SQL).bind(now_secs).execute(&mut *conn).await?.rows_affected())
+        let users = sqlx::query(super::PURGE_REVOCATIONS_SQL).bind(now_secs).execute(&mut *conn).await?;
+        let tokens = sqlx::query(super::PURGE_TOKEN_REVOCATIONS_SQL).bind(now_secs).execute(&mut *conn).await?;
+        Ok(users.rows_affected() + tokens.rows_affected())
     }
 
     async fn revocations(&self, since_ms: Option<i64>) -> Result<Revocations, StoreError> {
         let as_of_ms = super::now_ms();
-        let changed =
-            sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms.unwrap_or(i64::MIN)).fetch_all(&self.pool).await?;
-        Ok(Revocations { changed, as_of_ms })
+        let since_ms = since_ms.unwrap_or(i64::MIN);
+        let changed = sqlx::query_as(super::REVOCATIONS_SQL).bind(since_ms).fetch_all(&self.pool).await?;
+        let tokens = sqlx::query_as(super::TOKEN_REVOCATIONS_SQL).bind(since_ms).fetch_all(&self.pool).await?;
+        Ok(Revocations { changed, tokens, as_of_ms })
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

@@ -175,6 +175,7 @@ async fn check(
         user: user.user_id,
         expires_at: user.expires_at,
         issued_at: user.issued_at,
+        token_id: user.token_id,
         since,
         epoch,
         request_id: String::new(),

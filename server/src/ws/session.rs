@@ -63,6 +63,8 @@ pub struct SessionContext {
     pub expires_at: i64,
     /// `iat` of the current token, if it has one (checked against revocations).
     pub issued_at: Option<i64>,
+    /// `jti` of the current token, if it can be revoked alone.
+    pub token_id: Option<Arc<str>>,
     pub since: Option<Seq>,
     /// The store epoch the client's `since` belongs to, when it said.
     pub epoch: Option<String>,
@@ -136,7 +138,7 @@ impl Session {
     async fn start(&mut self) -> Result<(), SessionEnd> {
         // Registered before this check, so a revocation that arrived after
         // the handshake's is seen here or delivered to the outbox.
-        if self.state.hub.is_revoked(&self.ctx.user, self.ctx.issued_at) {
+        if self.state.hub.is_revoked(&self.ctx.user, self.ctx.issued_at, self.ctx.token_id.as_deref()) {
             return Err(SessionEnd::TokenRevoked);
         }
         // With Redis: wait (bounded) until this node hears the user's channel,
@@ -316,6 +318,10 @@ impl Session {
                 return Err(SessionEnd::TokenRevoked)
             }
             Delivery::Revoke { .. } => {}
+            Delivery::RevokeToken { jti, .. } if self.ctx.token_id.as_ref() == Some(&jti) => {
+                return Err(SessionEnd::TokenRevoked)
+            }
+            Delivery::RevokeToken { .. } => {}
         }
         Ok(())
     }
@@ -393,6 +399,7 @@ impl Session {
             Ok(t) if t.user_id == self.ctx.user => {
                 self.ctx.expires_at = t.expires_at;
                 self.ctx.issued_at = t.issued_at;
+                self.ctx.token_id = t.token_id;
                 self.warned = false;
                 tracing::debug!(expires_at = t.expires_at, "token refreshed");
                 self.send(vec![text(&ok(reference))]).await

@@ -75,7 +75,16 @@ pub const NEWER_MIGRATION_SQL: &str =
 /// A token of `user` issued at `iat` (none: no `iat` claim), valid an hour.
 pub fn token_issued(user: &str, iat: Option<i64>) -> String {
     use herald_server::auth::{mint_claims, unix_now, Claims};
-    mint_claims(SECRET, &Claims { sub: user.into(), exp: unix_now() + 3600, iat })
+    mint_claims(SECRET, &Claims { sub: user.into(), exp: unix_now() + 3600, iat, jti: None })
+}
+
+/// A token of `user` issued 100 s ago with this `jti` claim (any JSON value).
+pub fn token_with_jti(user: &str, jti: serde_json::Value) -> String {
+    use herald_server::auth::{mint_claims, unix_now, Claims};
+    mint_claims(
+        SECRET,
+        &Claims { sub: user.into(), exp: unix_now() + 3600, iat: Some(unix_now() - 100), jti: Some(jti) },
+    )
 }
 
 /// The refusal a handshake at `ws` (a node's `ws://` base) with `token`
