@@ -727,16 +727,7 @@ async fn a_full_disk_refuses_writes_with_503_loses_nothing_and_recovers_once_roo
     let stored_before = acknowledged.len() as i64;
 
     // Something else fills the disk, to the last block.
-    let mut filler = std::fs::File::create(disk.join("filler")).unwrap();
-    let block = vec![0u8; 64 << 10];
-    loop {
-        match std::io::Write::write(&mut filler, &block) {
-            Ok(0) => break,
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
-            Err(e) => panic!("filling the disk: {e}"),
-        }
-    }
+    fill(&disk.join("filler"));
 
     // Every write is refused for now, and stores nothing.
     for i in 0..3 {

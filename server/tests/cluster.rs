@@ -263,11 +263,11 @@ struct Refusal {
     body: serde_json::Value,
 }
 
-async fn raw_publish(node: &Node, user: &str) -> Result<Refusal, String> {
+async fn raw_publish(node: &Node, user: &str, payload: serde_json::Value) -> Result<Refusal, String> {
     let request = reqwest::Client::new()
         .post(format!("{}/v1/notifications", node.http()))
         .bearer_auth(API_KEY)
-        .json(&json!({ "user_id": user, "topic": "outage", "payload": {} }))
+        .json(&json!({ "user_id": user, "topic": "outage", "payload": payload }))
         .send();
     let response = match tokio::time::timeout(PUBLISH_TIMEOUT, request).await {
         Ok(Ok(r)) => r,
@@ -305,7 +305,8 @@ async fn postgres_outage_answers_503_and_no_false_2xx() {
     let mut acknowledged: Vec<Published> = Vec::new();
 
     pg.stop();
-    let answers = futures_util::future::join_all(cluster.nodes.iter().map(|node| raw_publish(node, USER))).await;
+    let answers =
+        futures_util::future::join_all(cluster.nodes.iter().map(|node| raw_publish(node, USER, json!({})))).await;
     for (node, answer) in cluster.nodes.iter().zip(answers) {
         let answer = answer.unwrap_or_else(|e| panic!("publish on {} while down: {e}", node.name));
         assert_eq!(answer.status, 503, "publish on {} with the store down: {}", node.name, answer.body);
@@ -494,6 +495,103 @@ async fn a_job_on_a_killed_node_is_taken_over_and_each_user_gets_it_once() {
             .unwrap();
     pool.close().await;
     assert_eq!((total, distinct), (users as i64, users as i64), "each user exactly once");
+}
+
+/// PostgreSQL's disk fills up (a tmpfs of 64 MiB holding its data and its
+/// WAL). First a table cannot grow: the publishes that need a new page get
+/// 503 `store_unavailable` with `Retry-After` (PostgreSQL's `53100`), the
+/// others still commit. Then the WAL cannot grow either: PostgreSQL panics
+/// and cannot recover until room is made, and every publish gets 503 while
+/// `/readyz` says not ready. The operator deletes the file that filled the
+/// disk and starts PostgreSQL: the node, never restarted, takes publishes
+/// again. Every 2xx is stored and delivered once, in order, under its seq;
+/// no refused publish took a seq; `herald check` finds the store sound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_postgres_disk_refuses_with_503_loses_nothing_and_recovers_once_room_is_made() {
+    let pg = PrivatePostgres::start_on_small_disk(64);
+    let disk = pg.disk().expect("a small disk");
+    let cluster = Cluster::build().nodes(1).postgres_admin(pg.url()).env("HERALD_DB_CONNECT_TIMEOUT", "2s").start();
+    let node = cluster.node(0);
+    let reader = Reader::on(node, USER, node.connect(USER, Some(0)).await);
+    let pad = "x".repeat(2000);
+    let mut acknowledged: Vec<(Seq, String)> = Vec::new();
+    // Each answer is a stored notification or the spec's 503; which, the
+    // disk decides. True when it was refused.
+    let mut publish = |answer: Result<Refusal, String>, what: &str| {
+        let answer = answer.unwrap_or_else(|e| panic!("{what}: {e}\n{}", pg.log()));
+        if answer.status == 201 {
+            let published = &answer.body["notifications"][0];
+            acknowledged.push((published["seq"].as_i64().unwrap(), published["id"].as_str().unwrap().to_string()));
+            return false;
+        }
+        assert_eq!(answer.status, 503, "{what}: {}", answer.body);
+        assert_eq!(answer.body["error"]["code"], "store_unavailable", "{what}: {}", answer.body);
+        assert!(answer.retry_after.is_some(), "{what}: 503 without Retry-After");
+        true
+    };
+    for i in 0..20 {
+        assert!(!publish(raw_publish(node, USER, json!({ "i": i, "pad": pad })).await, "before"), "refused before");
+    }
+
+    // Something else fills the disk to the last block.
+    fill(&disk.join("filler"));
+    // Publishes go on until the tables need a page the disk cannot give.
+    let mut refused = 0;
+    for i in 0..400 {
+        if publish(raw_publish(node, USER, json!({ "full": i, "pad": pad })).await, "a table full") {
+            refused += 1;
+            if refused == 5 {
+                break;
+            }
+        }
+    }
+    assert_eq!(refused, 5, "400 publishes of 2 KB fitted on a full disk\n{}", pg.log());
+    assert!(pg.log().contains("No space left on device"), "{}", pg.log());
+
+    // The WAL needs a new segment: PostgreSQL stops, and stays down.
+    admin_execute(&pg.url(), vec!["SELECT pg_switch_wal()".into()]).expect("switch the WAL segment");
+    let _ = raw_publish(node, USER, json!("wants a new WAL segment")).await;
+    let down = tokio::time::Instant::now() + DEADLINE;
+    while pg.is_running() {
+        assert!(tokio::time::Instant::now() < down, "PostgreSQL kept running with its WAL full\n{}", pg.log());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for i in 0..3 {
+        assert!(publish(raw_publish(node, USER, json!({ "down": i })).await, "PostgreSQL down"), "taken while down");
+    }
+    within("the node says it is not ready", DEADLINE, || async { node.ready_status().await == 503 }).await;
+
+    // The operator makes room and starts PostgreSQL: it recovers, and the
+    // node takes publishes again without a restart.
+    std::fs::remove_file(disk.join("filler")).unwrap();
+    pg.start_again();
+    let back = tokio::time::Instant::now() + Duration::from_secs(30);
+    while publish(raw_publish(node, USER, json!("after")).await, "after room was made") {
+        assert!(tokio::time::Instant::now() < back, "publishes still refused with room and PostgreSQL up");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    within("the node is ready again", DEADLINE, || async { node.ready_status().await == 200 }).await;
+
+    // Every acknowledged publish is stored under its seq and id, the seqs
+    // without a gap (a refused one took none); the session that stayed
+    // connected and a resume from 0 both get them once, in order.
+    let last = acknowledged.last().unwrap().0;
+    let seqs: Vec<Seq> = acknowledged.iter().map(|(seq, _)| *seq).collect();
+    assert_exactly_once("the acknowledged seqs", &seqs, 1, last);
+    let stored: Vec<(Seq, String)> = history(node, USER).await.into_iter().map(|n| (n.seq, n.id)).collect();
+    assert_eq!(stored, acknowledged, "what is stored is exactly what was acknowledged");
+    reader.until(last, DEADLINE).await.assert_exactly("alice, connected throughout", last);
+    let resumed = Reader::spawn(node.connect(USER, Some(0)).await, None);
+    resumed.until(last, DEADLINE).await.assert_exactly("alice, resuming from 0", last);
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_herald"))
+        .arg("check")
+        .env("HERALD_DATABASE_URL", cluster.database_url())
+        .output()
+        .unwrap();
+    assert!(check.status.success(), "herald check: {}", String::from_utf8_lossy(&check.stderr));
+    let log = node.log();
+    assert!(log.contains("No space left on device"), "the node's log does not say why");
+    assert!(log.contains("group commits succeed again"), "the end of the failures is not logged");
 }
 
 /// Token revocation across `herald` processes on PostgreSQL and Redis: the

@@ -78,6 +78,20 @@ pub fn token_issued(user: &str, iat: Option<i64>) -> String {
     mint_claims(SECRET, &Claims { sub: user.into(), exp: unix_now() + 3600, iat, jti: None })
 }
 
+/// Writes `file` until its disk is full, to the last block.
+pub fn fill(file: &Path) {
+    let mut filler = std::fs::File::create(file).unwrap();
+    let block = vec![0u8; 64 << 10];
+    loop {
+        match std::io::Write::write(&mut filler, &block) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::StorageFull => return,
+            Err(e) => panic!("filling the disk: {e}"),
+        }
+    }
+}
+
 /// A token of `user` issued 100 s ago with this `jti` claim (any JSON value).
 pub fn token_with_jti(user: &str, jti: serde_json::Value) -> String {
     use herald_server::auth::{mint_claims, unix_now, Claims};

@@ -2,7 +2,7 @@
 //! private cluster a test may stop and start.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -49,7 +49,7 @@ fn check_postgres(url: &str) -> Result<(), String> {
 }
 
 /// Runs statements on the admin URL, one after another.
-fn admin_execute(admin_url: &str, statements: Vec<String>) -> Result<(), String> {
+pub fn admin_execute(admin_url: &str, statements: Vec<String>) -> Result<(), String> {
     let url = admin_url.to_string();
     block_on_thread(move || async move {
         use sqlx::Connection;
@@ -196,12 +196,107 @@ pub struct PrivatePostgres {
     as_postgres: bool,
     /// `-c name=value` settings beyond the defaults below.
     settings: Vec<String>,
+    /// Where the data lies when it is on a small disk of its own.
+    disk: Option<SmallDisk>,
     _reaper: Reaper,
+}
+
+/// A tmpfs of a few MiB in a mount namespace of its own, held open by a
+/// `sleep` in a user namespace nested in the mount's, where it runs as
+/// `nobody` (uid 65534) — root outside, or the user running the tests —
+/// since initdb and postgres refuse to run as root. Root is not needed:
+/// `unshare --user` makes the namespaces as it does for the SQLite
+/// full-disk test in binary.rs.
+struct SmallDisk {
+    holder: Child,
+    /// The mount point, as a path inside the namespace.
+    mount: PathBuf,
+}
+
+impl SmallDisk {
+    const SCRIPT: &'static str = r#"mount -t tmpfs -o "size=$2m" herald-pg-disk "$1" && touch "$1/.mounted" &&
+exec unshare --user --map-user=65534 --map-group=65534 sleep 86400"#;
+
+    fn mount(mount: PathBuf, mib: u32) -> SmallDisk {
+        std::fs::create_dir_all(&mount).expect("the mount point");
+        let holder = Command::new("unshare")
+            .args(["--user", "--map-root-user", "--mount", "--propagation", "private", "sh", "-c", Self::SCRIPT, "sh"])
+            .arg(&mount)
+            .arg(mib.to_string())
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare runs (util-linux)");
+        let disk = SmallDisk { holder, mount };
+        wait_until("the small disk is mounted", Duration::from_secs(10), || disk.outside().join(".mounted").exists());
+        disk
+    }
+
+    /// The mount point as this process reaches it.
+    fn outside(&self) -> PathBuf {
+        Path::new("/proc").join(self.holder.id().to_string()).join("root").join(self.mount.strip_prefix("/").unwrap())
+    }
+
+    /// `program` run as `nobody` in the disk's namespaces.
+    fn command(&self, program: &Path) -> Command {
+        let mut c = Command::new("nsenter");
+        c.args(["--target", &self.holder.id().to_string(), "--user", "--mount", "-S", "65534", "-G", "65534", "--"]);
+        c.arg(program);
+        c
+    }
 }
 
 impl PrivatePostgres {
     pub fn start() -> PrivatePostgres {
         PrivatePostgres::start_with(None)
+    }
+
+    /// A cluster whose data directory, WAL included, lies on a disk of
+    /// `mib` MiB (a tmpfs) that [`disk`](Self::disk) reaches, so a test can
+    /// fill it. Initialised, then started (`fsync` stays on the default
+    /// here: a full disk is what is tested, not speed). WAL segments are not
+    /// recycled and checkpoints are rare, so a new segment is a new file.
+    pub fn start_on_small_disk(mib: u32) -> PrivatePostgres {
+        let bin = postgres_bin_dir();
+        let dir = tempfile::Builder::new().prefix("herald-pg-").tempdir().expect("a temp dir");
+        let disk = SmallDisk::mount(dir.path().join("disk"), mib);
+        let stop = disk.command(&bin.join("pg_ctl"));
+        let data = path(&disk.mount.join("data"));
+        let stop_line = std::iter::once(stop.get_program())
+            .chain(stop.get_args())
+            .map(|a| shell_quote(&a.to_string_lossy()))
+            .collect::<Vec<_>>()
+            .join(" ");
+        let cleanup = format!(
+            "{stop_line} stop -m immediate -D {}; kill {}; rm -rf {}",
+            shell_quote(&data),
+            disk.holder.id(),
+            shell_quote(&path(dir.path()))
+        );
+        let port = free_port();
+        let settings = ["wal_recycle=off", "min_wal_size=32MB", "max_wal_size=64MB", "checkpoint_timeout=1h"];
+        let pg = PrivatePostgres {
+            _reaper: Reaper::spawn(&cleanup),
+            bin,
+            dir,
+            port,
+            as_postgres: false,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
+            disk: Some(disk),
+        };
+        pg.tool("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        pg.start_again();
+        pg
+    }
+
+    /// The small disk's mount point, as this process reaches it; `None` for
+    /// a cluster on the test machine's own disk.
+    pub fn disk(&self) -> Option<PathBuf> {
+        self.disk.as_ref().map(SmallDisk::outside)
+    }
+
+    /// Whether the server runs (`pg_ctl status`).
+    pub fn is_running(&self) -> bool {
+        self.command("pg_ctl").args(["status", "-D", &self.data()]).stdout(Stdio::null()).status().unwrap().success()
     }
 
     /// Like [`start`](Self::start), also offering TLS (`ssl=on`) with the
@@ -234,6 +329,7 @@ impl PrivatePostgres {
             port,
             as_postgres,
             settings: Vec::new(),
+            disk: None,
         };
         pg.tool("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
         if let Some((cert, key)) = tls {
@@ -262,19 +358,31 @@ impl PrivatePostgres {
     }
 
     fn data(&self) -> String {
-        path(&self.dir.path().join("data"))
+        match &self.disk {
+            Some(disk) => path(&disk.mount.join("data")),
+            None => path(&self.dir.path().join("data")),
+        }
+    }
+
+    /// One of PostgreSQL's programs, run as the user the cluster belongs to
+    /// (and in its disk's namespaces).
+    fn command(&self, name: &str) -> Command {
+        let program = self.bin.join(name);
+        let mut cmd = match &self.disk {
+            Some(disk) => disk.command(&program),
+            None if self.as_postgres => {
+                let mut c = Command::new("runuser");
+                c.args(["-u", "postgres", "--"]).arg(&program);
+                c
+            }
+            None => Command::new(&program),
+        };
+        cmd.current_dir(self.dir.path()).stdin(Stdio::null());
+        cmd
     }
 
     fn tool(&self, name: &str, args: &[&str]) -> String {
-        let program = self.bin.join(name);
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            Command::new(&program)
-        };
-        run(cmd.args(args).current_dir(self.dir.path()).stdin(Stdio::null()))
+        run(self.command(name).args(args))
     }
 
     pub fn port(&self) -> u16 {
@@ -317,16 +425,12 @@ impl PrivatePostgres {
 
 impl Drop for PrivatePostgres {
     fn drop(&mut self) {
-        let program = self.bin.join("pg_ctl");
         let args = ["stop", "-w", "-m", "immediate", "-D", &self.data()];
-        let mut cmd = if self.as_postgres {
-            let mut c = Command::new("runuser");
-            c.args(["-u", "postgres", "--"]).arg(&program);
-            c
-        } else {
-            Command::new(&program)
-        };
-        let _ = cmd.args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        let _ = self.command("pg_ctl").args(args).stdout(Stdio::null()).stderr(Stdio::null()).status();
+        if let Some(disk) = &mut self.disk {
+            let _ = disk.holder.kill();
+            let _ = disk.holder.wait();
+        }
     }
 }
 
