@@ -202,11 +202,11 @@ pub struct PrivatePostgres {
 }
 
 /// A tmpfs of a few MiB in a mount namespace of its own, held open by a
-/// `sleep` in a user namespace nested in the mount's, where it runs as
-/// `nobody` (uid 65534) — root outside, or the user running the tests —
-/// since initdb and postgres refuse to run as root. Root is not needed:
-/// `unshare --user` makes the namespaces as it does for the SQLite
-/// full-disk test in binary.rs.
+/// `sleep` (`unshare --user --mount`, as for the SQLite full-disk test in
+/// binary.rs: root is not needed). PostgreSQL's programs run there in a
+/// user namespace nested in it, as `nobody` (uid 65534, which is the user
+/// running the tests outside), since initdb and postgres refuse to run as
+/// root.
 struct SmallDisk {
     holder: Child,
     /// The mount point, as a path inside the namespace.
@@ -214,8 +214,8 @@ struct SmallDisk {
 }
 
 impl SmallDisk {
-    const SCRIPT: &'static str = r#"mount -t tmpfs -o "size=$2m" herald-pg-disk "$1" && touch "$1/.mounted" &&
-exec unshare --user --map-user=65534 --map-group=65534 sleep 86400"#;
+    const SCRIPT: &'static str =
+        r#"mount -t tmpfs -o "size=$2m" herald-pg-disk "$1" && touch "$1/.mounted" && exec sleep 86400"#;
 
     fn mount(mount: PathBuf, mib: u32) -> SmallDisk {
         std::fs::create_dir_all(&mount).expect("the mount point");
@@ -239,8 +239,8 @@ exec unshare --user --map-user=65534 --map-group=65534 sleep 86400"#;
     /// `program` run as `nobody` in the disk's namespaces.
     fn command(&self, program: &Path) -> Command {
         let mut c = Command::new("nsenter");
-        c.args(["--target", &self.holder.id().to_string(), "--user", "--mount", "-S", "65534", "-G", "65534", "--"]);
-        c.arg(program);
+        c.args(["--target", &self.holder.id().to_string(), "--user", "--mount", "--preserve-credentials", "--"]);
+        c.args(["unshare", "--user", "--map-user=65534", "--map-group=65534", "--"]).arg(program);
         c
     }
 }
