@@ -436,9 +436,13 @@ fn install_crypto_provider() {
 /// Mints an HS256 user token (the `herald token` command, dev mode, tests)
 /// with a fresh `jti`, so that it can be revoked alone.
 pub fn mint(secret: &str, sub: &str, ttl_secs: i64) -> String {
+    mint_named(secret, sub, ttl_secs, &uuid::Uuid::now_v7().to_string())
+}
+
+/// [`mint`] with this `jti`.
+pub fn mint_named(secret: &str, sub: &str, ttl_secs: i64, jti: &str) -> String {
     let now = unix_now();
-    let jti = Some(uuid::Uuid::now_v7().to_string().into());
-    mint_claims(secret, &Claims { sub: sub.into(), exp: now + ttl_secs, iat: Some(now), jti })
+    mint_claims(secret, &Claims { sub: sub.into(), exp: now + ttl_secs, iat: Some(now), jti: Some(jti.into()) })
 }
 
 /// Mints an HS256 token with exactly these claims.

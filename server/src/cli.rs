@@ -58,6 +58,10 @@ pub enum Command {
         /// Lifetime, e.g. 15m, 1h, 7d.
         #[arg(long, default_value = "1h")]
         ttl: humantime::Duration,
+        /// The token's `jti`, the name `herald revoke --jti` refuses it by;
+        /// by default a new UUID.
+        #[arg(long)]
+        jti: Option<String>,
     },
     /// Publish a notification through a running server.
     Publish {
@@ -195,13 +199,20 @@ pub fn main(cli: Cli) -> ExitCode {
                 println!("{} is sound: {notifications} notifications of {users} users", settings.database_display());
                 Ok(())
             }
-            Command::Token { sub, ttl } => {
+            Command::Token { sub, ttl, jti } => {
                 if settings.dev_mode || settings.jwt.secret.is_none() {
                     anyhow::bail!("HERALD_JWT_SECRET is not set: there is no secret to sign with");
                 }
                 crate::api::publish::check_user_id(&sub).map_err(anyhow::Error::msg)?;
                 let secret = settings.jwt.secret.as_deref().unwrap_or_default();
-                println!("{}", auth::mint(secret, &sub, ttl.as_secs() as i64));
+                let token = match jti {
+                    Some(jti) => {
+                        auth::check_token_id(&jti).map_err(anyhow::Error::msg)?;
+                        auth::mint_named(secret, &sub, ttl.as_secs() as i64, &jti)
+                    }
+                    None => auth::mint(secret, &sub, ttl.as_secs() as i64),
+                };
+                println!("{token}");
                 Ok(())
             }
             Command::Publish { users, topic, payload, idempotency_key, url, api_key } => {

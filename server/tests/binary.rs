@@ -214,19 +214,25 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
         Err(e) => panic!("{e}"),
         Ok(_) => panic!("a revoked token opened a session"),
     }
-    // `herald token` gives each token its own `jti`; `herald revoke --jti`
-    // refuses that one alone.
-    let mint = || {
-        let out = herald(dir.path(), &vars).args(["token", "--sub", "cleo"]).output().unwrap();
+    // `herald token` gives each token its own `jti` (or the one asked
+    // for); `herald revoke --jti` refuses that one alone.
+    let mint = |extra: &[&str]| {
+        let out = herald(dir.path(), &vars).args(["token", "--sub", "cleo"]).args(extra).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     };
-    let (first, second) = (mint(), mint());
-    let jti = {
+    let jti_of = |token: &str| {
         let key = jsonwebtoken::DecodingKey::from_secret(SECRET.as_bytes());
         let claims: serde_json::Value =
-            jsonwebtoken::decode(&first, &key, &jsonwebtoken::Validation::default()).unwrap().claims;
+            jsonwebtoken::decode(token, &key, &jsonwebtoken::Validation::default()).unwrap().claims;
         claims["jti"].as_str().expect("a jti").to_string()
     };
+    let (first, second, named) = (mint(&[]), mint(&[]), mint(&["--jti", "cleo-phone"]));
+    let jti = jti_of(&first);
+    assert_ne!(jti, jti_of(&second), "each token its own jti");
+    assert_eq!(jti_of(&named), "cleo-phone");
+    let bad = herald(dir.path(), &vars).args(["token", "--sub", "cleo", "--jti", ""]).output().unwrap();
+    assert!(!bad.status.success(), "an empty jti is refused");
     let out =
         herald(dir.path(), &vars).args(["revoke", "--user", "cleo", "--jti", &jti, "--url", &url]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
@@ -234,6 +240,11 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
     assert_eq!(revoked, json!({"user_id": "cleo", "jti": jti}));
     assert!(Connect::new(format!("ws://{base}"), &first).connect().await.is_err(), "the revoked one");
     assert!(Connect::new(format!("ws://{base}"), &second).connect().await.is_ok(), "the other");
+    let out =
+        herald(dir.path(), &vars).args(["revoke", "--user", "cleo", "--jti", "cleo-phone", "--url", &url]).output();
+    assert!(out.unwrap().status.success());
+    assert!(Connect::new(format!("ws://{base}"), &named).connect().await.is_err(), "the named one");
+    assert!(Connect::new(format!("ws://{base}"), &second).connect().await.is_ok(), "the other still");
     let both = herald(dir.path(), &vars)
         .args(["revoke", "--user", "cleo", "--jti", &jti, "--issued-before", "1", "--url", &url])
         .output()
