@@ -230,6 +230,7 @@ pub struct Metrics {
     pub broker_dropped: Counter,
     pub broker_resyncs: Counter,
     pub broker_connected: Gauge,
+    pub broker_presence_ok: Gauge,
     pub repair_heads: Counter,
     pub runtime_lag_seconds: Histogram,
     pub worker_queue_depth: Gauge,
@@ -370,6 +371,12 @@ impl Metrics {
                 &mut r,
                 "herald_broker_connected",
                 "1 while the Redis subscriber is connected and subscribed",
+                Gauge::default(),
+            ),
+            broker_presence_ok: registered(
+                &mut r,
+                "herald_broker_presence_ok",
+                "0 while this node's presence writes to Redis keep failing (presence answers 503), else 1",
                 Gauge::default(),
             ),
             repair_heads: registered(

@@ -441,6 +441,62 @@ async fn presence_counts_sessions_across_nodes() {
     presence_everywhere(&cluster, &[1, 2], USER, 1, DEADLINE).await;
 }
 
+/// A Redis that refuses writes but still answers reads and `PUBLISH` (at
+/// `maxmemory`: `OOM`; the same for `MISCONF` or `READONLY`): the nodes'
+/// presence and heartbeats cannot be written, so rather than counts that
+/// leave sessions out, presence answers 503 `broker_unavailable` on every
+/// node, each logs it once at `warn`, and `herald_broker_presence_ok` is 0.
+/// Deliveries go on across nodes. Once Redis takes writes again, presence
+/// counts every session again and the nodes log that too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_refuses_writes_makes_presence_a_503_not_a_wrong_count() {
+    let redis = PrivateRedis::start();
+    let cluster = Cluster::build().nodes(2).redis(redis.url()).env("HERALD_PRESENCE_TTL", "3s").start();
+    let reader = Reader::spawn(cluster.node(1).connect(USER, None).await, None);
+    presence_everywhere(&cluster, &[0, 1], USER, 1, WAIT).await;
+    let redis_config = |maxmemory: &'static str| {
+        let url = redis.url();
+        async move {
+            let mut conn = redis::Client::open(url).unwrap().get_multiplexed_async_connection().await.unwrap();
+            redis::cmd("CONFIG").arg("SET").arg("maxmemory").arg(maxmemory).query_async::<()>(&mut conn).await.unwrap();
+        }
+    };
+    let presence_answer = |node: &Node| {
+        let url = format!("{}/v1/users/{USER}/presence", node.http());
+        async move { raw(reqwest::Client::new().get(url).bearer_auth(API_KEY)).await }
+    };
+
+    redis_config("1").await; // every write is now over the limit
+    for node in &cluster.nodes {
+        within(&format!("{} answers presence with 503", node.name), DEADLINE, || async {
+            let answer = presence_answer(node).await;
+            if answer.status == 200 {
+                return false;
+            }
+            assert_eq!((answer.status, answer.error_code()), (503, "broker_unavailable"), "{}", answer.body);
+            assert!(answer.headers.contains_key("retry-after"), "503 without Retry-After");
+            let message = answer.body["error"]["message"].as_str().unwrap_or_default().to_string();
+            assert!(message.contains("OOM"), "the refusal says why: {message}");
+            true
+        })
+        .await;
+        assert_eq!(metric_at(&node.http(), "herald_broker_presence_ok").await, 0.0, "{}", node.name);
+    }
+    // PUBLISH is not a write: notifications still reach the other node.
+    publish_n(cluster.node(0), USER, 1, 5).await;
+
+    redis_config("0").await;
+    presence_everywhere(&cluster, &[0, 1], USER, 1, DEADLINE).await;
+    for node in &cluster.nodes {
+        assert_eq!(metric_at(&node.http(), "herald_broker_presence_ok").await, 1.0, "{}", node.name);
+        let log = node.log();
+        let warned = log.lines().filter(|l| l.contains("presence writes to Redis keep failing")).count();
+        assert_eq!(warned, 1, "{}: the failures are logged once\n{log}", node.name);
+        assert!(log.contains("presence is written to Redis again"), "{}: the end is not logged", node.name);
+    }
+    reader.until(5, DEADLINE).await.assert_exactly("alice on node-1", 5);
+}
+
 /// A large-audience job on a node that is killed: once its lease expires,
 /// another node's worker takes it over from the recorded progress, and every
 /// user still gets the notification exactly once.

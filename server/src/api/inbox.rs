@@ -203,9 +203,10 @@ pub async fn presence(
     _: ReadKey,
     UserPath(user): UserPath,
 ) -> Result<Json<Presence>, ApiError> {
+    // The edge logs the 503 (sampled); the broker logs the outage itself.
     let sessions = state.broker.presence(&user).await.map_err(|e| {
-        tracing::warn!(error = %e, "presence unavailable");
-        ApiError::unavailable("broker_unavailable", "presence is unavailable while the broker is down")
+        tracing::debug!(error = %e, "presence unavailable");
+        ApiError::unavailable("broker_unavailable", format!("presence is unavailable: {e}"))
     })?;
     Ok(Json(Presence { user_id: user, sessions }))
 }

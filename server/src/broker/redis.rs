@@ -82,6 +82,14 @@ pub(super) fn timed_out() -> redis::RedisError {
 /// How often the maintenance task wakes without being told to.
 const MAINTAIN_TICK: Duration = Duration::from_millis(250);
 
+/// How long this node's presence writes may fail (each tick retries them)
+/// before it says so: a `warn` line, `herald_broker_presence_ok` 0, and
+/// presence answered 503 rather than with counts that leave its sessions
+/// out. A Redis that answers reads but refuses writes (`OOM` at
+/// `maxmemory`, `MISCONF` when it cannot save, `READONLY` on a replica)
+/// keeps delivering — `PUBLISH` is not refused — so nothing else shows it.
+const PRESENCE_FAILING_AFTER: Duration = Duration::from_secs(1);
+
 /// Where Redis is, from `HERALD_REDIS_URL`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RedisTarget {
@@ -474,6 +482,8 @@ struct Shared {
     subscribed: Mutex<HashSet<Arc<str>>>,
     /// The live nodes as last read, and when: see [`Shared::live_nodes`].
     live_nodes: Mutex<Option<(Instant, Arc<[String]>)>>,
+    /// This node's presence writes failing; `None` while they succeed.
+    presence_failing: Mutex<Option<PresenceFailing>>,
     publisher: Conn,
     subscriber: Conn,
     outgoing: mpsc::Sender<Vec<u8>>,
@@ -485,6 +495,15 @@ struct Shared {
 
 pub struct RedisBroker {
     shared: Arc<Shared>,
+}
+
+/// A run of failed presence writes (see [`PRESENCE_FAILING_AFTER`]).
+struct PresenceFailing {
+    since: Instant,
+    /// The last failure's error.
+    error: String,
+    /// Said so: logged, `herald_broker_presence_ok` 0, presence a 503.
+    reported: bool,
 }
 
 /// What [`RedisBroker::connect`] needs besides the URL.
@@ -533,6 +552,7 @@ impl RedisBroker {
             signals,
             subscribed: Mutex::new(HashSet::new()),
             live_nodes: Mutex::new(None),
+            presence_failing: Mutex::new(None),
             publisher,
             subscriber,
             outgoing,
@@ -542,6 +562,7 @@ impl RedisBroker {
             tasks: TaskTracker::new(),
         });
         shared.metrics.broker_connected.set(1);
+        shared.metrics.broker_presence_ok.set(1);
         shared.tasks.spawn(publish_loop(shared.clone(), outgoing_rx));
         shared.tasks.spawn(receive_loop(shared.clone(), push_rx));
         shared.tasks.spawn(maintain_loop(shared.clone()));
@@ -606,6 +627,40 @@ impl Shared {
         let nodes: Arc<[String]> = nodes.into();
         *self.live_nodes.lock().expect("live nodes") = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
+    }
+
+    /// The error this node's presence writes keep failing with, once that
+    /// was reported.
+    fn presence_failing(&self) -> Option<String> {
+        let failing = self.presence_failing.lock().expect("presence state");
+        failing.as_ref().filter(|f| f.reported).map(|f| f.error.clone())
+    }
+
+    /// Records a failed presence write; true when this failure is the one
+    /// that makes the run last [`PRESENCE_FAILING_AFTER`] (report it now).
+    fn presence_failed(&self, error: &redis::RedisError) -> bool {
+        let mut failing = self.presence_failing.lock().expect("presence state");
+        let run = failing.get_or_insert_with(|| PresenceFailing {
+            since: Instant::now(),
+            error: String::new(),
+            reported: false,
+        });
+        run.error = error.to_string();
+        let report = !run.reported && run.since.elapsed() >= PRESENCE_FAILING_AFTER;
+        if report {
+            run.reported = true;
+            self.metrics.broker_presence_ok.set(0);
+        }
+        report
+    }
+
+    /// A presence write succeeded; true when it ends a reported run.
+    fn presence_written(&self) -> bool {
+        let ended = self.presence_failing.lock().expect("presence state").take().is_some_and(|run| run.reported);
+        if ended {
+            self.metrics.broker_presence_ok.set(1);
+        }
+        ended
     }
 
     fn is_subscribed(&self, user: &str) -> bool {
@@ -695,6 +750,11 @@ impl Broker for RedisBroker {
 
     async fn presence(&self, user: &str) -> Result<u64, BrokerError> {
         let shared = &self.shared;
+        if let Some(error) = shared.presence_failing() {
+            return Err(BrokerError::Unavailable(format!(
+                "this node cannot write its presence to Redis ({error}); counts would leave its sessions out"
+            )));
+        }
         let unavailable = |e: redis::RedisError| BrokerError::Unavailable(e.to_string());
         let nodes = shared.live_nodes().await.map_err(unavailable)?;
         let counts = join_all(nodes.iter().map(|node| {
@@ -946,7 +1006,7 @@ async fn maintain_loop(shared: Arc<Shared>) {
             }
         }
         if let Err(e) = reconcile(&shared).await {
-            tracing::debug!(error = %e, "updating subscriptions failed; retrying");
+            presence_failed(&shared, &e);
             rewrite_presence = true;
             continue;
         }
@@ -955,10 +1015,27 @@ async fn maintain_loop(shared: Arc<Shared>) {
                 Ok(()) => {
                     rewrite_presence = false;
                     last_refresh = Some(Instant::now());
+                    if shared.presence_written() {
+                        tracing::info!("this node's presence is written to Redis again");
+                    }
                 }
-                Err(e) => tracing::debug!(error = %e, "refreshing presence failed; retrying"),
+                Err(e) => presence_failed(&shared, &e),
             }
         }
+    }
+}
+
+/// A presence write failed: logged at `debug`, and once per run of failures
+/// at `warn` when it has lasted [`PRESENCE_FAILING_AFTER`].
+fn presence_failed(shared: &Shared, error: &redis::RedisError) {
+    if shared.presence_failed(error) {
+        tracing::warn!(
+            %error,
+            "this node's presence writes to Redis keep failing (retried every tick): presence answers 503 \
+             and the cluster-wide sessions-per-user cap is not enforced until they succeed; deliveries go on"
+        );
+    } else {
+        tracing::debug!(%error, "writing presence to Redis failed; retrying");
     }
 }
 
