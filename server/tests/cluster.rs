@@ -256,7 +256,7 @@ async fn redis_restarted_mid_stream_sessions_still_receive_everything() {
     }
 }
 
-/// A publish answered by a node whose store is down.
+/// A publish's answer as it came: status, `Retry-After` and body.
 struct Refusal {
     status: u16,
     retry_after: Option<String>,

@@ -381,6 +381,12 @@ async fn refused_single_token_revocations_change_nothing() {
             "invalid_jti",
         ),
         (
+            "a jti not UTF-8 once decoded",
+            post(&format!("{}/v1/users/kim/tokens/%FF/revoke", server.http())).bearer_auth(API_KEY).json(&json!({})),
+            400,
+            "invalid_path",
+        ),
+        (
             "a bad user id",
             post(&format!("{}/v1/users/{}/tokens/tablet/revoke", server.http(), "x".repeat(257)))
                 .bearer_auth(API_KEY)

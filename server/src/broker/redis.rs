@@ -1025,14 +1025,15 @@ async fn maintain_loop(shared: Arc<Shared>) {
     }
 }
 
-/// A presence write failed: logged at `debug`, and once per run of failures
-/// at `warn` when it has lasted [`PRESENCE_FAILING_AFTER`].
+/// A presence write failed (or the subscription change before it, which
+/// leaves the presence unwritten too): logged at `debug`, and once per run
+/// of failures at `warn` when it has lasted [`PRESENCE_FAILING_AFTER`].
 fn presence_failed(shared: &Shared, error: &redis::RedisError) {
     if shared.presence_failed(error) {
         tracing::warn!(
             %error,
             "this node's presence writes to Redis keep failing (retried every tick): presence answers 503 \
-             and the cluster-wide sessions-per-user cap is not enforced until they succeed; deliveries go on"
+             and the cluster-wide sessions-per-user cap is off until they succeed"
         );
     } else {
         tracing::debug!(%error, "writing presence to Redis failed; retrying");

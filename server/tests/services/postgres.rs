@@ -252,9 +252,11 @@ impl PrivatePostgres {
 
     /// A cluster whose data directory, WAL included, lies on a disk of
     /// `mib` MiB (a tmpfs) that [`disk`](Self::disk) reaches, so a test can
-    /// fill it. Initialised, then started (`fsync` stays on the default
-    /// here: a full disk is what is tested, not speed). WAL segments are not
-    /// recycled and checkpoints are rare, so a new segment is a new file.
+    /// fill it; initialised, then started. WAL segments are not recycled
+    /// and checkpoints are rare, so a new segment is a new file: once the
+    /// disk is full, the next segment cannot be made. (`fsync=off`, as for
+    /// every private cluster, changes nothing here: a write that finds no
+    /// free block fails whether it is synced or not.)
     pub fn start_on_small_disk(mib: u32) -> PrivatePostgres {
         let bin = postgres_bin_dir();
         let dir = tempfile::Builder::new().prefix("herald-pg-").tempdir().expect("a temp dir");
