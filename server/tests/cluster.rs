@@ -616,6 +616,23 @@ async fn a_full_postgres_disk_refuses_with_503_loses_nothing_and_recovers_once_r
         assert!(publish(raw_publish(node, USER, json!({ "down": i })).await, "PostgreSQL down"), "taken while down");
     }
     within("the node says it is not ready", DEADLINE, || async { node.ready_status().await == 503 }).await;
+    // The other writes are refused the same way, and store nothing.
+    let http = reqwest::Client::new();
+    let token = node.token(USER);
+    let writes = [
+        ("a read mark", http.post(format!("{}/v1/me/notifications/read", node.http())).bearer_auth(&token)),
+        ("a revocation", http.post(format!("{}/v1/users/mallory/tokens/revoke", node.http())).bearer_auth(API_KEY)),
+        (
+            "a single token's",
+            http.post(format!("{}/v1/users/mallory/tokens/t1/revoke", node.http())).bearer_auth(API_KEY),
+        ),
+    ];
+    for (what, request) in writes {
+        let body = if what == "a read mark" { json!({"up_to_seq": 1}) } else { json!({}) };
+        let answer = raw(request.json(&body)).await;
+        assert_eq!((answer.status, answer.error_code()), (503, "store_unavailable"), "{what}: {}", answer.body);
+        assert!(answer.headers.contains_key("retry-after"), "{what}: 503 without Retry-After");
+    }
 
     // The operator makes room and starts PostgreSQL: it recovers, and the
     // node takes publishes again without a restart.
@@ -648,6 +665,14 @@ async fn a_full_postgres_disk_refuses_with_503_loses_nothing_and_recovers_once_r
     let log = node.log();
     assert!(log.contains("No space left on device"), "the node's log does not say why");
     assert!(log.contains("group commits succeed again"), "the end of the failures is not logged");
+    // Nothing refused was stored: alice has read nothing, mallory's tokens work.
+    let unread = raw(reqwest::Client::new().get(format!("{}/v1/me/unread", node.http())).bearer_auth(node.token(USER)));
+    assert_eq!(unread.await.body["total"], last, "a refused read mark was stored");
+    assert_eq!(
+        handshake_refusal(&node.ws(), &token_with_jti("mallory", json!("t1"))).await,
+        None,
+        "a refused revocation"
+    );
 }
 
 /// Token revocation across `herald` processes on PostgreSQL and Redis: the
