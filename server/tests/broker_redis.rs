@@ -229,27 +229,56 @@ async fn read_marks_reach_sessions_on_other_nodes() {
     }
 }
 
+/// `user`'s sessions across the cluster, as `node` counts them.
+async fn presence(node: &TestServer, user: &str) -> u64 {
+    let url = format!("{}/v1/users/{user}/presence", node.http());
+    let body: serde_json::Value =
+        reqwest::Client::new().get(url).bearer_auth(API_KEY).send().await.unwrap().json().await.unwrap();
+    body["sessions"].as_u64().unwrap()
+}
+
 #[tokio::test]
 async fn presence_counts_sessions_on_every_node() {
     let p = prefix("presence");
     let (_dir, nodes) = nodes(2, &p, &[]).await;
-    let presence = |node: &TestServer| {
-        let url = format!("{}/v1/users/dave/presence", node.http());
-        async move {
-            let body: serde_json::Value =
-                reqwest::Client::new().get(url).bearer_auth(API_KEY).send().await.unwrap().json().await.unwrap();
-            body["sessions"].as_u64().unwrap()
-        }
-    };
     let a1 = nodes[0].connect("dave").await;
     let _b1 = nodes[1].connect("dave").await;
     let _b2 = nodes[1].connect("dave").await;
     eventually("presence is 3 on both nodes", || async {
-        presence(&nodes[0]).await == 3 && presence(&nodes[1]).await == 3
+        presence(&nodes[0], "dave").await == 3 && presence(&nodes[1], "dave").await == 3
     })
     .await;
     drop(a1);
-    eventually("presence drops to 2", || async { presence(&nodes[1]).await == 2 }).await;
+    eventually("presence drops to 2", || async { presence(&nodes[1], "dave").await == 2 }).await;
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
+/// Redis loses a node's presence hash (evicted under `maxmemory`, or
+/// deleted) and a session arrives before the node's next refresh: the node
+/// writes the hash whole again, not only the newcomer, so the users already
+/// connected keep counting.
+#[tokio::test]
+async fn a_presence_hash_redis_lost_is_written_whole_again() {
+    let p = prefix("evicted");
+    let (_dir, nodes) = nodes(1, &p, &[("HERALD_PRESENCE_TTL", "30s")]).await;
+    let node = &nodes[0];
+    let (_alice, _bob) = (node.connect("alice").await, node.connect("bob").await);
+    eventually("alice and bob count", || async {
+        presence(node, "alice").await == 1 && presence(node, "bob").await == 1
+    })
+    .await;
+    let mut redis = redis::Client::open(redis_url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let key = format!("{p}:presence:node-0");
+    let deleted: u32 = redis::cmd("DEL").arg(&key).query_async(&mut redis).await.unwrap();
+    assert_eq!(deleted, 1, "no hash at {key}");
+    // Within the tick, long before the 10 s refresh.
+    let _carol = node.connect("carol").await;
+    eventually("carol counts", || async { presence(node, "carol").await == 1 }).await;
+    for user in ["alice", "bob"] {
+        assert_eq!(presence(node, user).await, 1, "{user} left out of the rewritten hash");
+    }
     for node in nodes {
         node.stop().await;
     }

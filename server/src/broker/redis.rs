@@ -1005,10 +1005,13 @@ async fn maintain_loop(shared: Arc<Shared>) {
                 }
             }
         }
-        if let Err(e) = reconcile(&shared).await {
-            presence_failed(&shared, &e);
-            rewrite_presence = true;
-            continue;
+        match reconcile(&shared).await {
+            Ok(lost) => rewrite_presence |= lost,
+            Err(e) => {
+                presence_failed(&shared, &e);
+                rewrite_presence = true;
+                continue;
+            }
         }
         if rewrite_presence || last_refresh.is_none_or(|t| t.elapsed() >= refresh_every) {
             match refresh_presence(&shared, rewrite_presence).await {
@@ -1041,11 +1044,13 @@ fn presence_failed(shared: &Shared, error: &redis::RedisError) {
 }
 
 /// Turns the users whose local sessions changed into (un)subscriptions and
-/// presence updates. On failure the users stay pending.
-async fn reconcile(shared: &Shared) -> RedisResult<()> {
+/// presence updates. On failure the users stay pending. True when Redis had
+/// lost this node's presence hash (evicted, deleted): it must then be
+/// written whole, since the changes alone would leave the other users out.
+async fn reconcile(shared: &Shared) -> RedisResult<bool> {
     let users = shared.changes.take();
     if users.is_empty() {
-        return Ok(());
+        return Ok(false);
     }
     let mut add = Vec::new();
     let mut remove = Vec::new();
@@ -1097,9 +1102,13 @@ async fn reconcile(shared: &Shared) -> RedisResult<()> {
         cmds.push(cmd);
     }
     // Never leave the hash without an expiry, even if this node dies now.
-    cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(shared.presence_ttl.as_millis() as u64).clone());
+    let ttl_ms = shared.presence_ttl.as_millis() as u64;
+    cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms).clone());
     let mut conn = shared.publisher.clone();
-    conn.run_all(cmds).await
+    // Asked first, apart: on a cluster `run_all` sends its commands at once.
+    let kept: bool = conn.query(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms)).await?;
+    conn.run_all(cmds).await?;
+    Ok(!kept)
 }
 
 /// Keeps this node's presence alive; rewrites it whole when Redis lost it.
