@@ -72,10 +72,10 @@ pub fn token_id(jti: Option<serde_json::Value>) -> Option<Arc<str>> {
 
 /// A `jti` a single-token revocation may name.
 pub fn check_token_id(jti: &str) -> Result<(), &'static str> {
-    if jti.is_empty() || jti.len() > 256 || jti.contains(char::is_control) {
-        Err("a jti is 1 to 256 bytes, without control characters")
-    } else {
+    if crate::api::publish::is_plain_name(jti, 256) {
         Ok(())
+    } else {
+        Err("a jti is 1 to 256 bytes, without control characters")
     }
 }
 

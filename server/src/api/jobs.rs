@@ -19,7 +19,7 @@ pub async fn status(
     let not_found = || ApiError::new(StatusCode::NOT_FOUND, "job_not_found", "no job with this id");
     // An id that does not decode (`%FF`) names no job either.
     let Ok(Path(id)) = id else { return Err(not_found()) };
-    if id.is_empty() || id.len() > 64 || id.contains(char::is_control) {
+    if !super::publish::is_plain_name(&id, 64) {
         return Err(not_found());
     }
     let job = state.store.job(&id).await?.ok_or_else(not_found)?;

@@ -237,7 +237,7 @@ pub fn validate(settings: &Settings, request: &PublishRequest<Box<RawValue>>) ->
         return Err(invalid("invalid_payload", format!("`payload` is JSON that clients cannot read back: {e}")));
     }
     if let Some(key) = &request.idempotency_key {
-        if key.is_empty() || key.len() > MAX_KEY_BYTES || key.contains(char::is_control) {
+        if !is_plain_name(key, MAX_KEY_BYTES) {
             return Err(invalid(
                 "invalid_request",
                 format!("`idempotency_key` is 1 to {MAX_KEY_BYTES} bytes, without control characters"),
@@ -245,7 +245,7 @@ pub fn validate(settings: &Settings, request: &PublishRequest<Box<RawValue>>) ->
         }
     }
     if let Some(digest) = &request.digest {
-        if digest.key.is_empty() || digest.key.len() > MAX_KEY_BYTES || digest.key.contains(char::is_control) {
+        if !is_plain_name(&digest.key, MAX_KEY_BYTES) {
             return Err(invalid(
                 "invalid_digest",
                 format!("`digest.key` is 1 to {MAX_KEY_BYTES} bytes, without control characters"),
@@ -329,11 +329,17 @@ pub fn check_topic(topic: &str) -> Result<(), String> {
 /// A user id: 1 to 256 bytes of UTF-8 (spec §2, the `sub` claim), without
 /// control characters (PostgreSQL text cannot hold NUL, and no real id has them).
 pub fn check_user_id(user: &str) -> Result<(), String> {
-    if user.is_empty() || user.len() > 256 || user.contains(char::is_control) {
-        Err("a user id is 1 to 256 bytes, without control characters".into())
-    } else {
+    if is_plain_name(user, 256) {
         Ok(())
+    } else {
+        Err("a user id is 1 to 256 bytes, without control characters".into())
     }
+}
+
+/// The rule for the names a client gives Herald (user ids, `jti`s, keys, job
+/// ids): 1 to `max_bytes` bytes, without control characters.
+pub fn is_plain_name(name: &str, max_bytes: usize) -> bool {
+    !name.is_empty() && name.len() <= max_bytes && !name.contains(char::is_control)
 }
 
 #[cfg(test)]

@@ -1008,7 +1008,7 @@ async fn maintain_loop(shared: Arc<Shared>) {
         match reconcile(&shared).await {
             Ok(lost) => rewrite_presence |= lost,
             Err(e) => {
-                presence_failed(&shared, &e);
+                report_presence_failure(&shared, &e);
                 rewrite_presence = true;
                 continue;
             }
@@ -1022,7 +1022,7 @@ async fn maintain_loop(shared: Arc<Shared>) {
                         tracing::info!("this node's presence is written to Redis again");
                     }
                 }
-                Err(e) => presence_failed(&shared, &e),
+                Err(e) => report_presence_failure(&shared, &e),
             }
         }
     }
@@ -1031,7 +1031,7 @@ async fn maintain_loop(shared: Arc<Shared>) {
 /// A presence write failed (or the subscription change before it, which
 /// leaves the presence unwritten too): logged at `debug`, and once per run
 /// of failures at `warn` when it has lasted [`PRESENCE_FAILING_AFTER`].
-fn presence_failed(shared: &Shared, error: &redis::RedisError) {
+fn report_presence_failure(shared: &Shared, error: &redis::RedisError) {
     if shared.presence_failed(error) {
         tracing::warn!(
             %error,

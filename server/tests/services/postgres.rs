@@ -196,7 +196,8 @@ pub struct PrivatePostgres {
     as_postgres: bool,
     /// `-c name=value` settings beyond the defaults below.
     settings: Vec<String>,
-    /// Where the data lies when it is on a small disk of its own.
+    /// The data directory (on the small disk, when there is one).
+    data: PathBuf,
     disk: Option<SmallDisk>,
     _reaper: Reaper,
 }
@@ -258,34 +259,10 @@ impl PrivatePostgres {
     /// every private cluster, changes nothing here: a write that finds no
     /// free block fails whether it is synced or not.)
     pub fn start_on_small_disk(mib: u32) -> PrivatePostgres {
-        let bin = postgres_bin_dir();
         let dir = tempfile::Builder::new().prefix("herald-pg-").tempdir().expect("a temp dir");
         let disk = SmallDisk::mount(dir.path().join("disk"), mib);
-        let stop = disk.command(&bin.join("pg_ctl"));
-        let data = path(&disk.mount.join("data"));
-        let stop_line = std::iter::once(stop.get_program())
-            .chain(stop.get_args())
-            .map(|a| shell_quote(&a.to_string_lossy()))
-            .collect::<Vec<_>>()
-            .join(" ");
-        let cleanup = format!(
-            "{stop_line} stop -m immediate -D {}; kill {}; rm -rf {}",
-            shell_quote(&data),
-            disk.holder.id(),
-            shell_quote(&path(dir.path()))
-        );
-        let port = free_port();
         let settings = ["wal_recycle=off", "min_wal_size=32MB", "max_wal_size=64MB", "checkpoint_timeout=1h"];
-        let pg = PrivatePostgres {
-            _reaper: Reaper::spawn(&cleanup),
-            bin,
-            dir,
-            port,
-            as_postgres: false,
-            settings: settings.iter().map(|s| s.to_string()).collect(),
-            disk: Some(disk),
-        };
-        pg.tool("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        let pg = PrivatePostgres::init(dir, false, Some(disk), settings.iter().map(|s| s.to_string()).collect());
         pg.start_again();
         pg
     }
@@ -308,36 +285,46 @@ impl PrivatePostgres {
     }
 
     fn start_with(tls: Option<(&Path, &Path)>) -> PrivatePostgres {
-        let bin = postgres_bin_dir();
         let dir = tempfile::Builder::new().prefix("herald-pg-").tempdir().expect("a temp dir");
         let as_postgres = is_root();
         if as_postgres {
             // initdb and postgres refuse to run as root.
             run(Command::new("chown").arg("postgres:").arg(dir.path()));
         }
-        let port = free_port();
-        let mut pg = PrivatePostgres {
-            _reaper: Reaper::spawn(&format!(
-                "{}; rm -rf {}",
-                shell_line(
-                    as_postgres,
-                    &bin.join("pg_ctl"),
-                    &["stop", "-m", "immediate", "-D", &path(&dir.path().join("data"))]
-                ),
-                shell_quote(&path(dir.path()))
-            )),
-            bin,
-            dir,
-            port,
-            as_postgres,
-            settings: Vec::new(),
-            disk: None,
-        };
-        pg.tool("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
+        let mut pg = PrivatePostgres::init(dir, as_postgres, None, Vec::new());
         if let Some((cert, key)) = tls {
             pg.serve_tls(cert, key);
         }
         pg.start_again();
+        pg
+    }
+
+    /// A cluster initialised in `dir` (or on `disk`), on a free port, not
+    /// started; its reaper stops it and removes `dir` if the test process
+    /// dies without dropping it.
+    fn init(
+        dir: tempfile::TempDir,
+        as_postgres: bool,
+        disk: Option<SmallDisk>,
+        settings: Vec<String>,
+    ) -> PrivatePostgres {
+        let bin = postgres_bin_dir();
+        let data = disk.as_ref().map_or_else(|| dir.path().join("data"), |d| d.mount.join("data"));
+        let mut stop = postgres_command(&bin, "pg_ctl", as_postgres, disk.as_ref());
+        stop.args(["stop", "-m", "immediate", "-D"]).arg(&data);
+        let holder = disk.as_ref().map(|d| format!("kill {}; ", d.holder.id())).unwrap_or_default();
+        let cleanup = format!("{}; {holder}rm -rf {}", command_line(&stop), shell_quote(&path(dir.path())));
+        let pg = PrivatePostgres {
+            _reaper: Reaper::spawn(&cleanup),
+            bin,
+            dir,
+            port: free_port(),
+            as_postgres,
+            settings,
+            data,
+            disk,
+        };
+        pg.tool("initdb", &["-D", &pg.data(), "-A", "trust", "-U", "postgres", "--no-sync", "-E", "UTF8"]);
         pg
     }
 
@@ -360,25 +347,11 @@ impl PrivatePostgres {
     }
 
     fn data(&self) -> String {
-        match &self.disk {
-            Some(disk) => path(&disk.mount.join("data")),
-            None => path(&self.dir.path().join("data")),
-        }
+        path(&self.data)
     }
 
-    /// One of PostgreSQL's programs, run as the user the cluster belongs to
-    /// (and in its disk's namespaces).
     fn command(&self, name: &str) -> Command {
-        let program = self.bin.join(name);
-        let mut cmd = match &self.disk {
-            Some(disk) => disk.command(&program),
-            None if self.as_postgres => {
-                let mut c = Command::new("runuser");
-                c.args(["-u", "postgres", "--"]).arg(&program);
-                c
-            }
-            None => Command::new(&program),
-        };
+        let mut cmd = postgres_command(&self.bin, name, self.as_postgres, self.disk.as_ref());
         cmd.current_dir(self.dir.path()).stdin(Stdio::null());
         cmd
     }
@@ -436,12 +409,27 @@ impl Drop for PrivatePostgres {
     }
 }
 
-fn shell_line(as_postgres: bool, program: &Path, args: &[&str]) -> String {
-    let mut parts: Vec<String> = Vec::new();
-    if as_postgres {
-        parts.extend(["runuser", "-u", "postgres", "--"].map(String::from));
+/// PostgreSQL's program `name`, run as the user a cluster belongs to:
+/// `postgres` when the tests run as root, else the tests' user, or `nobody`
+/// in a small disk's namespaces.
+fn postgres_command(bin: &Path, name: &str, as_postgres: bool, disk: Option<&SmallDisk>) -> Command {
+    let program = bin.join(name);
+    match disk {
+        Some(disk) => disk.command(&program),
+        None if as_postgres => {
+            let mut c = Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(&program);
+            c
+        }
+        None => Command::new(&program),
     }
-    parts.push(shell_quote(&path(program)));
-    parts.extend(args.iter().map(|a| shell_quote(a)));
-    parts.join(" ")
+}
+
+/// `cmd` as one shell line, each word quoted.
+fn command_line(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|a| shell_quote(&a.to_string_lossy()))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
