@@ -58,6 +58,13 @@ pub struct UserToken {
     pub token_id: Option<Arc<str>>,
 }
 
+impl UserToken {
+    /// What a session keeps of the token it runs on.
+    pub fn session_token(&self) -> crate::hub::SessionToken {
+        crate::hub::SessionToken { expires_at: self.expires_at, issued_at: self.issued_at, jti: self.token_id.clone() }
+    }
+}
+
 /// A token's `jti` as one that can be revoked alone: a string of 1 to 256
 /// bytes without control characters, what `POST
 /// /v1/users/{id}/tokens/{jti}/revoke` accepts. Any other `jti` (RFC 7519

@@ -1,5 +1,5 @@
 //! The `herald` command line: `serve` (the default), `migrate`, `backup`,
-//! `restore`, `mark-restored`, `token`, `publish`, `erase`, `disconnect`, `revoke`.
+//! `restore`, `mark-restored`, `token`, `publish`, `erase`, `sessions`, `disconnect`, `revoke`.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -97,10 +97,26 @@ pub enum Command {
         #[arg(long)]
         api_key: Option<String>,
     },
-    /// Close every open session of a user, on every node (close code 4003).
+    /// List a user's open sessions on every node: id, node, when it
+    /// connected, the token's `jti` and `exp`, address, `User-Agent`.
+    Sessions {
+        #[arg(long)]
+        user: String,
+        /// The server, by default http://HERALD_LISTEN.
+        #[arg(long)]
+        url: Option<String>,
+        /// By default the first of HERALD_API_KEYS, else of HERALD_API_KEYS_READ.
+        #[arg(long)]
+        api_key: Option<String>,
+    },
+    /// Close every open session of a user, on every node (close code 4003),
+    /// or the one with `--session`.
     Disconnect {
         #[arg(long)]
         user: String,
+        /// Close only this session (its id, as `herald sessions` lists it).
+        #[arg(long)]
+        session: Option<String>,
         /// The server, by default http://HERALD_LISTEN.
         #[arg(long)]
         url: Option<String>,
@@ -231,9 +247,23 @@ pub fn main(cli: Cli) -> ExitCode {
                 println!("{}", serde_json::to_string_pretty(&answer)?);
                 Ok(())
             }
-            Command::Disconnect { user, url, api_key } => {
-                publisher(&settings, url, api_key, Scopes::DISCONNECT)?.disconnect(&user).await?;
-                println!("the sessions of {user} were told to close");
+            Command::Sessions { user, url, api_key } => {
+                let answer = publisher(&settings, url, api_key, Scopes::READ)?.sessions(&user).await?;
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                Ok(())
+            }
+            Command::Disconnect { user, session, url, api_key } => {
+                let publisher = publisher(&settings, url, api_key, Scopes::DISCONNECT)?;
+                match session {
+                    Some(session) => {
+                        publisher.disconnect_session(&user, &session).await?;
+                        println!("session {session} of {user} was told to close");
+                    }
+                    None => {
+                        publisher.disconnect(&user).await?;
+                        println!("the sessions of {user} were told to close");
+                    }
+                }
                 Ok(())
             }
             Command::Revoke { user, issued_before, jti, expires_at, url, api_key } => {

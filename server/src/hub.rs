@@ -7,10 +7,11 @@
 //! other session is slowed down by it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use dashmap::DashMap;
+use herald_protocol::http::UserSession;
 use herald_protocol::Seq;
 use tokio::sync::Notify;
 
@@ -38,6 +39,69 @@ pub enum Delivery {
     /// session running on it closes with 4001. After `expires_at` (`None`:
     /// never) the revocation may be forgotten.
     RevokeToken { jti: Arc<str>, expires_at: Option<i64> },
+    /// A backend closed one session of the user (`DELETE
+    /// /v1/users/{id}/sessions/{session_id}`): that session, and no other,
+    /// closes with 4003.
+    DisconnectSession { session_id: uuid::Uuid },
+}
+
+/// At most this many of one user's sessions are listed per node (the
+/// newest): the per-user session cap's default, so only a cluster that
+/// turned the cap off lists fewer sessions than it counts.
+pub const LISTED_PER_NODE: usize = 100;
+
+/// Who a session is, as `GET /v1/users/{id}/sessions` lists it: fixed at
+/// the handshake, except for its token, which a `refresh` replaces. The
+/// session and the hub share it.
+#[derive(Debug)]
+pub struct SessionInfo {
+    /// A UUIDv7: the `welcome`'s `session_id`, ordered by when it was made.
+    pub id: uuid::Uuid,
+    pub connected_at_ms: i64,
+    pub ip: Option<IpAddr>,
+    pub user_agent: Option<Box<str>>,
+    token: Mutex<SessionToken>,
+}
+
+/// What a session knows of the token it runs on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionToken {
+    /// `exp`, unix seconds.
+    pub expires_at: i64,
+    /// `iat`, if it has one (checked against revocations).
+    pub issued_at: Option<i64>,
+    /// `jti`, if the token can be revoked alone.
+    pub jti: Option<Arc<str>>,
+}
+
+impl SessionInfo {
+    pub fn new(token: SessionToken, ip: Option<IpAddr>, user_agent: Option<Box<str>>) -> SessionInfo {
+        SessionInfo {
+            id: uuid::Uuid::now_v7(),
+            connected_at_ms: crate::store::now_ms(),
+            ip,
+            user_agent,
+            token: Mutex::new(token),
+        }
+    }
+
+    /// The token the session runs on now.
+    pub fn token(&self) -> SessionToken {
+        self.token.lock().expect("session token").clone()
+    }
+
+    fn listed(&self, node_id: &str) -> UserSession {
+        let token = self.token();
+        UserSession {
+            session_id: self.id.to_string(),
+            node_id: node_id.to_string(),
+            connected_at: crate::store::rfc3339_ms(self.connected_at_ms),
+            jti: token.jti.map(|jti| jti.to_string()),
+            token_expires_at: token.expires_at,
+            ip: self.ip.map(|ip| ip.to_string()),
+            user_agent: self.user_agent.as_deref().map(str::to_string),
+        }
+    }
 }
 
 /// Told whenever the number of a user's local sessions changes (the first
@@ -151,7 +215,7 @@ impl Outbox {
 }
 
 struct Subscriber {
-    id: u64,
+    info: Arc<SessionInfo>,
     outbox: Outbox,
 }
 
@@ -169,7 +233,6 @@ struct Shared {
     revoked: DashMap<Arc<str>, (i64, Option<i64>)>,
     /// Single tokens revoked: user → `jti` → expiry (`None`: never).
     revoked_tokens: DashMap<Arc<str>, HashMap<Arc<str>, Option<i64>>>,
-    next_id: AtomicU64,
     interest: Arc<dyn Interest>,
 }
 
@@ -183,7 +246,7 @@ pub struct Hub {
 pub struct Registration {
     hub: Hub,
     user: Arc<str>,
-    id: u64,
+    info: Arc<SessionInfo>,
     pub outbox: Outbox,
 }
 
@@ -194,19 +257,25 @@ impl Hub {
                 users: DashMap::new(),
                 revoked: DashMap::new(),
                 revoked_tokens: DashMap::new(),
-                next_id: AtomicU64::new(1),
                 interest,
             }),
         }
     }
 
     /// Registers a session of `user` with an outbox of `capacity` deliveries.
-    pub fn register(&self, user: &Arc<str>, capacity: usize) -> Registration {
+    pub fn register(&self, user: &Arc<str>, info: Arc<SessionInfo>, capacity: usize) -> Registration {
         let outbox = Outbox::new(capacity);
-        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
-        self.shared.users.entry(user.clone()).or_default().sessions.push(Subscriber { id, outbox: outbox.clone() });
+        let subscriber = Subscriber { info: info.clone(), outbox: outbox.clone() };
+        self.shared.users.entry(user.clone()).or_default().sessions.push(subscriber);
         self.shared.interest.changed(user);
-        Registration { hub: self.clone(), user: user.clone(), id, outbox }
+        Registration { hub: self.clone(), user: user.clone(), info, outbox }
+    }
+
+    /// A session of `user` now runs on `token` (a `refresh`): its listing
+    /// changes, so the broker is told as for a session arriving.
+    pub fn set_token(&self, user: &Arc<str>, info: &SessionInfo, token: SessionToken) {
+        *info.token.lock().expect("session token") = token;
+        self.shared.interest.changed(user);
     }
 
     /// Hands `delivery` to every local session of `user` without waiting.
@@ -229,6 +298,9 @@ impl Hub {
         let Some(mut local) = self.shared.users.get_mut(user) else { return 0 };
         if let Delivery::Notification { seq, .. } | Delivery::Head { seq } = delivery {
             local.latest = local.latest.max(*seq);
+        }
+        if let Delivery::DisconnectSession { session_id } = delivery {
+            return local.sessions.iter().filter(|s| s.info.id == *session_id && s.outbox.push(delivery)).count();
         }
         local.sessions.iter().filter(|s| s.outbox.push(delivery)).count()
     }
@@ -300,6 +372,16 @@ impl Hub {
         self.shared.users.get(user).map_or(0, |l| l.sessions.len())
     }
 
+    /// `user`'s sessions on this node, oldest first: the newest
+    /// [`LISTED_PER_NODE`] of them, with `node_id` as their node.
+    pub fn listing(&self, user: &str, node_id: &str) -> Vec<UserSession> {
+        let Some(local) = self.shared.users.get(user) else { return Vec::new() };
+        let mut infos: Vec<&Arc<SessionInfo>> = local.sessions.iter().map(|s| &s.info).collect();
+        infos.sort_unstable_by_key(|info| info.id);
+        let skip = infos.len().saturating_sub(LISTED_PER_NODE);
+        infos[skip..].iter().map(|info| info.listed(node_id)).collect()
+    }
+
     /// Every user with a session here, with the highest seq handed to them.
     pub fn users(&self) -> Vec<(Arc<str>, Seq)> {
         self.shared.users.iter().map(|e| (e.key().clone(), e.value().latest)).collect()
@@ -310,9 +392,9 @@ impl Hub {
         self.shared.users.iter().map(|e| e.value().sessions.len()).sum()
     }
 
-    fn leave(&self, user: &Arc<str>, id: u64) {
+    fn leave(&self, user: &Arc<str>, info: &Arc<SessionInfo>) {
         if let Some(mut local) = self.shared.users.get_mut(user) {
-            local.sessions.retain(|s| s.id != id);
+            local.sessions.retain(|s| !Arc::ptr_eq(&s.info, info));
         }
         self.shared.users.remove_if(user, |_, local| local.sessions.is_empty());
         self.shared.interest.changed(user);
@@ -321,7 +403,7 @@ impl Hub {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.hub.leave(&self.user, self.id);
+        self.hub.leave(&self.user, &self.info);
     }
 }
 
@@ -340,10 +422,14 @@ mod tests {
         }
     }
 
+    fn session() -> Arc<SessionInfo> {
+        Arc::new(SessionInfo::new(SessionToken { expires_at: 2_000_000_000, issued_at: None, jti: None }, None, None))
+    }
+
     /// A hub with one session, alice's, with an outbox of `capacity`.
     fn alice_alone(capacity: usize) -> (Hub, Registration) {
         let hub = Hub::new(Arc::new(NoInterest));
-        let reg = hub.register(&"alice".into(), capacity);
+        let reg = hub.register(&"alice".into(), session(), capacity);
         (hub, reg)
     }
 
@@ -390,9 +476,9 @@ mod tests {
         let hub = Hub::new(interest.clone());
         let _ = interest.1.set(hub.clone());
         let alice: Arc<str> = "alice".into();
-        let a1 = hub.register(&alice, 8);
-        let a2 = hub.register(&alice, 8);
-        let b = hub.register(&"bob".into(), 8);
+        let a1 = hub.register(&alice, session(), 8);
+        let a2 = hub.register(&alice, session(), 8);
+        let b = hub.register(&"bob".into(), session(), 8);
         assert_eq!(hub.deliver("alice", &frame(1)), 2);
         assert!(matches!(a1.outbox.recv().await, Ok(Delivery::Notification { seq: 1, .. })));
         assert!(matches!(a2.outbox.recv().await, Ok(Delivery::Notification { seq: 1, .. })));
@@ -409,12 +495,69 @@ mod tests {
         assert_eq!(hub.users().len(), 1);
     }
 
+    /// Closing one session by its id reaches that session alone; a listing
+    /// shows a node's newest sessions of the user, oldest first, with the
+    /// token each runs on now.
+    #[test]
+    fn one_session_is_closed_by_its_id_and_listed_with_its_current_token() {
+        let interest = Arc::new(Recorder::default());
+        let hub = Hub::new(interest.clone());
+        let _ = interest.1.set(hub.clone());
+        let alice: Arc<str> = "alice".into();
+        let phone = session();
+        let laptop = Arc::new(SessionInfo::new(
+            SessionToken { expires_at: 1_900_000_000, issued_at: Some(5), jti: Some("t-1".into()) },
+            Some("203.0.113.9".parse().unwrap()),
+            Some("Firefox".into()),
+        ));
+        let a1 = hub.register(&alice, phone.clone(), 8);
+        let a2 = hub.register(&alice, laptop.clone(), 8);
+        let b = hub.register(&"bob".into(), session(), 8);
+        let close_laptop = Delivery::DisconnectSession { session_id: laptop.id };
+        assert_eq!(hub.deliver("bob", &close_laptop), 0, "bob has no such session");
+        assert_eq!(hub.deliver("alice", &close_laptop), 1);
+        assert!(matches!(a2.outbox.try_recv(), Ok(Some(Delivery::DisconnectSession { .. }))));
+        assert!(matches!(a1.outbox.try_recv(), Ok(None)));
+        assert!(matches!(b.outbox.try_recv(), Ok(None)));
+
+        let listed = hub.listing("alice", "n1");
+        assert_eq!(listed.len(), 2);
+        assert_eq!(listed[0].session_id, phone.id.to_string(), "oldest first");
+        assert_eq!(listed[1].session_id, laptop.id.to_string());
+        assert_eq!(listed[1].node_id, "n1");
+        assert_eq!(listed[1].jti.as_deref(), Some("t-1"));
+        assert_eq!(listed[1].token_expires_at, 1_900_000_000);
+        assert_eq!(listed[1].ip.as_deref(), Some("203.0.113.9"));
+        assert_eq!(listed[1].user_agent.as_deref(), Some("Firefox"));
+        assert_eq!(listed[0].jti, None);
+        assert_eq!(listed[0].ip, None);
+        assert!(hub.listing("carol", "n1").is_empty());
+
+        interest.0.lock().unwrap().clear();
+        let refreshed = SessionToken { expires_at: 2_100_000_000, issued_at: Some(9), jti: Some("t-2".into()) };
+        hub.set_token(&alice, &laptop, refreshed.clone());
+        assert_eq!(laptop.token(), refreshed);
+        assert_eq!(hub.listing("alice", "n1")[1].jti.as_deref(), Some("t-2"));
+        assert_eq!(interest.0.lock().unwrap().clone(), vec![("alice".to_string(), 2)], "the broker hears of it");
+
+        // Past the bound, the newest are listed.
+        let more: Vec<_> = (0..LISTED_PER_NODE).map(|_| hub.register(&alice, session(), 1)).collect();
+        let listed = hub.listing("alice", "n1");
+        assert_eq!(listed.len(), LISTED_PER_NODE);
+        assert_eq!(hub.local_sessions("alice"), LISTED_PER_NODE + 2);
+        assert!(listed.iter().all(|l| l.session_id != phone.id.to_string() && l.session_id != laptop.id.to_string()));
+        assert!(listed.windows(2).all(|w| w[0].session_id < w[1].session_id));
+        drop(more);
+        drop(a2);
+        assert_eq!(hub.listing("alice", "n1").len(), 1, "a session that left is not listed");
+    }
+
     #[tokio::test]
     async fn a_full_outbox_marks_only_that_session_lagging() {
         let hub = Hub::new(Arc::new(NoInterest));
         let user: Arc<str> = "alice".into();
-        let slow = hub.register(&user, 2);
-        let fast = hub.register(&user, 16);
+        let slow = hub.register(&user, session(), 2);
+        let fast = hub.register(&user, session(), 16);
         for seq in 1..=3 {
             hub.deliver("alice", &frame(seq));
             fast.outbox.recv().await.unwrap();

@@ -199,6 +199,31 @@ async fn the_cli_mints_tokens_migrates_and_publishes() {
         String::from_utf8_lossy(&refused.stderr)
     );
 
+    // `herald sessions` lists bob's sessions; `herald disconnect --session`
+    // closes one of them alone.
+    let mut second = Connect::new(format!("ws://{base}"), &token).connect().await.unwrap();
+    let out = herald(dir.path(), &vars).args(["sessions", "--user", "bob", "--url", &url]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: herald_client::UserSessions = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<_> = listed.sessions.iter().map(|s| s.session_id.as_str()).collect();
+    assert_eq!(ids, [bob.welcome().session_id.as_str(), second.welcome().session_id.as_str()]);
+    let out = herald(dir.path(), &vars)
+        .args(["disconnect", "--user", "bob", "--session", &second.welcome().session_id, "--url", &url])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(close_code(&mut second).await, 4003);
+    // The erase's `read` frame may still be queued for bob; then nothing.
+    while let Some(frame) = bob.next_frame_within(Duration::from_millis(300)).await.expect("the other stays") {
+        assert!(matches!(frame, ServerFrame::Read { .. }), "{frame:?}");
+    }
+    let bad = herald(dir.path(), &vars)
+        .args(["disconnect", "--user", "bob", "--session", "not-a-uuid", "--url", &url])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("invalid_session_id"));
+
     // `herald disconnect`: bob's session closes with 4003.
     let out = herald(dir.path(), &vars).args(["disconnect", "--user", "bob", "--url", &url]).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -81,6 +81,74 @@ async fn disconnecting_a_user_closes_their_sessions_on_every_node() {
     }
 }
 
+/// `GET /v1/users/{id}/sessions` on any node lists the user's sessions on
+/// every node; closing one by its id on one node closes it where it runs
+/// and nothing else; a refresh on one node shows in the listing on the
+/// other.
+#[tokio::test]
+async fn sessions_are_listed_and_closed_one_at_a_time_across_nodes() {
+    let p = prefix("sessions");
+    let (_dir, nodes) = nodes(2, &p, &[]).await;
+    let connect = |node: usize, user: &'static str, jti: &'static str, agent: &'static str| {
+        let (ws, token) = (nodes[node].ws(), token_with_jti(user, json!(jti)));
+        async move { herald_client::Connect::new(ws, token).user_agent(agent).connect().await.unwrap() }
+    };
+    let mut here = connect(0, "hana", "hana-phone", "Phone/1").await;
+    let mut there = connect(1, "hana", "hana-laptop", "Laptop/1").await;
+    let mut other = connect(1, "ivan", "ivan-phone", "Phone/1").await;
+    let listing = |node: usize| {
+        let url = format!("{}/v1/users/hana/sessions", nodes[node].http());
+        async move {
+            let answer = raw(reqwest::Client::new().get(url).bearer_auth(API_KEY)).await;
+            assert_eq!(answer.status, 200, "{}", answer.body);
+            serde_json::from_value::<herald_client::UserSessions>(answer.body).unwrap()
+        }
+    };
+    for node in 0..2 {
+        eventually("both of hana's sessions listed", || async { listing(node).await.sessions.len() == 2 }).await;
+        let hana = listing(node).await;
+        assert_eq!(hana.count, 2);
+        let seen: Vec<_> =
+            hana.sessions.iter().map(|s| (s.session_id.clone(), s.node_id.as_str(), s.jti.as_deref())).collect();
+        assert_eq!(
+            seen,
+            [
+                (here.welcome().session_id.clone(), "node-0", Some("hana-phone")),
+                (there.welcome().session_id.clone(), "node-1", Some("hana-laptop"))
+            ],
+            "from node-{node}"
+        );
+        assert_eq!(hana.sessions[1].user_agent.as_deref(), Some("Laptop/1"));
+    }
+
+    // A refresh on node-1 reaches node-0's listing.
+    let fresh = token_with_jti("hana", json!("hana-laptop-2"));
+    there.send_text(json!({"type": "refresh", "token": fresh, "ref": 1}).to_string()).await.unwrap();
+    assert!(matches!(next(&mut there).await, ServerFrame::Ok { .. }));
+    eventually("the refreshed token listed on node-0", || async {
+        listing(0).await.sessions.iter().any(|s| s.jti.as_deref() == Some("hana-laptop-2"))
+    })
+    .await;
+
+    // node-0 closes the session node-1 serves.
+    let url = format!("{}/v1/users/hana/sessions/{}", nodes[0].http(), there.welcome().session_id);
+    let answer = raw(reqwest::Client::new().delete(url).bearer_auth(API_KEY)).await;
+    assert_eq!(answer.status, 204, "{}", answer.body);
+    assert_eq!(closed(&mut there).await, (4003, "disconnected by the server".to_string()));
+    drop(there);
+    assert!(here.next_frame_within(Duration::from_millis(300)).await.unwrap().is_none(), "node-0's session stays");
+    assert!(other.next_frame_within(Duration::from_millis(100)).await.unwrap().is_none(), "ivan stays");
+    eventually("the closed session to leave node-0's listing", || async {
+        let hana = listing(0).await;
+        hana.count == 1 && hana.sessions.len() == 1 && hana.sessions[0].node_id == "node-0"
+    })
+    .await;
+    drop((here, other));
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
 /// Nothing repairs a lost disconnect, so while Redis is gone the call says
 /// 503 (this node's sessions are closed all the same), and 204 once it is back.
 #[tokio::test]
@@ -96,6 +164,12 @@ async fn a_disconnect_that_may_not_reach_other_nodes_is_a_503() {
     assert!(answer.headers.contains_key("retry-after"));
     assert_eq!(close_code(&mut here).await, 4003, "this node's session closes all the same");
     drop(here);
+    // One session closed by its id, and a listing: the same 503.
+    let one = format!("{url}/{}", uuid::Uuid::now_v7());
+    let answer = raw(reqwest::Client::new().delete(&one).bearer_auth(API_KEY)).await;
+    assert_eq!((answer.status, answer.error_code()), (503, "broker_unavailable"), "{}", answer.body);
+    let answer = raw(reqwest::Client::new().get(&url).bearer_auth(API_KEY)).await;
+    assert_eq!((answer.status, answer.error_code()), (503, "broker_unavailable"), "{}", answer.body);
     redis.start_again();
     eventually("the broker answers again", || async {
         raw(reqwest::Client::new().delete(&url).bearer_auth(API_KEY)).await.status == 204
@@ -278,6 +352,11 @@ async fn a_presence_hash_redis_lost_is_written_whole_again() {
     eventually("carol counts", || async { presence(node, "carol").await == 1 }).await;
     for user in ["alice", "bob"] {
         assert_eq!(presence(node, user).await, 1, "{user} left out of the rewritten hash");
+        // The listing the other nodes read is written whole too.
+        let listing: Option<String> =
+            redis::cmd("HGET").arg(&key).arg(format!("\u{1}{user}")).query_async(&mut redis).await.unwrap();
+        let listing: Vec<herald_client::UserSession> = serde_json::from_str(&listing.expect("a listing")).unwrap();
+        assert_eq!(listing.len(), 1, "{user}'s listing");
     }
     for node in nodes {
         node.stop().await;

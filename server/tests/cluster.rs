@@ -424,21 +424,52 @@ async fn presence_everywhere(cluster: &Cluster, nodes: &[usize], user: &str, exp
     }
 }
 
+/// The nodes serving `user`'s sessions, in the listing's order, as `node`
+/// lists them (`None` while the call fails).
+async fn listed_nodes(node: &Node, user: &str) -> Option<(u64, Vec<(String, String)>)> {
+    let url = format!("{}/v1/users/{user}/sessions", node.http());
+    let answer = raw(reqwest::Client::new().get(url).bearer_auth(API_KEY).timeout(Duration::from_secs(10))).await;
+    let listing: herald_client::UserSessions = serde_json::from_value(answer.body).ok()?;
+    Some((listing.count, listing.sessions.into_iter().map(|s| (s.node_id, s.session_id)).collect()))
+}
+
+/// Presence counts, and the listing of sessions, across real processes:
+/// a session closed by its client or by a backend (by its id, through
+/// another node) leaves both; a dead node's sessions leave both after the
+/// presence TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_counts_sessions_across_nodes() {
     let mut cluster = Cluster::build().env("HERALD_PRESENCE_TTL", "3s").start();
-    let _on_a = cluster.node(0).connect(USER, None).await;
+    let on_a = cluster.node(0).connect(USER, None).await;
     let on_b1 = cluster.node(1).connect(USER, None).await;
-    let _on_b2 = cluster.node(1).connect(USER, None).await;
+    let mut on_b2 = cluster.node(1).connect(USER, None).await;
     presence_everywhere(&cluster, &[0, 1, 2], USER, 3, WAIT).await;
     presence_everywhere(&cluster, &[2], "bob", 0, WAIT).await;
+    let id = |session: &herald_client::Session| session.welcome().session_id.clone();
+    let everyone = vec![("node-0".into(), id(&on_a)), ("node-1".into(), id(&on_b1)), ("node-1".into(), id(&on_b2))];
+    assert_eq!(listed_nodes(cluster.node(2), USER).await, Some((3, everyone)), "listed by a node without any");
 
     on_b1.close().await.expect("close");
     presence_everywhere(&cluster, &[0, 1, 2], USER, 2, WAIT).await;
 
-    // A dead node's sessions stop counting after the presence TTL.
+    // node-2 closes one of node-1's sessions by its id.
+    let url = format!("{}/v1/users/{USER}/sessions/{}", cluster.node(2).http(), id(&on_b2));
+    let answer = raw(reqwest::Client::new().delete(url).bearer_auth(API_KEY)).await;
+    assert_eq!(answer.status, 204, "{}", answer.body);
+    assert_eq!(closed(&mut on_b2).await.0, 4003);
+    drop(on_b2);
+    presence_everywhere(&cluster, &[0, 1, 2], USER, 1, WAIT).await;
+    let left = Some((1, vec![("node-0".to_string(), id(&on_a))]));
+    within("node-2's listing to drop the closed session", WAIT, || async {
+        listed_nodes(cluster.node(2), USER).await == left
+    })
+    .await;
+
+    // A dead node's sessions stop counting, and stop being listed, after the presence TTL.
     cluster.node_mut(0).kill9();
-    presence_everywhere(&cluster, &[1, 2], USER, 1, DEADLINE).await;
+    presence_everywhere(&cluster, &[1, 2], USER, 0, DEADLINE).await;
+    assert_eq!(listed_nodes(cluster.node(1), USER).await, Some((0, vec![])));
+    drop(on_a);
 }
 
 /// A Redis that refuses writes but still answers reads and `PUBLISH` (at

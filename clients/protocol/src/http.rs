@@ -163,6 +163,43 @@ pub struct TokenRevoked {
     pub expires_at: Option<i64>,
 }
 
+/// `GET /v1/users/{id}/sessions`: the user's open sessions on every node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserSessions {
+    pub user_id: String,
+    /// Sessions open across the cluster (what presence answers).
+    pub count: u64,
+    /// The sessions, oldest first: every one, except that a node lists at
+    /// most 100 of one user's (the newest), so `sessions` may be shorter
+    /// than `count` when the per-user session cap is off.
+    pub sessions: Vec<UserSession>,
+}
+
+/// One open WebSocket session, as the handshake saw it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct UserSession {
+    /// As the session's `welcome` gave it; `DELETE
+    /// /v1/users/{id}/sessions/{session_id}` closes this session alone.
+    pub session_id: String,
+    /// The node serving it.
+    pub node_id: String,
+    /// RFC 3339, UTC, to the millisecond.
+    pub connected_at: String,
+    /// The `jti` of the token the session runs on now (after any `refresh`),
+    /// when it has one Herald can revoke alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jti: Option<String>,
+    /// `exp` of that token, unix seconds.
+    pub token_expires_at: i64,
+    /// The client's address, as the node resolved it (behind a trusted
+    /// proxy, from its forwarding header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip: Option<String>,
+    /// The handshake's `User-Agent`, at most 256 bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_agent: Option<String>,
+}
+
 /// `GET /v1/me/unread`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UnreadCounts {

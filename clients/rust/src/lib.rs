@@ -57,9 +57,10 @@ pub use error::{BoxError, Error};
 pub use herald_protocol::http::{
     Digest, DigestAccepted, DigestPending, ErrorBody, JobAccepted, JobProgress, JobStatus, NotificationPage,
     PublishRequest, PublishResponse, Published, RevokeToken, RevokeTokens, TokenRevoked, TokensRevoked, UnreadCounts,
+    UserSession, UserSessions,
 };
 pub use herald_protocol::{close, ClientFrame, Notification, ReadMark, Seq, ServerFrame, Welcome};
 pub use inbox::Inbox;
 pub use publisher::{Publisher, Submitted};
-pub use session::{Connect, Session, TokenVia};
+pub use session::{Connect, Session, TokenVia, DEFAULT_USER_AGENT};
 pub use tls::TlsOptions;

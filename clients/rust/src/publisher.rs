@@ -2,7 +2,7 @@
 
 use herald_protocol::http::{
     DigestAccepted, Erased, JobAccepted, JobStatus, NotificationPage, PublishRequest, PublishResponse, Published,
-    RevokeToken, RevokeTokens, TokenRevoked, TokensRevoked, UnreadCounts,
+    RevokeToken, RevokeTokens, TokenRevoked, TokensRevoked, UnreadCounts, UserSessions,
 };
 use herald_protocol::{ReadMark, Seq};
 use reqwest::StatusCode;
@@ -150,6 +150,21 @@ impl Publisher {
     /// user, on every node, with 4003.
     pub async fn disconnect(&self, user: &str) -> Result<(), Error> {
         let url = format!("{}/v1/users/{}/sessions", self.base, encode_segment(user));
+        no_content(self.http.delete(url).bearer_auth(&self.api_key).send().await?).await
+    }
+
+    /// `GET /v1/users/{user}/sessions`: the user's open sessions on every
+    /// node, oldest first (id, node, when, token `jti` and `exp`, address,
+    /// `User-Agent`).
+    pub async fn sessions(&self, user: &str) -> Result<UserSessions, Error> {
+        let url = format!("{}/v1/users/{}/sessions", self.base, encode_segment(user));
+        Ok(answer(self.http.get(url).bearer_auth(&self.api_key).send().await?).await?.1)
+    }
+
+    /// `DELETE /v1/users/{user}/sessions/{session_id}`: closes that one
+    /// session of the user, wherever it runs, with 4003; the others carry on.
+    pub async fn disconnect_session(&self, user: &str, session_id: &str) -> Result<(), Error> {
+        let url = format!("{}/v1/users/{}/sessions/{}", self.base, encode_segment(user), encode_segment(session_id));
         no_content(self.http.delete(url).bearer_auth(&self.api_key).send().await?).await
     }
 

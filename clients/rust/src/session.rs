@@ -52,6 +52,7 @@ pub struct Connect {
     epoch: Option<String>,
     via: TokenVia,
     origin: Option<String>,
+    user_agent: String,
     tls: TlsOptions,
     tls_config: Option<Arc<rustls::ClientConfig>>,
 }
@@ -67,6 +68,7 @@ impl Connect {
             epoch: None,
             via: TokenVia::Header,
             origin: None,
+            user_agent: DEFAULT_USER_AGENT.to_string(),
             tls: TlsOptions::default(),
             tls_config: None,
         }
@@ -95,6 +97,14 @@ impl Connect {
 
     pub fn origin(mut self, origin: impl Into<String>) -> Connect {
         self.origin = Some(origin.into());
+        self
+    }
+
+    /// The handshake's `User-Agent` (default `herald-client-rust/<version>`),
+    /// which a backend sees in the user's session listing: name the app and
+    /// device ("MyApp/3.2 (Android 14)"). Empty sends none.
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> Connect {
+        self.user_agent = user_agent.into();
         self
     }
 
@@ -133,6 +143,9 @@ impl Connect {
         }
         if let Some(origin) = &self.origin {
             headers.insert("origin", header(origin)?);
+        }
+        if !self.user_agent.is_empty() {
+            headers.insert("user-agent", header(&self.user_agent)?);
         }
         let connector = match (&self.tls_config, url.starts_with("wss:")) {
             (_, false) => None,
@@ -188,6 +201,9 @@ impl Connect {
 fn header(value: &str) -> Result<HeaderValue, Error> {
     HeaderValue::from_str(value).map_err(|e| Error::Protocol(format!("bad header value: {e}")))
 }
+
+/// What [`Connect`] says it is unless told otherwise.
+pub const DEFAULT_USER_AGENT: &str = concat!("herald-client-rust/", env!("CARGO_PKG_VERSION"));
 
 /// An open WebSocket session.
 pub struct Session {

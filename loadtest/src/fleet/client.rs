@@ -35,6 +35,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(15);
 const ATTEMPTS: u32 = 3;
 /// Tokens outlive any run.
 const TOKEN_TTL_SECS: i64 = 24 * 3600;
+/// Sent as browsers send theirs, so a node holds (and lists) what it would
+/// for real clients: about 130 bytes.
+const USER_AGENT: &str = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) \
+                          Chrome/131.0.0.0 Safari/537.36 herald-loadtest";
 
 /// How a session ended.
 enum End {
@@ -213,6 +217,7 @@ impl Client {
             let token = herald_server::auth::mint(&spec.jwt_secret, &user_id(&spec.prefix, self.j), TOKEN_TTL_SECS);
             let bearer = HeaderValue::from_str(&format!("Bearer {token}")).map_err(|e| e.to_string())?;
             request.headers_mut().insert("authorization", bearer);
+            request.headers_mut().insert("user-agent", HeaderValue::from_static(USER_AGENT));
             let config = WebSocketConfig::default().read_buffer_size(4096).write_buffer_size(0);
             let (mut ws, _) =
                 tokio_tungstenite::client_async_with_config(request, tcp, Some(config)).await.map_err(|e| match e {

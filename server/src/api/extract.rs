@@ -192,14 +192,38 @@ impl<S: Send + Sync> FromRequestParts<S> for UserTokenPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let axum::extract::Path((user, jti)) =
-            axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
-                .await
-                .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
-        crate::api::publish::check_user_id(&user).map_err(|m| ApiError::bad_request("invalid_user_id", m))?;
+        let (user, jti) = user_and(parts, state).await?;
         crate::auth::check_token_id(&jti).map_err(|m| ApiError::bad_request("invalid_jti", m))?;
         Ok(UserTokenPath { user, jti })
     }
+}
+
+/// `{user_id}` and `{session_id}` path segments: a session id is the
+/// UUID a `welcome` carries.
+pub struct UserSessionPath {
+    pub user: String,
+    pub session_id: uuid::Uuid,
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for UserSessionPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let (user, session_id) = user_and(parts, state).await?;
+        let session_id = session_id.parse().map_err(|_| {
+            ApiError::bad_request("invalid_session_id", "a session id is the UUID its `welcome` frame carries")
+        })?;
+        Ok(UserSessionPath { user, session_id })
+    }
+}
+
+/// A checked `{user_id}` and the path segment after it.
+async fn user_and<S: Send + Sync>(parts: &mut Parts, state: &S) -> Result<(String, String), ApiError> {
+    let axum::extract::Path((user, second)) = axum::extract::Path::<(String, String)>::from_request_parts(parts, state)
+        .await
+        .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))?;
+    crate::api::publish::check_user_id(&user).map_err(|m| ApiError::bad_request("invalid_user_id", m))?;
+    Ok((user, second))
 }
 
 /// A `{user_id}` path segment, 1 to 256 bytes.

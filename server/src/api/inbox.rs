@@ -9,14 +9,12 @@ use axum::http::StatusCode;
 use axum::Json;
 use herald_protocol::http::{Erased, NotificationPage, UnreadCounts};
 use herald_protocol::{ReadMark, Seq};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::value::RawValue;
 
 use super::error::ApiError;
-use super::extract::{DisconnectKey, EraseKey, JsonBody, PublishKey, QueryParams, ReadKey, User, UserPath};
+use super::extract::{EraseKey, JsonBody, PublishKey, QueryParams, ReadKey, User, UserPath};
 use super::publish::check_topic;
-use crate::broker::Event;
-use crate::hub::Delivery;
 use crate::store::ListQuery;
 use crate::ws::protocol::read_mark;
 use crate::AppState;
@@ -188,54 +186,4 @@ pub async fn user_unread(
 async fn unread_of(state: &AppState, user: &str) -> Result<Json<UnreadCounts>, ApiError> {
     let counts = state.metrics.store_op("unread", state.store.unread(user)).await?;
     Ok(Json(UnreadCounts { total: counts.total, by_topic: counts.by_topic.into_iter().collect() }))
-}
-
-#[derive(Serialize)]
-pub struct Presence {
-    user_id: String,
-    sessions: u64,
-}
-
-/// `GET /v1/users/{user_id}/presence`: the user's sessions on every node
-/// (with Redis, from each live node's published counts).
-pub async fn presence(
-    State(state): State<AppState>,
-    _: ReadKey,
-    UserPath(user): UserPath,
-) -> Result<Json<Presence>, ApiError> {
-    // The edge logs the 503 (sampled); the broker logs the outage itself.
-    let sessions = state.broker.presence(&user).await.map_err(|e| {
-        tracing::debug!(error = %e, "presence unavailable");
-        ApiError::unavailable("broker_unavailable", format!("presence is unavailable: {e}"))
-    })?;
-    Ok(Json(Presence { user_id: user, sessions }))
-}
-
-/// `DELETE /v1/users/{user_id}/sessions`: closes every open session of the
-/// user, on every node, with 4003 ("disconnected by the server"); 204. The
-/// node's own sessions are told at once, the other nodes' through the broker.
-/// Nothing repairs a lost broker message here (as the store repairs lost
-/// notifications), so the answer is 204 only when the broker took the
-/// message and answers a ping after it; otherwise 503, and the caller
-/// repeats the call. It does not revoke tokens: a client that reconnects
-/// with a token still valid gets a new session (the SDKs do not retry after
-/// 4003).
-pub async fn disconnect(
-    State(state): State<AppState>,
-    _: DisconnectKey,
-    UserPath(user): UserPath,
-) -> Result<StatusCode, ApiError> {
-    let event = Event { user_id: user.as_str().into(), id: None, delivery: Delivery::Disconnect, trace: None };
-    let carried = async {
-        state.broker.publish(vec![event]).await?;
-        state.broker.ping().await
-    };
-    carried.await.map_err(|e| {
-        tracing::warn!(error = %e, "disconnect may not have reached other nodes");
-        ApiError::unavailable(
-            "broker_unavailable",
-            "this node's sessions of the user were closed; other nodes may not have been told: retry",
-        )
-    })?;
-    Ok(StatusCode::NO_CONTENT)
 }

@@ -19,6 +19,7 @@ mod ops;
 pub mod publish;
 pub mod request;
 mod revoke;
+mod sessions;
 
 use error::ApiError;
 
@@ -48,8 +49,9 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/jobs/{id}", get(jobs::status))
         .route("/v1/users/{user_id}/notifications", get(inbox::user_history).delete(inbox::erase))
-        .route("/v1/users/{user_id}/presence", get(inbox::presence))
-        .route("/v1/users/{user_id}/sessions", delete(inbox::disconnect))
+        .route("/v1/users/{user_id}/presence", get(sessions::presence))
+        .route("/v1/users/{user_id}/sessions", get(sessions::list).delete(sessions::disconnect))
+        .route("/v1/users/{user_id}/sessions/{session_id}", delete(sessions::disconnect_one))
         .route("/v1/users/{user_id}/notifications/read", post(inbox::user_mark_read).layer(declared(body_limit)))
         .route("/v1/users/{user_id}/unread", get(inbox::user_unread))
         .route("/v1/users/{user_id}/tokens/revoke", post(revoke::revoke).layer(declared(body_limit)))

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use herald_protocol::http::UserSession;
 
 use crate::hub::Delivery;
 
@@ -29,6 +30,15 @@ pub struct Event {
     pub trace: Option<String>,
 }
 
+/// A user's sessions on the other nodes: how many, and the listed ones (at
+/// most [`crate::hub::LISTED_PER_NODE`] per node; none from a node that
+/// predates listings).
+#[derive(Debug, Default)]
+pub struct Elsewhere {
+    pub count: u64,
+    pub sessions: Vec<UserSession>,
+}
+
 /// Fan-out of committed events.
 ///
 /// **Guarantee: at most once, no order promised.** An event may be lost or
@@ -50,6 +60,12 @@ pub trait Broker: Send + Sync + 'static {
 
     /// Sessions of `user` open on every node.
     async fn presence(&self, user: &str) -> Result<u64, BrokerError>;
+
+    /// Sessions of `user` open on the other nodes, as each last published
+    /// them (the presence counts' freshness). One node has no others.
+    async fn sessions_elsewhere(&self, _user: &str) -> Result<Elsewhere, BrokerError> {
+        Ok(Elsewhere::default())
+    }
 
     /// Publishes what is queued (bounded in time) and withdraws this node.
     async fn close(&self) {}

@@ -31,6 +31,11 @@
 //! count over the live nodes, so a dead node's sessions stop counting after
 //! `presence_ttl`. The list of live nodes is read at most once per
 //! maintenance tick (every handshake asks, for the sessions-per-user cap).
+//! Beside each user's count, under the field `\x01<user>` (no user id has a
+//! control character, so the two never meet), the same hash holds the JSON
+//! list of that user's sessions on the node ([`Hub::listing`]), written in
+//! the same command: `GET /v1/users/{id}/sessions` reads both with one
+//! `HMGET` per live node.
 
 use std::collections::HashSet;
 use std::path::Path;
@@ -40,6 +45,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::future::join_all;
+use herald_protocol::http::UserSession;
 use herald_protocol::Seq;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
@@ -54,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::sentinel::Followed;
-use super::{Broker, BrokerError, Event};
+use super::{Broker, BrokerError, Elsewhere, Event};
 use crate::hub::{Delivery, Frame, Hub, Interest};
 use crate::store::{now_ms, Store};
 use crate::telemetry::Metrics;
@@ -75,6 +81,10 @@ const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// Any one Redis command.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// The error of a command or connection that took longer than allowed.
+fn unavailable(e: redis::RedisError) -> BrokerError {
+    BrokerError::Unavailable(e.to_string())
+}
+
 pub(super) fn timed_out() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
@@ -535,7 +545,6 @@ impl RedisBroker {
         store: Arc<dyn Store>,
         metrics: Arc<Metrics>,
     ) -> Result<RedisBroker, BrokerError> {
-        let unavailable = |e: redis::RedisError| BrokerError::Unavailable(e.to_string());
         let signals = changes.signals.clone();
         let (push_tx, push_rx) = mpsc::channel(RECEIVE_QUEUE);
         let sink = PushSink { queue: push_tx, signals: signals.clone() };
@@ -627,6 +636,17 @@ impl Shared {
         let nodes: Arc<[String]> = nodes.into();
         *self.live_nodes.lock().expect("live nodes") = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
+    }
+
+    /// Presence read from Redis is right only while this node's own writes
+    /// succeed: else its sessions would be left out.
+    fn presence_trusted(&self) -> Result<(), BrokerError> {
+        match self.presence_failing() {
+            Some(error) => Err(BrokerError::Unavailable(format!(
+                "this node cannot write its presence to Redis ({error}); counts would leave its sessions out"
+            ))),
+            None => Ok(()),
+        }
     }
 
     /// The error this node's presence writes keep failing with, once that
@@ -750,12 +770,7 @@ impl Broker for RedisBroker {
 
     async fn presence(&self, user: &str) -> Result<u64, BrokerError> {
         let shared = &self.shared;
-        if let Some(error) = shared.presence_failing() {
-            return Err(BrokerError::Unavailable(format!(
-                "this node cannot write its presence to Redis ({error}); counts would leave its sessions out"
-            )));
-        }
-        let unavailable = |e: redis::RedisError| BrokerError::Unavailable(e.to_string());
+        shared.presence_trusted()?;
         let nodes = shared.live_nodes().await.map_err(unavailable)?;
         let counts = join_all(nodes.iter().map(|node| {
             let mut conn = shared.publisher.clone();
@@ -768,6 +783,31 @@ impl Broker for RedisBroker {
             total += count.map_err(unavailable)?.unwrap_or(0);
         }
         Ok(total)
+    }
+
+    async fn sessions_elsewhere(&self, user: &str) -> Result<Elsewhere, BrokerError> {
+        let shared = &self.shared;
+        shared.presence_trusted()?;
+        let nodes = shared.live_nodes().await.map_err(unavailable)?;
+        let others = nodes.iter().filter(|node| **node != shared.node_id);
+        let records = join_all(others.map(|node| {
+            let mut conn = shared.publisher.clone();
+            let cmd = redis::cmd("HMGET").arg(shared.presence_key(node)).arg(user).arg(listing_field(user)).clone();
+            async move { conn.query::<(Option<u64>, Option<String>)>(&cmd).await.map(|record| (node, record)) }
+        }))
+        .await;
+        let mut elsewhere = Elsewhere::default();
+        for record in records {
+            let (node, (count, listing)) = record.map_err(unavailable)?;
+            elsewhere.count += count.unwrap_or(0);
+            // A node from before listings writes counts alone.
+            let Some(listing) = listing else { continue };
+            match serde_json::from_str::<Vec<UserSession>>(&listing) {
+                Ok(sessions) => elsewhere.sessions.extend(sessions),
+                Err(e) => tracing::debug!(%node, error = %e, "a node's listing of a user's sessions does not parse"),
+            }
+        }
+        Ok(elsewhere)
     }
 
     async fn close(&self) {
@@ -788,11 +828,12 @@ impl Broker for RedisBroker {
 /// kind `n` (notification), `r` (read), `h` (head), `d` (disconnect) or
 /// `t` (tokens revoked; the seq field carries `issued_before`, the frame
 /// `expires_at` in decimal or nothing) or `j` (one token revoked; the seq
-/// field carries `expires_at`, 0 for never, the frame the `jti`).
+/// field carries `expires_at`, 0 for never, the frame the `jti`) or `s`
+/// (one session closed; the frame is its id).
 /// Older nodes ignore the optional trace field, and kinds they do not know
 /// (a node before `j` learns of a single token's revocation only from the
 /// table, which it does not read either: it goes on taking the token until
-/// it is upgraded).
+/// it is upgraded; a node before `s` leaves the session open).
 struct Message {
     user: Arc<str>,
     origin: String,
@@ -802,18 +843,23 @@ struct Message {
 
 impl Message {
     fn encode(event: &Event, origin: &str) -> Vec<u8> {
-        let expiry;
+        // The decimal expiry, or the session id, that the frame field carries.
+        let text;
         let (kind, seq, frame) = match &event.delivery {
             Delivery::Notification { seq, frame } => ('n', *seq, frame.as_str()),
             Delivery::Read { frame } => ('r', 0, frame.as_str()),
             Delivery::Head { seq } => ('h', *seq, ""),
             Delivery::Disconnect => ('d', 0, ""),
             Delivery::Revoke { issued_before, expires_at } => {
-                expiry = expires_at.map(|at| at.to_string()).unwrap_or_default();
-                ('t', *issued_before, expiry.as_str())
+                text = expires_at.map(|at| at.to_string()).unwrap_or_default();
+                ('t', *issued_before, text.as_str())
             }
             // An expiry is after the revocation was taken, so never 0.
             Delivery::RevokeToken { jti, expires_at } => ('j', expires_at.unwrap_or(0), &**jti),
+            Delivery::DisconnectSession { session_id } => {
+                text = session_id.to_string();
+                ('s', 0, text.as_str())
+            }
         };
         let id = event.id.as_deref().unwrap_or("-");
         let user = &*event.user_id;
@@ -856,6 +902,7 @@ impl Message {
             "d" => Delivery::Disconnect,
             "t" => Delivery::Revoke { issued_before: seq, expires_at: frame.as_str().parse().ok() },
             "j" => Delivery::RevokeToken { jti: frame.as_str().into(), expires_at: (seq != 0).then_some(seq) },
+            "s" => Delivery::DisconnectSession { session_id: frame.as_str().parse().ok()? },
             _ => return None,
         };
         Some(Message { user: user.into(), origin: origin.to_string(), delivery, trace })
@@ -1057,10 +1104,9 @@ async fn reconcile(shared: &Shared) -> RedisResult<bool> {
     let mut present = Vec::new();
     let mut gone = Vec::new();
     for user in &users {
-        let sessions = shared.hub.local_sessions(user);
         let subscribed = shared.is_subscribed(user);
-        if sessions > 0 {
-            present.push((user.clone(), sessions));
+        if let Some(record) = presence_record(shared, user) {
+            present.push((user.clone(), record));
             if !subscribed {
                 add.push(user.clone());
             }
@@ -1084,20 +1130,12 @@ async fn reconcile(shared: &Shared) -> RedisResult<bool> {
         let _ = shared.subscribe(&remove, false).await;
     }
     let key = shared.presence_key(&shared.node_id);
-    let mut cmds = Vec::new();
-    for chunk in present.chunks(SUBSCRIBE_BATCH) {
-        let mut cmd = redis::cmd("HSET");
-        cmd.arg(&key);
-        for (user, n) in chunk {
-            cmd.arg(&**user).arg(*n);
-        }
-        cmds.push(cmd);
-    }
+    let mut cmds = presence_writes(&key, &present);
     for chunk in gone.chunks(SUBSCRIBE_BATCH) {
         let mut cmd = redis::cmd("HDEL");
         cmd.arg(&key);
         for user in chunk {
-            cmd.arg(&**user);
+            cmd.arg(&**user).arg(listing_field(user));
         }
         cmds.push(cmd);
     }
@@ -1111,6 +1149,33 @@ async fn reconcile(shared: &Shared) -> RedisResult<bool> {
     Ok(!kept)
 }
 
+/// A user's entry in this node's presence hash: the count of local
+/// sessions and their listing (JSON); `None` when the user has none here.
+fn presence_record(shared: &Shared, user: &str) -> Option<(usize, String)> {
+    let count = shared.hub.local_sessions(user);
+    let listing = shared.hub.listing(user, &shared.node_id);
+    (count > 0).then(|| (count, serde_json::to_string(&listing).expect("a listing always serializes")))
+}
+
+/// `HSET`s of users' records, [`SUBSCRIBE_BATCH`] users per command.
+fn presence_writes(key: &str, records: &[(Arc<str>, (usize, String))]) -> Vec<redis::Cmd> {
+    let mut cmds = Vec::new();
+    for chunk in records.chunks(SUBSCRIBE_BATCH) {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(key);
+        for (user, (count, listing)) in chunk {
+            cmd.arg(&**user).arg(*count).arg(listing_field(user)).arg(listing);
+        }
+        cmds.push(cmd);
+    }
+    cmds
+}
+
+/// The presence hash's field for a user's listing: see the module's doc.
+fn listing_field(user: &str) -> String {
+    format!("\u{1}{user}")
+}
+
 /// Keeps this node's presence alive; rewrites it whole when Redis lost it.
 async fn refresh_presence(shared: &Shared, rewrite: bool) -> RedisResult<()> {
     let mut conn = shared.publisher.clone();
@@ -1119,15 +1184,10 @@ async fn refresh_presence(shared: &Shared, rewrite: bool) -> RedisResult<()> {
     let kept: bool = conn.query(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms)).await?;
     let users = shared.hub.users();
     if rewrite || (!kept && !users.is_empty()) {
+        let present: Vec<_> =
+            users.into_iter().filter_map(|(user, _)| presence_record(shared, &user).map(|r| (user, r))).collect();
         let mut cmds = vec![redis::cmd("DEL").arg(&key).clone()];
-        for chunk in users.chunks(SUBSCRIBE_BATCH) {
-            let mut cmd = redis::cmd("HSET");
-            cmd.arg(&key);
-            for (user, _) in chunk {
-                cmd.arg(&**user).arg(shared.hub.local_sessions(user));
-            }
-            cmds.push(cmd);
-        }
+        cmds.extend(presence_writes(&key, &present));
         cmds.push(redis::cmd("PEXPIRE").arg(&key).arg(ttl_ms).clone());
         conn.run_all(cmds).await?;
     }
@@ -1257,6 +1317,11 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
+        let session_id = uuid::Uuid::now_v7();
+        let one = Event { delivery: Delivery::DisconnectSession { session_id }, ..kept.clone() };
+        let m = Message::decode(&Message::encode(&one, "a")).unwrap();
+        assert!(matches!(m.delivery, Delivery::DisconnectSession { session_id: read } if read == session_id));
+        assert!(Message::decode(b"s 0 - 5 1\nalicean-id").is_none(), "a session id that is no UUID");
     }
 
     impl Message {

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Query, Request, State};
@@ -28,6 +29,7 @@ use crate::api::error::ApiError;
 use crate::api::extract::ClientIp;
 use crate::api::request::RequestId;
 use crate::auth::{bearer, AuthError};
+use crate::hub::SessionInfo;
 use crate::limit::{Refusal, SessionPermits};
 use crate::telemetry::Limit;
 use crate::telemetry::Outcome;
@@ -37,6 +39,9 @@ use crate::AppState;
 pub const SUBPROTOCOL: &str = "herald.v1";
 /// Prefix of the subprotocol entry that carries the token.
 pub const BEARER_PREFIX: &str = "herald.bearer.";
+
+/// How much of a `User-Agent` a session keeps, for listings.
+const USER_AGENT_BYTES: usize = 256;
 
 /// `Retry-After` when a session cap is full: a place frees when a session ends.
 const CAP_RETRY_AFTER_SECS: u64 = 5;
@@ -170,17 +175,22 @@ async fn check(
     };
     let permits = state.limits.admit(permits, ip, &user.user_id).map_err(refused)?;
     cluster_sessions_per_user(state, &user.user_id).await.map_err(refused)?;
-    let ctx = SessionContext {
-        session_id: uuid::Uuid::now_v7().to_string(),
-        user: user.user_id,
-        expires_at: user.expires_at,
-        issued_at: user.issued_at,
-        token_id: user.token_id,
-        since,
-        epoch,
-        request_id: String::new(),
-    };
+    let session = SessionInfo::new(user.session_token(), ip, user_agent(headers));
+    let ctx =
+        SessionContext { user: user.user_id, session: Arc::new(session), since, epoch, request_id: String::new() };
     Ok((ctx, permits))
+}
+
+/// The handshake's `User-Agent`, as sessions are listed with it: at most
+/// [`USER_AGENT_BYTES`] (cut at a character), absent when empty or not
+/// visible ASCII.
+fn user_agent(headers: &HeaderMap) -> Option<Box<str>> {
+    let agent = headers.get(header::USER_AGENT)?.to_str().ok()?.trim();
+    let mut end = agent.len().min(USER_AGENT_BYTES);
+    while !agent.is_char_boundary(end) {
+        end -= 1;
+    }
+    (end > 0).then(|| agent[..end].into())
 }
 
 /// An epoch as welcomes carry them (any this shape is accepted; one the

@@ -28,7 +28,7 @@ use super::close::SessionEnd;
 use super::protocol::{self, BadFrame};
 use super::stream::FlushBuffered;
 use crate::broker::Event;
-use crate::hub::{Delivery, Outbox};
+use crate::hub::{Delivery, Outbox, SessionInfo};
 use crate::limit::SessionPermits;
 use crate::store::StoredNotification;
 use crate::telemetry::{FrameKind, Limit};
@@ -57,14 +57,10 @@ pub type WebSocket = WebSocketStream<FlushBuffered<TokioIo<Upgraded>>>;
 /// What the handshake verified; the only input a session trusts.
 #[derive(Debug, Clone)]
 pub struct SessionContext {
-    pub session_id: String,
     pub user: Arc<str>,
-    /// `exp` of the current token, unix seconds.
-    pub expires_at: i64,
-    /// `iat` of the current token, if it has one (checked against revocations).
-    pub issued_at: Option<i64>,
-    /// `jti` of the current token, if it can be revoked alone.
-    pub token_id: Option<Arc<str>>,
+    /// Its id, when and where from, and the token it runs on now: shared
+    /// with the hub, which lists it.
+    pub session: Arc<SessionInfo>,
     pub since: Option<Seq>,
     /// The store epoch the client's `since` belongs to, when it said.
     pub epoch: Option<String>,
@@ -92,9 +88,9 @@ struct Session {
 /// Runs a session to its end and closes the socket with the matching code.
 /// `permits` hold the session's places under the caps until it ends.
 pub async fn run(ws: WebSocket, ctx: SessionContext, permits: SessionPermits, state: AppState) {
-    let span = tracing::debug_span!("ws_session", request_id = %ctx.request_id, session_id = %ctx.session_id, user_id = %ctx.user);
+    let span = tracing::debug_span!("ws_session", request_id = %ctx.request_id, session_id = %ctx.session.id, user_id = %ctx.user);
     async move {
-        let registration = state.hub.register(&ctx.user, state.settings.outbox_capacity);
+        let registration = state.hub.register(&ctx.user, ctx.session.clone(), state.settings.outbox_capacity);
         state.metrics.sessions_active.inc();
         let mut session = Session {
             ws,
@@ -138,7 +134,8 @@ impl Session {
     async fn start(&mut self) -> Result<(), SessionEnd> {
         // Registered before this check, so a revocation that arrived after
         // the handshake's is seen here or delivered to the outbox.
-        if self.state.hub.is_revoked(&self.ctx.user, self.ctx.issued_at, self.ctx.token_id.as_deref()) {
+        let token = self.ctx.session.token();
+        if self.state.hub.is_revoked(&self.ctx.user, token.issued_at, token.jti.as_deref()) {
             return Err(SessionEnd::TokenRevoked);
         }
         // With Redis: wait (bounded) until this node hears the user's channel,
@@ -152,12 +149,12 @@ impl Session {
             self.state.metrics.truncations.inc();
         }
         let welcome = ServerFrame::Welcome(Welcome {
-            session_id: self.ctx.session_id.clone(),
+            session_id: self.ctx.session.id.to_string(),
             user_id: self.ctx.user.to_string(),
             node_id: self.state.settings.node_id.clone(),
             last_seq: head.last_seq,
             heartbeat_secs: self.state.settings.heartbeat_secs,
-            token_expires_at: self.ctx.expires_at,
+            token_expires_at: token.expires_at,
             truncated,
             oldest_seq: truncated.then_some(head.oldest_seq),
             epoch: Some(self.state.epoch.clone()),
@@ -257,7 +254,7 @@ impl Session {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         // Saturating: a token may say it expires in the year 300 million.
         let leeway = i64::try_from(self.state.settings.jwt.leeway_secs).unwrap_or(i64::MAX);
-        let exp_ms = self.ctx.expires_at.saturating_add(leeway).saturating_mul(1000);
+        let exp_ms = self.ctx.session.token().expires_at.saturating_add(leeway).saturating_mul(1000);
         let wait = Duration::from_millis(exp_ms.saturating_sub(now_ms).clamp(0, MAX_EXPIRY_WAIT_MS) as u64);
         let expire_at = Instant::now() + wait;
         (expire_at.checked_sub(EXPIRY_WARNING).unwrap_or_else(Instant::now), expire_at)
@@ -265,7 +262,7 @@ impl Session {
 
     async fn warn_expiry(&mut self) -> Result<(), SessionEnd> {
         self.warned = true;
-        self.send(vec![text(&ServerFrame::TokenExpiring { expires_at: self.ctx.expires_at })]).await
+        self.send(vec![text(&ServerFrame::TokenExpiring { expires_at: self.ctx.session.token().expires_at })]).await
     }
 
     async fn on_heartbeat(&mut self) -> Result<(), SessionEnd> {
@@ -313,12 +310,15 @@ impl Session {
             }
             Delivery::Head { seq } if seq <= self.cursor => {}
             Delivery::Head { seq } => self.catch_up(seq, batch).await?,
-            Delivery::Disconnect => return Err(SessionEnd::Disconnected),
-            Delivery::Revoke { issued_before, .. } if crate::auth::revokes(issued_before, self.ctx.issued_at) => {
+            // The hub hands a `DisconnectSession` to the session it names only.
+            Delivery::Disconnect | Delivery::DisconnectSession { .. } => return Err(SessionEnd::Disconnected),
+            Delivery::Revoke { issued_before, .. }
+                if crate::auth::revokes(issued_before, self.ctx.session.token().issued_at) =>
+            {
                 return Err(SessionEnd::TokenRevoked)
             }
             Delivery::Revoke { .. } => {}
-            Delivery::RevokeToken { jti, .. } if self.ctx.token_id.as_ref() == Some(&jti) => {
+            Delivery::RevokeToken { jti, .. } if self.ctx.session.token().jti.as_ref() == Some(&jti) => {
                 return Err(SessionEnd::TokenRevoked)
             }
             Delivery::RevokeToken { .. } => {}
@@ -397,9 +397,7 @@ impl Session {
     async fn refresh(&mut self, token: &str, reference: Option<serde_json::Value>) -> Result<(), SessionEnd> {
         match self.state.authenticate(token).await {
             Ok(t) if t.user_id == self.ctx.user => {
-                self.ctx.expires_at = t.expires_at;
-                self.ctx.issued_at = t.issued_at;
-                self.ctx.token_id = t.token_id;
+                self.state.hub.set_token(&self.ctx.user, &self.ctx.session, t.session_token());
                 self.warned = false;
                 tracing::debug!(expires_at = t.expires_at, "token refreshed");
                 self.send(vec![text(&ok(reference))]).await

@@ -30,6 +30,7 @@ pub(crate) struct Settings {
     pub url: String,
     pub via: TokenVia,
     pub origin: Option<String>,
+    pub user_agent: Option<String>,
     /// Built once for every connection (wss only).
     pub tls: Option<Arc<rustls::ClientConfig>>,
     pub backoff: Backoff,
@@ -154,6 +155,9 @@ impl Driver {
         let mut connect = Connect::new(self.settings.url.clone(), token).token_via(self.settings.via);
         if let Some(origin) = &self.settings.origin {
             connect = connect.origin(origin.clone());
+        }
+        if let Some(user_agent) = &self.settings.user_agent {
+            connect = connect.user_agent(user_agent.clone());
         }
         if let Some(tls) = &self.settings.tls {
             connect = connect.tls_config(tls.clone());

@@ -89,6 +89,7 @@ pub struct ClientBuilder {
     tls: TlsOptions,
     via: TokenVia,
     origin: Option<String>,
+    user_agent: Option<String>,
     backoff: Backoff,
     connect_timeout: Duration,
     event_capacity: usize,
@@ -150,6 +151,14 @@ impl ClientBuilder {
         self
     }
 
+    /// The handshake's `User-Agent`, which a backend sees in the user's
+    /// session listing (default `herald-client-rust/<version>`): name the
+    /// app and device.
+    pub fn user_agent(mut self, user_agent: impl Into<String>) -> ClientBuilder {
+        self.user_agent = Some(user_agent.into());
+        self
+    }
+
     /// Reconnect backoff: attempt `n` waits a random time in
     /// `0 ..= min(cap, base · 2ⁿ)`. Default 500 ms and 30 s. A session that
     /// stayed up for at least `cap` starts the count again.
@@ -194,6 +203,7 @@ impl ClientBuilder {
             url: self.url,
             via: self.via,
             origin: self.origin,
+            user_agent: self.user_agent,
             tls: if secure { Some(self.tls.client_config()?) } else { None },
             backoff: self.backoff,
             connect_timeout: self.connect_timeout,
@@ -288,6 +298,7 @@ impl Client {
             tls: TlsOptions::default(),
             via: TokenVia::Header,
             origin: None,
+            user_agent: None,
             backoff: Backoff { base: Duration::from_millis(500), cap: Duration::from_secs(30) },
             connect_timeout: Duration::from_secs(10),
             event_capacity: DEFAULT_EVENT_CAPACITY,
