@@ -106,16 +106,29 @@ async fn sessions_are_listed_with_what_the_handshake_saw_and_closed_one_at_a_tim
     server.stop().await;
 }
 
-/// A `User-Agent` is kept to 256 bytes; none is listed as absent.
+/// A `User-Agent` is kept to 256 bytes, cut at a character; none is
+/// listed as absent, as is one that is not UTF-8.
 #[tokio::test]
 async fn a_long_user_agent_is_cut_and_a_missing_one_left_out() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
     let server = TestServer::start().await;
     let long = format!("Agent/{}", "x".repeat(400));
     let _long = connect_as(&server, &server.token("carol"), &long).await;
     let _none = connect_as(&server, &server.token("carol"), "").await;
+    // 255 bytes, then a two-byte character across the cut.
+    let accented = format!("App/{}é", "y".repeat(251));
+    let _accented = connect_as(&server, &server.token("carol"), &accented).await;
+    let url = format!("{}/v1/ws?access_token={}", server.ws(), server.token("carol"));
+    let mut latin1 = url.into_client_request().unwrap();
+    let bytes = tokio_tungstenite::tungstenite::http::HeaderValue::from_bytes(b"Caf\xe9/1").unwrap();
+    latin1.headers_mut().insert("user-agent", bytes);
+    let (_latin1, _) = tokio_tungstenite::connect_async(latin1).await.expect("the upgrade succeeds");
+    eventually("carol's four sessions", || async { listed(&server, "carol").await.count == 4 }).await;
     let carol = listed(&server, "carol").await;
     assert_eq!(carol.sessions[0].user_agent.as_deref(), Some(&long[..256]));
     assert_eq!(carol.sessions[1].user_agent, None);
+    assert_eq!(carol.sessions[2].user_agent.as_deref(), Some(&accented[..255]), "cut before the é");
+    assert_eq!(carol.sessions[3].user_agent, None, "not UTF-8");
     let raw_listing = list(&server, API_KEY, "carol").await.body;
     assert!(raw_listing["sessions"][1].get("user_agent").is_none(), "absent, not null: {raw_listing}");
     server.stop().await;

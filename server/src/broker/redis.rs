@@ -80,11 +80,12 @@ const REPAIR_BATCH: usize = 1000;
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
 /// Any one Redis command.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
-/// The error of a command or connection that took longer than allowed.
+/// A Redis error, as callers of the broker see it.
 fn unavailable(e: redis::RedisError) -> BrokerError {
     BrokerError::Unavailable(e.to_string())
 }
 
+/// The error of a command or connection that took longer than allowed.
 pub(super) fn timed_out() -> redis::RedisError {
     redis::RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut))
 }
@@ -1153,8 +1154,10 @@ async fn reconcile(shared: &Shared) -> RedisResult<bool> {
 /// sessions and their listing (JSON); `None` when the user has none here.
 fn presence_record(shared: &Shared, user: &str) -> Option<(usize, String)> {
     let count = shared.hub.local_sessions(user);
-    let listing = shared.hub.listing(user, &shared.node_id);
-    (count > 0).then(|| (count, serde_json::to_string(&listing).expect("a listing always serializes")))
+    (count > 0).then(|| {
+        let listing = shared.hub.listing(user, &shared.node_id);
+        (count, serde_json::to_string(&listing).expect("a listing always serializes"))
+    })
 }
 
 /// `HSET`s of users' records, [`SUBSCRIBE_BATCH`] users per command.

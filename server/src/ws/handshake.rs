@@ -183,9 +183,9 @@ async fn check(
 
 /// The handshake's `User-Agent`, as sessions are listed with it: at most
 /// [`USER_AGENT_BYTES`] (cut at a character), absent when empty or not
-/// visible ASCII.
+/// UTF-8.
 fn user_agent(headers: &HeaderMap) -> Option<Box<str>> {
-    let agent = headers.get(header::USER_AGENT)?.to_str().ok()?.trim();
+    let agent = std::str::from_utf8(headers.get(header::USER_AGENT)?.as_bytes()).ok()?.trim();
     let mut end = agent.len().min(USER_AGENT_BYTES);
     while !agent.is_char_boundary(end) {
         end -= 1;
