@@ -834,7 +834,8 @@ impl Broker for RedisBroker {
 /// Older nodes ignore the optional trace field, and kinds they do not know
 /// (a node before `j` learns of a single token's revocation only from the
 /// table, which it does not read either: it goes on taking the token until
-/// it is upgraded; a node before `s` leaves the session open).
+/// it is upgraded; a node before `s` leaves the session open). From `s`
+/// on, a node logs a kind it does not know at `debug`, not as malformed.
 struct Message {
     user: Arc<str>,
     origin: String,
@@ -910,6 +911,9 @@ impl Message {
     }
 }
 
+/// Every kind [`Message::decode`] reads.
+const KINDS: [&str; 7] = ["n", "r", "h", "d", "t", "j", "s"];
+
 /// Pipelines queued events to Redis; finishes the queue when stopping.
 async fn publish_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<u8>>) {
     let mut conn = shared.publisher.clone();
@@ -963,6 +967,21 @@ async fn publish_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<u8>>) {
 
 impl Message {
     /// The user of an encoded message, without decoding the frame.
+    /// The kind of a message this node cannot read because a newer node
+    /// sent a kind it does not know (during a rolling upgrade), rather than
+    /// because the message is malformed: a header of the usual shape
+    /// (`<kind> <seq> <id> <user bytes> <origin bytes>`) whose kind, a
+    /// lowercase word, has no [`KINDS`] entry.
+    fn unknown_kind(bytes: &[u8]) -> Option<&str> {
+        let newline = bytes.iter().position(|&b| b == b'\n')?;
+        let header = std::str::from_utf8(&bytes[..newline]).ok()?;
+        let fields: Vec<&str> = header.split(' ').collect();
+        let kind = *fields.first()?;
+        let word = (1..=16).contains(&kind.len()) && kind.bytes().all(|b| b.is_ascii_lowercase());
+        let lengths = fields.len() >= 5 && fields[3].parse::<usize>().is_ok() && fields[4].parse::<usize>().is_ok();
+        (word && lengths && !KINDS.contains(&kind)).then_some(kind)
+    }
+
     fn user_of(bytes: &[u8]) -> Option<String> {
         let newline = bytes.iter().position(|&b| b == b'\n')?;
         let header = std::str::from_utf8(&bytes[..newline]).ok()?;
@@ -1005,7 +1024,12 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<PushInfo>) {
                     }
                 }
             }
-            None => tracing::warn!("ignored a malformed message on a Herald channel"),
+            None => match Message::unknown_kind(bytes) {
+                Some(kind) => {
+                    tracing::debug!(kind, "ignored a message of a kind this node does not know (from a newer node?)")
+                }
+                None => tracing::warn!("ignored a malformed message on a Herald channel"),
+            },
         }
     }
 }
@@ -1325,6 +1349,31 @@ mod tests {
         let m = Message::decode(&Message::encode(&one, "a")).unwrap();
         assert!(matches!(m.delivery, Delivery::DisconnectSession { session_id: read } if read == session_id));
         assert!(Message::decode(b"s 0 - 5 1\nalicean-id").is_none(), "a session id that is no UUID");
+    }
+
+    /// A kind this node does not know is told apart from a malformed
+    /// message; every kind it writes is one it knows.
+    #[test]
+    fn a_newer_nodes_kind_is_not_taken_for_a_malformed_message() {
+        assert_eq!(Message::unknown_kind(b"x 0 - 5 1\nalicea"), Some("x"));
+        assert_eq!(Message::unknown_kind(b"presence 0 - 5 1\nalicea"), Some("presence"));
+        for malformed in [&b"garbage"[..], b"x 0 - 5\nalice", b"", b"N 1 - 1 1\nab", b"n 1 x 99 1\nshort", b"\xff 1"] {
+            assert_eq!(Message::unknown_kind(malformed), None, "{malformed:?}");
+        }
+        let kinds = [
+            Delivery::Notification { seq: 1, frame: Frame::from_static("{}") },
+            Delivery::Read { frame: Frame::from_static("{}") },
+            Delivery::Head { seq: 1 },
+            Delivery::Disconnect,
+            Delivery::Revoke { issued_before: 1, expires_at: None },
+            Delivery::RevokeToken { jti: "j".into(), expires_at: None },
+            Delivery::DisconnectSession { session_id: uuid::Uuid::now_v7() },
+        ];
+        for delivery in kinds {
+            let bytes = Message::encode(&Event { user_id: "a".into(), id: None, delivery, trace: None }, "o");
+            assert!(Message::decode(&bytes).is_some());
+            assert_eq!(Message::unknown_kind(&bytes), None, "{}", String::from_utf8_lossy(&bytes));
+        }
     }
 
     impl Message {
