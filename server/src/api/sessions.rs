@@ -33,7 +33,7 @@ pub async fn presence(
     _: ReadKey,
     UserPath(user): UserPath,
 ) -> Result<Json<Presence>, ApiError> {
-    let sessions = state.broker.presence(&user).await.map_err(presence_unavailable)?;
+    let sessions = state.broker.presence(&user).await.map_err(|e| unavailable("presence", e))?;
     Ok(Json(Presence { user_id: user, sessions }))
 }
 
@@ -48,7 +48,7 @@ pub async fn list(
     _: ReadKey,
     UserPath(user): UserPath,
 ) -> Result<Json<UserSessions>, ApiError> {
-    let elsewhere = state.broker.sessions_elsewhere(&user).await.map_err(presence_unavailable)?;
+    let elsewhere = state.broker.sessions_elsewhere(&user).await.map_err(|e| unavailable("the session listing", e))?;
     let mut sessions = state.hub.listing(&user, &state.settings.node_id);
     let count = state.hub.local_sessions(&user) as u64 + elsewhere.count;
     sessions.extend(elsewhere.sessions);
@@ -57,10 +57,12 @@ pub async fn list(
     Ok(Json(UserSessions { user_id: user, count: count.max(sessions.len() as u64), sessions }))
 }
 
-/// The edge logs the 503 (sampled); the broker logs the outage itself.
-fn presence_unavailable(e: BrokerError) -> ApiError {
-    tracing::debug!(error = %e, "presence unavailable");
-    ApiError::unavailable("broker_unavailable", format!("presence is unavailable: {e}"))
+/// `what` cannot be read from Redis. The edge logs the 503 (sampled); the
+/// broker logs the outage itself.
+fn unavailable(what: &str, e: BrokerError) -> ApiError {
+    tracing::debug!(error = %e, "{what} unavailable");
+    let BrokerError::Unavailable(why) = e;
+    ApiError::unavailable("broker_unavailable", format!("{what} is unavailable: {why}"))
 }
 
 /// `DELETE /v1/users/{user_id}/sessions`: closes every open session of the
