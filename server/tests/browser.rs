@@ -1,6 +1,7 @@
 //! The browser SDK's suite (`clients/js/test`, node:test) in headless Chromium
 //! against this build's `herald` binary over wss: resume across a restart,
 //! in-band token refresh, read marks across devices, tab sharing, close codes,
+//! a browser's session listed with its own `User-Agent` and closed alone,
 //! resuming across a restore from a backup (store epochs),
 //! the /demo page, and the committed `dist/` matching `src/`.
 //!

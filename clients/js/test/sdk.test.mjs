@@ -262,6 +262,43 @@ test('revoked tokens (sign-out everywhere): 4001, a new token from the provider 
   await other.close();
 });
 
+test('a backend lists the browser sessions with their User-Agent and closes one alone: 4003 stops it, the other carries on', { timeout: 60_000 }, async () => {
+  const user = 'lis';
+  const phone = await newContext(browser);
+  const first = await openClient(phone, { token: () => server.token(user, 3600, { jti: 'phone-1' }), options: FAST });
+  await waitOpen(first);
+  const laptop = await newContext(browser);
+  const second = await openClient(laptop, { token: () => server.token(user, 3600, { jti: 'laptop-1' }), options: FAST });
+  await waitOpen(second);
+
+  const listing = async () => {
+    const { status, body } = await server.request('GET', `/v1/users/${user}/sessions`);
+    assert.equal(status, 200, JSON.stringify(body));
+    return body;
+  };
+  const listed = await listing();
+  assert.equal(listed.count, 2, JSON.stringify(listed));
+  const agent = await first.evaluate(() => navigator.userAgent);
+  for (const session of listed.sessions) {
+    assert.equal(session.user_agent, agent, 'the browser\'s own User-Agent');
+    assert.equal(session.ip, '127.0.0.1');
+  }
+  // Oldest first: the first device's session is the first listed.
+  assert.deepEqual(listed.sessions.map((s) => s.jti), ['phone-1', 'laptop-1']);
+  const { status } = await server.request('DELETE', `/v1/users/${user}/sessions/${listed.sessions[0].session_id}`);
+  assert.equal(status, 204);
+  await first.waitForFunction(() => window.herald.state === 'closed', null, { timeout: WAIT });
+  assert.deepEqual((await log(first)).errors.map((e) => e.closeCode), [4003]);
+  await publish(server, user, 't', { n: 1 });
+  await expectSeqs(second, [1]);
+  assert.equal(await second.evaluate(() => window.herald.state), 'open');
+  assert.deepEqual((await log(second)).errors, []);
+  await eventually(async () => (await listing()).count === 1, 'the closed session leaves the listing');
+  assert.equal((await listing()).sessions[0].session_id, listed.sessions[1].session_id);
+  await phone.close();
+  await laptop.close();
+});
+
 test('marking read on one device updates the other live; HTTP and socket marks both travel', { timeout: 60_000 }, async () => {
   const user = 'rob';
   const phone = await newContext(browser);
