@@ -4,9 +4,12 @@ import type { SeqCursor } from './storage.js';
 import { type Tokens } from './token.js';
 import type { Endpoints } from './urls.js';
 import type { ConnectionState, Notification, ReadEvent, ReadMark, Truncation, WebSocketConstructor } from './types.js';
-/** What a Connection reports. `stopped` is final: the server refused the user for good (4003). */
+/**
+ * What a Connection reports. `stopped` is final: the server refused the user for good (4003).
+ * `state('open', sessionId)` carries the welcome's `session_id`.
+ */
 export interface Sink {
-    state(state: Exclude<ConnectionState, 'closed'>): void;
+    state(state: Exclude<ConnectionState, 'closed'>, sessionId?: string | null): void;
     notification(n: Notification): void;
     read(mark: ReadEvent): void;
     truncated(t: Truncation): void;

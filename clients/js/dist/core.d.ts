@@ -27,6 +27,7 @@ export declare class Core {
     private readonly fetchFn;
     private readonly WebSocketCtor;
     private current;
+    private session;
     private link;
     private storageKey;
     /** Bumped by close(): a start still awaiting the token knows it was cancelled. */
@@ -35,13 +36,18 @@ export declare class Core {
     private waiters;
     constructor(options: HeraldOptions);
     get state(): ConnectionState;
+    /** The open session's id (the welcome's `session_id`); `null` while not open. */
+    get sessionId(): string | null;
     get isLeader(): boolean;
     connect(): Promise<void>;
     close(): void;
     markRead(mark: ReadMark): Promise<void>;
     emit<K extends keyof HeraldEvents>(name: K, value: HeraldEvents[K]): void;
-    /** Sets and announces the state; `open` settles `connect()`, `closed` fails it with `error`. */
-    setState(state: ConnectionState, error?: HeraldError): void;
+    /**
+     * Sets and announces the state; `open` settles `connect()`, `closed` fails it with `error`.
+     * `sessionId` is the open session's (set before the state is announced; any other state clears it).
+     */
+    setState(state: ConnectionState, error?: HeraldError, sessionId?: string | null): void;
     /** The server refused the user for good (4003): report, stop, and say `closed`. */
     stopped(error: HeraldError): void;
     /** This tab is about to hold the connection: it now writes the seq, starting from the newest one known. */

@@ -23,6 +23,13 @@ export declare class Herald {
     get state(): ConnectionState;
     /** The newest seq this client has seen (or started after); `null` before the first connection. */
     get lastSeq(): number | null;
+    /**
+     * The id of the session the connection runs on while it is `open` (the
+     * welcome's `session_id`; shared by every tab of a group), `null` otherwise:
+     * what `GET /v1/users/{id}/sessions` lists, so an app's "your devices" page
+     * can mark this one.
+     */
+    get sessionId(): string | null;
     /** Whether this tab holds the connection (always, without tab sharing). */
     get isLeader(): boolean;
     /** Listens to `name`; returns the function that stops listening. */

@@ -398,7 +398,7 @@ var Connection = class {
     }
     const secs = typeof frame.heartbeat_secs === "number" && frame.heartbeat_secs > 0 ? frame.heartbeat_secs : null;
     this.startHeartbeat((secs ?? DEFAULT_HEARTBEAT_SECS) * 1e3);
-    this.sink.state("open");
+    this.sink.state("open", typeof frame.session_id === "string" ? frame.session_id : null);
   }
   /** Passes on each seq once, in order: anything at or below the last seen seq is a duplicate. */
   onNotification(frame) {
@@ -790,9 +790,9 @@ var SharedLink = class {
   leaderSink() {
     const core = this.core;
     return {
-      state: (state) => {
-        core.setState(state);
-        this.post({ t: "state", state, lastSeq: core.cursor.value });
+      state: (state, sessionId) => {
+        core.setState(state, void 0, sessionId);
+        this.post({ t: "state", state, lastSeq: core.cursor.value, sessionId: core.sessionId });
       },
       notification: (n) => {
         core.emit("notification", n);
@@ -822,7 +822,10 @@ var SharedLink = class {
     const leader = this.connection;
     switch (m.t) {
       case "hello":
-        if (leader) this.post({ t: "state", state: this.leaderState(), lastSeq: this.core.cursor.value });
+        if (leader) {
+          const sessionId = this.core.sessionId;
+          this.post({ t: "state", state: this.leaderState(), lastSeq: this.core.cursor.value, sessionId });
+        }
         break;
       case "call":
         if (leader) {
@@ -845,7 +848,7 @@ var SharedLink = class {
     switch (m.t) {
       case "state":
         if (typeof m.lastSeq === "number") core.cursor.set(m.lastSeq);
-        core.setState(m.state);
+        core.setState(m.state, void 0, typeof m.sessionId === "string" ? m.sessionId : null);
         break;
       case "event":
         if (m.name === "notification") {
@@ -945,6 +948,7 @@ var Core = class {
     this.options = options;
     this.emitter = new Emitter();
     this.current = "closed";
+    this.session = null;
     this.link = null;
     this.storageKey = null;
     /** Bumped by close(): a start still awaiting the token knows it was cancelled. */
@@ -967,6 +971,10 @@ var Core = class {
   }
   get state() {
     return this.current;
+  }
+  /** The open session's id (the welcome's `session_id`); `null` while not open. */
+  get sessionId() {
+    return this.session;
   }
   get isLeader() {
     return this.link?.isLeader ?? false;
@@ -999,8 +1007,12 @@ var Core = class {
   emit(name, value) {
     this.emitter.emit(name, value);
   }
-  /** Sets and announces the state; `open` settles `connect()`, `closed` fails it with `error`. */
-  setState(state, error) {
+  /**
+   * Sets and announces the state; `open` settles `connect()`, `closed` fails it with `error`.
+   * `sessionId` is the open session's (set before the state is announced; any other state clears it).
+   */
+  setState(state, error, sessionId = null) {
+    this.session = state === "open" ? sessionId : null;
     if (state === this.current) return;
     this.current = state;
     this.emitter.emit("state", state);
@@ -1084,7 +1096,7 @@ var DirectLink = class {
       if (this.stopped) return;
       this.connection = core.newConnection(
         {
-          state: (state) => core.setState(state),
+          state: (state, sessionId) => core.setState(state, void 0, sessionId),
           notification: (n) => core.emit("notification", n),
           read: (mark) => core.emit("read", mark),
           truncated: (t) => core.emit("truncated", t),
@@ -1123,6 +1135,15 @@ var Herald = class {
   /** The newest seq this client has seen (or started after); `null` before the first connection. */
   get lastSeq() {
     return this.core.cursor.value;
+  }
+  /**
+   * The id of the session the connection runs on while it is `open` (the
+   * welcome's `session_id`; shared by every tab of a group), `null` otherwise:
+   * what `GET /v1/users/{id}/sessions` lists, so an app's "your devices" page
+   * can mark this one.
+   */
+  get sessionId() {
+    return this.core.sessionId;
   }
   /** Whether this tab holds the connection (always, without tab sharing). */
   get isLeader() {

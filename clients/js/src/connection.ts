@@ -12,9 +12,12 @@ import { readClaims, type Tokens } from './token.js';
 import type { Endpoints } from './urls.js';
 import type { ConnectionState, Notification, ReadEvent, ReadMark, Truncation, WebSocketConstructor } from './types.js';
 
-/** What a Connection reports. `stopped` is final: the server refused the user for good (4003). */
+/**
+ * What a Connection reports. `stopped` is final: the server refused the user for good (4003).
+ * `state('open', sessionId)` carries the welcome's `session_id`.
+ */
 export interface Sink {
-  state(state: Exclude<ConnectionState, 'closed'>): void;
+  state(state: Exclude<ConnectionState, 'closed'>, sessionId?: string | null): void;
   notification(n: Notification): void;
   read(mark: ReadEvent): void;
   truncated(t: Truncation): void;
@@ -230,7 +233,7 @@ export class Connection {
     }
     const secs = typeof frame.heartbeat_secs === 'number' && frame.heartbeat_secs > 0 ? frame.heartbeat_secs : null;
     this.startHeartbeat((secs ?? DEFAULT_HEARTBEAT_SECS) * 1000);
-    this.sink.state('open');
+    this.sink.state('open', typeof frame.session_id === 'string' ? frame.session_id : null);
   }
 
   /** Passes on each seq once, in order: anything at or below the last seen seq is a duplicate. */

@@ -42,6 +42,7 @@ export class Core {
   private readonly fetchFn: typeof fetch;
   private readonly WebSocketCtor: WebSocketConstructor | undefined;
   private current: ConnectionState = 'closed';
+  private session: string | null = null;
   private link: Link | null = null;
   private storageKey: string | null = null;
   /** Bumped by close(): a start still awaiting the token knows it was cancelled. */
@@ -67,6 +68,11 @@ export class Core {
 
   get state(): ConnectionState {
     return this.current;
+  }
+
+  /** The open session's id (the welcome's `session_id`); `null` while not open. */
+  get sessionId(): string | null {
+    return this.session;
   }
 
   get isLeader(): boolean {
@@ -106,8 +112,12 @@ export class Core {
     this.emitter.emit(name, value);
   }
 
-  /** Sets and announces the state; `open` settles `connect()`, `closed` fails it with `error`. */
-  setState(state: ConnectionState, error?: HeraldError): void {
+  /**
+   * Sets and announces the state; `open` settles `connect()`, `closed` fails it with `error`.
+   * `sessionId` is the open session's (set before the state is announced; any other state clears it).
+   */
+  setState(state: ConnectionState, error?: HeraldError, sessionId: string | null = null): void {
+    this.session = state === 'open' ? sessionId : null;
     if (state === this.current) return;
     this.current = state;
     this.emitter.emit('state', state);
@@ -201,7 +211,7 @@ class DirectLink implements Link {
         if (this.stopped) return;
         this.connection = core.newConnection(
           {
-            state: (state) => core.setState(state),
+            state: (state, sessionId) => core.setState(state, undefined, sessionId),
             notification: (n) => core.emit('notification', n),
             read: (mark) => core.emit('read', mark),
             truncated: (t) => core.emit('truncated', t),

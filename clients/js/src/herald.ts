@@ -38,6 +38,16 @@ export class Herald {
     return this.core.cursor.value;
   }
 
+  /**
+   * The id of the session the connection runs on while it is `open` (the
+   * welcome's `session_id`; shared by every tab of a group), `null` otherwise:
+   * what `GET /v1/users/{id}/sessions` lists, so an app's "your devices" page
+   * can mark this one.
+   */
+  get sessionId(): string | null {
+    return this.core.sessionId;
+  }
+
   /** Whether this tab holds the connection (always, without tab sharing). */
   get isLeader(): boolean {
     return this.core.isLeader;

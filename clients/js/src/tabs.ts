@@ -31,7 +31,7 @@ type Relayed =
 
 type Message =
   | { t: 'hello' }
-  | { t: 'state'; state: Exclude<ConnectionState, 'closed'>; lastSeq: number | null }
+  | { t: 'state'; state: Exclude<ConnectionState, 'closed'>; lastSeq: number | null; sessionId?: string | null }
   | ({ t: 'event' } & Relayed)
   | { t: 'stopped'; error: ErrorData }
   | { t: 'call'; id: string; from: string; mark: ReadMark }
@@ -140,9 +140,9 @@ export class SharedLink implements Link {
   private leaderSink(): Sink {
     const core = this.core;
     return {
-      state: (state) => {
-        core.setState(state);
-        this.post({ t: 'state', state, lastSeq: core.cursor.value });
+      state: (state, sessionId) => {
+        core.setState(state, undefined, sessionId);
+        this.post({ t: 'state', state, lastSeq: core.cursor.value, sessionId: core.sessionId });
       },
       notification: (n) => {
         core.emit('notification', n);
@@ -174,7 +174,10 @@ export class SharedLink implements Link {
     const leader = this.connection;
     switch (m.t) {
       case 'hello':
-        if (leader) this.post({ t: 'state', state: this.leaderState(), lastSeq: this.core.cursor.value });
+        if (leader) {
+          const sessionId = this.core.sessionId;
+          this.post({ t: 'state', state: this.leaderState(), lastSeq: this.core.cursor.value, sessionId });
+        }
         break;
       case 'call':
         if (leader) {
@@ -198,7 +201,7 @@ export class SharedLink implements Link {
     switch (m.t) {
       case 'state':
         if (typeof m.lastSeq === 'number') core.cursor.set(m.lastSeq);
-        core.setState(m.state);
+        core.setState(m.state, undefined, typeof m.sessionId === 'string' ? m.sessionId : null);
         break;
       case 'event':
         if (m.name === 'notification') {

@@ -278,6 +278,9 @@ test('a backend lists the browser sessions with their User-Agent and closes one 
   };
   const listed = await listing();
   assert.equal(listed.count, 2, JSON.stringify(listed));
+  // Each page knows its own session's id, so a "your devices" page can mark it.
+  assert.equal(await first.evaluate(() => window.herald.sessionId), listed.sessions[0].session_id);
+  assert.equal(await second.evaluate(() => window.herald.sessionId), listed.sessions[1].session_id);
   const agent = await first.evaluate(() => navigator.userAgent);
   for (const session of listed.sessions) {
     assert.equal(session.user_agent, agent, 'the browser\'s own User-Agent');
@@ -289,6 +292,7 @@ test('a backend lists the browser sessions with their User-Agent and closes one 
   assert.equal(status, 204);
   await first.waitForFunction(() => window.herald.state === 'closed', null, { timeout: WAIT });
   assert.deepEqual((await log(first)).errors.map((e) => e.closeCode), [4003]);
+  assert.equal(await first.evaluate(() => window.herald.sessionId), null, 'no session once closed');
   await publish(server, user, 't', { n: 1 });
   await expectSeqs(second, [1]);
   assert.equal(await second.evaluate(() => window.herald.state), 'open');
@@ -395,6 +399,10 @@ test('five tabs share one session; when the leader tab closes another takes over
   assert.equal(await follower.evaluate(async () => (await window.herald.inbox.unread()).total), 1);
   assert.equal(sockets.length, 1, `one WebSocket for five tabs: ${sockets}`);
   assert.equal(await server.presence(user), 1);
+  // Every tab knows the one session's id, as the server lists it.
+  const { body: listed } = await server.request('GET', `/v1/users/${user}/sessions`);
+  const ids = await Promise.all(tabs.map((t) => t.evaluate(() => window.herald.sessionId)));
+  assert.deepEqual(ids, tabs.map(() => listed.sessions[0].session_id));
 
   // The leader tab goes away; one published at once, one after the take-over.
   await leader.close();
@@ -405,6 +413,10 @@ test('five tabs share one session; when the leader tab closes another takes over
   await publish(server, user, 't', { n: 4 });
   for (const tab of rest) await expectSeqs(tab, range(1, 4));
   await eventually(async () => (await server.presence(user)) === 1 || server.presence(user), 'sessions after take-over');
+  // The new leader's session is a new one, and every tab follows it.
+  const after = await Promise.all(rest.map((t) => t.evaluate(() => window.herald.sessionId)));
+  assert.equal(new Set(after).size, 1, `one id: ${after}`);
+  assert.ok(after[0] && after[0] !== listed.sessions[0].session_id, 'a new session');
   assert.equal(sockets.length, 2, 'the new leader opened the only other socket');
   await rest[0].waitForTimeout(300);
   for (const tab of rest) {
