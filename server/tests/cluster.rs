@@ -457,6 +457,8 @@ async fn presence_counts_sessions_across_nodes() {
     let answer = raw(reqwest::Client::new().delete(url).bearer_auth(API_KEY)).await;
     assert_eq!(answer.status, 204, "{}", answer.body);
     assert_eq!(closed(&mut on_b2).await.0, 4003);
+    let closing = format!("a backend closes one session user_id={USER} session_id={}", id(&on_b2));
+    assert!(cluster.node(2).log().contains(&closing), "logged for the audit trail:\n{}", cluster.node(2).log());
     drop(on_b2);
     presence_everywhere(&cluster, &[0, 1, 2], USER, 1, WAIT).await;
     let left = Some((1, vec![("node-0".to_string(), id(&on_a))]));
@@ -757,6 +759,12 @@ async fn a_revocation_reaches_every_node_and_the_nodes_started_later() {
     assert!(laptop_on_c.next_frame_within(Duration::from_millis(300)).await.unwrap().is_none(), "the laptop stays");
     let later = cluster.add_node();
     assert_eq!(handshake_refusal(&cluster.node(later).ws(), &phone).await, refused, "from its start");
+    // The node that took them logged both at info, for the audit trail.
+    let log = cluster.node(1).log();
+    let audit =
+        |needle: &str| log.lines().any(|l| l.contains(needle) && l.contains(" INFO ") && l.contains("request_id"));
+    assert!(audit("tokens revoked") && audit("issued_before"), "{log}");
+    assert!(audit("token revoked") && log.contains("jti=phone"), "{log}");
 }
 
 /// The operator's PostgreSQL restore: `pg_dump` while the nodes serve, more

@@ -55,6 +55,12 @@ pub async fn revoke(
     check_expires_at(body.expires_at, now)?;
     let asked = Revocation { user_id: user, issued_before: asked, expires_at: body.expires_at };
     let in_force = state.metrics.store_op("revoke", state.store.revoke(&asked)).await?;
+    tracing::info!(
+        user_id = %in_force.user_id,
+        issued_before = in_force.issued_before,
+        expires_at = in_force.expires_at,
+        "tokens revoked"
+    );
     let delivery = Delivery::Revoke { issued_before: in_force.issued_before, expires_at: in_force.expires_at };
     tell_every_node(&state, &in_force.user_id, delivery).await;
     let Revocation { user_id, issued_before, expires_at } = in_force;
@@ -70,6 +76,7 @@ pub async fn revoke_token(
     check_expires_at(body.expires_at, unix_now())?;
     let asked = TokenRevocation { user_id: user, jti, expires_at: body.expires_at };
     let in_force = state.metrics.store_op("revoke_token", state.store.revoke_token(&asked)).await?;
+    tracing::info!(user_id = %in_force.user_id, jti = %in_force.jti, expires_at = in_force.expires_at, "token revoked");
     let delivery = Delivery::RevokeToken { jti: in_force.jti.as_str().into(), expires_at: in_force.expires_at };
     tell_every_node(&state, &in_force.user_id, delivery).await;
     let TokenRevocation { user_id, jti, expires_at } = in_force;

@@ -74,6 +74,7 @@ pub async fn disconnect(
     _: DisconnectKey,
     UserPath(user): UserPath,
 ) -> Result<StatusCode, ApiError> {
+    tracing::info!(user_id = %user, "a backend closes the user's sessions");
     close(&state, &user, Delivery::Disconnect, "this node's sessions of the user were closed").await
 }
 
@@ -86,6 +87,7 @@ pub async fn disconnect_one(
     _: DisconnectKey,
     UserSessionPath { user, session_id }: UserSessionPath,
 ) -> Result<StatusCode, ApiError> {
+    tracing::info!(user_id = %user, %session_id, "a backend closes one session");
     close(&state, &user, Delivery::DisconnectSession { session_id }, "the session was closed if it runs on this node")
         .await
 }
