@@ -134,6 +134,21 @@ async fn a_long_user_agent_is_cut_and_a_missing_one_left_out() {
     server.stop().await;
 }
 
+/// The Rust client's reconnecting `Client` says what app it is when told.
+#[tokio::test]
+async fn the_rust_client_names_its_app_in_the_listing() {
+    let server = TestServer::start().await;
+    let client = herald_client::Client::builder(server.ws())
+        .token(server.token("fay"))
+        .user_agent("MyApp/3.2 (Linux)")
+        .build()
+        .unwrap();
+    eventually("fay's session to be listed", || async { listed(&server, "fay").await.count == 1 }).await;
+    assert_eq!(listed(&server, "fay").await.sessions[0].user_agent.as_deref(), Some("MyApp/3.2 (Linux)"));
+    client.close().await;
+    server.stop().await;
+}
+
 /// Behind a trusted proxy a session is listed with the client's address
 /// from `X-Forwarded-For`, as the limits see it.
 #[tokio::test]
