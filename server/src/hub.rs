@@ -90,6 +90,11 @@ impl SessionInfo {
         self.token.lock().expect("session token").clone()
     }
 
+    /// Its `exp` alone (read on every turn of the session's loop).
+    pub fn expires_at(&self) -> i64 {
+        self.token.lock().expect("session token").expires_at
+    }
+
     fn listed(&self, node_id: &str) -> UserSession {
         let token = self.token();
         UserSession {

@@ -254,7 +254,7 @@ impl Session {
         let now_ms = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64);
         // Saturating: a token may say it expires in the year 300 million.
         let leeway = i64::try_from(self.state.settings.jwt.leeway_secs).unwrap_or(i64::MAX);
-        let exp_ms = self.ctx.session.token().expires_at.saturating_add(leeway).saturating_mul(1000);
+        let exp_ms = self.ctx.session.expires_at().saturating_add(leeway).saturating_mul(1000);
         let wait = Duration::from_millis(exp_ms.saturating_sub(now_ms).clamp(0, MAX_EXPIRY_WAIT_MS) as u64);
         let expire_at = Instant::now() + wait;
         (expire_at.checked_sub(EXPIRY_WARNING).unwrap_or_else(Instant::now), expire_at)
@@ -262,7 +262,7 @@ impl Session {
 
     async fn warn_expiry(&mut self) -> Result<(), SessionEnd> {
         self.warned = true;
-        self.send(vec![text(&ServerFrame::TokenExpiring { expires_at: self.ctx.session.token().expires_at })]).await
+        self.send(vec![text(&ServerFrame::TokenExpiring { expires_at: self.ctx.session.expires_at() })]).await
     }
 
     async fn on_heartbeat(&mut self) -> Result<(), SessionEnd> {
