@@ -1,4 +1,4 @@
-//! The `herald` command line: `serve` (the default), `migrate`, `backup`,
+//! The `herald` command line: `serve` (the default), `migrate`, `check`, `backup`,
 //! `restore`, `mark-restored`, `token`, `publish`, `erase`, `sessions`, `disconnect`, `revoke`.
 
 use std::net::SocketAddr;

@@ -20,7 +20,7 @@
 //! - [`auth`]: user JWTs and backend API keys; token revocations, known to every node.
 //! - [`ws`]: `GET /v1/ws` — `handshake` (every refusal, before the upgrade),
 //!   `protocol` (client frames), `session` (one loop per connection), `close`.
-//! - [`hub`]: user → local sessions, bounded outboxes.
+//! - [`hub`]: user → local sessions (each with what listings show of it), bounded outboxes.
 //! - [`limit`]: abuse limits — handshake and publish rates, session caps, frame rates.
 //! - [`capacity`]: how many connections and sessions a node takes, below its open-file limit.
 //! - [`broker`]: fan-out between nodes (`memory` for one node, `redis` for many,
@@ -30,7 +30,8 @@
 //! - [`worker`]: large-audience publishes and digests, claimed from the store
 //!   by any node; heavy steps on a thread pool of their own.
 //! - [`telemetry`]: logs, metrics, the runtime-lag probe. [`shutdown`]: draining on SIGTERM.
-//! - [`cli`]: `herald serve | migrate | backup | restore | mark-restored | token | publish | erase | disconnect | revoke`.
+//! - [`cli`]: `herald serve | migrate | check | backup | restore | mark-restored | token | publish | erase |
+//!   sessions | disconnect | revoke`.
 
 use std::sync::Arc;
 
