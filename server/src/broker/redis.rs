@@ -835,7 +835,8 @@ impl Broker for RedisBroker {
 /// (a node before `j` learns of a single token's revocation only from the
 /// table, which it does not read either: it goes on taking the token until
 /// it is upgraded; a node before `s` leaves the session open). From `s`
-/// on, a node logs a kind it does not know at `debug`, not as malformed.
+/// on, a node logs a kind it does not know ([`Undecodable::UnknownKind`])
+/// at `debug`, not as malformed.
 struct Message {
     user: Arc<str>,
     origin: String,
@@ -879,7 +880,29 @@ impl Message {
         out
     }
 
-    fn decode(bytes: &[u8]) -> Option<Message> {
+    fn decode(bytes: &[u8]) -> Result<Message, Undecodable> {
+        let (kind, seq, user, origin, text, trace) = Self::split(bytes).ok_or(Undecodable::Malformed)?;
+        let delivery = match kind {
+            "n" => Delivery::Notification { seq, frame: Frame::from(text.to_string()) },
+            "r" => Delivery::Read { frame: Frame::from(text.to_string()) },
+            "h" => Delivery::Head { seq },
+            "d" => Delivery::Disconnect,
+            "t" => Delivery::Revoke { issued_before: seq, expires_at: text.parse().ok() },
+            "j" => Delivery::RevokeToken { jti: text.into(), expires_at: (seq != 0).then_some(seq) },
+            "s" => Delivery::DisconnectSession { session_id: text.parse().map_err(|_| Undecodable::Malformed)? },
+            // A newer node's: a lowercase word, as every kind is.
+            kind if (1..=16).contains(&kind.len()) && kind.bytes().all(|b| b.is_ascii_lowercase()) => {
+                return Err(Undecodable::UnknownKind(kind.to_string()))
+            }
+            _ => return Err(Undecodable::Malformed),
+        };
+        Ok(Message { user: user.into(), origin: origin.to_string(), delivery, trace })
+    }
+
+    /// A message's kind, seq, user, origin, frame text and trace, when its
+    /// header and body have the shape every kind shares.
+    #[allow(clippy::type_complexity)]
+    fn split(bytes: &[u8]) -> Option<(&str, Seq, &str, &str, &str, Option<String>)> {
         let newline = bytes.iter().position(|&b| b == b'\n')?;
         let header = std::str::from_utf8(&bytes[..newline]).ok()?;
         let mut fields = header.split(' ');
@@ -895,24 +918,19 @@ impl Message {
         }
         let user = std::str::from_utf8(&body[..user_len]).ok()?;
         let origin = std::str::from_utf8(&body[user_len..user_len + origin_len]).ok()?;
-        let frame = std::str::from_utf8(&body[user_len + origin_len..]).ok()?;
-        let frame = Frame::from(frame.to_string());
-        let delivery = match kind {
-            "n" => Delivery::Notification { seq, frame },
-            "r" => Delivery::Read { frame },
-            "h" => Delivery::Head { seq },
-            "d" => Delivery::Disconnect,
-            "t" => Delivery::Revoke { issued_before: seq, expires_at: frame.as_str().parse().ok() },
-            "j" => Delivery::RevokeToken { jti: frame.as_str().into(), expires_at: (seq != 0).then_some(seq) },
-            "s" => Delivery::DisconnectSession { session_id: frame.as_str().parse().ok()? },
-            _ => return None,
-        };
-        Some(Message { user: user.into(), origin: origin.to_string(), delivery, trace })
+        let text = std::str::from_utf8(&body[user_len + origin_len..]).ok()?;
+        Some((kind, seq, user, origin, text, trace))
     }
 }
 
-/// Every kind [`Message::decode`] reads.
-const KINDS: [&str; 7] = ["n", "r", "h", "d", "t", "j", "s"];
+/// Why a message on a Herald channel could not be read.
+#[derive(Debug, PartialEq)]
+enum Undecodable {
+    /// Well formed, of a kind this node does not know: a newer node sent it
+    /// (a rolling upgrade).
+    UnknownKind(String),
+    Malformed,
+}
 
 /// Pipelines queued events to Redis; finishes the queue when stopping.
 async fn publish_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<u8>>) {
@@ -967,21 +985,6 @@ async fn publish_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<u8>>) {
 
 impl Message {
     /// The user of an encoded message, without decoding the frame.
-    /// The kind of a message this node cannot read because a newer node
-    /// sent a kind it does not know (during a rolling upgrade), rather than
-    /// because the message is malformed: a header of the usual shape
-    /// (`<kind> <seq> <id> <user bytes> <origin bytes>`) whose kind, a
-    /// lowercase word, has no [`KINDS`] entry.
-    fn unknown_kind(bytes: &[u8]) -> Option<&str> {
-        let newline = bytes.iter().position(|&b| b == b'\n')?;
-        let header = std::str::from_utf8(&bytes[..newline]).ok()?;
-        let fields: Vec<&str> = header.split(' ').collect();
-        let kind = *fields.first()?;
-        let word = (1..=16).contains(&kind.len()) && kind.bytes().all(|b| b.is_ascii_lowercase());
-        let lengths = fields.len() >= 5 && fields[3].parse::<usize>().is_ok() && fields[4].parse::<usize>().is_ok();
-        (word && lengths && !KINDS.contains(&kind)).then_some(kind)
-    }
-
     fn user_of(bytes: &[u8]) -> Option<String> {
         let newline = bytes.iter().position(|&b| b == b'\n')?;
         let header = std::str::from_utf8(&bytes[..newline]).ok()?;
@@ -1004,8 +1007,8 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<PushInfo>) {
         }
         let Some(Value::BulkString(bytes)) = info.data.get(1) else { continue };
         match Message::decode(bytes) {
-            Some(m) if m.origin == shared.node_id => {}
-            Some(m) => {
+            Ok(m) if m.origin == shared.node_id => {}
+            Ok(m) => {
                 shared.metrics.broker_received.inc();
                 match &m.trace {
                     None => {
@@ -1024,12 +1027,10 @@ async fn receive_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<PushInfo>) {
                     }
                 }
             }
-            None => match Message::unknown_kind(bytes) {
-                Some(kind) => {
-                    tracing::debug!(kind, "ignored a message of a kind this node does not know (from a newer node?)")
-                }
-                None => tracing::warn!("ignored a malformed message on a Herald channel"),
-            },
+            Err(Undecodable::UnknownKind(kind)) => {
+                tracing::debug!(kind, "ignored a message of a kind this node does not know (from a newer node?)")
+            }
+            Err(Undecodable::Malformed) => tracing::warn!("ignored a malformed message on a Herald channel"),
         }
     }
 }
@@ -1317,8 +1318,8 @@ mod tests {
             let m = Message::decode(&bytes).unwrap();
             assert_eq!((&*m.user, m.trace.as_deref(), m.delivery_seq()), (user, Some(parent), Some(42)));
         }
-        assert!(Message::decode(b"garbage").is_none());
-        assert!(Message::decode(b"n 1 x 99 1\nshort").is_none());
+        assert!(Message::decode(b"garbage").is_err());
+        assert!(Message::decode(b"n 1 x 99 1\nshort").is_err());
         let revoke = Event {
             user_id: "alice".into(),
             id: None,
@@ -1348,17 +1349,18 @@ mod tests {
         let one = Event { delivery: Delivery::DisconnectSession { session_id }, ..kept.clone() };
         let m = Message::decode(&Message::encode(&one, "a")).unwrap();
         assert!(matches!(m.delivery, Delivery::DisconnectSession { session_id: read } if read == session_id));
-        assert!(Message::decode(b"s 0 - 5 1\nalicean-id").is_none(), "a session id that is no UUID");
+        assert!(Message::decode(b"s 0 - 5 1\nalicean-id").is_err(), "a session id that is no UUID");
     }
 
     /// A kind this node does not know is told apart from a malformed
     /// message; every kind it writes is one it knows.
     #[test]
     fn a_newer_nodes_kind_is_not_taken_for_a_malformed_message() {
-        assert_eq!(Message::unknown_kind(b"x 0 - 5 1\nalicea"), Some("x"));
-        assert_eq!(Message::unknown_kind(b"presence 0 - 5 1\nalicea"), Some("presence"));
+        let unknown = |kind: &str| Some(Undecodable::UnknownKind(kind.into()));
+        assert_eq!(Message::decode(b"x 0 - 5 1\nalicea").err(), unknown("x"));
+        assert_eq!(Message::decode(b"presence 0 - 5 1\nalicea").err(), unknown("presence"));
         for malformed in [&b"garbage"[..], b"x 0 - 5\nalice", b"", b"N 1 - 1 1\nab", b"n 1 x 99 1\nshort", b"\xff 1"] {
-            assert_eq!(Message::unknown_kind(malformed), None, "{malformed:?}");
+            assert_eq!(Message::decode(malformed).err(), Some(Undecodable::Malformed), "{malformed:?}");
         }
         let kinds = [
             Delivery::Notification { seq: 1, frame: Frame::from_static("{}") },
@@ -1371,8 +1373,7 @@ mod tests {
         ];
         for delivery in kinds {
             let bytes = Message::encode(&Event { user_id: "a".into(), id: None, delivery, trace: None }, "o");
-            assert!(Message::decode(&bytes).is_some());
-            assert_eq!(Message::unknown_kind(&bytes), None, "{}", String::from_utf8_lossy(&bytes));
+            assert!(Message::decode(&bytes).is_ok(), "{}", String::from_utf8_lossy(&bytes));
         }
     }
 
