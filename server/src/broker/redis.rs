@@ -913,7 +913,7 @@ impl Message {
         let origin_len: usize = fields.next()?.parse().ok()?;
         let trace = fields.next().map(str::to_string);
         let body = &bytes[newline + 1..];
-        if body.len() < user_len + origin_len {
+        if body.len() < user_len.checked_add(origin_len)? {
             return None;
         }
         let user = std::str::from_utf8(&body[..user_len]).ok()?;
@@ -989,7 +989,7 @@ impl Message {
         let newline = bytes.iter().position(|&b| b == b'\n')?;
         let header = std::str::from_utf8(&bytes[..newline]).ok()?;
         let user_len: usize = header.split(' ').nth(3)?.parse().ok()?;
-        let user = bytes.get(newline + 1..newline + 1 + user_len)?;
+        let user = bytes.get(newline + 1..(newline + 1).checked_add(user_len)?)?;
         std::str::from_utf8(user).ok().map(str::to_string)
     }
 }
@@ -1359,7 +1359,18 @@ mod tests {
         let unknown = |kind: &str| Some(Undecodable::UnknownKind(kind.into()));
         assert_eq!(Message::decode(b"x 0 - 5 1\nalicea").err(), unknown("x"));
         assert_eq!(Message::decode(b"presence 0 - 5 1\nalicea").err(), unknown("presence"));
-        for malformed in [&b"garbage"[..], b"x 0 - 5\nalice", b"", b"N 1 - 1 1\nab", b"n 1 x 99 1\nshort", b"\xff 1"] {
+        // Lengths that overflow when added are malformed too, not a panic.
+        let huge = format!("n 1 x {} 1\nab", usize::MAX);
+        assert_eq!(Message::user_of(huge.as_bytes()), None);
+        for malformed in [
+            &b"garbage"[..],
+            b"x 0 - 5\nalice",
+            b"",
+            b"N 1 - 1 1\nab",
+            b"n 1 x 99 1\nshort",
+            b"\xff 1",
+            huge.as_bytes(),
+        ] {
             assert_eq!(Message::decode(malformed).err(), Some(Undecodable::Malformed), "{malformed:?}");
         }
         let kinds = [
