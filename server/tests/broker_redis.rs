@@ -97,12 +97,8 @@ async fn sessions_are_listed_and_closed_one_at_a_time_across_nodes() {
     let mut there = connect(1, "hana", "hana-laptop", "Laptop/1").await;
     let mut other = connect(1, "ivan", "ivan-phone", "Phone/1").await;
     let listing = |node: usize| {
-        let url = format!("{}/v1/users/hana/sessions", nodes[node].http());
-        async move {
-            let answer = raw(reqwest::Client::new().get(url).bearer_auth(API_KEY)).await;
-            assert_eq!(answer.status, 200, "{}", answer.body);
-            serde_json::from_value::<herald_client::UserSessions>(answer.body).unwrap()
-        }
+        let publisher = nodes[node].publisher();
+        async move { publisher.sessions("hana").await.expect("a listing") }
     };
     for node in 0..2 {
         eventually("both of hana's sessions listed", || async { listing(node).await.sessions.len() == 2 }).await;

@@ -427,9 +427,7 @@ async fn presence_everywhere(cluster: &Cluster, nodes: &[usize], user: &str, exp
 /// The nodes serving `user`'s sessions, in the listing's order, as `node`
 /// lists them (`None` while the call fails).
 async fn listed_nodes(node: &Node, user: &str) -> Option<(u64, Vec<(String, String)>)> {
-    let url = format!("{}/v1/users/{user}/sessions", node.http());
-    let answer = raw(reqwest::Client::new().get(url).bearer_auth(API_KEY).timeout(Duration::from_secs(10))).await;
-    let listing: herald_client::UserSessions = serde_json::from_value(answer.body).ok()?;
+    let listing = node.publisher().sessions(user).await.ok()?;
     Some((listing.count, listing.sessions.into_iter().map(|s| (s.node_id, s.session_id)).collect()))
 }
 
