@@ -421,6 +421,14 @@ async fn reads_behave_like_the_embedded_store() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_purged_out_of_order_is_reported_to_a_session_that_missed_it() {
+    let db = TestDb::create().await;
+    let store = store(&db).await;
+    common::assert_resume_reports_a_hole_after_since(&*store, "holly").await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_purges_in_chunks() {
     let db = TestDb::create().await;
     let store = store(&db).await;
@@ -512,9 +520,11 @@ async fn a_reconnect_storm_of_five_hundred_sessions_is_answered() {
             // statement answers the head and the first page.
             let since = (s % 4 != 3).then_some(since);
             let (head, got) = store.resume(&user, since, limit).await.unwrap();
-            assert_eq!(head, Head { last_seq: n, oldest_seq: 1 }, "resumed head of {user}");
             let want: Vec<i64> = since.map_or(vec![], |since| (since + 1..=n).take(limit as usize).collect());
             assert_eq!(seqs(&got), want, "resume({user}, {since:?}) limit {limit}");
+            // With `since`, the oldest stored after it (`Head::resumed`).
+            let oldest = if since.is_some() { want.first().copied().unwrap_or(n + 1) } else { 1 };
+            assert_eq!(head, Head { last_seq: n, oldest_seq: oldest }, "resumed head of {user}");
             pages.push(got);
             for m in pages.iter().flatten() {
                 assert_eq!(m.payload.get(), format!("[{},{}]", s % 50, m.seq));
@@ -614,7 +624,7 @@ async fn the_store_recovers_when_postgres_drops_its_connections() {
     // The batched reads recover too (a reconnecting session's `resume`).
     terminate_connections(&db).await;
     let (head, page) = store.resume("rex", Some(6), 10).await.unwrap();
-    assert_eq!((head, seqs(&page)), (Head { last_seq: 8, oldest_seq: 1 }, vec![7, 8]));
+    assert_eq!((head, seqs(&page)), (Head { last_seq: 8, oldest_seq: 7 }, vec![7, 8]));
     store.ping().await.unwrap();
     store.close().await;
 }

@@ -42,6 +42,15 @@ async fn resume_gives_the_head_and_the_first_page_in_one_request() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_seq_purged_out_of_order_is_reported_to_a_session_that_missed_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let store = open(&url, &options()).await.unwrap();
+    common::assert_resume_reports_a_hole_after_since(&*store, "holly").await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn readers_see_every_commit_in_order_while_the_writer_runs() {
     let dir = tempfile::tempdir().unwrap();
     let url = format!("sqlite://{}/herald.db", dir.path().display());

@@ -218,10 +218,25 @@ pub struct Head {
     /// The newest committed seq (0 when the user has none).
     pub last_seq: Seq,
     /// The oldest retained seq; `last_seq + 1` when nothing is retained.
+    /// From [`Store::resume`] with `since`: the oldest retained seq after
+    /// `since` (see [`Head::resumed`]).
     pub oldest_seq: Seq,
 }
 
 impl Head {
+    /// The head [`Store::resume`] answers a session that says `since`, from
+    /// the user's `last_seq` and the first seq after `since` still stored
+    /// (the first of a page of at least one; `None` when it came back empty).
+    ///
+    /// Its `oldest_seq` is that first seq, not the user's oldest: it is what
+    /// the welcome's `oldest_seq` means (seqs `since + 1 ..` it are gone,
+    /// spec §2), and it gives the same [`Head::resume_after`]. A store then
+    /// need not look up the oldest seq, an index descent and a row read per
+    /// reconnect (docs/BENCHMARKS.md, "The PostgreSQL replay, leaner").
+    pub fn resumed(last_seq: Seq, first_after_since: Option<Seq>) -> Head {
+        Head { last_seq, oldest_seq: first_after_since.unwrap_or(last_seq + 1) }
+    }
+
     /// The last seq a session that says `since` has already seen: `since`
     /// itself, but never before the oldest retained seq (older ones are
     /// gone; the welcome says `truncated`) and never beyond `last_seq` (a seq
@@ -301,7 +316,8 @@ pub trait Store: JobStore + EpochStore + Send + Sync + 'static {
     /// `since`, the first `limit` notifications after
     /// [`Head::resume_after`] — what [`Store::head`] then [`Store::after`]
     /// answer. A store may answer both in one request (the SQLite readers
-    /// do: one hand-off to a reader thread per reconnect, not two).
+    /// and PostgreSQL's batches do), and then, with `since`, answers the
+    /// head of [`Head::resumed`]: the page's first seq stands for the oldest.
     async fn resume(
         &self,
         user: &str,

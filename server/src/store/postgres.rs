@@ -67,7 +67,7 @@ use super::{
     StoredNotification, TokenRevocation, Unread,
 };
 
-/// `SELECT <the columns from_row reads> FROM notifications <rest>`.
+/// `SELECT <the columns [`Columns`] reads> FROM notifications <rest>`.
 macro_rules! select {
     ($rest:literal) => {
         concat!("SELECT seq, id, topic, payload, created_at, read FROM notifications ", $rest)
@@ -293,23 +293,48 @@ async fn delete_in_chunks<'q>(
     }
 }
 
-fn from_row(user: &Arc<str>, row: &PgRow) -> Result<StoredNotification, sqlx::Error> {
-    let payload: String = row.try_get("payload")?;
-    let payload = RawValue::from_string(payload).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
-    Ok(StoredNotification {
-        user_id: user.clone(),
-        seq: row.try_get("seq")?,
-        id: row.try_get("id")?,
-        topic: row.try_get::<String, _>("topic")?.into(),
-        payload: Arc::from(payload),
-        created_at_ms: row.try_get("created_at")?,
-        read: row.try_get("read")?,
-    })
+/// Decodes the notification columns (`seq, id, topic, payload, created_at,
+/// read`, in that order, from column `first` on) of a statement's rows.
+///
+/// By position rather than by name (a lookup per column per row), and
+/// consecutive rows with the same topic share its text: a batched replay
+/// decodes tens of thousands of rows a second in a reconnect storm
+/// (docs/BENCHMARKS.md, "The PostgreSQL replay, leaner").
+struct Columns {
+    first: usize,
+    topic: Option<Arc<str>>,
+}
+
+impl Columns {
+    /// The columns of `SELECT seq, id, topic, payload, created_at, read`, from column `first`.
+    fn from(first: usize) -> Columns {
+        Columns { first, topic: None }
+    }
+
+    fn decode(&mut self, user: &Arc<str>, row: &PgRow) -> Result<StoredNotification, sqlx::Error> {
+        let at = self.first;
+        let topic: &str = row.try_get(at + 2)?;
+        let topic = match &self.topic {
+            Some(same) if **same == *topic => same.clone(),
+            _ => self.topic.insert(topic.into()).clone(),
+        };
+        let payload = RawValue::from_string(row.try_get(at + 3)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        Ok(StoredNotification {
+            user_id: user.clone(),
+            seq: row.try_get(at)?,
+            id: row.try_get(at + 1)?,
+            topic,
+            payload: Arc::from(payload),
+            created_at_ms: row.try_get(at + 4)?,
+            read: row.try_get(at + 5)?,
+        })
+    }
 }
 
 fn rows(user: &str, rows: Vec<PgRow>) -> Result<Vec<StoredNotification>, StoreError> {
     let user: Arc<str> = user.into();
-    Ok(rows.iter().map(|r| from_row(&user, r)).collect::<Result<_, _>>()?)
+    let mut columns = Columns::from(0);
+    Ok(rows.iter().map(|r| columns.decode(&user, r)).collect::<Result<_, _>>()?)
 }
 
 super::epochs::impl_epoch_store!(PostgresStore);

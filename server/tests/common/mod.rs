@@ -23,23 +23,62 @@ pub const WAIT: Duration = Duration::from_secs(10);
 
 /// `Store::resume` for `user` whose head is seq 5 with 1–3 purged (oldest
 /// 4): the head, and from the oldest retained seq on whatever `since` says
-/// (a `since` past the head resumes at the head).
+/// (a `since` past the head resumes at the head). With `since` and a page,
+/// the head's `oldest_seq` is the oldest retained seq after `since`
+/// (`Head::resumed`), which resumes and truncates as the user's oldest does.
 pub async fn assert_resume_at_head_5_oldest_4(store: &dyn herald_server::store::Store, user: &str) {
-    let head = herald_server::store::Head { last_seq: 5, oldest_seq: 4 };
-    for (since, limit, expected) in [
-        (None, 10, vec![]),
-        (Some(0), 10, vec![4, 5]),
-        (Some(0), 1, vec![4]),
-        (Some(3), 10, vec![4, 5]),
-        (Some(4), 10, vec![5]),
-        (Some(5), 10, vec![]),
-        (Some(99), 10, vec![]),
-        (Some(0), 0, vec![]),
+    use herald_server::store::Head;
+    let head = Head { last_seq: 5, oldest_seq: 4 };
+    for (since, limit, oldest, expected) in [
+        (None, 10, 4, vec![]),
+        (Some(0), 10, 4, vec![4, 5]),
+        (Some(0), 1, 4, vec![4]),
+        (Some(3), 10, 4, vec![4, 5]),
+        (Some(4), 10, 5, vec![5]),
+        (Some(5), 10, 6, vec![]),
+        (Some(99), 10, 6, vec![]),
+        (Some(0), 0, 4, vec![]),
     ] {
         let (found, page) = store.resume(user, since, limit).await.unwrap();
         let seqs: Vec<i64> = page.iter().map(|n| n.seq).collect();
-        assert_eq!((found, seqs), (head, expected), "resume since {since:?}, limit {limit}");
+        assert_eq!(
+            (found, seqs),
+            (Head { oldest_seq: oldest, ..head }, expected),
+            "resume since {since:?}, limit {limit}"
+        );
+        assert_eq!(found.resume_after(since), head.resume_after(since), "resume since {since:?}");
+        let truncated = |h: Head| since.is_some_and(|since| since < h.oldest_seq - 1);
+        assert_eq!(truncated(found), truncated(head), "truncated since {since:?}");
     }
+}
+
+/// Stores seqs 1–5 for `user` in an otherwise empty `store` and purges 2 on
+/// its own (as a retention purge does when it was stored while the clock
+/// stood earlier); then `Store::resume`: a session that saw 1 is told seqs
+/// from 2 up to 3 are gone (the welcome's `truncated`, spec §2); one that
+/// saw 0 or 2 missed nothing it can be told of.
+pub async fn assert_resume_reports_a_hole_after_since(store: &dyn herald_server::store::Store, user: &str) {
+    use herald_server::store::{Head, NewNotification};
+    for i in 1..=5 {
+        let note = NewNotification {
+            user_id: user.into(),
+            id: format!("{user}-{i}"),
+            topic: "t".into(),
+            payload: serde_json::value::RawValue::from_string(i.to_string()).unwrap().into(),
+            created_at_ms: if i == 2 { 1_000 } else { herald_server::store::now_ms() },
+            idempotency_key: None,
+        };
+        store.append(vec![note]).await.unwrap();
+    }
+    assert_eq!(store.purge(2_000).await.unwrap(), 1);
+    for (since, oldest, expected) in
+        [(0, 1, vec![1, 3, 4, 5]), (1, 3, vec![3, 4, 5]), (2, 3, vec![3, 4, 5]), (3, 4, vec![4, 5])]
+    {
+        let (found, page) = store.resume(user, Some(since), 10).await.unwrap();
+        let seqs: Vec<i64> = page.iter().map(|n| n.seq).collect();
+        assert_eq!((found, seqs), (Head { last_seq: 5, oldest_seq: oldest }, expected), "resume since {since}");
+    }
+    assert_eq!(store.head(user).await.unwrap(), Head { last_seq: 5, oldest_seq: 1 }, "the user's oldest");
 }
 
 /// Sends only the head of a POST to `path` declaring a `declared`-byte JSON

@@ -13,7 +13,7 @@ use sqlx::{PgPool, Row};
 use tokio::sync::{mpsc, oneshot, Notify, Semaphore};
 use tokio_util::sync::CancellationToken;
 
-use super::from_row;
+use super::Columns;
 use crate::store::{Head, StoreError, StoredNotification};
 
 /// Most requests answered by one batch.
@@ -155,28 +155,33 @@ async fn within<T>(
 }
 
 /// The answer to each resume, in the order of `queries`: the user's head
-/// and the first `limit` notifications after [`Head::resume_after`], from
-/// one statement, so from one snapshot — no seq beyond the head it read can
-/// be in the page. A user without a counter row has `last_seq` 0; without
-/// `since`, the page is empty (`LIMIT 0`).
+/// and the first `limit` notifications after `since`, from one statement,
+/// so from one snapshot — no seq beyond the head it read can be in the
+/// page. A user without a counter row has `last_seq` 0. Without `since`
+/// (or with a `limit` of 0) the page is empty and the head's `oldest_seq`
+/// is looked up; with both, it is the page's first seq ([`Head::resumed`]),
+/// which spares the statement an index descent and a heap read per user
+/// (about a tenth of its time; docs/BENCHMARKS.md).
 async fn resumes_of(
     pool: &PgPool,
     queries: &[&ResumeQuery],
 ) -> Result<Vec<(Head, Vec<StoredNotification>)>, sqlx::Error> {
     let users: Vec<&str> = queries.iter().map(|q| &*q.user).collect();
-    let sinces: Vec<i64> = queries.iter().map(|q| q.since.unwrap_or(0)).collect();
+    let sinces: Vec<Option<i64>> = queries.iter().map(|q| q.since).collect();
     let limits: Vec<i64> = queries.iter().map(|q| if q.since.is_some() { i64::from(q.limit) } else { 0 }).collect();
     let found = sqlx::query(
         "SELECT q.i, h.last_seq, h.oldest, n.seq, n.id, n.topic, n.payload, n.created_at, n.read
          FROM UNNEST($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS q(u, s, l, i)
          LEFT JOIN LATERAL (
              SELECT u.last_seq,
-                    (SELECT MIN(m.seq) FROM notifications m WHERE m.user_id = u.user_id) AS oldest
+                    CASE WHEN q.l = 0 THEN
+                        (SELECT MIN(m.seq) FROM notifications m WHERE m.user_id = u.user_id)
+                    END AS oldest
              FROM users u WHERE u.user_id = q.u
          ) h ON true
          LEFT JOIN LATERAL (
              SELECT seq, id, topic, payload, created_at, read FROM notifications
-             WHERE user_id = q.u AND seq > GREATEST(q.s, h.oldest - 1)
+             WHERE user_id = q.u AND seq > q.s
              ORDER BY seq LIMIT q.l
          ) n ON true",
     )
@@ -185,25 +190,44 @@ async fn resumes_of(
     .bind(&limits)
     .fetch_all(pool)
     .await?;
-    let mut answers: Vec<Option<(Head, Vec<StoredNotification>)>> = queries.iter().map(|_| None).collect();
+    let mut answers: Vec<Option<(Found, Vec<StoredNotification>)>> = queries.iter().map(|_| None).collect();
+    let mut columns = Columns::from(3);
     for row in found {
         let index = answer_index(&row, queries.len())?;
         if answers[index].is_none() {
-            answers[index] = Some((head_of(&row)?, Vec::new()));
+            answers[index] = Some((found_head(&row)?, Vec::new()));
         }
         let (_, page) = answers[index].as_mut().expect("set above");
-        if row.try_get::<Option<i64>, _>("seq")?.is_some() {
-            page.push(from_row(&queries[index].user, &row)?);
+        if row.try_get::<Option<i64>, _>(3)?.is_some() {
+            page.push(columns.decode(&queries[index].user, &row)?);
         }
     }
     answers
         .into_iter()
-        .map(|a| {
-            let (head, mut page) = a.ok_or_else(|| sqlx::Error::Protocol("a batched resume went unanswered".into()))?;
+        .zip(&limits)
+        .map(|(a, &limit)| {
+            let (found, mut page) =
+                a.ok_or_else(|| sqlx::Error::Protocol("a batched resume went unanswered".into()))?;
             in_seq_order(&mut page);
+            let head = match limit {
+                0 => Head { last_seq: found.last_seq, oldest_seq: found.oldest.unwrap_or(found.last_seq + 1) },
+                _ => Head::resumed(found.last_seq, page.first().map(|n| n.seq)),
+            };
             Ok((head, page))
         })
         .collect()
+}
+
+/// A resume row's head columns: `last_seq` (0 without a counter row) and
+/// `oldest` (looked up only for a resume without a page; null when nothing
+/// is retained).
+struct Found {
+    last_seq: Seq,
+    oldest: Option<Seq>,
+}
+
+fn found_head(row: &PgRow) -> Result<Found, sqlx::Error> {
+    Ok(Found { last_seq: row.try_get::<Option<i64>, _>(1)?.unwrap_or(0), oldest: row.try_get(2)? })
 }
 
 /// The statements above leave out an outer `ORDER BY`: sorting every
@@ -216,17 +240,9 @@ fn in_seq_order(page: &mut [StoredNotification]) {
     page.sort_by_key(|n| n.seq);
 }
 
-/// The head in a row with `last_seq` and `oldest` (`last_seq` null: no
-/// counter row; `oldest` null: nothing retained).
-fn head_of(row: &PgRow) -> Result<Head, sqlx::Error> {
-    let last_seq = row.try_get::<Option<i64>, _>("last_seq")?.unwrap_or(0);
-    let oldest: Option<i64> = row.try_get("oldest")?;
-    Ok(Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) })
-}
-
-/// Which query of the batch (`q.i`, from 1) a row answers, as an index.
+/// Which query of the batch (`q.i`, from 1, the first column) a row answers, as an index.
 fn answer_index(row: &PgRow, queries: usize) -> Result<usize, sqlx::Error> {
-    let i: i64 = row.try_get("i")?;
+    let i: i64 = row.try_get(0)?;
     usize::try_from(i - 1)
         .ok()
         .filter(|&i| i < queries)
@@ -255,9 +271,10 @@ async fn afters_of(pool: &PgPool, queries: &[&AfterQuery]) -> Result<Vec<Vec<Sto
     .fetch_all(pool)
     .await?;
     let mut answers: Vec<Vec<StoredNotification>> = queries.iter().map(|_| Vec::new()).collect();
+    let mut columns = Columns::from(1);
     for row in found {
         let index = answer_index(&row, queries.len())?;
-        answers[index].push(from_row(&queries[index].user, &row)?);
+        answers[index].push(columns.decode(&queries[index].user, &row)?);
     }
     answers.iter_mut().for_each(|page| in_seq_order(page));
     Ok(answers)

@@ -37,7 +37,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use super::from_row;
+use super::Columns;
 use crate::store::plan::{Key, Plan, Rows};
 use crate::store::{Appended, CommitFailures, NewNotification, StoreError, StoredNotification};
 
@@ -359,10 +359,11 @@ async fn earlier_keys(
     .fetch_all(&mut **tx)
     .await?;
     let mut earlier = HashMap::with_capacity(found.len());
+    let mut columns = Columns::from(2);
     for row in found {
-        let user: Arc<str> = row.try_get::<String, _>("user_id")?.into();
-        let key: Arc<str> = row.try_get::<String, _>("idempotency_key")?.into();
-        earlier.insert((user.clone(), key), from_row(&user, &row)?);
+        let user: Arc<str> = row.try_get::<&str, _>(0)?.into();
+        let key: Arc<str> = row.try_get::<&str, _>(1)?.into();
+        earlier.insert((user.clone(), key), columns.decode(&user, &row)?);
     }
     Ok(earlier)
 }

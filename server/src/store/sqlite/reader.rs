@@ -189,12 +189,12 @@ fn resume(
     since: Option<Seq>,
     limit: u32,
 ) -> rusqlite::Result<(Head, Vec<StoredNotification>)> {
-    let head = head(conn, user)?;
-    let page = match since {
-        Some(_) => notifications_after(conn, user, head.resume_after(since), Seq::MAX, limit)?,
-        None => Vec::new(),
+    let Some(since) = since.filter(|_| limit > 0) else {
+        return Ok((head(conn, user)?, Vec::new()));
     };
-    Ok((head, page))
+    let last_seq = last_seq(conn, user)?;
+    let page = notifications_after(conn, user, since.min(last_seq), Seq::MAX, limit)?;
+    Ok((Head::resumed(last_seq, page.first().map(|n| n.seq)), page))
 }
 
 /// `SELECT` of the columns [`NotificationColumns`] decodes, then `rest`.
@@ -268,8 +268,13 @@ impl NotificationColumns {
 }
 
 fn last_seqs(conn: &Connection, users: &[Arc<str>]) -> rusqlite::Result<Vec<Seq>> {
+    users.iter().map(|user| last_seq(conn, user)).collect()
+}
+
+/// The user's newest committed seq (0 for a user with none).
+fn last_seq(conn: &Connection, user: &str) -> rusqlite::Result<Seq> {
     let mut statement = conn.prepare_cached("SELECT last_seq FROM users WHERE user_id = ?")?;
-    users.iter().map(|user| Ok(statement.query_row([&**user], |r| r.get(0)).optional()?.unwrap_or(0))).collect()
+    Ok(statement.query_row([user], |r| r.get(0)).optional()?.unwrap_or(0))
 }
 
 pub(super) fn store_error(e: rusqlite::Error) -> StoreError {
