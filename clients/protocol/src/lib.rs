@@ -145,19 +145,12 @@ impl ClientFrame {
     pub const TYPES: [&'static str; 3] = ["ping", "refresh", "read"];
 }
 
-/// A notification frame, borrowed: what the server serializes on its hot path.
-#[derive(Serialize)]
-struct NotificationOut<'a> {
-    r#type: &'static str,
-    seq: Seq,
-    id: &'a str,
-    topic: &'a str,
-    payload: &'a RawValue,
-    created_at: &'a str,
-    read: bool,
-}
-
 /// Encodes a `notification` frame whose payload is already JSON text.
+///
+/// Written out field by field rather than through a derived `Serialize`:
+/// every replayed notification is encoded on its way out, and serde_json
+/// escapes each of the seven keys as well as the values. The text is the
+/// same, byte for byte (a test checks it against serde_json).
 pub fn encode_notification(
     seq: Seq,
     id: &str,
@@ -166,11 +159,33 @@ pub fn encode_notification(
     created_at: &str,
     read: bool,
 ) -> String {
-    let frame = NotificationOut { r#type: "notification", seq, id, topic, payload, created_at, read };
     // Sized once: the field names and punctuation take under 100 bytes.
-    let mut out = Vec::with_capacity(100 + id.len() + topic.len() + payload.get().len() + created_at.len());
-    serde_json::to_writer(&mut out, &frame).expect("a notification frame always serializes");
-    String::from_utf8(out).expect("serde_json writes UTF-8")
+    let mut out = String::with_capacity(100 + id.len() + topic.len() + payload.get().len() + created_at.len());
+    out.push_str(r#"{"type":"notification","seq":"#);
+    out.push_str(itoa::Buffer::new().format(seq));
+    out.push_str(r#","id":"#);
+    push_json_string(&mut out, id);
+    out.push_str(r#","topic":"#);
+    push_json_string(&mut out, topic);
+    out.push_str(r#","payload":"#);
+    out.push_str(payload.get());
+    out.push_str(r#","created_at":"#);
+    push_json_string(&mut out, created_at);
+    out.push_str(if read { r#","read":true}"# } else { r#","read":false}"# });
+    out
+}
+
+/// Appends `text` as a JSON string, escaped as serde_json escapes it: as
+/// it is, between quotes, when nothing in it needs escaping (a quote, a
+/// backslash or a control character), which is the usual case.
+fn push_json_string(out: &mut String, text: &str) {
+    if text.bytes().all(|b| b >= 0x20 && b != b'"' && b != b'\\') {
+        out.push('"');
+        out.push_str(text);
+        out.push('"');
+    } else {
+        out.push_str(&serde_json::to_string(text).expect("a string always serializes"));
+    }
 }
 
 /// Close codes (spec §2, "Liveness and close codes").
@@ -207,6 +222,47 @@ mod tests {
         let ServerFrame::Notification(n) = frame else { panic!("{text}") };
         assert_eq!(n.seq, 7);
         assert_eq!(n.payload, serde_json::json!({"order": 42}));
+    }
+
+    #[test]
+    fn encoded_notification_is_what_serde_json_writes() {
+        #[derive(Serialize)]
+        struct Derived<'a> {
+            r#type: &'static str,
+            seq: Seq,
+            id: &'a str,
+            topic: &'a str,
+            payload: &'a RawValue,
+            created_at: &'a str,
+            read: bool,
+        }
+        let strings = [
+            "",
+            "id-1",
+            "orders",
+            "a\"quote",
+            "back\\slash",
+            "tab\there",
+            "nul\u{0}",
+            "\u{1f}",
+            "\u{7f}",
+            "é✓🚀",
+            "</script>",
+        ];
+        let payload = RawValue::from_string(r#"{"order":42,"s":"\u00e9"}"#.into()).unwrap();
+        for (i, id) in strings.iter().enumerate() {
+            for topic in strings {
+                let seq = [0, 1, 42, i64::MAX, -1][i % 5];
+                let read = i % 2 == 0;
+                let created_at = strings[(i + 3) % strings.len()];
+                let derived = Derived { r#type: "notification", seq, id, topic, payload: &payload, created_at, read };
+                assert_eq!(
+                    encode_notification(seq, id, topic, &payload, created_at, read),
+                    serde_json::to_string(&derived).unwrap(),
+                    "id {id:?} topic {topic:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -185,7 +185,7 @@ impl StoredNotification {
             &self.id,
             &self.topic,
             &self.payload,
-            &rfc3339_ms(self.created_at_ms),
+            Rfc3339Ms::of(self.created_at_ms).as_str(),
             self.read,
         )
     }
@@ -406,33 +406,44 @@ pub fn now_ms() -> i64 {
 /// (every replayed notification formats one; `time`'s formatter took 44%
 /// of encoding a frame). Outside the years 0000–9999 it gives the epoch.
 pub fn rfc3339_ms(ms: i64) -> String {
-    /// 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z.
-    const RANGE: std::ops::RangeInclusive<i64> = -62_167_219_200_000..=253_402_300_799_999;
-    if !RANGE.contains(&ms) {
-        return "1970-01-01T00:00:00.000Z".into();
-    }
-    const DAY_MS: i64 = 86_400_000;
-    let (year, month, day) = civil_from_days(ms.div_euclid(DAY_MS));
-    let in_day = ms.rem_euclid(DAY_MS);
-    let mut out = [0u8; 24];
-    let mut put = |at: usize, value: i64, width: usize| {
-        let mut v = value;
-        for i in (0..width).rev() {
-            out[at + i] = b'0' + (v % 10) as u8;
-            v /= 10;
+    Rfc3339Ms::of(ms).as_str().to_owned()
+}
+
+/// [`rfc3339_ms`] on the stack, for the frame encoder (no allocation).
+pub struct Rfc3339Ms([u8; 24]);
+
+impl Rfc3339Ms {
+    pub fn of(ms: i64) -> Rfc3339Ms {
+        /// 0000-01-01T00:00:00.000Z and 9999-12-31T23:59:59.999Z.
+        const RANGE: std::ops::RangeInclusive<i64> = -62_167_219_200_000..=253_402_300_799_999;
+        let ms = if RANGE.contains(&ms) { ms } else { 0 };
+        const DAY_MS: i64 = 86_400_000;
+        let (year, month, day) = civil_from_days(ms.div_euclid(DAY_MS));
+        let in_day = ms.rem_euclid(DAY_MS);
+        let mut out = [0u8; 24];
+        let mut put = |at: usize, value: i64, width: usize| {
+            let mut v = value;
+            for i in (0..width).rev() {
+                out[at + i] = b'0' + (v % 10) as u8;
+                v /= 10;
+            }
+        };
+        put(0, year, 4);
+        put(5, month, 2);
+        put(8, day, 2);
+        put(11, in_day / 3_600_000, 2);
+        put(14, in_day / 60_000 % 60, 2);
+        put(17, in_day / 1000 % 60, 2);
+        put(20, in_day % 1000, 3);
+        for (at, c) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
+            out[at] = c;
         }
-    };
-    put(0, year, 4);
-    put(5, month, 2);
-    put(8, day, 2);
-    put(11, in_day / 3_600_000, 2);
-    put(14, in_day / 60_000 % 60, 2);
-    put(17, in_day / 1000 % 60, 2);
-    put(20, in_day % 1000, 3);
-    for (at, c) in [(4, b'-'), (7, b'-'), (10, b'T'), (13, b':'), (16, b':'), (19, b'.'), (23, b'Z')] {
-        out[at] = c;
+        Rfc3339Ms(out)
     }
-    std::str::from_utf8(&out).expect("ASCII digits and separators").to_owned()
+
+    pub fn as_str(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("ASCII digits and separators")
+    }
 }
 
 /// The proleptic Gregorian (year, month, day) of a count of days since
