@@ -428,6 +428,35 @@ async fn a_seq_purged_out_of_order_is_reported_to_a_session_that_missed_it() {
     store.close().await;
 }
 
+/// Replayed rows are decoded without sqlx's check of every value's type;
+/// the first row of each statement is checked instead. A column of another
+/// type than Herald's schema gives it is an error, not a misread value.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_column_of_another_type_is_refused_not_misread() {
+    let db = TestDb::create().await;
+    let first = store(&db).await;
+    first.append(vec![note("ava", "t", "1", None)]).await.unwrap();
+    assert_eq!(seqs(&first.resume("ava", Some(0), 10).await.unwrap().1), vec![1]);
+    first.close().await;
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("ALTER TABLE notifications ALTER COLUMN created_at TYPE text USING created_at::text")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    let _ = conn.close().await;
+    // A store opened afterwards prepares its statements against the new type.
+    let reopened = store(&db).await;
+    for (what, outcome) in [
+        ("resume", reopened.resume("ava", Some(0), 10).await.map(|(_, page)| page)),
+        ("after", reopened.after("ava", 0, None, 10).await),
+        ("list", reopened.list("ava", &ListQuery { limit: 10, ..Default::default() }).await),
+    ] {
+        let error = outcome.expect_err(what).to_string();
+        assert!(error.contains("mismatched types"), "{what}: {error}");
+    }
+    reopened.close().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retention_purges_in_chunks() {
     let db = TestDb::create().await;

@@ -296,37 +296,50 @@ async fn delete_in_chunks<'q>(
 /// Decodes the notification columns (`seq, id, topic, payload, created_at,
 /// read`, in that order, from column `first` on) of a statement's rows.
 ///
-/// By position rather than by name (a lookup per column per row), and
-/// consecutive rows with the same topic share its text: a batched replay
-/// decodes tens of thousands of rows a second in a reconnect storm
-/// (docs/BENCHMARKS.md, "The PostgreSQL replay, leaner").
+/// By position rather than by name (a lookup per column per row); the
+/// column types are checked against the decoded types on the first row
+/// only (every row of a statement has the same), where sqlx checks them
+/// on every value; and consecutive rows with the same topic share its
+/// text. A batched replay decodes tens of thousands of rows a second in a
+/// reconnect storm (docs/BENCHMARKS.md, "The PostgreSQL replay, leaner").
 struct Columns {
     first: usize,
+    checked: bool,
     topic: Option<Arc<str>>,
 }
 
 impl Columns {
     /// The columns of `SELECT seq, id, topic, payload, created_at, read`, from column `first`.
     fn from(first: usize) -> Columns {
-        Columns { first, topic: None }
+        Columns { first, checked: false, topic: None }
     }
 
     fn decode(&mut self, user: &Arc<str>, row: &PgRow) -> Result<StoredNotification, sqlx::Error> {
         let at = self.first;
-        let topic: &str = row.try_get(at + 2)?;
+        if !self.checked {
+            row.try_get::<i64, _>(at)?;
+            row.try_get::<&str, _>(at + 1)?;
+            row.try_get::<&str, _>(at + 2)?;
+            row.try_get::<&str, _>(at + 3)?;
+            row.try_get::<i64, _>(at + 4)?;
+            row.try_get::<bool, _>(at + 5)?;
+            self.checked = true;
+        }
+        let topic: &str = row.try_get_unchecked(at + 2)?;
         let topic = match &self.topic {
             Some(same) if **same == *topic => same.clone(),
             _ => self.topic.insert(topic.into()).clone(),
         };
-        let payload = RawValue::from_string(row.try_get(at + 3)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
+        let payload =
+            RawValue::from_string(row.try_get_unchecked(at + 3)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         Ok(StoredNotification {
             user_id: user.clone(),
-            seq: row.try_get(at)?,
-            id: row.try_get(at + 1)?,
+            seq: row.try_get_unchecked(at)?,
+            id: row.try_get_unchecked(at + 1)?,
             topic,
             payload: Arc::from(payload),
-            created_at_ms: row.try_get(at + 4)?,
-            read: row.try_get(at + 5)?,
+            created_at_ms: row.try_get_unchecked(at + 4)?,
+            read: row.try_get_unchecked(at + 5)?,
         })
     }
 }

@@ -7,6 +7,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::TryStreamExt;
 use herald_protocol::Seq;
 use sqlx::postgres::PgRow;
 use sqlx::{PgPool, Row};
@@ -169,7 +170,7 @@ async fn resumes_of(
     let users: Vec<&str> = queries.iter().map(|q| &*q.user).collect();
     let sinces: Vec<Option<i64>> = queries.iter().map(|q| q.since).collect();
     let limits: Vec<i64> = queries.iter().map(|q| if q.since.is_some() { i64::from(q.limit) } else { 0 }).collect();
-    let found = sqlx::query(
+    let mut found = sqlx::query(
         "SELECT q.i, h.last_seq, h.oldest, n.seq, n.id, n.topic, n.payload, n.created_at, n.read
          FROM UNNEST($1::text[], $2::int8[], $3::int8[]) WITH ORDINALITY AS q(u, s, l, i)
          LEFT JOIN LATERAL (
@@ -188,11 +189,10 @@ async fn resumes_of(
     .bind(&users)
     .bind(&sinces)
     .bind(&limits)
-    .fetch_all(pool)
-    .await?;
+    .fetch(pool);
     let mut answers: Vec<Option<(Found, Vec<StoredNotification>)>> = queries.iter().map(|_| None).collect();
     let mut columns = Columns::from(3);
-    for row in found {
+    while let Some(row) = found.try_next().await? {
         let index = answer_index(&row, queries.len())?;
         if answers[index].is_none() {
             answers[index] = Some((found_head(&row)?, Vec::new()));
@@ -255,7 +255,7 @@ async fn afters_of(pool: &PgPool, queries: &[&AfterQuery]) -> Result<Vec<Vec<Sto
     let afters: Vec<i64> = queries.iter().map(|q| q.after).collect();
     let up_tos: Vec<i64> = queries.iter().map(|q| q.up_to).collect();
     let limits: Vec<i64> = queries.iter().map(|q| i64::from(q.limit)).collect();
-    let found = sqlx::query(
+    let mut found = sqlx::query(
         "SELECT q.i, n.seq, n.id, n.topic, n.payload, n.created_at, n.read
          FROM UNNEST($1::text[], $2::int8[], $3::int8[], $4::int8[]) WITH ORDINALITY AS q(u, a, t, l, i)
          CROSS JOIN LATERAL (
@@ -268,11 +268,10 @@ async fn afters_of(pool: &PgPool, queries: &[&AfterQuery]) -> Result<Vec<Vec<Sto
     .bind(&afters)
     .bind(&up_tos)
     .bind(&limits)
-    .fetch_all(pool)
-    .await?;
+    .fetch(pool);
     let mut answers: Vec<Vec<StoredNotification>> = queries.iter().map(|_| Vec::new()).collect();
     let mut columns = Columns::from(1);
-    for row in found {
+    while let Some(row) = found.try_next().await? {
         let index = answer_index(&row, queries.len())?;
         answers[index].push(columns.decode(&queries[index].user, &row)?);
     }
