@@ -54,9 +54,9 @@ pub async fn assert_resume_at_head_5_oldest_4(store: &dyn herald_server::store::
 
 /// Stores seqs 1–5 for `user` in an otherwise empty `store` and purges 2 on
 /// its own (as a retention purge does when it was stored while the clock
-/// stood earlier); then `Store::resume`: a session that saw 1 is told seqs
-/// from 2 up to 3 are gone (the welcome's `truncated`, spec §2); one that
-/// saw 0 or 2 missed nothing it can be told of.
+/// stood earlier); then `Store::resume`: a session that saw 1 is told seq 2
+/// is gone (`oldest_seq` 3, so the welcome says `truncated`, spec §2); one
+/// that saw 0 or 2 missed nothing it can be told of.
 pub async fn assert_resume_reports_a_hole_after_since(store: &dyn herald_server::store::Store, user: &str) {
     use herald_server::store::{Head, NewNotification};
     for i in 1..=5 {
