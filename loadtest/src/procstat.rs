@@ -116,11 +116,135 @@ impl Herald {
     }
 }
 
+/// CPU ticks of every process on the machine, summed by command name
+/// (`/proc/<pid>/comm`: `herald`, `postgres`, `redis-server`,
+/// `herald-loadtest`, …), at one moment.
+///
+/// Two of them give what each program cost over a phase, the store and the
+/// broker included: on a shared box that is what the wall time is made of,
+/// and each program's CPU divided by the load generator's (whose work a
+/// scenario fixes) compares runs on a box whose speed varies
+/// (docs/BENCHMARKS.md, "The PostgreSQL replay, leaner"). A process that
+/// ends between the two is left out; one that starts counts from zero; one
+/// that renames itself (a kernel worker names its current work queue) is
+/// counted under its later name.
+pub struct ByProgram {
+    ticks: std::collections::HashMap<u32, (String, u64)>,
+}
+
+/// One program's CPU over a phase.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ProgramCpu {
+    pub program: String,
+    pub cpu_seconds: f64,
+    /// `cpu_seconds` over the load generator's (`herald-loadtest`), when it used any.
+    pub per_load_generator_second: Option<f64>,
+}
+
+impl ByProgram {
+    pub fn snapshot() -> ByProgram {
+        let mut ticks = std::collections::HashMap::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else { return ByProgram { ticks } };
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name.to_str().and_then(|n| n.parse::<u32>().ok()) else { continue };
+            let (Ok(comm), Some(cpu)) =
+                (std::fs::read_to_string(format!("/proc/{pid}/comm")), cpu_ticks(&pid.to_string()))
+            else {
+                continue;
+            };
+            ticks.insert(pid, (comm.trim_end().to_string(), cpu));
+        }
+        ByProgram { ticks }
+    }
+
+    /// Each program's CPU since `earlier`, most first; programs under `floor` seconds are left out.
+    pub fn since(&self, earlier: &ByProgram, floor: f64) -> Vec<ProgramCpu> {
+        let mut by_name: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
+        for (pid, (name, now)) in &self.ticks {
+            let then = earlier.ticks.get(pid).map_or(0, |(_, then)| *then);
+            *by_name.entry(name).or_default() += now.saturating_sub(then);
+        }
+        let seconds = |ticks: u64| ticks as f64 / clock_ticks();
+        let load_generator = by_name.get("herald-loadtest").map(|&t| seconds(t)).filter(|&s| s > 0.0);
+        let mut found: Vec<ProgramCpu> = by_name
+            .into_iter()
+            .map(|(name, ticks)| ProgramCpu {
+                program: name.to_string(),
+                cpu_seconds: seconds(ticks),
+                per_load_generator_second: load_generator.map(|l| seconds(ticks) / l),
+            })
+            .filter(|p| p.cpu_seconds >= floor)
+            .collect();
+        found.sort_by(|a, b| b.cpu_seconds.total_cmp(&a.cpu_seconds).then_with(|| a.program.cmp(&b.program)));
+        found
+    }
+}
+
+/// The Markdown table of [`ByProgram::since`] for a phase.
+pub fn programs_table(phase: &str, programs: &[ProgramCpu]) -> String {
+    if programs.is_empty() {
+        return String::new();
+    }
+    let mut md = format!("| CPU {phase}, by program | CPU-seconds | ÷ the load generator's |\n|---|---|---|\n");
+    for p in programs {
+        let ratio = p.per_load_generator_second.map_or("–".to_string(), |r| format!("{r:.2}"));
+        md += &format!("| `{}` | {:.2} | {} |\n", p.program, p.cpu_seconds, ratio);
+    }
+    md + "\n"
+}
+
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn reads_this_process() {
         assert!(super::self_rss_kib() > 0);
         assert!(super::cpu_ticks("self").is_some());
+    }
+
+    #[test]
+    fn programs_are_summed_by_name_and_set_against_the_load_generator() {
+        let at = |pairs: &[(u32, &str, u64)]| ByProgram {
+            ticks: pairs.iter().map(|&(pid, name, t)| (pid, (name.to_string(), t))).collect(),
+        };
+        let ticks = clock_ticks() as u64;
+        let before = at(&[
+            (1, "herald", 0),
+            (2, "postgres", 10 * ticks),
+            (4, "herald-loadtest", 0),
+            (9, "idle", 5),
+            (12, "kworker/u8:2-events", 100 * ticks),
+        ]);
+        // pid 3 is a PostgreSQL backend that started meanwhile; pid 2 used
+        // 1 s; pid 12 renamed itself and used half a second.
+        let after = at(&[
+            (1, "herald", 4 * ticks),
+            (2, "postgres", 11 * ticks),
+            (3, "postgres", 2 * ticks),
+            (4, "herald-loadtest", 2 * ticks),
+            (9, "idle", 5),
+            (12, "kworker/u8:2-flush", 100 * ticks + ticks / 2),
+        ]);
+        let found = after.since(&before, 0.05);
+        let row = |program: &str, cpu_seconds: f64, ratio: f64| ProgramCpu {
+            program: program.into(),
+            cpu_seconds,
+            per_load_generator_second: Some(ratio),
+        };
+        assert_eq!(
+            found,
+            vec![
+                row("herald", 4.0, 2.0),
+                row("postgres", 3.0, 1.5),
+                row("herald-loadtest", 2.0, 1.0),
+                row("kworker/u8:2-flush", 0.5, 0.25)
+            ]
+        );
+        assert!(programs_table("in the storm", &found).contains("| `postgres` | 3.00 | 1.50 |"));
+        // A real snapshot finds this very process.
+        let now = ByProgram::snapshot();
+        assert!(now.ticks.contains_key(&std::process::id()));
     }
 }
