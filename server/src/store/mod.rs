@@ -177,6 +177,21 @@ pub struct StoredNotification {
     pub read: bool,
 }
 
+/// The topic of the last row a store decoded: consecutive rows usually
+/// share one, and then share its text rather than each copying it (both
+/// stores' row decoders).
+#[derive(Default)]
+pub(crate) struct SharedTopic(Option<Arc<str>>);
+
+impl SharedTopic {
+    pub fn of(&mut self, topic: &str) -> Arc<str> {
+        match &self.0 {
+            Some(same) if **same == *topic => same.clone(),
+            _ => self.0.insert(topic.into()).clone(),
+        }
+    }
+}
+
 impl StoredNotification {
     /// The `notification` frame, encoded once.
     pub fn frame(&self) -> String {
@@ -224,6 +239,12 @@ pub struct Head {
 }
 
 impl Head {
+    /// The head of a user whose newest committed seq is `last_seq` and whose
+    /// oldest retained one is `oldest` (`None`: nothing retained).
+    pub fn new(last_seq: Seq, oldest: Option<Seq>) -> Head {
+        Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) }
+    }
+
     /// The head [`Store::resume`] answers a session that says `since`, from
     /// the user's `last_seq` and the first seq after `since` still stored
     /// (the first of a page of at least one; `None` when it came back empty).
@@ -234,7 +255,7 @@ impl Head {
     /// need not look up the oldest seq, an index descent and a row read per
     /// reconnect (docs/BENCHMARKS.md, "The PostgreSQL replay, leaner").
     pub fn resumed(last_seq: Seq, first_after_since: Option<Seq>) -> Head {
-        Head { last_seq, oldest_seq: first_after_since.unwrap_or(last_seq + 1) }
+        Head::new(last_seq, first_after_since)
     }
 
     /// The last seq a session that says `since` has already seen: `since`

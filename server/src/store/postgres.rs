@@ -63,7 +63,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::{
-    Appended, Head, ListQuery, NewNotification, Revocation, Revocations, Store, StoreError, StoreOptions,
+    Appended, Head, ListQuery, NewNotification, Revocation, Revocations, SharedTopic, Store, StoreError, StoreOptions,
     StoredNotification, TokenRevocation, Unread,
 };
 
@@ -305,13 +305,13 @@ async fn delete_in_chunks<'q>(
 struct Columns {
     first: usize,
     checked: bool,
-    topic: Option<Arc<str>>,
+    topic: SharedTopic,
 }
 
 impl Columns {
     /// The columns of `SELECT seq, id, topic, payload, created_at, read`, from column `first`.
     fn from(first: usize) -> Columns {
-        Columns { first, checked: false, topic: None }
+        Columns { first, checked: false, topic: SharedTopic::default() }
     }
 
     fn decode(&mut self, user: &Arc<str>, row: &PgRow) -> Result<StoredNotification, sqlx::Error> {
@@ -325,11 +325,7 @@ impl Columns {
             row.try_get::<bool, _>(at + 5)?;
             self.checked = true;
         }
-        let topic: &str = row.try_get_unchecked(at + 2)?;
-        let topic = match &self.topic {
-            Some(same) if **same == *topic => same.clone(),
-            _ => self.topic.insert(topic.into()).clone(),
-        };
+        let topic = self.topic.of(row.try_get_unchecked(at + 2)?);
         let payload =
             RawValue::from_string(row.try_get_unchecked(at + 3)?).map_err(|e| sqlx::Error::Decode(Box::new(e)))?;
         Ok(StoredNotification {

@@ -210,7 +210,7 @@ async fn resumes_of(
                 a.ok_or_else(|| sqlx::Error::Protocol("a batched resume went unanswered".into()))?;
             in_seq_order(&mut page);
             let head = match limit {
-                0 => Head { last_seq: found.last_seq, oldest_seq: found.oldest.unwrap_or(found.last_seq + 1) },
+                0 => Head::new(found.last_seq, found.oldest),
                 _ => Head::resumed(found.last_seq, page.first().map(|n| n.seq)),
             };
             Ok((head, page))

@@ -22,7 +22,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension};
 use serde_json::value::RawValue;
 use tokio::sync::oneshot;
 
-use crate::store::{Head, ListQuery, StoreError, StoredNotification};
+use crate::store::{Head, ListQuery, SharedTopic, StoreError, StoredNotification};
 
 /// Requests waiting for a reader thread.
 const QUEUE: usize = 4096;
@@ -179,7 +179,7 @@ fn head(conn: &Connection, user: &str) -> rusqlite::Result<Head> {
     let found: Option<(i64, Option<i64>)> = statement.query_row([user], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
     Ok(match found {
         None => Head { last_seq: 0, oldest_seq: 1 },
-        Some((last_seq, oldest)) => Head { last_seq, oldest_seq: oldest.unwrap_or(last_seq + 1) },
+        Some((last_seq, oldest)) => Head::new(last_seq, oldest),
     })
 }
 
@@ -242,17 +242,12 @@ fn decode_all(user: &Arc<str>, mut rows: rusqlite::Rows<'_>) -> rusqlite::Result
 /// Decodes rows of `SELECT seq, id, topic, payload, created_at, read`.
 #[derive(Default)]
 pub(super) struct NotificationColumns {
-    /// Consecutive notifications usually share a topic: they share its text too.
-    topic: Option<Arc<str>>,
+    topic: SharedTopic,
 }
 
 impl NotificationColumns {
     pub fn decode(&mut self, user: &Arc<str>, row: &rusqlite::Row<'_>) -> rusqlite::Result<StoredNotification> {
-        let topic = row.get_ref(2)?.as_str()?;
-        let topic = match &self.topic {
-            Some(same) if **same == *topic => same.clone(),
-            _ => self.topic.insert(topic.into()).clone(),
-        };
+        let topic = self.topic.of(row.get_ref(2)?.as_str()?);
         let payload = RawValue::from_string(row.get(3)?)
             .map_err(|e| rusqlite::Error::FromSqlConversionFailure(3, rusqlite::types::Type::Text, Box::new(e)))?;
         Ok(StoredNotification {
