@@ -78,6 +78,17 @@ pub struct ServerUsage {
     pub rss_after_kib: u64,
     /// CPU over the measured phase, percent of one core (200 = two cores busy).
     pub cpu_percent: f64,
+    /// CPU of every program on the machine over the same phase (herald,
+    /// the store, the broker, this tool), most first; under 0.05 CPU-seconds
+    /// left out.
+    pub cpu_by_program: Vec<ProgramCpu>,
+}
+
+/// The start of a measured phase: the herald processes and every program on
+/// the machine, read at the same moment.
+pub struct PhaseStart {
+    pub herald: Sample,
+    pub programs: ByProgram,
 }
 
 impl Herald {
@@ -126,8 +137,8 @@ impl Herald {
 /// scenario fixes) compares runs on a box whose speed varies
 /// (docs/BENCHMARKS.md, "The PostgreSQL replay, leaner"). A process that
 /// ends between the two is left out; one that starts counts from zero; one
-/// that renames itself (a kernel worker names its current work queue) is
-/// counted under its later name.
+/// that renames itself is counted under its later name; the kernel's
+/// workers (named after their current work queue) count as one, `kworker`.
 pub struct ByProgram {
     ticks: std::collections::HashMap<u32, (String, u64)>,
 }
@@ -163,7 +174,7 @@ impl ByProgram {
         let mut by_name: std::collections::HashMap<&str, u64> = std::collections::HashMap::new();
         for (pid, (name, now)) in &self.ticks {
             let then = earlier.ticks.get(pid).map_or(0, |(_, then)| *then);
-            *by_name.entry(name).or_default() += now.saturating_sub(then);
+            *by_name.entry(program_of(name)).or_default() += now.saturating_sub(then);
         }
         let seconds = |ticks: u64| ticks as f64 / clock_ticks();
         let load_generator = by_name.get("herald-loadtest").map(|&t| seconds(t)).filter(|&s| s > 0.0);
@@ -178,6 +189,17 @@ impl ByProgram {
             .collect();
         found.sort_by(|a, b| b.cpu_seconds.total_cmp(&a.cpu_seconds).then_with(|| a.program.cmp(&b.program)));
         found
+    }
+}
+
+/// The program a command name counts under: the kernel's workers
+/// (`kworker/u8:2-ext4-rsv-conversion`, named after their current work
+/// queue) all count as `kworker`.
+fn program_of(comm: &str) -> &str {
+    if comm.starts_with("kworker/") {
+        "kworker"
+    } else {
+        comm
     }
 }
 
@@ -216,16 +238,18 @@ mod tests {
             (4, "herald-loadtest", 0),
             (9, "idle", 5),
             (12, "kworker/u8:2-events", 100 * ticks),
+            (13, "kworker/1:1H-kblockd", 0),
         ]);
         // pid 3 is a PostgreSQL backend that started meanwhile; pid 2 used
-        // 1 s; pid 12 renamed itself and used half a second.
+        // 1 s; the kernel's workers (pid 12 renamed itself) used half a second.
         let after = at(&[
             (1, "herald", 4 * ticks),
             (2, "postgres", 11 * ticks),
             (3, "postgres", 2 * ticks),
             (4, "herald-loadtest", 2 * ticks),
             (9, "idle", 5),
-            (12, "kworker/u8:2-flush", 100 * ticks + ticks / 2),
+            (12, "kworker/u8:2-flush", 100 * ticks + ticks / 4),
+            (13, "kworker/1:1H-kblockd", ticks / 4),
         ]);
         let found = after.since(&before, 0.05);
         let row = |program: &str, cpu_seconds: f64, ratio: f64| ProgramCpu {
@@ -239,7 +263,7 @@ mod tests {
                 row("herald", 4.0, 2.0),
                 row("postgres", 3.0, 1.5),
                 row("herald-loadtest", 2.0, 1.0),
-                row("kworker/u8:2-flush", 0.5, 0.25)
+                row("kworker", 0.5, 0.25)
             ]
         );
         assert!(programs_table("in the storm", &found).contains("| `postgres` | 3.00 | 1.50 |"));

@@ -11,7 +11,7 @@ use super::{Bench, ClientSetup, Connected};
 use crate::args::{Clients, Common};
 use crate::chart::{Chart, XScale};
 use crate::hist::{merge, thousands, Percentiles};
-use crate::procstat::ServerUsage;
+use crate::procstat::{programs_table, ServerUsage};
 use crate::progress::Sample;
 use crate::report::{targets_table, Target};
 
@@ -54,7 +54,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ramped = bench.fleet.sync().await?;
     let drops_before = ramped.drops;
-    let hold_from = bench.herald.sample();
+    let hold_from = bench.phase_start();
     let reports = bench.fleet.reports().await?;
     let mut open_per_node = vec![0u64; bench.nodes];
     for (j, _) in reports.iter().flat_map(|r| r.clients.iter().zip(&r.start)).filter(|(_, s)| **s >= 0) {
@@ -179,6 +179,7 @@ fn write(bench: &Bench, r: &Result) -> anyhow::Result<()> {
         );
     }
     md += &format!("| load generator RSS per connection | {:.1} KiB |\n\n", r.client_rss_per_connection_kib);
+    md += &programs_table("during the hold", &r.server.cpu_by_program);
     md += &targets_table(&r.targets);
     md += "![connections over time](connections.svg)\n";
     bench.run.write_file("summary.md", &md)?;

@@ -20,7 +20,7 @@ use serde::Serialize;
 
 use crate::args::{Clients, Common};
 use crate::fleet::{Fleet, FleetSpec, Report, Stats};
-use crate::procstat::{Herald, ServerUsage};
+use crate::procstat::{ByProgram, Herald, PhaseStart, ServerUsage};
 use crate::progress::{Progress, Sample};
 use crate::publish::Publishers;
 use crate::report::Run;
@@ -171,8 +171,14 @@ impl Bench {
         self.fleet.wait_until(limit, Duration::from_secs(10), |s| s.advanced >= expected).await
     }
 
-    /// Server usage over a phase that began at `from`.
-    pub fn usage(&self, from: &crate::procstat::Sample, timeline: &[Sample]) -> ServerUsage {
+    /// Marks the start of the phase [`usage`](Self::usage) measures.
+    pub fn phase_start(&self) -> PhaseStart {
+        PhaseStart { herald: self.herald.sample(), programs: ByProgram::snapshot() }
+    }
+
+    /// Server usage over a phase that began at `from`; every program's CPU too.
+    pub fn usage(&self, from: &PhaseStart, timeline: &[Sample]) -> ServerUsage {
+        let cpu_by_program = ByProgram::snapshot().since(&from.programs, 0.05);
         let now = self.herald.sample();
         let peak = timeline.iter().map(|s| s.herald_rss_kib).max().unwrap_or(0).max(now.rss_kib);
         ServerUsage {
@@ -180,7 +186,8 @@ impl Bench {
             rss_before_kib: self.rss_before_kib,
             rss_peak_kib: peak,
             rss_after_kib: now.rss_kib,
-            cpu_percent: self.herald.cpu_percent(from, &now),
+            cpu_percent: self.herald.cpu_percent(&from.herald, &now),
+            cpu_by_program,
         }
     }
 

@@ -15,7 +15,7 @@ use crate::cli::Publishing;
 use crate::fleet::worker::unix_ns;
 use crate::fleet::Command;
 use crate::hist::{cdf, merge, thousands, Percentiles};
-use crate::procstat::{programs_table, ByProgram, ProgramCpu, ServerUsage};
+use crate::procstat::{programs_table, ServerUsage};
 use crate::progress::Sample;
 use crate::publish::{Job, PublishStats};
 use crate::report::{targets_table, Target};
@@ -54,10 +54,9 @@ struct Result {
     catch_up: Percentiles,
     /// Per client: the reconnect command → caught up.
     catch_up_since_storm: Percentiles,
+    /// From the reconnect command to the last delivery (`cpu_by_program`
+    /// included: herald, the store, the broker, this tool).
     server: ServerUsage,
-    /// CPU of every program on the machine from the reconnect command to the
-    /// last client caught up (herald, the store, the broker, this tool).
-    cpu_by_program: Vec<ProgramCpu>,
     verification: Verification,
     targets: Vec<Target>,
     timeline: Vec<Sample>,
@@ -98,13 +97,11 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 
     bench.progress.phase("reconnect");
     let before = bench.fleet.sync().await?;
-    let from = bench.herald.sample();
-    let programs_before = ByProgram::snapshot();
+    let from = bench.phase_start();
     let storm_ns = unix_ns();
     bench.fleet.connect(args.reconnect_rate).await?;
     let after =
         bench.fleet.wait_until(Duration::from_secs(300), Duration::from_secs(20), |s| s.caught_up >= clients).await?;
-    let cpu_by_program = ByProgram::snapshot().since(&programs_before, 0.05);
     let all_caught_up_seconds = after.last_caught_up_ns.saturating_sub(storm_ns) as f64 / 1e9;
     eprintln!("{} of {} clients caught up; the last after {:.2} s", after.caught_up, clients, all_caught_up_seconds);
     let drained = bench.drain(expected.total(), Duration::from_secs(30)).await?;
@@ -148,7 +145,6 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         catch_up: Percentiles::of(&per_client),
         catch_up_since_storm: Percentiles::of(&since_storm),
         server,
-        cpu_by_program,
         verification,
         targets: vec![target],
         timeline,
@@ -195,7 +191,7 @@ fn summary(bench: &Bench, r: &Result) -> String {
         r.catch_up.row("catch-up per client (own reconnect → caught up)"),
         r.catch_up_since_storm.row("catch-up since the storm began")
     );
-    md += &programs_table("from the reconnect to the last client caught up", &r.cpu_by_program);
+    md += &programs_table("from the reconnect to the last delivery", &r.server.cpu_by_program);
     md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![clients caught up over time](catch-up.svg)\n";
