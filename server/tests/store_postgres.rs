@@ -575,25 +575,69 @@ async fn a_stuck_batch_does_not_hold_up_the_next() {
     let store = open(&db.url, &StoreOptions { pool_size: 8, ..StoreOptions::default() }).await.unwrap();
     store.append(vec![note("ann", "t", "1", None)]).await.unwrap();
     // `resume` reads `users`; `after` does not. Hold `users` locked.
-    let mut locker = PgConnection::connect(&db.url).await.unwrap();
-    sqlx::query("BEGIN").execute(&mut locker).await.unwrap();
-    sqlx::query("LOCK TABLE users IN ACCESS EXCLUSIVE MODE").execute(&mut locker).await.unwrap();
+    let mut locker = in_a_transaction(&db, "LOCK TABLE users IN ACCESS EXCLUSIVE MODE").await;
     let stuck = tokio::spawn({
         let store = store.clone();
         async move { store.resume("ann", Some(0), 10).await }
     });
-    let mut admin = db.admin().await;
-    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'";
-    let deadline = Instant::now() + common::WAIT;
-    while sqlx::query_scalar::<_, i64>(waiting).bind(&db.name).fetch_one(&mut admin).await.unwrap() == 0 {
-        assert!(Instant::now() < deadline, "the resume never reached the lock");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_a_statement_waits_for_a_lock(&db, "the resume").await;
     assert_eq!(seqs(&store.after("ann", 0, None, 10).await.unwrap()), [1]);
     assert!(!stuck.is_finished(), "the read behind it was answered only once the stuck batch was");
     sqlx::query("ROLLBACK").execute(&mut locker).await.unwrap();
     let (head, page) = stuck.await.unwrap().unwrap();
     assert_eq!((head.last_seq, seqs(&page)), (1, vec![1]));
+    store.close().await;
+}
+
+/// A connection of its own to `db` that began a transaction and ran
+/// `statement` in it (which takes the locks a test needs held).
+async fn in_a_transaction(db: &TestDb, statement: &str) -> PgConnection {
+    let mut conn = PgConnection::connect(&db.url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut conn).await.unwrap();
+    sqlx::query(statement).execute(&mut conn).await.unwrap();
+    conn
+}
+
+/// Returns once a statement in `db` waits for a lock (`what` names it for the failure).
+async fn until_a_statement_waits_for_a_lock(db: &TestDb, what: &str) {
+    let mut admin = db.admin().await;
+    let waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND wait_event_type = 'Lock'";
+    let deadline = Instant::now() + common::WAIT;
+    while sqlx::query_scalar::<_, i64>(waiting).bind(&db.name).fetch_one(&mut admin).await.unwrap() == 0 {
+        assert!(Instant::now() < deadline, "{what} never reached the lock");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The writers take turns (`store::postgres::writer`): the next group waits
+/// for the one committing. A group stuck on a counter row another node holds
+/// must not hold the other users' publishes up: after a short wait they
+/// commit beside it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_stuck_on_a_locked_counter_does_not_hold_up_other_users() {
+    let db = TestDb::create().await;
+    // Ann's statement must not time out while bob's appends are tried.
+    let patient = StoreOptions { pool_size: 8, statement_timeout: common::WAIT * 3, ..StoreOptions::default() };
+    let store = open(&db.url, &patient).await.unwrap();
+    store.append(vec![note("ann", "t", "1", None)]).await.unwrap();
+    // Another node's transaction holds ann's counter.
+    let mut other_node = in_a_transaction(&db, "SELECT last_seq FROM users WHERE user_id = 'ann' FOR UPDATE").await;
+    let stuck = tokio::spawn({
+        let store = store.clone();
+        async move { store.append(vec![note("ann", "t", "2", None)]).await }
+    });
+    until_a_statement_waits_for_a_lock(&db, "ann's append").await;
+    for n in 1..=3 {
+        let appended = tokio::time::timeout(common::WAIT, store.append(vec![note("bob", "t", "1", None)]))
+            .await
+            .expect("bob's append waited for ann's stuck group")
+            .unwrap();
+        assert_eq!(appended[0].notification.seq, n);
+    }
+    assert!(!stuck.is_finished(), "ann's append committed while her counter was locked");
+    sqlx::query("ROLLBACK").execute(&mut other_node).await.unwrap();
+    assert_eq!(stuck.await.unwrap().unwrap()[0].notification.seq, 2);
+    assert_eq!(seqs(&all_of(&*store, "ann").await), [1, 2]);
     store.close().await;
 }
 
