@@ -177,10 +177,9 @@ fn head(conn: &Connection, user: &str) -> rusqlite::Result<Head> {
          FROM users u WHERE u.user_id = ?",
     )?;
     let found: Option<(i64, Option<i64>)> = statement.query_row([user], |r| Ok((r.get(0)?, r.get(1)?))).optional()?;
-    Ok(match found {
-        None => Head { last_seq: 0, oldest_seq: 1 },
-        Some((last_seq, oldest)) => Head::new(last_seq, oldest),
-    })
+    // A user without a counter row has had nothing stored: last seq 0.
+    let (last_seq, oldest) = found.unwrap_or((0, None));
+    Ok(Head::new(last_seq, oldest))
 }
 
 fn resume(
