@@ -39,8 +39,11 @@ def exported_metrics():
     """Every series name a node exposes: counters get `_total`, histograms
     `_bucket`/`_sum`/`_count` (prometheus-client's text encoding)."""
     source = pathlib.Path("server/src/telemetry.rs").read_text()
+    # The store's group-commit metrics are a struct of its own, registered
+    # field by field in telemetry.rs.
+    typed = source + pathlib.Path("server/src/store/mod.rs").read_text()
     kinds = {}
-    for field, ty in re.findall(r"^\s*pub (\w+): (.+),\s*$", source, re.M):
+    for field, ty in re.findall(r"^\s*pub (\w+): (.+),\s*$", typed, re.M):
         kind = re.search(r"(Counter|Gauge|Histogram)>?\s*$", ty)
         if kind:
             kinds[field] = kind.group(1)

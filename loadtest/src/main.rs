@@ -32,6 +32,7 @@ mod progress;
 mod publish;
 mod report;
 mod scenario;
+mod scrape;
 mod verify;
 
 use clap::Parser;

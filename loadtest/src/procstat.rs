@@ -82,6 +82,9 @@ pub struct ServerUsage {
     /// the store, the broker, this tool), most first; under 0.05 CPU-seconds
     /// left out.
     pub cpu_by_program: Vec<ProgramCpu>,
+    /// How the nodes grouped the phase's notifications into commits, from
+    /// their `/metrics`; `None` when a node did not report it.
+    pub group_commits: Option<crate::scrape::GroupCommits>,
 }
 
 /// The start of a measured phase: the herald processes and every program on
@@ -89,6 +92,7 @@ pub struct ServerUsage {
 pub struct PhaseStart {
     pub herald: Sample,
     pub programs: ByProgram,
+    pub commits: Option<crate::scrape::Totals>,
 }
 
 impl Herald {
@@ -204,7 +208,14 @@ fn program_of(comm: &str) -> &str {
 }
 
 /// The Markdown table of [`ByProgram::since`] for a phase.
-pub fn programs_table(phase: &str, programs: &[ProgramCpu]) -> String {
+/// The summary's lines on the server over `phase`: every program's CPU and
+/// the store's group commits.
+pub fn server_tables(phase: &str, server: &ServerUsage) -> String {
+    let commits = server.group_commits.as_ref().map_or(String::new(), |c| c.markdown(phase));
+    programs_table(phase, &server.cpu_by_program) + &commits
+}
+
+fn programs_table(phase: &str, programs: &[ProgramCpu]) -> String {
     if programs.is_empty() {
         return String::new();
     }

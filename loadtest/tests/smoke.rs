@@ -163,6 +163,9 @@ fn check(status: i32, out: &Path) -> Value {
         assert!(p["cpu_seconds"].as_f64().unwrap() >= 0.05, "{p}");
         assert!(p["program"].as_str().is_some_and(|name| !name.is_empty()), "{p}");
     }
+    // And the nodes' group commits over it, from their /metrics.
+    let commits = &result["server"]["group_commits"];
+    assert!(commits["commits"].as_u64().is_some() && commits["per_commit"].as_f64().is_some(), "{commits}");
     result
 }
 
@@ -185,6 +188,8 @@ fn unicast_delivers_every_publish_in_order() {
     let r = check(status, &out);
     assert!(r["latency"]["count"].as_u64().unwrap() > 0);
     assert!(out.join("latency.svg").exists());
+    // Every acknowledged publish was committed in the measured phase, and counted once.
+    assert_eq!(r["server"]["group_commits"]["notifications"], r["published"]["notifications"]);
 }
 
 #[test]
@@ -213,6 +218,7 @@ fn storm_clients_catch_up_exactly() {
     let r = check(status, &out);
     assert_eq!(r["caught_up"], 100);
     assert_eq!(r["verification"]["expected"], 1000);
+    assert_eq!(r["publish_commits"]["notifications"], 1000, "{}", r["publish_commits"]);
     assert!(out.join("catch-up.svg").exists());
 }
 

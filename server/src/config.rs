@@ -702,6 +702,7 @@ impl Settings {
             sqlite_cache_mib: self.sqlite_cache_mib,
             statement_timeout: self.db_statement_timeout,
             connect_timeout: self.db_connect_timeout,
+            ..crate::store::StoreOptions::default()
         }
     }
 

@@ -61,7 +61,7 @@ use broker::Broker;
 use config::Settings;
 use hub::Hub;
 use limit::Limits;
-use store::{Store, StoreError};
+use store::{Store, StoreError, StoreOptions};
 use telemetry::Metrics;
 use worker::pool::Pool;
 
@@ -123,11 +123,12 @@ impl AppState {
     /// Opens the store (running migrations) and wires the node together.
     pub async fn build(settings: Settings, shutdown: CancellationToken) -> Result<AppState, StartError> {
         let capacity = capacity::of(&settings).map_err(StartError::Capacity)?;
-        let store = store::open(&settings.database_url, &settings.store_options()).await.map_err(|e| match e {
+        let metrics = Arc::new(Metrics::new());
+        let options = StoreOptions { group_commits: metrics.group_commits.clone(), ..settings.store_options() };
+        let store = store::open(&settings.database_url, &options).await.map_err(|e| match e {
             StoreError::Unavailable(m) => StoreError::Unavailable(tls::with_certificate_hint(m, "sslrootcert=PATH")),
             other => other,
         })?;
-        let metrics = Arc::new(Metrics::new());
         let (hub, broker, shared): (Hub, Arc<dyn Broker>, _) = match &settings.redis_url {
             None => {
                 let hub = Hub::new(Arc::new(hub::NoInterest));

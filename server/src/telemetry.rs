@@ -16,6 +16,7 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::config::{LogFormat, Settings};
+use crate::store::GroupCommits;
 
 /// Installs the global tracing subscriber (once per process; the binary
 /// calls it): log lines to stderr filtered by `HERALD_LOG`, and, when an OTLP
@@ -225,6 +226,7 @@ pub struct Metrics {
     pub notifications_purged: Counter,
     pub notifications_erased: Counter,
     pub publish_commit_seconds: Histogram,
+    pub group_commits: GroupCommits,
     pub broker_published: Counter,
     pub broker_received: Counter,
     pub broker_dropped: Counter,
@@ -343,6 +345,29 @@ impl Metrics {
                 "From receiving a publish to its commit",
                 Histogram::new(exponential_buckets(0.000_25, 2.0, 16)),
             ),
+            group_commits: {
+                let unregistered = GroupCommits::default();
+                GroupCommits {
+                    size: registered(
+                        &mut r,
+                        "herald_store_group_commit_size",
+                        "Notifications per group commit (its count: the groups committed)",
+                        unregistered.size,
+                    ),
+                    seconds: registered(
+                        &mut r,
+                        "herald_store_group_commit_seconds",
+                        "A committed group's transaction, without the queue before it",
+                        unregistered.seconds,
+                    ),
+                    failed: registered(
+                        &mut r,
+                        "herald_store_group_commits_failed",
+                        "Group commits that failed (each refused every publish in it)",
+                        unregistered.failed,
+                    ),
+                }
+            },
             broker_published: registered(
                 &mut r,
                 "herald_broker_published",

@@ -248,5 +248,10 @@ async fn metrics_count_frames_store_calls_pool_and_requests_by_route() {
     assert!(server.metric("herald_db_pool_connections{state=\"idle\"}").await >= 1.0);
     assert_eq!(server.metric("herald_http_requests_total{route=\"/v1/notifications\",status=\"201\"}").await, 3.0);
     assert_eq!(server.metric("herald_http_requests_total{route=\"/v1/me/unread\",status=\"200\"}").await, 1.0);
+    // Three publishes one after another: three group commits of one each.
+    assert_eq!(server.metric("herald_store_group_commit_size_count").await, 3.0);
+    assert_eq!(server.metric("herald_store_group_commit_size_sum").await, 3.0);
+    assert_eq!(server.metric("herald_store_group_commit_seconds_count").await, 3.0);
+    assert_eq!(server.metric("herald_store_group_commits_failed_total").await, 0.0);
     server.stop().await;
 }

@@ -14,7 +14,8 @@ use std::time::{Duration, Instant};
 use futures_util::future::{join_all, try_join_all};
 use herald_protocol::ReadMark;
 use herald_server::store::{
-    open, Appended, Head, ListQuery, NewNotification, Revocation, Store, StoreError, StoreOptions, TokenRevocation,
+    open, Appended, GroupCommits, Head, ListQuery, NewNotification, Revocation, Store, StoreError, StoreOptions,
+    TokenRevocation,
 };
 use serde_json::value::RawValue;
 use sqlx::{Connection, PgConnection};
@@ -63,6 +64,15 @@ async fn all_of(store: &dyn Store, user: &str) -> Vec<herald_server::store::Stor
 
 fn seqs(found: &[herald_server::store::StoredNotification]) -> Vec<i64> {
     found.iter().map(|n| n.seq).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writers_measure_each_group_commit() {
+    let db = TestDb::create().await;
+    let metrics = GroupCommits::default();
+    let store = open(&db.url, &StoreOptions { group_commits: metrics.clone(), ..options() }).await.unwrap();
+    common::assert_group_commits_measured(store.clone(), &metrics).await;
+    store.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -731,7 +741,8 @@ async fn a_busy_connection_killed_under_a_group_fails_it_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() {
     let db = TestDb::create().await;
-    let store = store(&db).await;
+    let metrics = GroupCommits::default();
+    let store = open(&db.url, &StoreOptions { group_commits: metrics.clone(), ..options() }).await.unwrap();
     store.append(vec![note("una", "t", "1", None)]).await.unwrap();
 
     let read_only = |on: bool| set_read_only(&db, on);
@@ -754,7 +765,7 @@ async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() 
     // before the last refusal, so the first read mark goes through.
     read_only(false).await;
     assert_eq!(store.mark_read("una", &mark).await.unwrap(), [1], "a pooled read-only connection was kept");
-    let mut stored = None;
+    let (mut stored, mut refused) = (None, 5);
     for _ in 0..20 {
         match store.append(vec![note("una", "t", "2", None)]).await {
             Ok(out) => {
@@ -763,11 +774,16 @@ async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() 
             }
             Err(e) => assert!(matches!(e, StoreError::Unavailable(_)), "{e:?}"),
         }
+        refused += 1;
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(stored, Some(2), "appends never recovered: read-only connections were kept");
     store.ping().await.unwrap();
     assert_eq!(seqs(&all_of(&*store, "una").await), [1, 2]);
+    // Each refused append was a group of its own, counted as failed; only
+    // the two stored are counted as committed.
+    assert_eq!(metrics.failed.get(), refused);
+    assert_eq!((metrics.size.count(), metrics.size.sum()), (2, 2.0));
     store.close().await;
 }
 

@@ -5,7 +5,7 @@ mod common;
 
 use std::sync::Arc;
 
-use herald_server::store::{open, NewNotification, Store, StoreError, StoreOptions};
+use herald_server::store::{open, GroupCommits, NewNotification, Store, StoreError, StoreOptions};
 use serde_json::value::RawValue;
 
 fn options() -> StoreOptions {
@@ -38,6 +38,16 @@ async fn resume_gives_the_head_and_the_first_page_in_one_request() {
     store.append(vec![note("bob", "1", None)]).await.unwrap();
     assert_eq!(store.purge(2_000).await.unwrap(), 3);
     common::assert_resume_at_head_5_oldest_4(&*store, "alice").await;
+    store.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_measures_each_group_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}", dir.path().join("herald.db").display());
+    let metrics = GroupCommits::default();
+    let store = open(&url, &StoreOptions { group_commits: metrics.clone(), ..options() }).await.unwrap();
+    common::assert_group_commits_measured(store.clone(), &metrics).await;
     store.close().await;
 }
 

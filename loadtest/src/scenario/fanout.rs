@@ -23,7 +23,7 @@ use crate::cli::Publishing;
 use crate::fleet::protocol::user_id;
 use crate::fleet::worker::unix_ns;
 use crate::hist::{merge, percentile_curve, thousands, Percentiles};
-use crate::procstat::{programs_table, ServerUsage};
+use crate::procstat::{server_tables, ServerUsage};
 use crate::progress::Sample;
 use crate::publish::{Job, PublishStats, Publishers};
 use crate::report::{targets_table, Target};
@@ -76,7 +76,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let Started { bench, setup, pubs, expected, connected } =
         Bench::start_publishing("fanout", &args.common, &args.clients).await?;
     let by_node = bench.targets_by_node(&bench.fleet.reports().await?);
-    let from = bench.phase_start();
+    let from = bench.phase_start().await;
     let mut rounds = Vec::new();
 
     let audience = args.audience.unwrap_or(0).max(connected.open as usize);
@@ -90,7 +90,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         rounds.push(burst_round(&bench, &pubs, &by_node, &args).await?);
     }
     let timeline = bench.progress.timeline();
-    let server = bench.usage(&from, &timeline);
+    let server = bench.usage(&from, &timeline).await;
     let reports = bench.fleet.reports().await?;
     let published = pubs.stats();
     let verification = verify(&reports, &expected, published.errors);
@@ -266,7 +266,7 @@ fn write(bench: &Bench, r: &Result, jobs: &Histogram<u64>, bursts: &Histogram<u6
         r.job_latency.row("jobs: publish → deliver"),
         r.burst_latency.row("bursts: publish → deliver")
     );
-    md += &programs_table("over the rounds", &r.server.cpu_by_program);
+    md += &server_tables("over the rounds", &r.server);
     md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![latency by percentile](latency.svg)\n";

@@ -11,7 +11,7 @@ use super::{Bench, ClientSetup, Connected};
 use crate::args::{Clients, Common};
 use crate::chart::{Chart, XScale};
 use crate::hist::{merge, thousands, Percentiles};
-use crate::procstat::{programs_table, ServerUsage};
+use crate::procstat::{server_tables, ServerUsage};
 use crate::progress::Sample;
 use crate::report::{targets_table, Target};
 
@@ -54,7 +54,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let ramped = bench.fleet.sync().await?;
     let drops_before = ramped.drops;
-    let hold_from = bench.phase_start();
+    let hold_from = bench.phase_start().await;
     let reports = bench.fleet.reports().await?;
     let mut open_per_node = vec![0u64; bench.nodes];
     for (j, _) in reports.iter().flat_map(|r| r.clients.iter().zip(&r.start)).filter(|(_, s)| **s >= 0) {
@@ -69,7 +69,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let end = bench.fleet.sync().await?;
     let reports = bench.fleet.reports().await?;
     let timeline = bench.progress.timeline();
-    let server = bench.usage(&hold_from, &timeline);
+    let server = bench.usage(&hold_from, &timeline).await;
 
     let mut closes = BTreeMap::new();
     let mut failure_kinds = BTreeMap::new();
@@ -179,7 +179,7 @@ fn write(bench: &Bench, r: &Result) -> anyhow::Result<()> {
         );
     }
     md += &format!("| load generator RSS per connection | {:.1} KiB |\n\n", r.client_rss_per_connection_kib);
-    md += &programs_table("during the hold", &r.server.cpu_by_program);
+    md += &server_tables("during the hold", &r.server);
     md += &targets_table(&r.targets);
     md += "![connections over time](connections.svg)\n";
     bench.run.write_file("summary.md", &md)?;

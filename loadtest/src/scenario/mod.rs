@@ -24,6 +24,7 @@ use crate::procstat::{ByProgram, Herald, PhaseStart, ServerUsage};
 use crate::progress::{Progress, Sample};
 use crate::publish::Publishers;
 use crate::report::Run;
+use crate::scrape::Totals;
 use crate::verify::Expected;
 
 /// What [`Bench::start_publishing`] hands a scenario.
@@ -44,6 +45,8 @@ pub struct Bench {
     pub prefix: String,
     pub connections: usize,
     pub nodes: usize,
+    /// The nodes' HTTP addresses, for their `/metrics`.
+    pub http_urls: Vec<String>,
     /// Server RSS before any client connected.
     pub rss_before_kib: u64,
 }
@@ -111,6 +114,7 @@ impl Bench {
             prefix,
             connections: clients.connections,
             nodes: urls.len(),
+            http_urls: common.http_urls(),
             rss_before_kib,
         };
         Ok((bench, setup))
@@ -172,13 +176,19 @@ impl Bench {
     }
 
     /// Marks the start of the phase [`usage`](Self::usage) measures.
-    pub fn phase_start(&self) -> PhaseStart {
-        PhaseStart { herald: self.herald.sample(), programs: ByProgram::snapshot() }
+    pub async fn phase_start(&self) -> PhaseStart {
+        let commits = Totals::read(&self.http_urls).await;
+        PhaseStart { herald: self.herald.sample(), programs: ByProgram::snapshot(), commits }
     }
 
-    /// Server usage over a phase that began at `from`; every program's CPU too.
-    pub fn usage(&self, from: &PhaseStart, timeline: &[Sample]) -> ServerUsage {
+    /// Server usage over a phase that began at `from`; every program's CPU
+    /// and the nodes' group commits too.
+    pub async fn usage(&self, from: &PhaseStart, timeline: &[Sample]) -> ServerUsage {
         let cpu_by_program = ByProgram::snapshot().since(&from.programs, 0.05);
+        let group_commits = match (&from.commits, Totals::read(&self.http_urls).await) {
+            (Some(before), Some(after)) => Some(after.since(before)),
+            _ => None,
+        };
         let now = self.herald.sample();
         let peak = timeline.iter().map(|s| s.herald_rss_kib).max().unwrap_or(0).max(now.rss_kib);
         ServerUsage {
@@ -188,6 +198,7 @@ impl Bench {
             rss_after_kib: now.rss_kib,
             cpu_percent: self.herald.cpu_percent(&from.herald, &now),
             cpu_by_program,
+            group_commits,
         }
     }
 

@@ -25,7 +25,7 @@ use crate::fleet::protocol::user_id;
 use crate::fleet::worker::unix_ns;
 use crate::fleet::{Command, Report};
 use crate::hist::{histogram, merge, percentile_curve, thousands, Percentiles};
-use crate::procstat::{programs_table, ServerUsage};
+use crate::procstat::{server_tables, ServerUsage};
 use crate::progress::Sample;
 use crate::publish::{open_loop, Job, OpenLoop, Plan, PublishStats, Publishers};
 use crate::report::{targets_table, Target};
@@ -85,7 +85,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 
     bench.progress.phase("stall");
     bench.fleet.to_clients(&stalled, |clients| Command::Pause { clients }).await?;
-    let from = bench.phase_start();
+    let from = bench.phase_start().await;
     let plan = Plan {
         rate: args.rate,
         batch: 1,
@@ -105,7 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     let published = pubs.stats();
     let drained = bench.drain(expected.total(), Duration::from_secs(60)).await?;
     let timeline = bench.progress.timeline();
-    let server = bench.usage(&from, &timeline);
+    let server = bench.usage(&from, &timeline).await;
     let reports = bench.fleet.reports().await?;
     let verification = verify(&reports, &expected, published.errors);
     verification.shout();
@@ -334,7 +334,7 @@ fn summary(bench: &Bench, r: &Result, args: &Args) -> String {
         r.latency.row("readers: publish → deliver"),
         r.recovery.row("stalled: reconnect → caught up")
     );
-    md += &programs_table("from the stall to the last delivery", &r.server.cpu_by_program);
+    md += &server_tables("from the stall to the last delivery", &r.server);
     md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![readers' latency by percentile](latency.svg)\n";

@@ -15,10 +15,11 @@ use crate::cli::Publishing;
 use crate::fleet::worker::unix_ns;
 use crate::fleet::Command;
 use crate::hist::{cdf, merge, thousands, Percentiles};
-use crate::procstat::{programs_table, ServerUsage};
+use crate::procstat::{server_tables, ServerUsage};
 use crate::progress::Sample;
 use crate::publish::{Job, PublishStats};
 use crate::report::{targets_table, Target};
+use crate::scrape::{GroupCommits, Totals};
 use crate::verify::{verify, Verification};
 
 pub struct Args {
@@ -42,6 +43,8 @@ struct Result {
     published: PublishStats,
     publish_seconds: f64,
     publish_per_sec: f64,
+    /// How the nodes grouped the missed notifications into commits.
+    publish_commits: Option<GroupCommits>,
     reconnect_rate: f64,
     /// Clients that caught up, of those that had been connected.
     caught_up: u64,
@@ -77,6 +80,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     tokio::time::sleep(Duration::from_secs(1)).await;
 
     bench.progress.phase("publish");
+    let commits_before = Totals::read(&bench.http_urls).await;
     let started = tokio::time::Instant::now();
     let mut jobs = Vec::new();
     for _ in 0..args.missed {
@@ -89,6 +93,10 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     pubs.run_all(jobs, args.publishing.publishers).await;
     let publish_seconds = started.elapsed().as_secs_f64();
     let published = pubs.stats();
+    let publish_commits = match (commits_before, Totals::read(&bench.http_urls).await) {
+        (Some(before), Some(after)) => Some(after.since(&before)),
+        _ => None,
+    };
     eprintln!(
         "{} notifications published in {:.1} s while everyone was away",
         thousands(published.notifications),
@@ -97,7 +105,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
 
     bench.progress.phase("reconnect");
     let before = bench.fleet.sync().await?;
-    let from = bench.phase_start();
+    let from = bench.phase_start().await;
     let storm_ns = unix_ns();
     bench.fleet.connect(args.reconnect_rate).await?;
     let after =
@@ -106,7 +114,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     eprintln!("{} of {} clients caught up; the last after {:.2} s", after.caught_up, clients, all_caught_up_seconds);
     let drained = bench.drain(expected.total(), Duration::from_secs(30)).await?;
     let timeline = bench.progress.timeline();
-    let server = bench.usage(&from, &timeline);
+    let server = bench.usage(&from, &timeline).await;
     let reports = bench.fleet.reports().await?;
     let verification = verify(&reports, &expected, published.errors);
     verification.shout();
@@ -137,6 +145,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         publish_per_sec: published.notifications as f64 / publish_seconds.max(1e-6),
         published,
         publish_seconds,
+        publish_commits,
         reconnect_rate: args.reconnect_rate,
         caught_up: after.caught_up,
         all_caught_up_seconds,
@@ -180,6 +189,14 @@ fn summary(bench: &Bench, r: &Result) -> String {
         r.publish_per_sec,
         r.published.errors
     );
+    if let Some(c) = &r.publish_commits {
+        md += &format!(
+            "| their group commits | {} of {:.1} notifications each, {:.2} ms each on average |\n",
+            thousands(c.commits),
+            c.per_commit,
+            c.mean_commit_ms
+        );
+    }
     md += &format!("| clients caught up | {} |\n", thousands(r.caught_up));
     md += &format!("| all caught up after | {:.2} s |\n", r.all_caught_up_seconds);
     md += &format!("| failed reconnect attempts | {} |\n", r.reconnect_failures);
@@ -191,7 +208,7 @@ fn summary(bench: &Bench, r: &Result) -> String {
         r.catch_up.row("catch-up per client (own reconnect → caught up)"),
         r.catch_up_since_storm.row("catch-up since the storm began")
     );
-    md += &programs_table("from the reconnect to the last delivery", &r.server.cpu_by_program);
+    md += &server_tables("from the reconnect to the last delivery", &r.server);
     md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![clients caught up over time](catch-up.svg)\n";

@@ -12,7 +12,7 @@ use super::{exit_code, Bench, ClientSetup, Connected, Started};
 use crate::args::{Clients, Common};
 use crate::chart::{Chart, XScale};
 use crate::hist::{merge, percentile_curve, thousands, Percentiles};
-use crate::procstat::{programs_table, ServerUsage};
+use crate::procstat::{server_tables, ServerUsage};
 use crate::progress::{mean_over, Sample};
 use crate::publish::{open_loop, OpenLoop, Plan, PublishStats};
 use crate::report::{targets_table, Target};
@@ -65,13 +65,13 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
         humantime::format_duration(plan.duration)
     );
     let before = bench.fleet.sync().await?;
-    let from = bench.phase_start();
+    let from = bench.phase_start().await;
     let started_ns = crate::fleet::worker::unix_ns();
     let open_loop = open_loop(&pubs, plan, &targets).await;
     let published = pubs.stats();
     let after = bench.drain(expected.total(), Duration::from_secs(60)).await?;
     let timeline = bench.progress.timeline();
-    let server = bench.usage(&from, &timeline);
+    let server = bench.usage(&from, &timeline).await;
     let reports = bench.fleet.reports().await?;
     let verification = verify(&reports, &expected, published.errors);
     verification.shout();
@@ -180,7 +180,7 @@ fn summary(bench: &Bench, r: &Result) -> String {
     md += "\n";
     md += &r.http_round_trip.row("HTTP publish round trip");
     md += "\n\n";
-    md += &programs_table("from the first publish to the last delivery", &r.server.cpu_by_program);
+    md += &server_tables("from the first publish to the last delivery", &r.server);
     md += &r.verification.paragraph();
     md += &targets_table(&r.targets);
     md += "![latency by percentile](latency.svg)\n";

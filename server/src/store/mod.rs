@@ -10,6 +10,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use herald_protocol::{ReadMark, Seq};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use serde_json::value::RawValue;
 
 pub mod epochs;
@@ -112,24 +114,57 @@ impl From<sqlx::Error> for StoreError {
     }
 }
 
-/// The group commits that failed in a row, for a writer's log. An outage
-/// (the database down, its disk full) fails every group until it is mended:
-/// the log says when it starts, each other error it brings once, and when
-/// it ends — not once per group. An unavailable store is a `warn`, anything
-/// else an `error`, as at the HTTP edge.
-#[derive(Default)]
-pub(crate) struct CommitFailures {
+/// What the group-commit writers measure of each group, for the node's
+/// metrics: how many notifications share a commit (and its WAL flush) and
+/// how long the commit itself took, apart from the queue before it, which
+/// `herald_publish_commit_seconds` includes. Cheap handles: clones share the
+/// counts. The default is not registered anywhere (tests, tools).
+#[derive(Debug, Clone)]
+pub struct GroupCommits {
+    /// Notifications per committed group; its count is the groups committed.
+    pub size: Histogram,
+    /// A committed group's transaction, from taking the write lock (SQLite)
+    /// or connection (PostgreSQL) to its commit answering, retries included.
+    pub seconds: Histogram,
+    /// Groups that failed: each refused every publish in it.
+    pub failed: Counter,
+}
+
+impl Default for GroupCommits {
+    fn default() -> Self {
+        GroupCommits {
+            // 1 … 8,192: past a group's cap, as one large batch commits whole.
+            size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            seconds: Histogram::new(exponential_buckets(0.000_125, 2.0, 16)),
+            failed: Counter::default(),
+        }
+    }
+}
+
+/// A writer's record of its group commits: the metrics above for every
+/// group, and a log of the ones that fail. An outage (the database down,
+/// its disk full) fails every group until it is mended: the log says when
+/// it starts, each other error it brings once, and when it ends — not once
+/// per group. An unavailable store is a `warn`, anything else an `error`, as
+/// at the HTTP edge.
+pub(crate) struct CommitLog {
+    metrics: GroupCommits,
     in_a_row: u64,
     /// The errors of this run logged so far (at most [`Self::KINDS`]).
     logged: Vec<StoreError>,
 }
 
-impl CommitFailures {
+impl CommitLog {
     /// Distinct errors logged per run; more are logged at `debug`.
     const KINDS: usize = 16;
 
+    pub(crate) fn new(metrics: GroupCommits) -> CommitLog {
+        CommitLog { metrics, in_a_row: 0, logged: Vec::new() }
+    }
+
     /// A group of `notifications` failed with `err`; its publishes are refused.
     pub(crate) fn failed(&mut self, err: &StoreError, notifications: usize) {
+        self.metrics.failed.inc();
         self.in_a_row += 1;
         if self.logged.contains(err) || self.logged.len() >= Self::KINDS {
             tracing::debug!(error = %err, notifications, in_a_row = self.in_a_row, "group commit failed");
@@ -144,10 +179,14 @@ impl CommitFailures {
         self.logged.push(err.clone());
     }
 
-    pub(crate) fn succeeded(&mut self) {
+    /// A group of `notifications` committed; its transaction took `took`.
+    pub(crate) fn committed(&mut self, notifications: usize, took: Duration) {
+        self.metrics.size.observe(notifications as f64);
+        self.metrics.seconds.observe(took.as_secs_f64());
         if self.in_a_row > 0 {
             tracing::info!(failed_in_a_row = self.in_a_row, "group commits succeed again");
-            *self = CommitFailures::default();
+            self.in_a_row = 0;
+            self.logged.clear();
         }
     }
 }
@@ -495,6 +534,8 @@ pub struct StoreOptions {
     pub statement_timeout: Duration,
     /// Longest a request waits for a connection (or to connect).
     pub connect_timeout: Duration,
+    /// Where the group-commit writers record each group.
+    pub group_commits: GroupCommits,
 }
 
 impl Default for StoreOptions {
@@ -504,6 +545,7 @@ impl Default for StoreOptions {
             sqlite_cache_mib: 64,
             statement_timeout: Duration::from_secs(5),
             connect_timeout: Duration::from_secs(5),
+            group_commits: GroupCommits::default(),
         }
     }
 }

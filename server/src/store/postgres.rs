@@ -119,7 +119,15 @@ impl PostgresStore {
         let (writes, queue) = mpsc::channel(writer::QUEUE);
         let writer_tasks = (options.pool_size / 2).clamp(1, 4);
         let hold = options.pool_size >= 2 * writer_tasks;
-        let writers = writer::Writers::new(pool.clone(), read_only.clone(), queue, closing.clone(), deadline, hold);
+        let writers = writer::Writers::new(
+            pool.clone(),
+            read_only.clone(),
+            queue,
+            closing.clone(),
+            deadline,
+            hold,
+            options.group_commits.clone(),
+        );
         for _ in 0..writer_tasks {
             tasks.spawn(writers.clone().run());
         }

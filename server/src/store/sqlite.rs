@@ -89,7 +89,7 @@ impl SqliteStore {
         let threads = async {
             let file = database_file(&pool).await?;
             Ok((
-                writer::Writer::start(&file, cache_mib, gate.clone())?,
+                writer::Writer::start(&file, cache_mib, gate.clone(), store.group_commits.clone())?,
                 reader::Readers::start(file, pool_size as usize)?,
             ))
         };

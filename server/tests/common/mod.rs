@@ -21,6 +21,42 @@ pub const API_KEY: &str = "test-api-key";
 /// How long a test waits for something that should happen at once.
 pub const WAIT: Duration = Duration::from_secs(10);
 
+/// The store records every group commit in `metrics` (given in its
+/// options): appends made one after another are a group each, appends made
+/// at once share groups (each arrives while the one before commits), and
+/// the sizes add up to the notifications committed. `metrics` is fresh.
+pub async fn assert_group_commits_measured(
+    store: std::sync::Arc<dyn herald_server::store::Store>,
+    metrics: &herald_server::store::GroupCommits,
+) {
+    use herald_server::store::NewNotification;
+    let note = |user: String| NewNotification {
+        user_id: user.into(),
+        id: uuid::Uuid::now_v7().to_string(),
+        topic: "t".into(),
+        payload: serde_json::value::RawValue::from_string("1".into()).expect("valid JSON").into(),
+        created_at_ms: herald_server::store::now_ms(),
+        idempotency_key: None,
+    };
+    for size in [1, 1, 5] {
+        store.append((0..size).map(|i| note(format!("group-{i}"))).collect()).await.unwrap();
+    }
+    assert_eq!((metrics.size.count(), metrics.size.sum()), (3, 7.0), "one group per append, 7 notifications");
+    assert_eq!(metrics.seconds.count(), 3);
+    assert!(metrics.seconds.sum() > 0.0, "commits take time");
+
+    // One task sends them all before any answer: the queue fills at once.
+    let burst = (0..50).map(|i| store.append(vec![note(format!("burst-{i}"))]));
+    for appended in futures_util::future::join_all(burst).await {
+        appended.unwrap();
+    }
+    assert_eq!(metrics.size.sum(), 57.0, "every committed notification counted once");
+    let groups = metrics.size.count() - 3;
+    assert!((1..50).contains(&groups), "50 appends at once shared no group commit: {groups} groups");
+    assert_eq!(metrics.seconds.count(), metrics.size.count());
+    assert_eq!(metrics.failed.get(), 0);
+}
+
 /// `Store::resume` for `user` whose head is seq 5 with 1–3 purged (oldest
 /// 4): the head, and from the oldest retained seq on whatever `since` says
 /// (a `since` past the head resumes at the head). With `since` and a page,

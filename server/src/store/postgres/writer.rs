@@ -52,7 +52,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::Columns;
 use crate::store::plan::{Key, Plan, Rows};
-use crate::store::{Appended, CommitFailures, NewNotification, StoreError, StoredNotification};
+use crate::store::{Appended, CommitLog, GroupCommits, NewNotification, StoreError, StoredNotification};
 
 /// Most notifications committed in one group transaction (a single larger
 /// request still commits whole, alone).
@@ -85,9 +85,9 @@ pub(super) struct Writers {
     deadline: Duration,
     /// Whether a writer keeps its connection between groups.
     hold: bool,
-    /// One log of failed commits for all the writers: an outage is logged
+    /// One record of the groups for all the writers: an outage is logged
     /// once per node, not once per writer.
-    failures: Arc<std::sync::Mutex<CommitFailures>>,
+    log: Arc<std::sync::Mutex<CommitLog>>,
     turns: Arc<Turns>,
 }
 
@@ -158,7 +158,7 @@ type Held = Option<(PoolConnection<Postgres>, Instant)>;
 
 impl Writers {
     /// `hold`: each writer keeps a connection; only when the pool has
-    /// others for the readers.
+    /// others for the readers. Each group is recorded in `metrics`.
     pub fn new(
         pool: PgPool,
         read_only: super::ReadOnlySeen,
@@ -166,15 +166,17 @@ impl Writers {
         closing: CancellationToken,
         deadline: Duration,
         hold: bool,
+        metrics: GroupCommits,
     ) -> Self {
-        let (failures, turns) = (Arc::default(), Turns::new(PATIENCE));
-        Writers { pool, read_only, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold, failures, turns }
+        let log = Arc::new(std::sync::Mutex::new(CommitLog::new(metrics)));
+        let turns = Turns::new(PATIENCE);
+        Writers { pool, read_only, queue: Arc::new(Mutex::new(queue)), closing, deadline, hold, log, turns }
     }
 
-    /// The writers' shared log of failed commits (a panic elsewhere while it
-    /// was held leaves it usable: it only counts and logs).
-    fn failures(&self) -> std::sync::MutexGuard<'_, CommitFailures> {
-        self.failures.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    /// The writers' shared record of their groups (a panic elsewhere while
+    /// it was held leaves it usable: it only counts and logs).
+    fn log(&self) -> std::sync::MutexGuard<'_, CommitLog> {
+        self.log.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Commits groups until the store closes and the queue is drained.
@@ -214,6 +216,8 @@ impl Writers {
 
     async fn commit_group(&self, group: Vec<Request>, turn: Committing, held: &mut Held) {
         let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().map(|r| (r.batch, r.reply)).unzip();
+        let notifications = batches.iter().map(Vec::len).sum();
+        let began = Instant::now();
         let result =
             match tokio::time::timeout(self.deadline, commit_with_retry(&self.pool, &self.read_only, held, &batches))
                 .await
@@ -226,14 +230,13 @@ impl Writers {
         drop(turn);
         match result {
             Ok(outcomes) => {
-                self.failures().succeeded();
+                self.log().committed(notifications, began.elapsed());
                 for (reply, outcome) in replies.into_iter().zip(outcomes) {
                     let _ = reply.send(Ok(outcome));
                 }
             }
             Err(err) => {
-                let notifications = batches.iter().map(Vec::len).sum();
-                self.failures().failed(&err, notifications);
+                self.log().failed(&err, notifications);
                 for reply in replies {
                     let _ = reply.send(Err(err.clone()));
                 }

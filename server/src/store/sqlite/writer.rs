@@ -30,6 +30,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Instant;
 
 use rusqlite::types::Value;
 use rusqlite::{params_from_iter, Connection, OptionalExtension, TransactionBehavior};
@@ -37,7 +38,7 @@ use tokio::sync::{mpsc, oneshot, OwnedMutexGuard};
 
 use super::reader::{closed, open_with, store_error, NotificationColumns};
 use crate::store::plan::{Key, Plan};
-use crate::store::{Appended, CommitFailures, NewNotification, StoreError, StoredNotification};
+use crate::store::{Appended, CommitLog, GroupCommits, NewNotification, StoreError, StoredNotification};
 
 /// Most notifications committed in one group transaction.
 const MAX_GROUP: usize = 2048;
@@ -93,13 +94,14 @@ pub(super) struct Writer {
 
 impl Writer {
     /// Opens the writer's connection and starts its thread, which takes its
-    /// turns through `gate`.
-    pub fn start(path: &Path, cache_mib: u32, gate: Gate) -> Result<Writer, StoreError> {
+    /// turns through `gate` and records each group in `metrics`.
+    pub fn start(path: &Path, cache_mib: u32, gate: Gate, metrics: GroupCommits) -> Result<Writer, StoreError> {
         let conn = open_writer(path, cache_mib)?;
         let (tx, rx) = mpsc::channel(QUEUE);
+        let log = CommitLog::new(metrics);
         std::thread::Builder::new()
             .name("herald-sqlite-writer".into())
-            .spawn(move || run(conn, rx, &gate))
+            .spawn(move || run(conn, rx, &gate, log))
             .map_err(|e| StoreError::Internal(format!("spawning the writer thread: {e}")))?;
         Ok(Writer { queue: tx })
     }
@@ -154,9 +156,8 @@ fn open_writer(path: &Path, cache_mib: u32) -> Result<Connection, StoreError> {
     Ok(conn)
 }
 
-fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
+fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate, mut log: CommitLog) {
     let mut closing = None;
-    let mut failures = CommitFailures::default();
     while let Some(first) = queue.blocking_recv() {
         let mut group = Vec::new();
         let mut size = 0;
@@ -180,7 +181,7 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
         }
         if !group.is_empty() {
             let _turn = gate.blocking_turn();
-            commit_group(&mut conn, group, &mut failures);
+            commit_group(&mut conn, group, &mut log);
         }
         match after {
             Some(Request::Delete(sql, params, reply)) => {
@@ -201,8 +202,10 @@ fn run(mut conn: Connection, mut queue: mpsc::Receiver<Request>, gate: &Gate) {
     }
 }
 
-fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendReply)>, failures: &mut CommitFailures) {
+fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendReply)>, log: &mut CommitLog) {
     let (batches, replies): (Vec<_>, Vec<_>) = group.into_iter().unzip();
+    let notifications = batches.iter().map(Vec::len).sum();
+    let began = Instant::now();
     let result = (|| {
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(store_error)?;
         let last_seqs = counters(&tx, &batches).map_err(store_error)?;
@@ -215,13 +218,13 @@ fn commit_group(conn: &mut Connection, group: Vec<(Vec<NewNotification>, AppendR
     // A failed transaction rolls back when it is dropped: nothing of the group is stored.
     match result {
         Ok(outcomes) => {
-            failures.succeeded();
+            log.committed(notifications, began.elapsed());
             for (reply, out) in replies.into_iter().zip(outcomes) {
                 let _ = reply.send(Ok(out));
             }
         }
         Err(err) => {
-            failures.failed(&err, batches.iter().map(Vec::len).sum());
+            log.failed(&err, notifications);
             for reply in replies {
                 let _ = reply.send(Err(err.clone()));
             }
