@@ -325,6 +325,58 @@ async fn presence_counts_sessions_on_every_node() {
     }
 }
 
+/// Lookups made at once are read from Redis together (a batch per live
+/// node): each still answers its own user's count, whatever else shares
+/// its batch — users with none, one or several sessions on either node.
+/// Redis is paused while they arrive, so they queue up behind the first.
+#[tokio::test]
+async fn presence_lookups_made_at_once_each_get_their_own_users_count() {
+    let redis = PrivateRedis::start();
+    let url = redis.url();
+    let dir = tempfile::tempdir().unwrap();
+    let mut nodes = Vec::new();
+    for i in 0..2 {
+        let id = format!("node-{i}");
+        nodes.push(
+            TestServer::start_in(dir.path(), &[("HERALD_REDIS_URL", url.as_str()), ("HERALD_NODE_ID", &id)]).await,
+        );
+    }
+    let users: Vec<String> = (0..12).map(|i| format!("batch-{i}")).collect();
+    // batch-i has (7 i) mod 5 sessions (0, 2, 4, 1, 3, 0, …), alternating
+    // between the nodes.
+    let count = |i: usize| (7 * i % 5) as u64;
+    let mut sessions = Vec::new();
+    for (i, user) in users.iter().enumerate() {
+        for k in 0..count(i) as usize {
+            sessions.push(nodes[k % 2].connect(user).await);
+        }
+    }
+    eventually("every count is in Redis", || async {
+        presence(&nodes[0], "batch-2").await == 4 && presence(&nodes[1], "batch-11").await == 2
+    })
+    .await;
+
+    let mut admin = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let () = redis::cmd("CLIENT").arg("PAUSE").arg(500).arg("ALL").query_async(&mut admin).await.unwrap();
+    let client = reqwest::Client::new();
+    let lookups = (0..10).flat_map(|round| users.iter().enumerate().map(move |(i, user)| (round + i, i, user)));
+    let lookups = lookups.map(|(n, i, user)| {
+        let url = format!("{}/v1/users/{user}/presence", nodes[n % 2].http());
+        let request = client.get(url).bearer_auth(API_KEY).send();
+        async move {
+            let body: serde_json::Value = request.await.unwrap().json().await.unwrap();
+            (i, body["sessions"].as_u64())
+        }
+    });
+    for (i, answer) in futures_util::future::join_all(lookups).await {
+        assert_eq!(answer, Some(count(i)), "batch-{i}");
+    }
+    drop(sessions);
+    for node in nodes {
+        node.stop().await;
+    }
+}
+
 /// Redis loses a node's presence hash (evicted under `maxmemory`, or
 /// deleted) and a session arrives before the node's next refresh: the node
 /// writes the hash whole again, not only the newcomer, so the users already

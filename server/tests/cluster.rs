@@ -84,6 +84,9 @@ async fn three_nodes_on_a_redis_cluster_deliver_exactly_once() {
     let redis = RedisCluster::start();
     let cluster = Cluster::build().redis(redis.url()).start();
     every_node_receives_exactly_once(&cluster).await;
+    // Presence reads each node's hash with one HMGET, routed to its slot.
+    let _sessions = [cluster.node(0).connect("pat", None).await, cluster.node(1).connect("pat", None).await];
+    presence_everywhere(&cluster, &[0, 1, 2], "pat", 2, WAIT).await;
 }
 
 /// What one publishing task got back: Alice's and Bob's seqs.

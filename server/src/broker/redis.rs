@@ -30,7 +30,12 @@
 //! `{prefix}:nodes` scored by when it expires. A reader sums the user's
 //! count over the live nodes, so a dead node's sessions stop counting after
 //! `presence_ttl`. The list of live nodes is read at most once per
-//! maintenance tick (every handshake asks, for the sessions-per-user cap).
+//! maintenance tick. Every handshake asks for its user's count (the
+//! sessions-per-user cap), so lookups are batched as the store's reads are:
+//! one task takes every lookup queued and reads them with one `HMGET` per
+//! live node, and the next batch is what queued meanwhile — a reconnect
+//! storm of thousands of handshakes costs a few commands per batch instead
+//! of one per node per handshake.
 //! Beside each user's count, under the field `\x01<user>` (no user id has a
 //! control character, so the two never meet), the same hash holds the JSON
 //! list of that user's sessions on the node ([`Hub::listing`]), written in
@@ -54,7 +59,7 @@ use redis::{
     ClientTlsConfig, ConnectionAddr, FromRedisValue, IntoConnectionInfo, ProtocolVersion, PushInfo, PushKind,
     RedisResult, TlsCertificates, TlsMode, Value,
 };
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio::time::{interval, sleep, timeout, Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -78,6 +83,10 @@ const SUBSCRIBE_BATCH: usize = 500;
 const REPAIR_BATCH: usize = 1000;
 /// How long a new session waits for its user's subscription before going on.
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(2);
+/// Presence lookups waiting for the next batch; a full queue makes callers wait.
+const PRESENCE_QUEUE: usize = 4096;
+/// Most users in one batch of presence lookups (one `HMGET` per live node).
+const PRESENCE_BATCH: usize = 512;
 /// Any one Redis command.
 pub(super) const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 /// A Redis error, as callers of the broker see it.
@@ -498,6 +507,8 @@ struct Shared {
     publisher: Conn,
     subscriber: Conn,
     outgoing: mpsc::Sender<Vec<u8>>,
+    /// Presence lookups for [`presence_loop`].
+    lookups: mpsc::Sender<Lookup>,
     repair_interval: Duration,
     presence_ttl: Duration,
     stop: CancellationToken,
@@ -552,6 +563,7 @@ impl RedisBroker {
         let publisher = Conn::connect(target, &options, None).await.map_err(unavailable)?;
         let subscriber = Conn::connect(target, &options, Some(sink)).await.map_err(unavailable)?;
         let (outgoing, outgoing_rx) = mpsc::channel(PUBLISH_QUEUE);
+        let (lookups, lookups_rx) = mpsc::channel(PRESENCE_QUEUE);
         let shared = Arc::new(Shared {
             node_id: options.node_id,
             prefix: options.prefix,
@@ -566,6 +578,7 @@ impl RedisBroker {
             publisher,
             subscriber,
             outgoing,
+            lookups,
             repair_interval: options.repair_interval,
             presence_ttl: options.presence_ttl,
             stop: CancellationToken::new(),
@@ -577,6 +590,7 @@ impl RedisBroker {
         shared.tasks.spawn(receive_loop(shared.clone(), push_rx));
         shared.tasks.spawn(maintain_loop(shared.clone()));
         shared.tasks.spawn(repair_loop(shared.clone()));
+        shared.tasks.spawn(presence_loop(shared.clone(), lookups_rx));
         tracing::info!(cluster = shared.publisher.is_cluster(), prefix = %shared.prefix, "Redis broker connected");
         Ok(RedisBroker { shared })
     }
@@ -637,6 +651,34 @@ impl Shared {
         let nodes: Arc<[String]> = nodes.into();
         *self.live_nodes.lock().expect("live nodes") = Some((Instant::now(), nodes.clone()));
         Ok(nodes)
+    }
+
+    /// Each of `users`' sessions summed over the live nodes, in order: one
+    /// `HMGET` per node for all of them.
+    async fn presence_counts(&self, users: &[&str]) -> Result<Vec<u64>, BrokerError> {
+        let nodes = self.live_nodes().await.map_err(unavailable)?;
+        let per_node = join_all(nodes.iter().map(|node| {
+            let mut conn = self.publisher.clone();
+            let mut cmd = redis::cmd("HMGET");
+            cmd.arg(self.presence_key(node)).arg(users);
+            async move { conn.query::<Vec<Option<u64>>>(&cmd).await }
+        }))
+        .await;
+        let mut totals = vec![0; users.len()];
+        for counts in per_node {
+            let counts = counts.map_err(unavailable)?;
+            if counts.len() != users.len() {
+                return Err(BrokerError::Unavailable(format!(
+                    "HMGET of {} fields answered {} values",
+                    users.len(),
+                    counts.len()
+                )));
+            }
+            for (total, count) in totals.iter_mut().zip(counts) {
+                *total += count.unwrap_or(0);
+            }
+        }
+        Ok(totals)
     }
 
     /// Presence read from Redis is right only while this node's own writes
@@ -772,18 +814,10 @@ impl Broker for RedisBroker {
     async fn presence(&self, user: &str) -> Result<u64, BrokerError> {
         let shared = &self.shared;
         shared.presence_trusted()?;
-        let nodes = shared.live_nodes().await.map_err(unavailable)?;
-        let counts = join_all(nodes.iter().map(|node| {
-            let mut conn = shared.publisher.clone();
-            let key = shared.presence_key(node);
-            async move { conn.query::<Option<u64>>(redis::cmd("HGET").arg(key).arg(user)).await }
-        }))
-        .await;
-        let mut total = 0;
-        for count in counts {
-            total += count.map_err(unavailable)?.unwrap_or(0);
-        }
-        Ok(total)
+        let stopped = || BrokerError::Unavailable("the broker is stopping".into());
+        let (reply, answer) = oneshot::channel();
+        shared.lookups.send(Lookup { user: user.to_owned(), reply }).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
     }
 
     async fn sessions_elsewhere(&self, user: &str) -> Result<Elsewhere, BrokerError> {
@@ -930,6 +964,48 @@ enum Undecodable {
     /// (a rolling upgrade).
     UnknownKind(String),
     Malformed,
+}
+
+/// One presence lookup: `user`'s sessions on every live node.
+struct Lookup {
+    user: String,
+    reply: oneshot::Sender<Result<u64, BrokerError>>,
+}
+
+/// Answers presence lookups in batches: the first one queued and every one
+/// behind it (up to [`PRESENCE_BATCH`]), read together; lookups arriving
+/// meanwhile make the next batch. A lone lookup is read at once.
+async fn presence_loop(shared: Arc<Shared>, mut lookups: mpsc::Receiver<Lookup>) {
+    let mut batch = Vec::with_capacity(PRESENCE_BATCH);
+    loop {
+        let first = tokio::select! {
+            lookup = lookups.recv() => lookup,
+            _ = shared.stop.cancelled() => None,
+        };
+        let Some(first) = first else { return };
+        batch.push(first);
+        while batch.len() < PRESENCE_BATCH {
+            match lookups.try_recv() {
+                Ok(lookup) => batch.push(lookup),
+                Err(_) => break,
+            }
+        }
+        let users: Vec<&str> = batch.iter().map(|l| l.user.as_str()).collect();
+        let counts = shared.presence_counts(&users).await;
+        drop(users);
+        match counts {
+            Ok(counts) => {
+                for (lookup, count) in batch.drain(..).zip(counts) {
+                    let _ = lookup.reply.send(Ok(count));
+                }
+            }
+            Err(e) => {
+                for lookup in batch.drain(..) {
+                    let _ = lookup.reply.send(Err(e.clone()));
+                }
+            }
+        }
+    }
 }
 
 /// Pipelines queued events to Redis; finishes the queue when stopping.
