@@ -966,6 +966,16 @@ enum Undecodable {
     Malformed,
 }
 
+/// Moves what is queued in `rx` into `batch`, until it holds `max`.
+fn take_queued<T>(rx: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max: usize) {
+    while batch.len() < max {
+        match rx.try_recv() {
+            Ok(item) => batch.push(item),
+            Err(_) => break,
+        }
+    }
+}
+
 /// One presence lookup: `user`'s sessions on every live node.
 struct Lookup {
     user: String,
@@ -984,12 +994,7 @@ async fn presence_loop(shared: Arc<Shared>, mut lookups: mpsc::Receiver<Lookup>)
         };
         let Some(first) = first else { return };
         batch.push(first);
-        while batch.len() < PRESENCE_BATCH {
-            match lookups.try_recv() {
-                Ok(lookup) => batch.push(lookup),
-                Err(_) => break,
-            }
-        }
+        take_queued(&mut lookups, &mut batch, PRESENCE_BATCH);
         let users: Vec<&str> = batch.iter().map(|l| l.user.as_str()).collect();
         let counts = shared.presence_counts(&users).await;
         drop(users);
@@ -1023,12 +1028,7 @@ async fn publish_loop(shared: Arc<Shared>, mut rx: mpsc::Receiver<Vec<u8>>) {
         };
         let Some(first) = first else { return };
         batch.push(first);
-        while batch.len() < PUBLISH_BATCH {
-            match rx.try_recv() {
-                Ok(m) => batch.push(m),
-                Err(_) => break,
-            }
-        }
+        take_queued(&mut rx, &mut batch, PUBLISH_BATCH);
         let command = if conn.is_cluster() { "SPUBLISH" } else { "PUBLISH" };
         let cmds: Vec<redis::Cmd> = batch
             .drain(..)
