@@ -82,6 +82,9 @@ impl Totals {
 impl GroupCommits {
     /// A line for a summary.
     pub fn markdown(&self, phase: &str) -> String {
+        if self.commits == 0 && self.failed == 0 {
+            return format!("Group commits {phase}: none.\n\n");
+        }
         format!(
             "Group commits {phase} (the nodes' `herald_store_group_commit_*`): {} commits of {} notifications, \
              **{:.1} per commit**, {:.2} ms per commit on average; {} failed.\n\n",

@@ -123,8 +123,9 @@ impl From<sqlx::Error> for StoreError {
 pub struct GroupCommits {
     /// Notifications per committed group; its count is the groups committed.
     pub size: Histogram,
-    /// A committed group's transaction, from taking the write lock (SQLite)
-    /// or connection (PostgreSQL) to its commit answering, retries included.
+    /// A committed group's transaction, from its `BEGIN` (SQLite: taking
+    /// the write lock) or taking a connection (PostgreSQL) to its commit
+    /// answering, retries included.
     pub seconds: Histogram,
     /// Groups that failed: each refused every publish in it.
     pub failed: Counter,
