@@ -371,7 +371,16 @@ async fn presence_lookups_made_at_once_each_get_their_own_users_count() {
     for (i, answer) in futures_util::future::join_all(lookups).await {
         assert_eq!(answer, Some(count(i)), "batch-{i}");
     }
-    drop(sessions);
+
+    // Handshakes while Redis stalls give up on their lookups (the cap fails
+    // open) and connect; once it answers, their sessions count.
+    let () = redis::cmd("CLIENT").arg("PAUSE").arg(1000).arg("ALL").query_async(&mut admin).await.unwrap();
+    let late = futures_util::future::join_all((0..20).map(|k| nodes[k % 2].connect("late"))).await;
+    let fallbacks = "herald_rate_limit_fallbacks_total{limit=\"sessions_per_user\"}";
+    let gave_up = nodes[0].metric(fallbacks).await + nodes[1].metric(fallbacks).await;
+    assert!(gave_up >= 20.0, "{gave_up} handshakes fell back to the node's own count");
+    eventually("the late sessions count", || async { presence(&nodes[0], "late").await == 20 }).await;
+    drop((sessions, late));
     for node in nodes {
         node.stop().await;
     }

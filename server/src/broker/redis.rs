@@ -995,6 +995,12 @@ async fn presence_loop(shared: Arc<Shared>, mut lookups: mpsc::Receiver<Lookup>)
         let Some(first) = first else { return };
         batch.push(first);
         take_queued(&mut lookups, &mut batch, PRESENCE_BATCH);
+        // Handshakes give up on a slow Redis after a moment (and fail open):
+        // their lookups are not read once it answers again.
+        batch.retain(|lookup| !lookup.reply.is_closed());
+        if batch.is_empty() {
+            continue;
+        }
         let users: Vec<&str> = batch.iter().map(|l| l.user.as_str()).collect();
         let counts = shared.presence_counts(&users).await;
         drop(users);
