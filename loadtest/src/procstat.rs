@@ -27,6 +27,14 @@ pub fn cpu_ticks(pid: &str) -> Option<u64> {
     Some(utime + stime)
 }
 
+/// Bytes a process caused to be written to storage (`write_bytes` of
+/// `/proc/<pid>/io`: the store's WAL, checkpoints and files; readable by
+/// the process's owner).
+pub fn write_bytes(pid: &str) -> Option<u64> {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).ok()?;
+    io.lines().find_map(|l| l.strip_prefix("write_bytes:")?.trim().parse().ok())
+}
+
 /// The whole machine's (busy, total) CPU ticks, from the first line of `/proc/stat`.
 pub fn machine_ticks() -> Option<(u64, u64)> {
     let stat = std::fs::read_to_string("/proc/stat").ok()?;
@@ -85,6 +93,9 @@ pub struct ServerUsage {
     /// How the nodes grouped the phase's notifications into commits, from
     /// their `/metrics`; `None` when a node did not report it.
     pub group_commits: Option<crate::scrape::GroupCommits>,
+    /// What the herald processes wrote to storage over the phase; `None`
+    /// when one could not be read.
+    pub disk_written_bytes: Option<u64>,
 }
 
 /// The start of a measured phase: the herald processes and every program on
@@ -93,6 +104,7 @@ pub struct PhaseStart {
     pub herald: Sample,
     pub programs: ByProgram,
     pub commits: Option<crate::scrape::Totals>,
+    pub written: Option<u64>,
 }
 
 impl Herald {
@@ -119,6 +131,15 @@ impl Herald {
             }
         }
         s
+    }
+
+    /// Bytes all the herald processes wrote to storage so far; `None`
+    /// without processes or when one cannot be read.
+    pub fn written(&self) -> Option<u64> {
+        if self.pids.is_empty() {
+            return None;
+        }
+        self.pids.iter().map(|pid| write_bytes(&pid.to_string())).sum()
     }
 
     /// CPU between two samples, percent of one core.
@@ -212,7 +233,14 @@ fn program_of(comm: &str) -> &str {
 /// the store's group commits.
 pub fn server_tables(phase: &str, server: &ServerUsage) -> String {
     let commits = server.group_commits.as_ref().map_or(String::new(), |c| c.markdown(phase));
-    programs_table(phase, &server.cpu_by_program) + &commits
+    let written = server.disk_written_bytes.map_or(String::new(), |bytes| {
+        let per = match server.group_commits.as_ref().map(|c| c.notifications) {
+            Some(n) if n > 0 => format!(", {:.1} KB per notification committed", bytes as f64 / n as f64 / 1e3),
+            _ => String::new(),
+        };
+        format!("Herald wrote {:.1} MB to storage {phase}{per}.\n\n", bytes as f64 / 1e6)
+    });
+    programs_table(phase, &server.cpu_by_program) + &commits + &written
 }
 
 fn programs_table(phase: &str, programs: &[ProgramCpu]) -> String {
@@ -235,6 +263,7 @@ mod tests {
     fn reads_this_process() {
         assert!(super::self_rss_kib() > 0);
         assert!(super::cpu_ticks("self").is_some());
+        assert!(super::write_bytes("self").is_some());
     }
 
     #[test]

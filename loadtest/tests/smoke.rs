@@ -166,6 +166,8 @@ fn check(status: i32, out: &Path) -> Value {
     // And the nodes' group commits over it, from their /metrics.
     let commits = &result["server"]["group_commits"];
     assert!(commits["commits"].as_u64().is_some() && commits["per_commit"].as_f64().is_some(), "{commits}");
+    // And what herald wrote to storage meanwhile, from /proc/<pid>/io.
+    assert!(result["server"]["disk_written_bytes"].as_u64().is_some(), "{}", result["server"]);
     result
 }
 

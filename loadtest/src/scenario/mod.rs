@@ -178,7 +178,12 @@ impl Bench {
     /// Marks the start of the phase [`usage`](Self::usage) measures.
     pub async fn phase_start(&self) -> PhaseStart {
         let commits = Totals::read(&self.http_urls).await;
-        PhaseStart { herald: self.herald.sample(), programs: ByProgram::snapshot(), commits }
+        PhaseStart {
+            herald: self.herald.sample(),
+            programs: ByProgram::snapshot(),
+            commits,
+            written: self.herald.written(),
+        }
     }
 
     /// Server usage over a phase that began at `from`; every program's CPU
@@ -199,6 +204,7 @@ impl Bench {
             cpu_percent: self.herald.cpu_percent(&from.herald, &now),
             cpu_by_program,
             group_commits,
+            disk_written_bytes: from.written.zip(self.herald.written()).map(|(a, b)| b.saturating_sub(a)),
         }
     }
 
