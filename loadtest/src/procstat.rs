@@ -228,9 +228,8 @@ fn program_of(comm: &str) -> &str {
     }
 }
 
-/// The Markdown table of [`ByProgram::since`] for a phase.
-/// The summary's lines on the server over `phase`: every program's CPU and
-/// the store's group commits.
+/// The summary's lines on the server over `phase`: every program's CPU,
+/// the store's group commits, and what herald wrote to storage.
 pub fn server_tables(phase: &str, server: &ServerUsage) -> String {
     let commits = server.group_commits.as_ref().map_or(String::new(), |c| c.markdown(phase));
     let written = server.disk_written_bytes.map_or(String::new(), |bytes| {
@@ -243,6 +242,7 @@ pub fn server_tables(phase: &str, server: &ServerUsage) -> String {
     programs_table(phase, &server.cpu_by_program) + &commits + &written
 }
 
+/// The Markdown table of [`ByProgram::since`] for a phase.
 fn programs_table(phase: &str, programs: &[ProgramCpu]) -> String {
     if programs.is_empty() {
         return String::new();

@@ -63,6 +63,13 @@ impl Totals {
         })
     }
 
+    /// The commits from `before` (read at the start of a phase) to now;
+    /// `None` when either reading is missing.
+    pub async fn phase_since(before: Option<&Totals>, http_urls: &[String]) -> Option<GroupCommits> {
+        let before = before?;
+        Some(Totals::read(http_urls).await?.since(before))
+    }
+
     /// The commits between `before` and these totals.
     pub fn since(&self, before: &Totals) -> GroupCommits {
         let commits = (self.commits - before.commits).max(0.0);

@@ -190,10 +190,7 @@ impl Bench {
     /// and the nodes' group commits too.
     pub async fn usage(&self, from: &PhaseStart, timeline: &[Sample]) -> ServerUsage {
         let cpu_by_program = ByProgram::snapshot().since(&from.programs, 0.05);
-        let group_commits = match (&from.commits, Totals::read(&self.http_urls).await) {
-            (Some(before), Some(after)) => Some(after.since(before)),
-            _ => None,
-        };
+        let group_commits = Totals::phase_since(from.commits.as_ref(), &self.http_urls).await;
         let now = self.herald.sample();
         let peak = timeline.iter().map(|s| s.herald_rss_kib).max().unwrap_or(0).max(now.rss_kib);
         ServerUsage {

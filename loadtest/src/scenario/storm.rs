@@ -93,10 +93,7 @@ pub async fn run(args: Args) -> anyhow::Result<i32> {
     pubs.run_all(jobs, args.publishing.publishers).await;
     let publish_seconds = started.elapsed().as_secs_f64();
     let published = pubs.stats();
-    let publish_commits = match (commits_before, Totals::read(&bench.http_urls).await) {
-        (Some(before), Some(after)) => Some(after.since(&before)),
-        _ => None,
-    };
+    let publish_commits = Totals::phase_since(commits_before.as_ref(), &bench.http_urls).await;
     eprintln!(
         "{} notifications published in {:.1} s while everyone was away",
         thousands(published.notifications),
