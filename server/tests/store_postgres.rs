@@ -47,6 +47,13 @@ async fn store(db: &TestDb) -> Arc<dyn Store> {
     open(&db.url, &options()).await.expect("open the PostgreSQL store")
 }
 
+/// A store whose group commits are recorded in the returned metrics.
+async fn measured_store(db: &TestDb) -> (Arc<dyn Store>, GroupCommits) {
+    let metrics = GroupCommits::default();
+    let options = StoreOptions { group_commits: metrics.clone(), ..options() };
+    (open(&db.url, &options).await.expect("open the PostgreSQL store"), metrics)
+}
+
 fn note(user: &str, topic: &str, payload: &str, key: Option<&str>) -> NewNotification {
     NewNotification {
         user_id: user.into(),
@@ -69,8 +76,7 @@ fn seqs(found: &[herald_server::store::StoredNotification]) -> Vec<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_writers_measure_each_group_commit() {
     let db = TestDb::create().await;
-    let metrics = GroupCommits::default();
-    let store = open(&db.url, &StoreOptions { group_commits: metrics.clone(), ..options() }).await.unwrap();
+    let (store, metrics) = measured_store(&db).await;
     common::assert_group_commits_measured(store.clone(), &metrics).await;
     store.close().await;
 }
@@ -741,8 +747,7 @@ async fn a_busy_connection_killed_under_a_group_fails_it_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_database_is_unavailable_and_its_connections_are_not_kept() {
     let db = TestDb::create().await;
-    let metrics = GroupCommits::default();
-    let store = open(&db.url, &StoreOptions { group_commits: metrics.clone(), ..options() }).await.unwrap();
+    let (store, metrics) = measured_store(&db).await;
     store.append(vec![note("una", "t", "1", None)]).await.unwrap();
 
     let read_only = |on: bool| set_read_only(&db, on);

@@ -111,6 +111,12 @@ impl Turns {
         Arc::new(Turns { in_flight: Default::default(), ended: Notify::new(), patience })
     }
 
+    /// The groups in flight (a panic elsewhere while they were held leaves
+    /// them usable: the count is only changed in whole steps).
+    fn in_flight(&self) -> std::sync::MutexGuard<'_, InFlight> {
+        self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
     /// Returns once no group is committing, or the one started last has
     /// been at it for [`PATIENCE`].
     async fn wait(&self) {
@@ -119,7 +125,7 @@ impl Turns {
             tokio::pin!(ended);
             ended.as_mut().enable();
             let since = {
-                let in_flight = self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                let in_flight = self.in_flight();
                 match in_flight.newest {
                     Some(since) if in_flight.groups > 0 => since,
                     _ => return,
@@ -134,7 +140,7 @@ impl Turns {
 
     /// Counts a group in flight until the returned guard drops.
     fn begin(self: &Arc<Self>) -> Committing {
-        let mut in_flight = self.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut in_flight = self.in_flight();
         in_flight.groups += 1;
         in_flight.newest = Some(Instant::now());
         Committing(self.clone())
@@ -146,7 +152,7 @@ struct Committing(Arc<Turns>);
 
 impl Drop for Committing {
     fn drop(&mut self) {
-        let mut in_flight = self.0.in_flight.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut in_flight = self.0.in_flight();
         in_flight.groups -= 1;
         drop(in_flight);
         self.0.ended.notify_waiters();
