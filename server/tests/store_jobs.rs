@@ -1,4 +1,5 @@
-//! `JobStore` — durable jobs and digest windows — against both stores: each
+//! `JobStore` — durable jobs and digest windows — and the read state
+//! (read marks, unread counts, unread-only pages) against both stores: each
 //! scenario is written once and runs on a SQLite file and on a fresh
 //! PostgreSQL database (`services`; an unreachable server fails the test, it
 //! never skips). "Two nodes" are two store handles on one database, the way
@@ -7,13 +8,14 @@
 mod common;
 mod services;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::future::join_all;
+use herald_protocol::ReadMark;
 use herald_server::store::jobs::{DigestAdded, DigestEntry, DigestWindow, Job, JobOutcome, JobState, NewJob};
-use herald_server::store::{now_ms, open, Store, StoreOptions};
+use herald_server::store::{now_ms, open, ListQuery, NewNotification, Store, StoreOptions};
 use serde_json::value::RawValue;
 use sqlx::{Connection, Row, SqliteConnection};
 
@@ -548,23 +550,207 @@ async fn an_expired_digest_lease_passes_the_window_on(db: Db) {
     close_all(&nodes).await;
 }
 
-/// Unread counts read the partial index `notifications_unread`, never the table.
+/// Unread counts read the user's counters (migration 0009), never the
+/// notifications: the plan of the very statement the store runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unread_counts_are_index_backed_on_sqlite() {
+async fn unread_counts_read_counters_on_sqlite() {
     let db = TestDb::create(Db::Sqlite).await;
     let store = db.open().await; // creates and migrates the file
     let mut conn = SqliteConnection::connect(&db.url).await.expect("open the SQLite file");
-    let plan = sqlx::query(
-        "EXPLAIN QUERY PLAN SELECT topic, COUNT(*) AS n FROM notifications WHERE user_id = ? AND read = 0 GROUP BY topic",
-    )
-    .bind("u1")
-    .fetch_all(&mut conn)
-    .await
-    .unwrap();
+    let plan = sqlx::query(&format!("EXPLAIN QUERY PLAN {}", herald_server::store::sqlite::UNREAD_SQL))
+        .bind("u1")
+        .fetch_all(&mut conn)
+        .await
+        .unwrap();
     let plan: Vec<String> = plan.iter().map(|row| row.get::<String, _>("detail")).collect();
     let plan = plan.join("\n");
-    assert!(plan.contains("notifications_unread"), "the plan does not use the index:\n{plan}");
-    assert!(!plan.contains("SCAN notifications"), "the plan scans the table:\n{plan}");
+    assert!(plan.contains("SEARCH unread_counts USING PRIMARY KEY (user_id=?)"), "the plan:\n{plan}");
+    assert!(!plan.contains("notifications"), "the plan reads the notifications:\n{plan}");
     conn.close().await.unwrap();
     store.close().await;
+}
+
+on_both!(read_state_agrees_with_a_model =>
+    read_state_agrees_with_a_model_on_sqlite,
+    read_state_agrees_with_a_model_on_postgres);
+
+const TOPICS: [&str; 3] = ["alpha", "beta", "gamma"];
+
+/// One user's notifications as the model keeps them: seq → (topic, read,
+/// created_at_ms).
+type Model = BTreeMap<i64, (&'static str, bool, i64)>;
+
+/// A small deterministic generator (xorshift), so a failure repeats.
+struct Dice(u64);
+
+impl Dice {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Read marks, unread counts and unread-only pages against a model, through
+/// random publishes over three topics (repeats of an idempotency key among
+/// them), marks of every kind, retention and erasure. After every step each
+/// mark changed exactly the seqs the model says, and every user's counts
+/// and unread-only pages (whole, by topic, and between random bounds) agree
+/// with the model. Two users, so one's marks never move the other's state.
+async fn read_state_agrees_with_a_model(db: Db) {
+    let test = TestDb::create(db).await;
+    let store = test.open().await;
+    let users = ["ann", "bob"];
+    let mut models: HashMap<&str, Model> = users.iter().map(|u| (*u, Model::new())).collect();
+    let mut last_seq: HashMap<&str, i64> = users.iter().map(|u| (*u, 0)).collect();
+    let mut dice = Dice(0x9E37_79B9_7F4A_7C15);
+    let mut clock = 1_000_000;
+    let mut keys: Vec<(&str, String)> = Vec::new();
+    // What the walk did, so that it cannot pass by doing little.
+    let (mut marked_in_all, mut repeats, mut unread_deleted) = (0, 0, 0);
+    for step in 0..300 {
+        let user = users[dice.below(2) as usize];
+        let last = last_seq[user];
+        let context = format!("step {step}, {user}");
+        match dice.below(10) {
+            0..=3 => {
+                let mut batch = Vec::new();
+                for _ in 0..=dice.below(4) {
+                    clock += 1;
+                    let topic = TOPICS[dice.below(3) as usize];
+                    let key = match dice.below(4) {
+                        0 if !keys.is_empty() => Some(keys[dice.below(keys.len() as u64) as usize].clone()),
+                        1 => Some((user, format!("k{step}-{}", batch.len()))),
+                        _ => None,
+                    }
+                    .filter(|(owner, _)| *owner == user)
+                    .map(|(_, key)| key);
+                    batch.push((topic, key));
+                }
+                let stored = store
+                    .append(
+                        batch
+                            .iter()
+                            .map(|(topic, key)| NewNotification {
+                                user_id: user.into(),
+                                id: uuid::Uuid::now_v7().to_string(),
+                                topic: (*topic).into(),
+                                payload: raw("{}"),
+                                created_at_ms: clock,
+                                idempotency_key: key.as_deref().map(Into::into),
+                            })
+                            .collect(),
+                    )
+                    .await
+                    .unwrap();
+                for ((topic, key), appended) in batch.iter().zip(&stored) {
+                    repeats += usize::from(!appended.created);
+                    if appended.created {
+                        let seq = appended.notification.seq;
+                        assert_eq!(seq, last_seq[user] + 1, "{context}");
+                        *last_seq.get_mut(user).unwrap() = seq;
+                        models.get_mut(user).unwrap().insert(seq, (topic, false, clock));
+                        if let Some(key) = key {
+                            keys.push((user, key.clone()));
+                        }
+                    }
+                }
+            }
+            4 | 5 => {
+                let seqs: Vec<i64> = (0..=dice.below(5)).map(|_| dice.below(last as u64 + 3) as i64).collect();
+                let expected = mark(&mut models, user, |seq, _| seqs.contains(&seq));
+                let marked = store.mark_read(user, &ReadMark::Seqs { seqs }).await.unwrap();
+                assert_eq!(marked, expected, "{context}: a mark of seqs");
+                marked_in_all += marked.len();
+            }
+            6 | 7 => {
+                let up_to_seq = dice.below(last as u64 + 3) as i64;
+                let expected = mark(&mut models, user, |seq, _| seq <= up_to_seq);
+                let marked = store.mark_read(user, &ReadMark::UpTo { up_to_seq }).await.unwrap();
+                assert_eq!(marked, expected, "{context}: a mark up to {up_to_seq}");
+                marked_in_all += marked.len();
+            }
+            8 => {
+                let topic = TOPICS[dice.below(3) as usize];
+                let up_to_seq = (dice.below(2) == 0).then(|| dice.below(last as u64 + 3) as i64);
+                let expected = mark(&mut models, user, |seq, t| t == topic && up_to_seq.is_none_or(|up| seq <= up));
+                let marked = store.mark_read(user, &ReadMark::Topic { topic: topic.into(), up_to_seq }).await.unwrap();
+                assert_eq!(marked, expected, "{context}: a mark of {topic} up to {up_to_seq:?}");
+                marked_in_all += marked.len();
+            }
+            _ if dice.below(2) == 0 => {
+                // Retention: the oldest few of both users.
+                let before = clock - 60 + dice.below(20) as i64;
+                let expected: usize = models.values().map(|m| m.values().filter(|n| n.2 < before).count()).sum();
+                unread_deleted +=
+                    models.values().map(|m| m.values().filter(|n| n.2 < before && !n.1).count()).sum::<usize>();
+                for model in models.values_mut() {
+                    model.retain(|_, n| n.2 >= before);
+                }
+                assert_eq!(store.purge(before).await.unwrap(), expected as u64, "{context}: retention");
+            }
+            _ => {
+                let up_to = dice.below(last as u64 + 1) as i64;
+                let model = models.get_mut(user).unwrap();
+                let expected = model.range(..=up_to).count();
+                unread_deleted += model.range(..=up_to).filter(|(_, n)| !n.1).count();
+                model.retain(|seq, _| *seq > up_to);
+                assert_eq!(store.erase(user, up_to).await.unwrap(), expected as u64, "{context}: erasure");
+            }
+        }
+        for user in users {
+            let (ann, bounds) = (&models[user], (dice.below(last as u64 + 3) as i64, dice.below(4) as i64));
+            agrees(&*store, user, ann, bounds, &format!("after step {step}, {user}")).await;
+        }
+    }
+    let did = (marked_in_all, repeats, unread_deleted);
+    assert!(did.0 > 50 && did.1 > 5 && did.2 > 10, "the walk did too little to mean anything: {did:?}");
+    store.close().await;
+}
+
+/// Marks the model's unread notifications that `hit` picks; their seqs, ascending.
+fn mark(models: &mut HashMap<&str, Model>, user: &str, hit: impl Fn(i64, &str) -> bool) -> Vec<i64> {
+    let mut marked = Vec::new();
+    for (seq, (topic, read, _)) in models.get_mut(user).unwrap().iter_mut() {
+        if !*read && hit(*seq, topic) {
+            *read = true;
+            marked.push(*seq);
+        }
+    }
+    marked
+}
+
+/// The store's unread counts and unread-only pages for `user` are the model's.
+async fn agrees(store: &dyn Store, user: &str, model: &Model, (before, after): (i64, i64), context: &str) {
+    let unread: Vec<(i64, &str)> = model.iter().rev().filter(|(_, n)| !n.1).map(|(seq, n)| (*seq, n.0)).collect();
+    let counts = store.unread(user).await.unwrap();
+    let mut by_topic = counts.by_topic.clone();
+    by_topic.sort();
+    let expected: Vec<(String, i64)> = TOPICS
+        .iter()
+        .map(|t| (t.to_string(), unread.iter().filter(|(_, topic)| topic == t).count() as i64))
+        .filter(|(_, n)| *n > 0)
+        .collect();
+    assert_eq!((counts.total, by_topic), (unread.len() as i64, expected), "{context}: unread counts");
+
+    let page = |topic: Option<&str>, before_seq: Option<i64>, after_seq: Option<i64>, limit: u32| ListQuery {
+        before_seq,
+        after_seq,
+        limit,
+        unread_only: true,
+        topic: topic.map(Into::into),
+    };
+    let seqs = |found: Vec<herald_server::store::StoredNotification>| found.iter().map(|n| n.seq).collect::<Vec<_>>();
+    let all = seqs(store.list(user, &page(None, None, None, 1000)).await.unwrap());
+    assert_eq!(all, unread.iter().map(|(seq, _)| *seq).collect::<Vec<_>>(), "{context}: the unread page");
+    for topic in TOPICS {
+        let found = seqs(store.list(user, &page(Some(topic), None, None, 1000)).await.unwrap());
+        let expected: Vec<i64> = unread.iter().filter(|(_, t)| *t == topic).map(|(seq, _)| *seq).collect();
+        assert_eq!(found, expected, "{context}: the unread page of {topic}");
+    }
+    let found = seqs(store.list(user, &page(None, Some(before), Some(after), 3)).await.unwrap());
+    let expected: Vec<i64> =
+        unread.iter().map(|(seq, _)| *seq).filter(|seq| *seq < before && *seq > after).take(3).collect();
+    assert_eq!(found, expected, "{context}: the unread page between {after} and {before}");
 }

@@ -5,7 +5,8 @@ mod common;
 
 use std::sync::Arc;
 
-use herald_server::store::{open, GroupCommits, NewNotification, Store, StoreError, StoreOptions};
+use herald_protocol::ReadMark;
+use herald_server::store::{open, GroupCommits, NewNotification, Store, StoreError, StoreOptions, Unread};
 use serde_json::value::RawValue;
 
 fn options() -> StoreOptions {
@@ -217,12 +218,77 @@ async fn notifications_survive_the_upgrade_to_a_clustered_table() {
     assert!(sql.contains("WITHOUT ROWID"), "{sql}");
     let (indexes,): (i64,) = sqlx::query_as(
         "SELECT count(*) FROM sqlite_master WHERE type = 'index' AND tbl_name = 'notifications'
-           AND name IN ('notifications_idempotency', 'notifications_created_at', 'notifications_unread')",
+           AND name IN ('notifications_idempotency', 'notifications_created_at')",
     )
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!(indexes, 3);
+    assert_eq!(indexes, 2);
+    pool.close().await;
+}
+
+/// A database made before the unread counters (migration 0009) gets them
+/// counted from its rows — by user and topic, read ones left out — and
+/// loses the unread index they replace; from then on publishes, read marks,
+/// retention and erasure move them (the model walk in `store_jobs.rs` checks
+/// every kind of change on a new database).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unread_counts_are_counted_on_the_upgrade_to_counters() {
+    let (_dir, url, pool) = migrated_up_to(&[
+        "0001_notifications.sql",
+        "0002_jobs.sql",
+        "0003_users_without_rowid.sql",
+        "0004_notifications_clustered.sql",
+        "0005_revocations.sql",
+        "0006_store_epochs.sql",
+        "0007_digest_entry_keys.sql",
+        "0008_token_revocations.sql",
+    ])
+    .await;
+    sqlx::query("INSERT INTO users (user_id, last_seq) VALUES ('alice', 5), ('bob', 2), ('carol', 1)")
+        .execute(&pool)
+        .await
+        .unwrap();
+    sqlx::query(
+        "INSERT INTO notifications (user_id, seq, id, topic, payload, created_at, read) VALUES
+         ('alice', 1, 'a1', 'orders', '1', 1000, 1),
+         ('alice', 2, 'a2', 'orders', '2', 5000, 0),
+         ('alice', 3, 'a3', 'chat',   '3', 5000, 0),
+         ('alice', 4, 'a4', 'orders', '4', 5000, 0),
+         ('alice', 5, 'a5', 'chat',   '5', 5000, 1),
+         ('bob',   1, 'b1', 'chat',   '1', 1000, 0),
+         ('bob',   2, 'b2', 'chat',   '2', 5000, 1),
+         ('carol', 1, 'c1', 'chat',   '1', 5000, 1)",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    pool.close().await;
+
+    let store = open(&url, &options()).await.unwrap();
+    let counts = |total: i64, by_topic: &[(&str, i64)]| Unread {
+        total,
+        by_topic: by_topic.iter().map(|(t, n)| (t.to_string(), *n)).collect(),
+    };
+    assert_eq!(store.unread("alice").await.unwrap(), counts(3, &[("chat", 1), ("orders", 2)]));
+    assert_eq!(store.unread("bob").await.unwrap(), counts(1, &[("chat", 1)]));
+    assert_eq!(store.unread("carol").await.unwrap(), counts(0, &[]));
+    // The counters move from here on: a publish, a mark, retention.
+    store.append(vec![note("carol", "2", None)]).await.unwrap();
+    assert_eq!(store.unread("carol").await.unwrap(), counts(1, &[("t", 1)]));
+    assert_eq!(store.mark_read("alice", &ReadMark::UpTo { up_to_seq: 3 }).await.unwrap(), [2, 3]);
+    assert_eq!(store.unread("alice").await.unwrap(), counts(1, &[("orders", 1)]));
+    assert_eq!(store.purge(2000).await.unwrap(), 2, "alice's 1 and bob's 1");
+    assert_eq!(store.unread("bob").await.unwrap(), counts(0, &[]));
+    store.close().await;
+
+    let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let (unread_index,): (i64,) =
+        sqlx::query_as("SELECT count(*) FROM sqlite_master WHERE name = 'notifications_unread'")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+    assert_eq!(unread_index, 0, "the index the counters replace is gone");
     pool.close().await;
 }
 

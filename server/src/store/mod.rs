@@ -416,7 +416,10 @@ pub trait Store: JobStore + EpochStore + Send + Sync + 'static {
     /// to read, ascending.
     async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<Vec<Seq>, StoreError>;
 
-    /// Unread counts, from an index; never a scan of the user's history.
+    /// Unread counts, from what the store keeps as notifications are stored,
+    /// marked and deleted (SQLite: a counter per user and topic; PostgreSQL:
+    /// a partial index of the unread ones); never a count over the user's
+    /// history. Topics with none unread are left out.
     async fn unread(&self, user: &str) -> Result<Unread, StoreError>;
 
     /// Deletes notifications created before `before_ms`. Seqs are never

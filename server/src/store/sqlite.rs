@@ -24,7 +24,7 @@ use herald_protocol::{ReadMark, Seq};
 use rusqlite::types::Value;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, Row, Sqlite, SqlitePool};
+use sqlx::{ConnectOptions, Connection as _, Sqlite, SqlitePool};
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
@@ -208,6 +208,18 @@ async fn off_runtime<T: Send + 'static>(
     tokio::task::spawn_blocking(work).await.map_err(|e| StoreError::Internal(format!("the file thread failed: {e}")))?
 }
 
+/// A user's unread counts by topic, from the counters the triggers of
+/// migration 0009 keep (never a count over the notifications).
+pub const UNREAD_SQL: &str = "SELECT topic, n FROM unread_counts WHERE user_id = ? AND n > 0 ORDER BY topic";
+
+/// Raises the user's `read_floor` to just below their first unread
+/// notification above it (to their `last_seq` when none is unread).
+const RAISE_READ_FLOOR_SQL: &str = "UPDATE users SET read_floor = COALESCE(
+        (SELECT seq - 1 FROM notifications
+          WHERE user_id = users.user_id AND seq > users.read_floor AND read = 0 ORDER BY seq LIMIT 1),
+        last_seq)
+     WHERE user_id = ?";
+
 super::epochs::impl_epoch_store!(SqliteStore);
 
 #[async_trait]
@@ -252,6 +264,11 @@ impl Store for SqliteStore {
         self.readers.list(user, q).await
     }
 
+    /// Read marks look for unread notifications above the user's
+    /// `read_floor` only (below it everything is read; migration 0009), then
+    /// raise the floor to just below the first notification still unread.
+    /// The floor's walk starts where the last one stopped, so over time it
+    /// passes each notification once. Triggers move the unread counters.
     async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<Vec<Seq>, StoreError> {
         let query = match mark {
             ReadMark::Seqs { seqs } => {
@@ -263,38 +280,37 @@ impl Store for SqliteStore {
                 .bind(user)
                 .bind(list)
             }
-            ReadMark::UpTo { up_to_seq } => sqlx::query_scalar(
-                "UPDATE notifications SET read = 1 WHERE user_id = ? AND read = 0 AND seq <= ? RETURNING seq",
-            )
+            ReadMark::UpTo { up_to_seq } => sqlx::query_scalar(concat!(
+                "UPDATE notifications SET read = 1 WHERE user_id = ?1 AND read = 0",
+                " AND seq > (SELECT COALESCE(MAX(read_floor), 0) FROM users WHERE user_id = ?1) AND seq <= ?2",
+                " RETURNING seq",
+            ))
             .bind(user)
             .bind(*up_to_seq),
-            ReadMark::Topic { topic, up_to_seq } => sqlx::query_scalar(
-                "UPDATE notifications SET read = 1
-                 WHERE user_id = ? AND read = 0 AND topic = ? AND seq <= ? RETURNING seq",
-            )
+            ReadMark::Topic { topic, up_to_seq } => sqlx::query_scalar(concat!(
+                "UPDATE notifications SET read = 1 WHERE user_id = ?1 AND read = 0 AND topic = ?2",
+                " AND seq > (SELECT COALESCE(MAX(read_floor), 0) FROM users WHERE user_id = ?1) AND seq <= ?3",
+                " RETURNING seq",
+            ))
             .bind(user)
             .bind(topic.as_str())
             .bind(up_to_seq.unwrap_or(Seq::MAX)),
         };
         let (mut conn, _turn) = self.for_writing().await?;
-        let mut marked: Vec<Seq> = query.fetch_all(&mut *conn).await?;
+        let mut tx = conn.begin().await?;
+        let mut marked: Vec<Seq> = query.fetch_all(&mut *tx).await?;
+        if !marked.is_empty() {
+            sqlx::query(RAISE_READ_FLOOR_SQL).bind(user).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
         marked.sort_unstable();
         Ok(marked)
     }
 
+    /// The user's unread counters (migration 0009): a row per topic.
     async fn unread(&self, user: &str) -> Result<Unread, StoreError> {
-        let found =
-            sqlx::query("SELECT topic, COUNT(*) AS n FROM notifications WHERE user_id = ? AND read = 0 GROUP BY topic")
-                .bind(user)
-                .fetch_all(&self.pool)
-                .await?;
-        let mut unread = Unread::default();
-        for row in found {
-            let n: i64 = row.try_get("n")?;
-            unread.total += n;
-            unread.by_topic.push((row.try_get("topic")?, n));
-        }
-        Ok(unread)
+        let found: Vec<(String, i64)> = sqlx::query_as(UNREAD_SQL).bind(user).fetch_all(&self.pool).await?;
+        Ok(Unread { total: found.iter().map(|(_, n)| n).sum(), by_topic: found })
     }
 
     async fn purge(&self, before_ms: i64) -> Result<u64, StoreError> {

@@ -64,8 +64,23 @@ fn check(file: &Path) -> Result<Backup, StoreError> {
     Ok(Backup { file: file.to_path_buf(), bytes, users, notifications })
 }
 
-/// `PRAGMA integrity_check`, and no notification beyond its user's counter;
-/// `(users, notifications)`. Read-only: safe beside a running node (it reads
+/// (user, topic) pairs whose unread counter (migration 0009) is not the
+/// number of their unread notifications, either way.
+const MISCOUNTED_SQL: &str = "WITH counted AS (
+        SELECT user_id, topic, COUNT(*) AS n FROM notifications WHERE read = 0 GROUP BY user_id, topic),
+      kept AS (SELECT user_id, topic, n FROM unread_counts WHERE n <> 0)
+    SELECT COUNT(*) FROM (
+        SELECT user_id, topic FROM (SELECT * FROM counted EXCEPT SELECT * FROM kept)
+        UNION SELECT user_id, topic FROM (SELECT * FROM kept EXCEPT SELECT * FROM counted))";
+
+/// Unread notifications at or below their user's `read_floor`, which says
+/// every one there is read.
+const UNREAD_BELOW_FLOOR_SQL: &str = "SELECT COUNT(*) FROM notifications n JOIN users u ON u.user_id = n.user_id
+     WHERE n.read = 0 AND n.seq <= u.read_floor";
+
+/// `PRAGMA integrity_check`, no notification beyond its user's counter, and
+/// the unread counters and read floors true to the rows; `(users,
+/// notifications)`. Read-only: safe beside a running node (it reads
 /// one snapshot).
 pub(super) fn inspect(file: &Path) -> Result<(i64, i64), StoreError> {
     let conn = Connection::open_with_flags(file, OpenFlags::SQLITE_OPEN_READ_ONLY).map_err(store_error)?;
@@ -77,6 +92,20 @@ pub(super) fn inspect(file: &Path) -> Result<(i64, i64), StoreError> {
     if beyond != 0 {
         return Err(StoreError::Internal(format!(
             "{} has {beyond} notifications beyond their user's counter",
+            file.display()
+        )));
+    }
+    let miscounted: i64 = conn.query_row(MISCOUNTED_SQL, [], |r| r.get(0)).map_err(store_error)?;
+    if miscounted != 0 {
+        return Err(StoreError::Internal(format!(
+            "{} has {miscounted} unread counters that disagree with the notifications",
+            file.display()
+        )));
+    }
+    let below_floor: i64 = conn.query_row(UNREAD_BELOW_FLOOR_SQL, [], |r| r.get(0)).map_err(store_error)?;
+    if below_floor != 0 {
+        return Err(StoreError::Internal(format!(
+            "{} has {below_floor} unread notifications at or below their user's read floor",
             file.display()
         )));
     }
@@ -168,10 +197,14 @@ mod tests {
         let conn = Connection::open(&file).unwrap();
         conn.execute_batch(
             "PRAGMA journal_mode=WAL;
-             CREATE TABLE users (user_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL);
-             CREATE TABLE notifications (user_id TEXT, seq INTEGER, PRIMARY KEY (user_id, seq));
-             INSERT INTO users VALUES ('a', 2);
-             INSERT INTO notifications VALUES ('a', 1), ('a', 2);",
+             CREATE TABLE users (user_id TEXT PRIMARY KEY, last_seq INTEGER NOT NULL,
+                                 read_floor INTEGER NOT NULL DEFAULT 0);
+             CREATE TABLE notifications (user_id TEXT, seq INTEGER, topic TEXT NOT NULL DEFAULT 't',
+                                         read INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (user_id, seq));
+             CREATE TABLE unread_counts (user_id TEXT, topic TEXT, n INTEGER, PRIMARY KEY (user_id, topic));
+             INSERT INTO users (user_id, last_seq) VALUES ('a', 2);
+             INSERT INTO notifications (user_id, seq) VALUES ('a', 1), ('a', 2);
+             INSERT INTO unread_counts VALUES ('a', 't', 2);",
         )
         .unwrap();
         file
@@ -199,10 +232,48 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let source = database(dir.path());
         // A notification beyond its user's counter: not what a consistent store holds.
-        Connection::open(&source).unwrap().execute("INSERT INTO notifications VALUES ('a', 3)", []).unwrap();
+        Connection::open(&source)
+            .unwrap()
+            .execute("INSERT INTO notifications (user_id, seq) VALUES ('a', 3)", [])
+            .unwrap();
         let to = dir.path().join("copy.db");
         let refused = backup(&source, &to).unwrap_err();
         assert!(refused.to_string().contains("beyond their user's counter"), "{refused}");
         assert!(!to.exists(), "a failed backup left its file");
+    }
+
+    /// Unread counters that miscount the rows, or a read floor with an
+    /// unread notification under it, fail the check; a counter left at 0
+    /// once its notifications were read does not.
+    #[test]
+    fn read_state_that_disagrees_with_the_rows_fails_the_check() {
+        let dir = tempfile::tempdir().unwrap();
+        let source = database(dir.path());
+        let conn = Connection::open(&source).unwrap();
+        for (damage, mend, complaint) in [
+            ("UPDATE unread_counts SET n = 1", "UPDATE unread_counts SET n = 2", "1 unread counters that disagree"),
+            ("DELETE FROM unread_counts", "INSERT INTO unread_counts VALUES ('a', 't', 2)", "unread counters"),
+            (
+                "INSERT INTO unread_counts VALUES ('a', 'u', 1)",
+                "DELETE FROM unread_counts WHERE topic = 'u'",
+                "unread counters",
+            ),
+            (
+                "UPDATE users SET read_floor = 1",
+                "UPDATE users SET read_floor = 0",
+                "1 unread notifications at or below",
+            ),
+        ] {
+            conn.execute(damage, []).unwrap();
+            let refused = inspect(&source).unwrap_err();
+            assert!(refused.to_string().contains(complaint), "{damage}: {refused}");
+            conn.execute(mend, []).unwrap();
+            assert_eq!(inspect(&source).unwrap(), (1, 2), "after {mend}");
+        }
+        conn.execute_batch(
+            "UPDATE notifications SET read = 1; UPDATE unread_counts SET n = 0; UPDATE users SET read_floor = 2",
+        )
+        .unwrap();
+        assert_eq!(inspect(&source).unwrap(), (1, 2), "a counter at 0 with nothing unread");
     }
 }
