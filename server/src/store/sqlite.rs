@@ -10,6 +10,15 @@
 //! small sqlx pool, whose writes take turns at SQLite's write lock with the
 //! writer thread (`writer::Gate`). WAL lets the readers run beside the writer.
 
+/// The user `?1`'s read floor (migration 0009; 0 for a user without a
+/// counter row): every notification of theirs at or below it is read, so
+/// the statements that look for unread ones start above it.
+macro_rules! read_floor_of_user_1 {
+    () => {
+        "(SELECT COALESCE(MAX(read_floor), 0) FROM users WHERE user_id = ?1)"
+    };
+}
+
 mod backup;
 mod jobs;
 mod reader;
@@ -282,14 +291,18 @@ impl Store for SqliteStore {
             }
             ReadMark::UpTo { up_to_seq } => sqlx::query_scalar(concat!(
                 "UPDATE notifications SET read = 1 WHERE user_id = ?1 AND read = 0",
-                " AND seq > (SELECT COALESCE(MAX(read_floor), 0) FROM users WHERE user_id = ?1) AND seq <= ?2",
+                " AND seq > ",
+                read_floor_of_user_1!(),
+                " AND seq <= ?2",
                 " RETURNING seq",
             ))
             .bind(user)
             .bind(*up_to_seq),
             ReadMark::Topic { topic, up_to_seq } => sqlx::query_scalar(concat!(
                 "UPDATE notifications SET read = 1 WHERE user_id = ?1 AND read = 0 AND topic = ?2",
-                " AND seq > (SELECT COALESCE(MAX(read_floor), 0) FROM users WHERE user_id = ?1) AND seq <= ?3",
+                " AND seq > ",
+                read_floor_of_user_1!(),
+                " AND seq <= ?3",
                 " RETURNING seq",
             ))
             .bind(user)

@@ -198,7 +198,7 @@ fn resume(
 
 /// `SELECT` of the columns [`NotificationColumns`] decodes, then `rest`.
 macro_rules! select {
-    ($rest:literal) => {
+    ($rest:expr) => {
         concat!("SELECT seq, id, topic, payload, created_at, read FROM notifications ", $rest)
     };
 }
@@ -218,17 +218,15 @@ fn notifications_after(
 
 /// The inbox listing: newest first, along the primary key (the user's
 /// notifications by seq), keeping the unread ones or one topic's when asked.
-/// Unread ones are looked for above the user's `read_floor` only (below it
-/// all are read; migration 0009), so a page of them never walks the
-/// user's read history.
+/// Unread ones are looked for above the user's read floor only (below it
+/// all are read), so a page of them never walks the history below the
+/// user's last "mark all read".
 fn list(conn: &Connection, user: &Arc<str>, q: &ListQuery) -> rusqlite::Result<Vec<StoredNotification>> {
-    let mut statement = conn.prepare_cached(select!(
-        "WHERE user_id = ?1 AND seq < ?2
-           AND seq > MAX(?3, CASE WHEN ?4 THEN (SELECT COALESCE(MAX(read_floor), 0) FROM users WHERE user_id = ?1)
-                                  ELSE 0 END)
-           AND (read = 0 OR ?4 = 0) AND (?5 IS NULL OR topic = ?5)
-         ORDER BY seq DESC LIMIT ?6"
-    ))?;
+    let mut statement = conn.prepare_cached(select!(concat!(
+        "WHERE user_id = ?1 AND seq < ?2 AND seq > MAX(?3, CASE WHEN ?4 THEN ",
+        read_floor_of_user_1!(),
+        " ELSE 0 END) AND (read = 0 OR ?4 = 0) AND (?5 IS NULL OR topic = ?5) ORDER BY seq DESC LIMIT ?6"
+    )))?;
     let (before, after) = (q.before_seq.unwrap_or(Seq::MAX), q.after_seq.unwrap_or(0));
     let found =
         decode_all(user, statement.query((&**user, before, after, q.unread_only, q.topic.as_deref(), q.limit))?);
