@@ -280,9 +280,19 @@ async fn unread_counts_are_counted_on_the_upgrade_to_counters() {
     assert_eq!(store.unread("alice").await.unwrap(), counts(1, &[("orders", 1)]));
     assert_eq!(store.purge(2000).await.unwrap(), 2, "alice's 1 and bob's 1");
     assert_eq!(store.unread("bob").await.unwrap(), counts(0, &[]));
+    // A mark that reads a topic's last one, and an erasure, leave no counter
+    // at 0 behind (an erased user's topics are not kept); retention does.
+    assert_eq!(store.mark_read("alice", &ReadMark::UpTo { up_to_seq: 4 }).await.unwrap(), [4]);
+    assert_eq!(store.erase("carol", 2).await.unwrap(), 2);
     store.close().await;
 
     let pool = sqlx::SqlitePool::connect(&url).await.unwrap();
+    let kept: Vec<(String, String, i64)> =
+        sqlx::query_as("SELECT user_id, topic, n FROM unread_counts ORDER BY user_id, topic")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(kept, [("bob".to_string(), "chat".to_string(), 0)]);
     let (unread_index,): (i64,) =
         sqlx::query_as("SELECT count(*) FROM sqlite_master WHERE name = 'notifications_unread'")
             .fetch_one(&pool)

@@ -221,6 +221,12 @@ async fn off_runtime<T: Send + 'static>(
 /// migration 0009 keep (never a count over the notifications).
 pub const UNREAD_SQL: &str = "SELECT topic, n FROM unread_counts WHERE user_id = ? AND n > 0 ORDER BY topic";
 
+/// Deletes the user's unread counters that stand at 0, after a read mark
+/// or an erasure (the triggers leave them, so that the next notification
+/// of a topic updates a row in place): a user who reads everything keeps
+/// no counter rows, and an erased one keeps no topic names.
+const DROP_ZERO_COUNTERS_SQL: &str = "DELETE FROM unread_counts WHERE user_id = ? AND n = 0";
+
 /// Raises the user's `read_floor` to just below their first unread
 /// notification above it (to their `last_seq` when none is unread).
 const RAISE_READ_FLOOR_SQL: &str = "UPDATE users SET read_floor = COALESCE(
@@ -277,7 +283,8 @@ impl Store for SqliteStore {
     /// `read_floor` only (below it everything is read; migration 0009), then
     /// raise the floor to just below the first notification still unread.
     /// The floor's walk starts where the last one stopped, so over time it
-    /// passes each notification once. Triggers move the unread counters.
+    /// passes each notification once. Triggers move the unread counters;
+    /// those left at 0 are deleted.
     async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<Vec<Seq>, StoreError> {
         let query = match mark {
             ReadMark::Seqs { seqs } => {
@@ -314,6 +321,7 @@ impl Store for SqliteStore {
         let mut marked: Vec<Seq> = query.fetch_all(&mut *tx).await?;
         if !marked.is_empty() {
             sqlx::query(RAISE_READ_FLOOR_SQL).bind(user).execute(&mut *tx).await?;
+            sqlx::query(DROP_ZERO_COUNTERS_SQL).bind(user).execute(&mut *tx).await?;
         }
         tx.commit().await?;
         marked.sort_unstable();
@@ -330,8 +338,14 @@ impl Store for SqliteStore {
         self.delete_in_chunks(super::PURGE_CHUNK_SQL, vec![Value::Integer(before_ms)]).await
     }
 
+    /// The user's unread counters that the erasure brought to 0 go too,
+    /// with the topics they name.
     async fn erase(&self, user: &str, up_to: Seq) -> Result<u64, StoreError> {
-        self.delete_in_chunks(super::ERASE_CHUNK_SQL, vec![Value::Text(user.into()), Value::Integer(up_to)]).await
+        let erased = self
+            .delete_in_chunks(super::ERASE_CHUNK_SQL, vec![Value::Text(user.into()), Value::Integer(up_to)])
+            .await?;
+        self.writer.delete(DROP_ZERO_COUNTERS_SQL, vec![Value::Text(user.into())]).await?;
+        Ok(erased)
     }
 
     async fn revoke(&self, revocation: &Revocation) -> Result<Revocation, StoreError> {
