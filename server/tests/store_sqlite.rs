@@ -6,7 +6,7 @@ mod common;
 use std::sync::Arc;
 
 use herald_protocol::ReadMark;
-use herald_server::store::{open, GroupCommits, NewNotification, Store, StoreError, StoreOptions, Unread};
+use herald_server::store::{open, GroupCommits, ListQuery, NewNotification, Store, StoreError, StoreOptions, Unread};
 use serde_json::value::RawValue;
 
 fn options() -> StoreOptions {
@@ -339,5 +339,40 @@ async fn a_database_migrated_by_a_newer_build_still_opens() {
     pool.close().await;
     let store = open(&url, &options()).await.expect("opens on the newer schema");
     assert_eq!(store.head("alice").await.unwrap().last_seq, 1);
+    store.close().await;
+}
+
+/// "Mark everything read" over a backlog longer than one transaction's
+/// chunk (1,000) marks all of it and nothing after it: every seq once, in
+/// order, the counters and the unread page agree, and a notification
+/// published afterwards stays unread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mark_of_everything_over_several_chunks_marks_every_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let url = format!("sqlite://{}/herald.db", dir.path().display());
+    let store = open(&url, &options()).await.unwrap();
+    let topic = |i: usize| if i.is_multiple_of(3) { "a" } else { "b" };
+    let backlog: Vec<NewNotification> =
+        (0..2_500).map(|i| NewNotification { topic: topic(i).into(), ..note("dana", "{}", None) }).collect();
+    store.append(backlog).await.unwrap();
+    // A topic mark first, so that the chunks walk past read rows too.
+    let a = store.mark_read("dana", &ReadMark::Topic { topic: "a".into(), up_to_seq: Some(1_200) }).await.unwrap();
+    assert_eq!(a, (1..=1_200).filter(|s| s % 3 == 1).collect::<Vec<_>>());
+
+    let marked = store.mark_read("dana", &ReadMark::UpTo { up_to_seq: 2_490 }).await.unwrap();
+    let expected: Vec<i64> = (1..=2_490).filter(|s| !a.contains(s)).collect();
+    assert_eq!(marked, expected, "each unread seq up to 2,490 once, in order");
+    let left = store.unread("dana").await.unwrap();
+    assert_eq!(left.total, 10);
+    let unread_page = ListQuery { limit: 100, unread_only: true, ..ListQuery::default() };
+    let page: Vec<i64> = store.list("dana", &unread_page).await.unwrap().iter().map(|n| n.seq).collect();
+    assert_eq!(page, (2_491..=2_500).rev().collect::<Vec<_>>());
+
+    // Beyond the newest seq: everything now, and a later publish stays unread.
+    assert_eq!(store.mark_read("dana", &ReadMark::UpTo { up_to_seq: i64::MAX }).await.unwrap().len(), 10);
+    store.append(vec![note("dana", "{}", None)]).await.unwrap();
+    assert_eq!(store.unread("dana").await.unwrap().total, 1);
+    let page: Vec<i64> = store.list("dana", &unread_page).await.unwrap().iter().map(|n| n.seq).collect();
+    assert_eq!(page, [2_501]);
     store.close().await;
 }

@@ -114,6 +114,45 @@ impl SqliteStore {
     /// Runs a chunked `DELETE` (`sql`, bound to `params` then the chunk
     /// size) on the writer until a chunk comes back short; how many rows
     /// went. Publishes queued meanwhile commit between two chunks.
+    /// [`Store::mark_read`] up to `up_to`, a chunk per transaction.
+    async fn mark_read_up_to(&self, user: &str, up_to: Seq) -> Result<Vec<Seq>, StoreError> {
+        let newest: Seq = sqlx::query_scalar("SELECT COALESCE(MAX(last_seq), 0) FROM users WHERE user_id = ?")
+            .bind(user)
+            .fetch_one(&self.pool)
+            .await?;
+        let mut marked = Vec::new();
+        loop {
+            let chunk = sqlx::query_scalar(MARK_UP_TO_CHUNK_SQL).bind(user).bind(up_to.min(newest)).bind(MARK_CHUNK);
+            let mut done = self.mark_in_turn(user, chunk).await?;
+            done.sort_unstable();
+            let last = (done.len() as i64) < MARK_CHUNK;
+            marked.append(&mut done);
+            if last {
+                return Ok(marked);
+            }
+        }
+    }
+
+    /// Runs one marking statement (`UPDATE … RETURNING seq`) in a
+    /// transaction of its own, in turn with the other writes; then, if it
+    /// marked anything, raises the user's read floor and deletes their
+    /// counters left at 0. The seqs it marked.
+    async fn mark_in_turn<'q>(
+        &self,
+        user: &'q str,
+        marking: sqlx::query::QueryScalar<'q, Sqlite, Seq, sqlx::sqlite::SqliteArguments<'q>>,
+    ) -> Result<Vec<Seq>, StoreError> {
+        let (mut conn, _turn) = self.for_writing().await?;
+        let mut tx = conn.begin().await?;
+        let marked: Vec<Seq> = marking.fetch_all(&mut *tx).await?;
+        if !marked.is_empty() {
+            sqlx::query(RAISE_READ_FLOOR_SQL).bind(user).execute(&mut *tx).await?;
+            sqlx::query(DROP_ZERO_COUNTERS_SQL).bind(user).execute(&mut *tx).await?;
+        }
+        tx.commit().await?;
+        Ok(marked)
+    }
+
     async fn delete_in_chunks(&self, sql: &'static str, params: Vec<Value>) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
@@ -221,6 +260,19 @@ async fn off_runtime<T: Send + 'static>(
 /// migration 0009 keep (never a count over the notifications).
 pub const UNREAD_SQL: &str = "SELECT topic, n FROM unread_counts WHERE user_id = ? AND n > 0 ORDER BY topic";
 
+/// Most notifications one transaction of a "mark everything read" marks
+/// (≈4 ms of the write lock with the counters' triggers).
+const MARK_CHUNK: i64 = 1000;
+
+/// Marks read the user `?1`'s first `?3` unread notifications above their
+/// read floor, up to seq `?2`.
+const MARK_UP_TO_CHUNK_SQL: &str = concat!(
+    "UPDATE notifications SET read = 1 WHERE user_id = ?1 AND seq IN (",
+    "SELECT seq FROM notifications WHERE user_id = ?1 AND read = 0 AND seq > ",
+    read_floor_of_user_1!(),
+    " AND seq <= ?2 ORDER BY seq LIMIT ?3) RETURNING seq"
+);
+
 /// Deletes the user's unread counters that stand at 0, after a read mark
 /// or an erasure (the triggers leave them, so that the next notification
 /// of a topic updates a row in place): a user who reads everything keeps
@@ -285,6 +337,17 @@ impl Store for SqliteStore {
     /// The floor's walk starts where the last one stopped, so over time it
     /// passes each notification once. Triggers move the unread counters;
     /// those left at 0 are deleted.
+    ///
+    /// "Mark everything read up to N" goes [`MARK_CHUNK`] notifications per
+    /// transaction, each taking its own turn at the write lock, so that
+    /// publishes wait for a chunk rather than for a long unread backlog (a
+    /// trigger per row makes 100,000 take ≈0.4 s; docs/BENCHMARKS.md). It
+    /// stops at the newest seq committed when it began. Cut short by an
+    /// error, it has marked a prefix; repeating it finishes the job, and the
+    /// sessions, told the mark as given, hear of it once it succeeds. Marks
+    /// by seqs (at most 1,000) and by topic take one transaction: a topic
+    /// mark is told to the sessions as the seqs it changed, which a mark cut
+    /// short would lose.
     async fn mark_read(&self, user: &str, mark: &ReadMark) -> Result<Vec<Seq>, StoreError> {
         let query = match mark {
             ReadMark::Seqs { seqs } => {
@@ -296,15 +359,7 @@ impl Store for SqliteStore {
                 .bind(user)
                 .bind(list)
             }
-            ReadMark::UpTo { up_to_seq } => sqlx::query_scalar(concat!(
-                "UPDATE notifications SET read = 1 WHERE user_id = ?1 AND read = 0",
-                " AND seq > ",
-                read_floor_of_user_1!(),
-                " AND seq <= ?2",
-                " RETURNING seq",
-            ))
-            .bind(user)
-            .bind(*up_to_seq),
+            ReadMark::UpTo { up_to_seq } => return self.mark_read_up_to(user, *up_to_seq).await,
             ReadMark::Topic { topic, up_to_seq } => sqlx::query_scalar(concat!(
                 "UPDATE notifications SET read = 1 WHERE user_id = ?1 AND read = 0 AND topic = ?2",
                 " AND seq > ",
@@ -316,14 +371,7 @@ impl Store for SqliteStore {
             .bind(topic.as_str())
             .bind(up_to_seq.unwrap_or(Seq::MAX)),
         };
-        let (mut conn, _turn) = self.for_writing().await?;
-        let mut tx = conn.begin().await?;
-        let mut marked: Vec<Seq> = query.fetch_all(&mut *tx).await?;
-        if !marked.is_empty() {
-            sqlx::query(RAISE_READ_FLOOR_SQL).bind(user).execute(&mut *tx).await?;
-            sqlx::query(DROP_ZERO_COUNTERS_SQL).bind(user).execute(&mut *tx).await?;
-        }
-        tx.commit().await?;
+        let mut marked = self.mark_in_turn(user, query).await?;
         marked.sort_unstable();
         Ok(marked)
     }
