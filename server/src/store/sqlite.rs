@@ -111,9 +111,6 @@ impl SqliteStore {
         }
     }
 
-    /// Runs a chunked `DELETE` (`sql`, bound to `params` then the chunk
-    /// size) on the writer until a chunk comes back short; how many rows
-    /// went. Publishes queued meanwhile commit between two chunks.
     /// [`Store::mark_read`] up to `up_to`, a chunk per transaction.
     async fn mark_read_up_to(&self, user: &str, up_to: Seq) -> Result<Vec<Seq>, StoreError> {
         let newest: Seq = sqlx::query_scalar("SELECT COALESCE(MAX(last_seq), 0) FROM users WHERE user_id = ?")
@@ -153,6 +150,9 @@ impl SqliteStore {
         Ok(marked)
     }
 
+    /// Runs a chunked `DELETE` (`sql`, bound to `params` then the chunk
+    /// size) on the writer until a chunk comes back short; how many rows
+    /// went. Publishes queued meanwhile commit between two chunks.
     async fn delete_in_chunks(&self, sql: &'static str, params: Vec<Value>) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
