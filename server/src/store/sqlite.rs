@@ -33,7 +33,7 @@ use herald_protocol::{ReadMark, Seq};
 use rusqlite::types::Value;
 use sqlx::pool::PoolConnection;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection as _, Sqlite, SqlitePool};
+use sqlx::{ConnectOptions, Sqlite, SqlitePool};
 use tokio::sync::OwnedMutexGuard;
 
 use super::{
@@ -130,23 +130,28 @@ impl SqliteStore {
         }
     }
 
-    /// Runs one marking statement (`UPDATE … RETURNING seq`) in a
-    /// transaction of its own, in turn with the other writes; then, if it
-    /// marked anything, raises the user's read floor and deletes their
-    /// counters left at 0. The seqs it marked.
+    /// Runs one marking statement (`UPDATE … RETURNING seq`), in turn with
+    /// the other writes; then, if it marked anything, raises the user's read
+    /// floor and deletes their counters left at 0. The seqs it marked.
+    ///
+    /// Each statement commits alone: losing the last two to a crash leaves
+    /// a floor lower than it could be and a counter row at 0, both harmless.
+    /// No explicit transaction around them: one whose `UPDATE … RETURNING`
+    /// failed on a full disk was seen to leave its pooled connection holding
+    /// SQLite's write lock (its rollback never took), so every later write
+    /// of the node timed out (`tests/binary.rs`, the full-disk test, in two
+    /// runs of three).
     async fn mark_in_turn<'q>(
         &self,
         user: &'q str,
         marking: sqlx::query::QueryScalar<'q, Sqlite, Seq, sqlx::sqlite::SqliteArguments<'q>>,
     ) -> Result<Vec<Seq>, StoreError> {
         let (mut conn, _turn) = self.for_writing().await?;
-        let mut tx = conn.begin().await?;
-        let marked: Vec<Seq> = marking.fetch_all(&mut *tx).await?;
+        let marked: Vec<Seq> = marking.fetch_all(&mut *conn).await?;
         if !marked.is_empty() {
-            sqlx::query(RAISE_READ_FLOOR_SQL).bind(user).execute(&mut *tx).await?;
-            sqlx::query(DROP_ZERO_COUNTERS_SQL).bind(user).execute(&mut *tx).await?;
+            sqlx::query(RAISE_READ_FLOOR_SQL).bind(user).execute(&mut *conn).await?;
+            sqlx::query(DROP_ZERO_COUNTERS_SQL).bind(user).execute(&mut *conn).await?;
         }
-        tx.commit().await?;
         Ok(marked)
     }
 
