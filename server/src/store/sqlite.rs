@@ -113,10 +113,7 @@ impl SqliteStore {
 
     /// [`Store::mark_read`] up to `up_to`, a chunk per transaction.
     async fn mark_read_up_to(&self, user: &str, up_to: Seq) -> Result<Vec<Seq>, StoreError> {
-        let newest: Seq = sqlx::query_scalar("SELECT COALESCE(MAX(last_seq), 0) FROM users WHERE user_id = ?")
-            .bind(user)
-            .fetch_one(&self.pool)
-            .await?;
+        let newest = self.readers.last_seqs(&[user.into()]).await?.first().copied().unwrap_or(0);
         let mut marked = Vec::new();
         loop {
             let chunk = sqlx::query_scalar(MARK_UP_TO_CHUNK_SQL).bind(user).bind(up_to.min(newest)).bind(MARK_CHUNK);
